@@ -1,0 +1,23 @@
+"""Constants shared by data_prep, the input pipeline, the model and the metrics."""
+
+# Unlabelled pixels, nodata and whole unlabelled patches. Never a class (loss and metrics skip it).
+IGNORE_LABEL = 255
+
+# FLAIR #2 (Garioud et al. 2023, "FLAIR #2" challenge): 13 classes after folding codes > 13 into 'other'.
+FLAIR2_CLASSES = (
+    "building", "pervious surface", "impervious surface", "bare soil", "water", "coniferous",
+    "deciduous", "brushwood", "vineyard", "herbaceous vegetation", "agricultural land",
+    "plowed land", "other",
+)
+FLAIR2_AERIAL_BANDS = ("R", "G", "B", "NIR", "elevation")
+
+# Hameln (the seminar's region): 12 classes, names as in the seminar slides.
+HAMELN_CLASSES = (
+    "buildings", "underground working", "loose material", "grass", "reed", "crop",
+    "deciduous trees", "coniferous trees", "grove", "shrubby", "running water", "standing water",
+)
+HAMELN_AERIAL_BANDS = ("R", "G", "B", "IR")
+
+# Sentinel-2 L2A bands used by FLAIR #2 (10 m and resampled 20 m bands).
+S2_BANDS = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
+S2_GSD_M = 10.0
