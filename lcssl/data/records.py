@@ -1,0 +1,166 @@
+"""The one record schema: data_prep.build writes it, lcssl.data.pipeline reads it.
+
+One `tf.train.Example` per patch (DESIGN.md "Record"). Arrays are stored as raw little-endian bytes
+(not as int64 lists, which would inflate a 512x512x5 uint8 patch eightfold); the layout matches what
+`tfds.features.Tensor(..., encoding='bytes')` writes, so the shards also load with
+`tfds.builder_from_directory` (see `tfds_features`).
+
+    patch_id, zone, domain  bytes
+    aerial                  uint8  [H, W, Ca]      raw bytes
+    label                   uint8  [H, W]          raw bytes, all 255 for unlabelled patches
+    has_label               int64  scalar          0 or 1
+    sits                    uint16 [T, h, w, Cs]   raw bytes, T = max_dates (padded)
+    sits_valid              bool   [T]             int64 list (0/1)
+    dates                   int32  [T]             int64 list, 0 where padded
+
+Fixed shapes come from the dataset card (`record_shapes`). TensorFlow is imported inside the
+functions so that `lcssl` imports without it.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+FIELDS = ("patch_id", "zone", "domain", "aerial", "label", "has_label", "sits", "sits_valid", "dates")
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordShapes:
+    """Static shapes of one record, read from the dataset card."""
+
+    aerial: tuple  # (H, W, Ca)
+    label: tuple  # (H, W)
+    sits: tuple  # (T, h, w, Cs)
+
+    @property
+    def max_dates(self) -> int:
+        return self.sits[0]
+
+
+def record_shapes(card: dict) -> RecordShapes:
+    """Shapes from a dataset card's `aerial` and `sits` entries."""
+    try:
+        size, ca = int(card["aerial"]["size"]), len(card["aerial"]["bands"])
+        sits = card["sits"]
+        t, s, cs = int(sits["max_dates"]), int(sits["size"]), len(sits["bands"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"dataset card lacks a field needed for the record shapes: {e!r}; "
+                         "expected aerial.{size,bands} and sits.{max_dates,size,bands}") from e
+    return RecordShapes(aerial=(size, size, ca), label=(size, size), sits=(t, s, s, cs))
+
+
+def _check(name: str, array: np.ndarray, dtype, shape: tuple, patch_id: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype != np.dtype(dtype) or tuple(array.shape) != tuple(shape):
+        raise ValueError(f"record {patch_id!r}: field {name!r} expected {np.dtype(dtype)} {tuple(shape)}, "
+                         f"found {array.dtype} {tuple(array.shape)}")
+    return np.ascontiguousarray(array).astype(np.dtype(dtype).newbyteorder("<"), copy=False)
+
+
+def encode_example(*, patch_id: str, zone: str, domain: str, aerial: np.ndarray, label: np.ndarray | None,
+                   sits: np.ndarray, sits_valid: np.ndarray, dates: np.ndarray,
+                   shapes: RecordShapes) -> bytes:
+    """One serialized tf.train.Example. `label=None` marks an unlabelled patch (stored as all 255)."""
+    import tensorflow as tf
+
+    from lcssl.data.schema import IGNORE_LABEL
+
+    has_label = label is not None
+    if label is None:
+        label = np.full(shapes.label, IGNORE_LABEL, np.uint8)
+    aerial = _check("aerial", aerial, np.uint8, shapes.aerial, patch_id)
+    label = _check("label", label, np.uint8, shapes.label, patch_id)
+    sits = _check("sits", sits, np.uint16, shapes.sits, patch_id)
+    sits_valid = _check("sits_valid", sits_valid, np.bool_, (shapes.max_dates,), patch_id)
+    dates = _check("dates", dates, np.int32, (shapes.max_dates,), patch_id)
+
+    def b(value: bytes):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    def i(values):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+
+    feature = {
+        "patch_id": b(patch_id.encode()),
+        "zone": b(zone.encode()),
+        "domain": b(domain.encode()),
+        "aerial": b(aerial.tobytes()),
+        "label": b(label.tobytes()),
+        "has_label": i([has_label]),
+        "sits": b(sits.tobytes()),
+        "sits_valid": i(sits_valid.astype(np.int64)),
+        "dates": i(dates.astype(np.int64)),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def feature_spec(shapes: RecordShapes) -> dict:
+    """`tf.io.parse_example` spec of a record."""
+    import tensorflow as tf
+
+    t = shapes.max_dates
+    spec = {k: tf.io.FixedLenFeature([], tf.string) for k in ("patch_id", "zone", "domain", "aerial", "label", "sits")}
+    spec["has_label"] = tf.io.FixedLenFeature([], tf.int64)
+    spec["sits_valid"] = tf.io.FixedLenFeature([t], tf.int64)
+    spec["dates"] = tf.io.FixedLenFeature([t], tf.int64)
+    return spec
+
+
+def decode_fn(card: dict):
+    """Returns `decode(serialized) -> dict of tensors` with the record's dtypes and shapes.
+
+    `serialized` is a scalar string (one record) or a vector [N] (a batch of records: decoded in
+    one `parse_example` call, which is cheaper per record). Fields as in the module docstring;
+    `has_label` is bool, `sits_valid` bool, `dates` int32.
+    """
+    import tensorflow as tf
+
+    shapes = record_shapes(card)
+    spec = feature_spec(shapes)
+
+    def decode(serialized):
+        serialized = tf.convert_to_tensor(serialized, tf.string)
+        scalar = serialized.shape.rank == 0
+        batch = tf.reshape(serialized, [-1])
+        parsed = tf.io.parse_example(batch, spec)
+        n = tf.shape(batch)[0]
+
+        def raw(name, dtype, shape):
+            flat = tf.io.decode_raw(parsed[name], dtype, little_endian=True)
+            return tf.reshape(flat, tf.concat([[n], shape], 0))
+
+        out = {
+            "patch_id": parsed["patch_id"],
+            "zone": parsed["zone"],
+            "domain": parsed["domain"],
+            "aerial": raw("aerial", tf.uint8, shapes.aerial),
+            "label": raw("label", tf.uint8, shapes.label),
+            "has_label": tf.cast(parsed["has_label"], tf.bool),
+            "sits": raw("sits", tf.uint16, shapes.sits),
+            "sits_valid": tf.cast(parsed["sits_valid"], tf.bool),
+            "dates": tf.cast(parsed["dates"], tf.int32),
+        }
+        if scalar:
+            out = {k: v[0] for k, v in out.items()}
+        return out
+
+    return decode
+
+
+def tfds_features(shapes: RecordShapes):
+    """The `tfds.features.FeaturesDict` that reads these records (used for dataset_info.json)."""
+    import tensorflow_datasets as tfds
+
+    f = tfds.features
+    return f.FeaturesDict({
+        "patch_id": f.Text(),
+        "zone": f.Text(),
+        "domain": f.Text(),
+        "aerial": f.Tensor(shape=shapes.aerial, dtype=np.uint8, encoding="bytes"),
+        "label": f.Tensor(shape=shapes.label, dtype=np.uint8, encoding="bytes"),
+        "has_label": f.Scalar(dtype=np.int64),
+        "sits": f.Tensor(shape=shapes.sits, dtype=np.uint16, encoding="bytes"),
+        "sits_valid": f.Tensor(shape=(shapes.max_dates,), dtype=np.bool_),
+        "dates": f.Tensor(shape=(shapes.max_dates,), dtype=np.int32),
+    })
