@@ -1,0 +1,229 @@
+"""Losses and their diagnostics: pure functions of arrays.
+
+Contrastive (SimCLR, Chen et al. 2020): `nt_xent` builds the whole [2N, 2N] similarity matrix;
+`nt_xent_blockwise` gives the same value and gradient in O(block_size^2) working memory. Under jit,
+with z sharded on 'data', both see the *global* batch: every anchor has all 2N - 2 negatives from all
+devices, and the gradient is that of the global loss (the cross-device gathers are XLA's business).
+
+Supervised: `weighted_cross_entropy` with the ignore label skipped.
+
+Shapes: z1, z2 [N, D] (any float dtype; maths in float32); logits [..., K]; labels [...] int.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lcssl.data.schema import IGNORE_LABEL
+
+# Cosine similarity: z / max(|z|, eps), as torch.nn.functional.normalize does.
+NORM_EPS = 1e-6
+# Stands in for -inf on masked logits: finite, so an all-masked tile gives exp(0) = 1 instead of
+# NaN in the online log-sum-exp (that term is rescaled to 0 once a real maximum arrives).
+_MASKED = -1e30
+# Similarities feed exp(s / T) at T ~ 0.05: TF32 matmuls (GPU default) would err by ~1e-3 * 20.
+_PRECISION = jax.lax.Precision.HIGHEST
+
+
+def l2_normalize(z: jax.Array) -> jax.Array:
+    """Float32 unit rows; rows with norm below NORM_EPS are scaled by 1 / NORM_EPS instead."""
+    z = z.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(z * z, axis=-1, keepdims=True))
+    return z / jnp.maximum(norm, NORM_EPS)
+
+
+def _views(z1: jax.Array, z2: jax.Array) -> jax.Array:
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"z1 and z2 must both be [N, D]; got {z1.shape} and {z2.shape}.")
+    return l2_normalize(jnp.concatenate([z1, z2], axis=0))  # [2N, D]
+
+
+def _positive_logits(zn: jax.Array, temperature) -> jax.Array:
+    """s(i, pos(i)) / T for the 2N anchors, pos(i) = i + N mod 2N; O(N D), no matrix."""
+    n = zn.shape[0] // 2
+    partner = jnp.roll(zn, n, axis=0)
+    return jnp.sum(zn * partner, axis=-1) / temperature
+
+
+def nt_xent(z1: jax.Array, z2: jax.Array, temperature) -> jax.Array:
+    """SimCLR NT-Xent, mean over the 2N anchors; z1[i] and z2[i] are the positive pair.
+
+    loss_i = -log( exp(s_ip / T) / sum_{k != i} exp(s_ik / T) ), s = cosine similarity: the
+    denominator has 2N - 1 terms (the positive and the 2N - 2 negatives; self excluded).
+    """
+    zn = _views(z1, z2)
+    two_n = zn.shape[0]
+    logits = jnp.dot(zn, zn.T, precision=_PRECISION) / temperature  # [2N, 2N] float32
+    logits = jnp.where(jnp.eye(two_n, dtype=bool), _MASKED, logits)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    return jnp.mean(lse - _positive_logits(zn, temperature))
+
+
+# -- blockwise ----------------------------------------------------------------------------------
+# With u = zn / sqrt(T), the logits are u u^T. The custom VJP below returns sum_i lse_i over the
+# 2N real rows (self masked), tiled [block, block]: forward keeps only lse [2N]; backward recomputes
+# each tile, P = exp(tile - lse_row) (softmax rows), and accumulates d/du = (P + P^T) u.
+# The positive term and the normalisation are ordinary jnp, differentiated by JAX.
+
+
+def _tile_mask(rows: jax.Array, cols: jax.Array, num_rows: int) -> jax.Array:
+    """True where the logit is not a term: self-pairs and padding columns."""
+    return (rows[:, None] == cols[None, :]) | (cols[None, :] >= num_rows)
+
+
+def _tiles(u: jax.Array, block_size: int):
+    padded = u.shape[0] + (-u.shape[0]) % block_size
+    u = jnp.pad(u, ((0, padded - u.shape[0]), (0, 0)))
+    nb = padded // block_size
+    return u.reshape(nb, block_size, -1), jnp.arange(padded).reshape(nb, block_size)
+
+
+def _row_lse(u: jax.Array, block_size: int) -> jax.Array:
+    """Per-row log-sum-exp over k != i of u_i . u_k, online over column tiles. [padded rows]."""
+    num_rows = u.shape[0]
+    ub, idx = _tiles(u, block_size)
+
+    def row_block(_, row):
+        ur, ir = row
+
+        def col_block(carry, col):
+            m, s = carry
+            uc, ic = col
+            t = jnp.dot(ur, uc.T, precision=_PRECISION)
+            t = jnp.where(_tile_mask(ir, ic, num_rows), _MASKED, t)
+            m_new = jnp.maximum(m, jnp.max(t, axis=1))
+            s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(t - m_new[:, None]), axis=1)
+            return (m_new, s), None
+
+        init = (jnp.full((block_size,), _MASKED, jnp.float32), jnp.zeros((block_size,), jnp.float32))
+        (m, s), _ = jax.lax.scan(col_block, init, (ub, idx))
+        return None, m + jnp.log(s)
+
+    _, lse = jax.lax.scan(row_block, None, (ub, idx))
+    return lse.reshape(-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _sum_lse(u: jax.Array, block_size: int) -> jax.Array:
+    return jnp.sum(_row_lse(u, block_size)[: u.shape[0]])
+
+
+def _sum_lse_fwd(u, block_size):
+    lse = _row_lse(u, block_size)
+    return jnp.sum(lse[: u.shape[0]]), (u, lse)
+
+
+def _sum_lse_bwd(block_size, residuals, g):
+    u, lse = residuals
+    num_rows = u.shape[0]
+    ub, idx = _tiles(u, block_size)
+    lse_b = lse.reshape(ub.shape[0], block_size)
+    row_weight = jnp.where(idx < num_rows, g, 0.0)  # padding rows are not in the sum
+
+    def row_block(du_cols, row):
+        ur, ir, lr, wr = row
+
+        def col_block(du_r, col):
+            uc, ic = col
+            t = jnp.dot(ur, uc.T, precision=_PRECISION)
+            p = jnp.where(_tile_mask(ir, ic, num_rows), 0.0, jnp.exp(t - lr[:, None]))
+            p = p * wr[:, None]
+            du_r = du_r + jnp.dot(p, uc, precision=_PRECISION)
+            return du_r, jnp.dot(p.T, ur, precision=_PRECISION)
+
+        du_r, du_c = jax.lax.scan(col_block, jnp.zeros_like(ur), (ub, idx))
+        return du_cols + du_c, du_r
+
+    du_cols, du_rows = jax.lax.scan(row_block, jnp.zeros_like(ub), (ub, idx, lse_b, row_weight))
+    du = (du_cols + du_rows).reshape(-1, u.shape[1])[:num_rows]
+    return (du,)
+
+
+_sum_lse.defvjp(_sum_lse_fwd, _sum_lse_bwd)
+
+
+def nt_xent_blockwise(z1: jax.Array, z2: jax.Array, temperature, block_size: int = 512) -> jax.Array:
+    """`nt_xent` without the [2N, 2N] matrix: [block_size, block_size] tiles, forward and backward.
+
+    Working memory is O(block_size^2 + N D); time is that of the naive loss plus one recomputation
+    of the similarities in the backward pass (as in FlashAttention's recomputation). block_size
+    need not divide 2N (the last tile is padded and masked).
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}.")
+    zn = _views(z1, z2)
+    inv_sqrt_t = jax.lax.rsqrt(jnp.asarray(temperature, jnp.float32))
+    sum_lse = _sum_lse(zn * inv_sqrt_t, min(block_size, zn.shape[0]))
+    return (sum_lse - jnp.sum(_positive_logits(zn, temperature))) / zn.shape[0]
+
+
+def contrastive_metrics(z1: jax.Array, z2: jax.Array, temperature, block_size: int = 512) -> dict:
+    """SSL health diagnostics (no gradient), tiled like `nt_xent_blockwise`.
+
+    pos_accuracy: fraction of the 2N anchors whose positive beats every one of its 2N - 2
+        negatives (strictly; a collapsed encoder, where all similarities tie, scores 0).
+    embedding_std: mean over dims of the per-dim std of the L2-normalised embeddings: about
+        1/sqrt(D) when spread over the sphere, -> 0 on collapse.
+    pos_cosine / neg_cosine: mean cosine similarity of positive pairs / of negative pairs.
+    temperature is accepted for symmetry with the loss; rankings and cosines do not depend on it.
+    """
+    del temperature
+    zn = jax.lax.stop_gradient(_views(z1, z2))
+    two_n, _ = zn.shape
+    n = two_n // 2
+    block_size = min(block_size, two_n)
+    pos = jnp.sum(zn * jnp.roll(zn, n, axis=0), axis=-1)  # [2N]
+    ub, idx = _tiles(zn, block_size)
+
+    def row_block(_, row):
+        ur, ir = row
+        partner = (ir + n) % two_n
+
+        def col_block(best, col):
+            uc, ic = col
+            t = jnp.dot(ur, uc.T, precision=_PRECISION)
+            excluded = _tile_mask(ir, ic, two_n) | (partner[:, None] == ic[None, :])
+            return jnp.maximum(best, jnp.max(jnp.where(excluded, _MASKED, t), axis=1)), None
+
+        best, _ = jax.lax.scan(col_block, jnp.full((block_size,), _MASKED, jnp.float32), (ub, idx))
+        return None, best
+
+    _, best_negative = jax.lax.scan(row_block, None, (ub, idx))
+    best_negative = best_negative.reshape(-1)[:two_n]
+    # Sum over all ordered pairs minus self-pairs and positive pairs, from the column sum: O(N D).
+    total = jnp.sum(jnp.square(jnp.sum(zn, axis=0)))
+    negative_sum = total - jnp.sum(zn * zn) - jnp.sum(pos)
+    return {
+        "pos_accuracy": jnp.mean((pos > best_negative).astype(jnp.float32)),
+        "embedding_std": jnp.mean(jnp.std(zn, axis=0)),
+        "pos_cosine": jnp.mean(pos),
+        "neg_cosine": negative_sum / (two_n * (two_n - 2)),
+    }
+
+
+def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, class_weights: jax.Array | None = None,
+                           ignore_label: int = IGNORE_LABEL) -> tuple[jax.Array, jax.Array]:
+    """Class-weighted softmax cross-entropy over the labelled pixels.
+
+    logits [..., K] (any float dtype; log-softmax in float32), labels [...] int in [0, K) or
+    `ignore_label`, class_weights [K] or None (all 1). Returns (loss, weight_sum) with
+    loss = sum(w_y * ce) / sum(w_y) over non-ignored pixels, PyTorch's weighted 'mean' convention,
+    and 0 (not NaN, zero gradient) when no pixel is labelled. weight_sum lets callers combine
+    microbatches exactly (see gradcache.accumulate_gradients).
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {logits.shape} must be labels {labels.shape} + [K].")
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    valid = labels != ignore_label
+    safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
+    ce = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
+    if class_weights is None:
+        weights = valid.astype(jnp.float32)
+    else:
+        weights = jnp.where(valid, jnp.asarray(class_weights, jnp.float32)[safe_labels], 0.0)
+    weight_sum = jnp.sum(weights)
+    numerator = jnp.sum(weights * ce)
+    loss = jnp.where(weight_sum > 0, numerator / jnp.where(weight_sum > 0, weight_sum, 1.0), 0.0)
+    return loss, weight_sum
