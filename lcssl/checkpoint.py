@@ -1,0 +1,219 @@
+"""Checkpoints that say what input they expect, and resume exactly on any device layout.
+
+Layout of `<workdir>/checkpoints/<step>/` (Orbax CheckpointManager, async saves, keep N):
+    state/       params, batch_stats, opt_state, step, rng (the train state as a pytree of arrays)
+    input_spec/  JSON: bands and order, normalization mean/std, date encoding, max_dates, aerial
+                 size and gsd, SITS size and gsd, class names, ignore value, model config
+    progress/    JSON: the data position (seed, split, global batch size, next step); the input
+                 pipeline is a pure function of (seed, step), so this is all resume needs
+`<workdir>/best/` holds the single checkpoint with the best validation mIoU (fine-tuning).
+
+Restore builds its target from the *current* mesh (`jax.ShapeDtypeStruct` with the sharding the
+trainer wants now), so a checkpoint written on 8 GPUs restores on 1 CPU and vice versa: Orbax reads
+each array whole and lays it out anew.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+SPEC_VERSION = 1
+_ITEMS = ("state", "input_spec", "progress")
+
+
+def _manager(directory: str, *, keep: int | None, best_metric: str | None = None,
+             read_only: bool = False, partial: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        best_fn=(lambda m: m[best_metric]) if best_metric else None,
+        best_mode="max",
+        keep_checkpoints_without_metrics=False if best_metric else True,
+        create=not read_only,
+        read_only=read_only,
+        enable_async_checkpointing=not read_only,
+    )
+    # Partial reads (only the encoder of a SimCLR state) need the PyTree handler's partial_restore.
+    state_handler = ocp.PyTreeCheckpointHandler() if partial else ocp.StandardCheckpointHandler()
+    handlers = {"state": state_handler, "input_spec": ocp.JsonCheckpointHandler(),
+                "progress": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
+
+
+class Checkpoints:
+    """Periodic (or best-by-metric) checkpoints of one run under `directory`."""
+
+    def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None):
+        self.directory = os.path.abspath(directory)
+        self._mngr = _manager(directory, keep=keep, best_metric=best_metric)
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def best_step(self) -> int | None:
+        return self._mngr.best_step()
+
+    def save(self, step: int, state: Any, input_spec: Mapping[str, Any], progress: Mapping[str, Any],
+             metrics: Mapping[str, float] | None = None, force: bool = False) -> bool:
+        """Starts an async save (returns at once); `wait()` blocks until it is on disk."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  input_spec=ocp.args.JsonSave(dict(input_spec)),
+                                  progress=ocp.args.JsonSave(dict(progress)))
+        return self._mngr.save(step, args=args, metrics=dict(metrics) if metrics else None,
+                               force=force)
+
+    def restore(self, step: int, target: Any) -> tuple[Any, dict, dict]:
+        """(state, input_spec, progress) at `step`; `target` gives each leaf's shape, dtype and
+        sharding (jax.ShapeDtypeStruct) on the current mesh."""
+        out = self._mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), input_spec=ocp.args.JsonRestore(),
+            progress=ocp.args.JsonRestore()))
+        return out["state"], dict(out["input_spec"]), dict(out["progress"])
+
+    def wait(self) -> None:
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying the wanted shardings: the restore target for any device layout."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                        tree, shardings)
+
+
+# --- The input spec: what the weights expect -------------------------------------------------------
+
+def input_spec(card: Mapping[str, Any], model_config: Mapping[str, Any]) -> dict:
+    """Everything a user must reproduce to feed these weights, from the dataset card."""
+    aerial, sits = card["aerial"], card["sits"]
+    return {
+        "spec_version": SPEC_VERSION,
+        "layout": card.get("layout"),
+        "aerial": {k: aerial.get(k) for k in ("bands", "size", "gsd_m", "mean", "std")},
+        "sits": {k: sits.get(k) for k in ("bands", "size", "gsd_m", "max_dates", "date_encoding",
+                                         "mean", "std")},
+        "classes": list(card.get("classes", [])),
+        "ignore_label": card.get("ignore_label"),
+        "model": dict(model_config),
+    }
+
+
+def check_input_spec(spec: Mapping[str, Any], card: Mapping[str, Any], *, source: str,
+                     target: str) -> list[str]:
+    """Refuses (ValueError) weights whose input differs from the dataset in band names/order, date
+    encoding or resolution; returns warnings for differences that are legitimate (normalization
+    statistics of another dataset: each dataset is standardised with its own, as in pre-training).
+
+    `source` names the checkpoint, `target` the dataset card, for the message.
+    """
+    problems, warnings = [], []
+    for modality in ("aerial", "sits"):
+        want, have = spec.get(modality, {}), card.get(modality, {})
+        if list(want.get("bands") or []) != list(have.get("bands") or []):
+            problems.append(f"{modality}.bands: checkpoint expects {want.get('bands')}, "
+                            f"dataset has {have.get('bands')}")
+        if want.get("gsd_m") is not None and have.get("gsd_m") is not None and not np.isclose(
+                float(want["gsd_m"]), float(have["gsd_m"]), rtol=1e-3):
+            problems.append(f"{modality}.gsd_m: checkpoint expects {want['gsd_m']} m, "
+                            f"dataset has {have['gsd_m']} m")
+        for stat in ("mean", "std"):
+            a, b = want.get(stat), have.get(stat)
+            if a is not None and b is not None and (
+                    len(a) != len(b) or not np.allclose(a, b, rtol=1e-3, atol=1e-6)):
+                warnings.append(f"{modality}.{stat} differs (checkpoint {np.round(a, 3).tolist()}, "
+                                f"dataset {np.round(b, 3).tolist()}); inputs are standardised "
+                                "with the dataset's own statistics")
+    if spec.get("sits", {}).get("date_encoding") != card.get("sits", {}).get("date_encoding"):
+        problems.append(f"sits.date_encoding: checkpoint expects "
+                        f"{spec.get('sits', {}).get('date_encoding')!r}, dataset has "
+                        f"{card.get('sits', {}).get('date_encoding')!r}")
+    if problems:
+        raise ValueError(
+            f"The checkpoint {source} was trained on different input than the dataset {target}:\n  "
+            + "\n  ".join(problems)
+            + "\nRebuild the dataset with the checkpoint's bands and date encoding, or pre-train on "
+              "this dataset.")
+    return warnings
+
+
+def read_input_spec(directory: str, step: int | None = None) -> dict:
+    """The input spec stored with the checkpoint at `step` (default: latest) under `directory`."""
+    directory = resolve_checkpoint_dir(directory)
+    mngr = _manager(directory, keep=None, read_only=True)
+    step = mngr.latest_step() if step is None else step
+    out = mngr.restore(step, args=ocp.args.Composite(input_spec=ocp.args.JsonRestore()))
+    return dict(out["input_spec"])
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """A workdir or its checkpoints/ folder -> the folder with numbered steps; clear error if none."""
+    for candidate in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(candidate) and any(n.isdigit() for n in os.listdir(candidate)):
+            return os.path.abspath(candidate)
+    raise FileNotFoundError(
+        f"No checkpoint found under {path!r} (looked for numbered step folders in {path}/checkpoints "
+        f"and {path}). Point init_from at the workdir of a finished pre-training run.")
+
+
+def load_encoder(directory: str, encoder_keys: Sequence[str], *, prefix: str = "backbone",
+                 sharding: Any = None) -> tuple[dict, dict, dict, int]:
+    """The encoder subtrees of a (SimCLR) checkpoint: (params, batch_stats, input_spec, step).
+
+    Reads `state.params[prefix][k]` and `state.batch_stats[prefix][k]` for k in `encoder_keys` from
+    the latest step; the projector, optimizer state and everything else stay on disk. Arrays come
+    back with `sharding` (e.g. replicated on the current mesh), by default on the host CPU.
+    """
+    directory = resolve_checkpoint_dir(directory)
+    mngr = _manager(directory, keep=None, read_only=True, partial=True)
+    step = mngr.latest_step()
+    meta = mngr.item_metadata(step)["state"]
+    missing = [k for k in encoder_keys if k not in meta["params"].get(prefix, {})]
+    if missing:
+        raise ValueError(
+            f"The checkpoint {directory} (step {step}) has no encoder subtrees {missing} under "
+            f"params['{prefix}'] (found {sorted(meta['params'].get(prefix, {}))}); is it a SimCLR "
+            "pre-training checkpoint of the same model?")
+
+    def pick(tree):
+        sub = tree.get(prefix, {})
+        return {prefix: {k: sub[k] for k in encoder_keys if k in sub}}
+
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    wanted = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+        {"params": pick(meta["params"]), "batch_stats": pick(meta.get("batch_stats", {}))})
+    restore_args = jax.tree.map(
+        lambda m: ocp.ArrayRestoreArgs(sharding=m.sharding, global_shape=m.shape, dtype=m.dtype), wanted)
+    out = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(wanted, restore_args=restore_args, partial_restore=True),
+        input_spec=ocp.args.JsonRestore()))
+    params = dict(out["state"]["params"][prefix])
+    batch_stats = dict(out["state"].get("batch_stats", {}).get(prefix, {}))
+    logging.info("Loaded encoder %s from %s step %d", sorted(params), directory, step)
+    return params, batch_stats, dict(out["input_spec"]), step
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Atomic JSON write (process 0 only): the file is either the old or the new version."""
+    if jax.process_index() != 0:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+    os.replace(tmp, path)
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x)}")
