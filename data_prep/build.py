@@ -1,0 +1,548 @@
+"""Raw patches -> sharded TFRecords + dataset_card.json (DESIGN.md "Record", "dataset_card.json").
+
+Two passes over the patches, both parallel over `workers` processes:
+
+1. scan: read every patch through the layout reader, filter its Sentinel-2 series
+   (`lcssl.data.sits.preprocess_series`) and keep only small per-patch facts (zone, has_label,
+   per-band mean / M2, class histogram). Bad patches (`BadPatch`, `TooFewDates`) are reported with
+   file and reason and skipped; `strict` stops at the first one. The scan is cached in `out`
+   (`.scan-<key>.pkl`) so that a resumed build does not read everything twice.
+2. write: split by zone, assign patches to shards deterministically (`build_plan.json`), and write
+   each shard to a temp name, renamed when complete. A re-run with the same plan skips the shards
+   that exist and discards partial temp files, so an interrupted build resumes and yields identical
+   shards.
+
+Arrays are kept out of the scan result: a 512 px FLAIR patch is ~2 MB, the dataset ~80k patches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+import pickle
+import time
+from typing import Optional
+
+import numpy as np
+
+from data_prep.patch import REASONS, BadPatch, RawPatch
+
+FORMAT_VERSION = 1
+CARD_NAME = "dataset_card.json"
+PLAN_NAME = "build_plan.json"
+SUMMARY_NAME = "build_summary.json"
+SPLITS = ("train", "val", "test", "unlabelled")
+LAYOUTS = {"flair2": "data_prep.flair2", "hameln": "data_prep.hameln"}
+CLASS_WEIGHTS_FORMULA = (
+    "w_k = 1/sqrt(f_k) with f_k the train pixel frequency of class k, normalised to mean 1 over the "
+    "classes present in train; 0 for classes absent from train")
+
+
+class BuildError(RuntimeError):
+    """The build cannot go on (strict mode, a conflicting earlier build, a failing shard)."""
+
+
+@dataclasses.dataclass
+class BuildOptions:
+    """What `build` does. `sits` holds `lcssl.data.sits.SitsOptions` keyword arguments."""
+
+    val_fraction: float = 0.15  # fraction of labelled zones
+    test_fraction: float = 0.15
+    seed: int = 0
+    shard_size: int = 64  # examples per shard: ~130 MB at 512 px, enough shards for parallel reads
+    workers: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    strict: bool = False
+    unlabelled_includes_train: bool = False
+    sits_size: int = 40
+    expect_size: Optional[int] = None  # aerial height/width; None: taken from the first good patch
+    sits: dict = dataclasses.field(default_factory=dict)
+    tfds_metadata: bool = True  # write dataset_info.json + features.json for tfds.builder_from_directory
+    progress: bool = True
+
+
+def _atomic_write(path: pathlib.Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _atomic_json(path: pathlib.Path, obj) -> None:
+    _atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _reader(layout: str):
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(LAYOUTS)}")
+    return importlib.import_module(LAYOUTS[layout])
+
+
+def _layout_meta(layout: str) -> dict:
+    from lcssl.data import schema
+
+    if layout == "flair2":
+        return {"classes": list(schema.FLAIR2_CLASSES), "aerial_bands": list(schema.FLAIR2_AERIAL_BANDS)}
+    return {"classes": list(schema.HAMELN_CLASSES), "aerial_bands": list(schema.HAMELN_AERIAL_BANDS)}
+
+
+def _sits_options(options: BuildOptions):
+    from lcssl.data.sits import SitsOptions
+
+    return SitsOptions(**options.sits)
+
+
+def _patch_file(patch: RawPatch) -> str:
+    src = patch.source or {}
+    return str(src.get("aerial") or next(iter(src.values()), patch.patch_id))
+
+
+def _sits_file(patch: RawPatch) -> str:
+    src = patch.source or {}
+    return str(src.get("sits") or _patch_file(patch))
+
+
+def _ref_name(ref) -> str:
+    return str(getattr(ref, "aerial", None) or getattr(ref, "path", None) or ref)
+
+
+# --- per-patch work (runs in the worker processes) ---------------------------------------------
+
+
+@dataclasses.dataclass
+class _Prepared:
+    patch: RawPatch
+    sits: np.ndarray  # [max_dates, h, w, Cs] uint16
+    dates: np.ndarray  # [max_dates] int32
+    valid: np.ndarray  # [max_dates] bool
+
+
+def _prepare(layout: str, ref, options: BuildOptions, num_classes: int) -> _Prepared:
+    """Read and validate one patch; raises BadPatch."""
+    from lcssl.data import sits as sits_lib
+    from lcssl.data.schema import IGNORE_LABEL
+
+    reader = _reader(layout)
+    patch = reader.read_patch(ref, sits_size=options.sits_size, expect_size=options.expect_size)
+    if patch.label is not None:
+        bad = (patch.label >= num_classes) & (patch.label != IGNORE_LABEL)
+        if bad.any():
+            raise BadPatch(_patch_file(patch), "label_range",
+                           f"label values {sorted(np.unique(patch.label[bad]).tolist())[:5]} outside "
+                           f"0..{num_classes - 1} and {IGNORE_LABEL}")
+    try:
+        sits, dates, valid = sits_lib.preprocess_series(
+            patch.sits, patch.sits_cloud, patch.sits_dates, _sits_options(options))
+    except sits_lib.TooFewDates as e:
+        raise BadPatch(_sits_file(patch), "too_few_dates", str(e)) from e
+    except ValueError as e:  # the reader let through a series preprocess_series cannot use
+        msg = str(e)
+        reason = "nonfinite" if "finite" in msg else "dtype" if "uint16" in msg else "bad_dates"
+        raise BadPatch(_sits_file(patch), reason, msg) from e
+    return _Prepared(patch, sits, dates, valid)
+
+
+def _moments(x: np.ndarray) -> list:
+    """[count, mean[C], M2[C]] of x [N, C] in float64 (combined with Chan et al.'s parallel formula)."""
+    x = x.astype(np.float64)
+    mean = x.mean(0) if len(x) else np.zeros(x.shape[1])
+    return [int(len(x)), mean, ((x - mean) ** 2).sum(0)]
+
+
+def _combine(a, b):
+    (na, ma, qa), (nb, mb, qb) = a, b
+    n = na + nb
+    if n == 0:
+        return a
+    d = mb - ma
+    return [n, ma + d * nb / n, qa + qb + d * d * na * nb / n]
+
+
+def _scan_one(args):
+    """Facts about one patch, or its BadPatch as (path, reason, detail)."""
+    index, layout, ref, options, num_classes = args
+    from lcssl.data.schema import IGNORE_LABEL
+
+    try:
+        p = _prepare(layout, ref, options, num_classes)
+    except BadPatch as e:
+        return {"index": index, "bad": (e.path, e.reason, e.detail)}
+    patch = p.patch
+    info = {
+        "index": index, "patch_id": patch.patch_id, "zone": str(patch.zone), "domain": str(patch.domain),
+        "file": _patch_file(patch), "has_label": patch.label is not None,
+        "aerial_shape": tuple(patch.aerial.shape), "sits_shape": tuple(p.sits.shape[1:]),
+        "gsd_m": abs(float(patch.aerial_transform[0])),
+        "aerial_moments": _moments(patch.aerial.reshape(-1, patch.aerial.shape[-1])),
+        "sits_moments": _moments(p.sits[p.valid].reshape(-1, p.sits.shape[-1])),
+        "num_dates": int(p.valid.sum()),
+    }
+    if patch.label is not None:
+        lab = patch.label[patch.label != IGNORE_LABEL]
+        info["histogram"] = np.bincount(lab.ravel(), minlength=num_classes).astype(np.int64)
+    return info
+
+
+def _write_shard(args):
+    """Writes one shard (refs: [(ref, patch_id)]) to a temp name, then renames it.
+
+    Returns (file name, examples, bytes, newly written); an existing shard is kept (resume).
+    """
+    layout, refs, drop_label, path, options, num_classes, card_shapes = args
+    path = pathlib.Path(path)
+    if path.exists():
+        return path.name, len(refs), path.stat().st_size, False
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    from lcssl.data import records
+
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with tf.io.TFRecordWriter(str(tmp)) as writer:
+            for (ref, patch_id), drop in zip(refs, drop_label):
+                p = _prepare(layout, ref, options, num_classes)
+                if p.patch.patch_id != patch_id:
+                    raise BuildError(f"{_patch_file(p.patch)}: patch_id {p.patch.patch_id!r} differs from the "
+                                     f"scan ({patch_id!r}); the source changed since the scan, rebuild afresh")
+                writer.write(records.encode_example(
+                    patch_id=p.patch.patch_id, zone=str(p.patch.zone), domain=str(p.patch.domain),
+                    aerial=p.patch.aerial, label=None if drop else p.patch.label, sits=p.sits,
+                    sits_valid=p.valid, dates=p.dates, shapes=card_shapes))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path.name, len(refs), path.stat().st_size, True
+
+
+# --- split and shard plan ----------------------------------------------------------------------
+
+
+def split_zones(zones: list, *, val_fraction: float, test_fraction: float, seed: int) -> dict:
+    """Labelled zones -> {'train','val','test': sorted zones}; deterministic in `seed`.
+
+    Fractions are of zones (rounded); a split with a positive fraction gets at least one zone when
+    there are enough zones to leave one for train.
+    """
+    zones = sorted(set(zones))
+    n = len(zones)
+    order = [zones[i] for i in np.random.default_rng(seed).permutation(n)]
+    counts = {}
+    for name, frac in (("test", test_fraction), ("val", val_fraction)):
+        counts[name] = int(round(n * frac))
+        if frac > 0 and counts[name] == 0:
+            counts[name] = 1
+    while counts["test"] + counts["val"] > max(n - 1, 0):  # keep a train zone
+        big = "test" if counts["test"] >= counts["val"] else "val"
+        counts[big] -= 1
+    test = order[:counts["test"]]
+    val = order[counts["test"]:counts["test"] + counts["val"]]
+    train = order[counts["test"] + counts["val"]:]
+    return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+
+
+def _shard_names(split: str, num_shards: int) -> list:
+    return [f"{split}-{i:05d}-of-{num_shards:05d}.tfrecord" for i in range(num_shards)]
+
+
+def _plan(infos: list, options: BuildOptions) -> tuple:
+    """-> (split_zones, {split: [[(scan index, patch_id, drop_label), ...] per shard]}, held_out)."""
+    labelled = [i for i in infos if i["has_label"]]
+    zones = split_zones([i["zone"] for i in labelled], val_fraction=options.val_fraction,
+                        test_fraction=options.test_fraction, seed=options.seed)
+    zone_split = {z: s for s, zs in zones.items() for z in zs}
+    members = {s: [] for s in SPLITS}
+    held_out = 0
+    for i in infos:
+        if i["has_label"]:
+            members[zone_split[i["zone"]]].append((i["index"], i["patch_id"], False))
+            if options.unlabelled_includes_train and zone_split[i["zone"]] == "train":
+                members["unlabelled"].append((i["index"], i["patch_id"], True))
+        elif zone_split.get(i["zone"], "train") == "train":
+            members["unlabelled"].append((i["index"], i["patch_id"], False))
+        else:  # unlabelled imagery of a val/test zone: kept out of pre-training (no spatial leakage)
+            held_out += 1
+    shards = {}
+    for k, split in enumerate(SPLITS):
+        items = sorted(members[split], key=lambda m: (m[1], m[0]))
+        rng = np.random.default_rng([options.seed, k])
+        items = [items[j] for j in rng.permutation(len(items))]  # mix zones within a shard
+        num = math.ceil(len(items) / options.shard_size) if items else 0
+        shards[split] = [items[j::num] for j in range(num)]  # round robin: sizes differ by <= 1
+    return zones, shards, held_out
+
+
+# --- the build -----------------------------------------------------------------------------------
+
+
+def _pool_map(fn, tasks, workers: int, ordered: bool = True):
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(fn, tasks)
+        return
+    ctx = multiprocessing.get_context("spawn")  # TensorFlow is not fork-safe
+    pool = ctx.Pool(min(workers, len(tasks)))
+    try:
+        it = pool.imap if ordered else pool.imap_unordered
+        yield from it(fn, tasks, chunksize=1)
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="patch", disable=not enabled, dynamic_ncols=True)
+
+
+def _scan(src, layout, refs, options, num_classes, out: pathlib.Path) -> list:
+    key = hashlib.sha256(repr((str(pathlib.Path(src).resolve()), layout, [_ref_name(r) for r in refs],
+                               options.sits, options.sits_size, options.expect_size)).encode()).hexdigest()[:16]
+    cache = out / f".scan-{key}.pkl"
+    if cache.exists():
+        with open(cache, "rb") as f:
+            return pickle.load(f)
+    results = []
+    tasks = [(i, layout, r, options, num_classes) for i, r in enumerate(refs)]
+    with _progress(len(tasks), "scan", options.progress) as bar:
+        for info in _pool_map(_scan_one, tasks, options.workers):
+            if "bad" in info and options.strict:
+                path, reason, detail = info["bad"]
+                raise BuildError(f"strict: bad patch {path}: {reason}: {detail}")
+            results.append(info)
+            bar.update(1)
+    _atomic_write(cache, pickle.dumps(results))
+    return results
+
+
+def _check_sizes(good: list, options: BuildOptions, bad: list) -> list:
+    """Patches whose aerial / SITS shape differs from the first good patch become 'size' bad patches."""
+    if not good:
+        return good
+    ref_aerial, ref_sits = good[0]["aerial_shape"], good[0]["sits_shape"]
+    kept = []
+    for i in good:
+        if i["aerial_shape"] != ref_aerial or i["sits_shape"] != ref_sits:
+            detail = (f"aerial {i['aerial_shape']} / sits {i['sits_shape']}, expected {ref_aerial} / {ref_sits} "
+                      f"(from {good[0]['file']})")
+            if options.strict:
+                raise BuildError(f"strict: bad patch {i['file']}: size: {detail}")
+            bad.append({"file": i["file"], "reason": "size", "detail": detail})
+        else:
+            kept.append(i)
+    return kept
+
+
+def build(src, out, *, layout: str, options: Optional[BuildOptions] = None) -> dict:
+    """Builds the dataset in `out` from the raw layout in `src`; returns the summary dict.
+
+    The summary (written / skipped per reason, the bad patches with file and reason) is printed and
+    written to `out/build_summary.json`. Raises BuildError in strict mode at the first bad patch.
+    """
+    options = options or BuildOptions()
+    t0 = time.time()
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp.*"):  # partial files of an interrupted run
+        stale.unlink()
+    meta = _layout_meta(layout)
+    num_classes = len(meta["classes"])
+    sits_opts = _sits_options(options)  # fails early on a bad SITS option
+
+    refs = _reader(layout).list_patches(src)
+    if not refs:
+        raise BuildError(f"{src}: no patches found for layout {layout!r}")
+    infos = _scan(src, layout, refs, options, num_classes, out)
+    bad = [{"file": i["bad"][0], "reason": i["bad"][1], "detail": i["bad"][2]} for i in infos if "bad" in i]
+    good = _check_sizes([i for i in infos if "bad" not in i], options, bad)
+    if not good:
+        raise BuildError(f"{src}: none of the {len(refs)} patches is usable; first problems: {bad[:3]}")
+
+    zones, shards, held_out = _plan(good, options)
+    shard_files = {s: _shard_names(s, len(shards[s])) for s in SPLITS}
+    plan = {
+        "format_version": FORMAT_VERSION, "layout": layout,
+        "options": _options_json(options),
+        "splits": {s: {"zones": zones.get(s), "shards": {f: [m[1] for m in items] for f, items in
+                                                         zip(shard_files[s], shards[s])}} for s in SPLITS},
+    }
+    plan_path = out / PLAN_NAME
+    if plan_path.exists():
+        old = json.loads(plan_path.read_text())
+        if old != json.loads(json.dumps(plan)):
+            raise BuildError(f"{plan_path}: an earlier build with different inputs or options is in {out}; "
+                             "use an empty output directory (or delete it) to rebuild")
+    else:
+        _atomic_json(plan_path, plan)
+
+    # Write the shards.
+    shapes = _record_shapes(good[0], meta, sits_opts)
+    by_index = {i["index"]: i for i in good}
+    tasks = []
+    for s in SPLITS:
+        for name, items in zip(shard_files[s], shards[s]):
+            tasks.append((layout, [(refs[m[0]], m[1]) for m in items], [m[2] for m in items], str(out / name),
+                          options, num_classes, shapes))
+    written = reused = 0
+    shard_info = {}
+    with _progress(sum(len(t[1]) for t in tasks), "write", options.progress) as bar:
+        try:
+            for name, count, nbytes, new in _pool_map(_write_shard, tasks, options.workers, ordered=False):
+                shard_info[name] = (count, nbytes)
+                written += new
+                reused += not new
+                bar.update(count)
+        except BadPatch as e:
+            raise BuildError(f"bad patch while writing (the source changed since the scan?): {e}") from e
+        finally:
+            for stale in out.glob(".*.tmp.*"):
+                stale.unlink(missing_ok=True)
+
+    # Statistics (train + unlabelled patches, each patch once) and the card.
+    stat_ids = {m[0] for s in ("train", "unlabelled") for items in shards[s] for m in items}
+    stat_infos = [by_index[i] for i in sorted(stat_ids)] or good
+    aerial_m = functools.reduce(_combine, [i["aerial_moments"] for i in stat_infos])
+    sits_m = functools.reduce(_combine, [i["sits_moments"] for i in stat_infos])
+    hist = np.zeros(num_classes, np.int64)
+    for items in shards["train"]:
+        for m in items:
+            hist += by_index[m[0]]["histogram"]
+    card = {
+        "format_version": FORMAT_VERSION,
+        "layout": layout,
+        "splits": {s: {"num_examples": sum(len(x) for x in shards[s]), "files": shard_files[s],
+                       "shard_examples": [len(x) for x in shards[s]], "zones": zones.get(s)}
+                   for s in SPLITS},
+        "classes": meta["classes"],
+        "ignore_label": 255,
+        "aerial": {"bands": meta["aerial_bands"], "size": shapes.aerial[0], "gsd_m": good[0]["gsd_m"],
+                   "mean": _mean(aerial_m), "std": _std(aerial_m)},
+        "sits": {"bands": _sits_bands(), "size": shapes.sits[1], "gsd_m": _sits_gsd(),
+                 "max_dates": shapes.sits[0], "date_encoding": str(sits_opts.date_encoding),
+                 "mean": _mean(sits_m), "std": _std(sits_m)},
+        "stats_from": ["train", "unlabelled"],
+        "class_histogram": hist.tolist(),
+        "class_weights": class_weights(hist),
+        "class_weights_formula": CLASS_WEIGHTS_FORMULA,
+        "build_options": _options_json(options),
+    }
+    if shapes.aerial[2] != len(meta["aerial_bands"]):
+        raise BuildError(f"{good[0]['file']}: {shapes.aerial[2]} aerial bands, layout {layout!r} expects "
+                         f"{len(meta['aerial_bands'])} ({meta['aerial_bands']})")
+    _atomic_json(out / CARD_NAME, card)
+    if options.tfds_metadata:
+        write_tfds_metadata(out, card)
+
+    reasons = {r: sum(b["reason"] == r for b in bad) for r in REASONS}
+    summary = {
+        "src": str(src), "out": str(out), "layout": layout,
+        "patches_found": len(refs),
+        "written": {s: card["splits"][s]["num_examples"] for s in SPLITS},
+        "skipped": {r: n for r, n in reasons.items() if n},
+        "skipped_total": len(bad),
+        "held_out_unlabelled": held_out,
+        "bad_patches": bad,
+        "shards": {"written": written, "reused": reused},
+        "seconds": round(time.time() - t0, 2),
+    }
+    _atomic_json(out / SUMMARY_NAME, summary)
+    print(format_summary(summary))
+    return summary
+
+
+def _record_shapes(first: dict, meta: dict, sits_opts):
+    from lcssl.data.records import RecordShapes
+
+    h, w, ca = first["aerial_shape"]
+    sh, sw, cs = first["sits_shape"]
+    return RecordShapes(aerial=(h, w, ca), label=(h, w), sits=(int(sits_opts.max_dates), sh, sw, cs))
+
+
+def _sits_bands() -> list:
+    from lcssl.data.schema import S2_BANDS
+
+    return list(S2_BANDS)
+
+
+def _sits_gsd() -> float:
+    from lcssl.data.schema import S2_GSD_M
+
+    return float(S2_GSD_M)
+
+
+def _mean(m) -> list:
+    return [float(v) for v in m[1]]
+
+
+def _std(m) -> list:
+    n = max(m[0], 1)
+    return [float(v) for v in np.sqrt(m[2] / n)]
+
+
+def class_weights(histogram) -> list:
+    """See CLASS_WEIGHTS_FORMULA."""
+    hist = np.asarray(histogram, np.float64)
+    present = hist > 0
+    w = np.zeros_like(hist)
+    if present.any():
+        w[present] = 1.0 / np.sqrt(hist[present] / hist.sum())
+        w[present] /= w[present].mean()
+    return [float(v) for v in w]
+
+
+def _options_json(options: BuildOptions) -> dict:
+    d = dataclasses.asdict(options)
+    for k in ("workers", "progress", "strict"):  # do not change what is built
+        d.pop(k)
+    return d
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"build {summary['layout']}: {summary['patches_found']} patches found in {summary['src']}"]
+    lines.append("  written: " + ", ".join(f"{s} {n}" for s, n in summary["written"].items()))
+    lines.append(f"  skipped: {summary['skipped_total']}" + "".join(
+        f", {r} {n}" for r, n in summary["skipped"].items()))
+    if summary["held_out_unlabelled"]:
+        lines.append(f"  unlabelled patches of val/test zones kept out: {summary['held_out_unlabelled']}")
+    for b in summary["bad_patches"][:20]:
+        lines.append(f"    {b['file']}: {b['reason']}: {b['detail']}")
+    if len(summary["bad_patches"]) > 20:
+        lines.append(f"    ... {len(summary['bad_patches']) - 20} more in {SUMMARY_NAME}")
+    lines.append(f"  shards: {summary['shards']['written']} written, {summary['shards']['reused']} reused; "
+                 f"{summary['seconds']} s -> {summary['out']}")
+    return "\n".join(lines)
+
+
+def write_tfds_metadata(out: pathlib.Path, card: dict) -> None:
+    """dataset_info.json + features.json so that `tfds.builder_from_directory(out)` reads the shards."""
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    import tensorflow_datasets as tfds
+
+    from lcssl.data.records import record_shapes, tfds_features
+
+    template = tfds.core.ShardedFileTemplate(data_dir=out, template="{SPLIT}-{SHARD_X_OF_Y}.{FILEFORMAT}",
+                                             dataset_name=f"lcssl_{card['layout']}", filetype_suffix="tfrecord")
+    split_infos = []
+    for s, info in card["splits"].items():
+        if not info["num_examples"]:
+            continue
+        split_infos.append(tfds.core.SplitInfo(
+            name=s, shard_lengths=info["shard_examples"],
+            num_bytes=sum((out / f).stat().st_size for f in info["files"]), filename_template=template))
+    ds_info = tfds.core.DatasetInfo(
+        builder=tfds.core.DatasetIdentity(name=f"lcssl_{card['layout']}", version="1.0.0",
+                                          data_dir=str(out), module_name=""),
+        features=tfds_features(record_shapes(card)),
+        description=f"lcssl {card['layout']} patches; see {CARD_NAME} for statistics and build options.")
+    ds_info.set_file_format("tfrecord")
+    ds_info.set_splits(tfds.core.SplitDict(split_infos))
+    ds_info.write_to_directory(out)
