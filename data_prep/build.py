@@ -60,7 +60,8 @@ class BuildOptions:
     strict: bool = False
     unlabelled_includes_train: bool = False
     sits_size: int = 40
-    expect_size: Optional[int] = None  # aerial height/width; None: taken from the first good patch
+    expect_size: Optional[int] = None  # aerial height = width; None: the reader's default (FLAIR #2: 512)
+    cloud_prob_threshold: Optional[float] = None  # see lcssl.data.sits.cloud_probability
     sits: dict = dataclasses.field(default_factory=dict)
     tfds_metadata: bool = True  # write dataset_info.json + features.json for tfds.builder_from_directory
     progress: bool = True
@@ -83,12 +84,16 @@ def _reader(layout: str):
     return importlib.import_module(LAYOUTS[layout])
 
 
-def _layout_meta(layout: str) -> dict:
+def _layout_meta(layout: str, src) -> dict:
+    """Class names, band names and Sentinel-2 GSD of a layout (Hameln: from its manifest)."""
     from lcssl.data import schema
 
     if layout == "flair2":
-        return {"classes": list(schema.FLAIR2_CLASSES), "aerial_bands": list(schema.FLAIR2_AERIAL_BANDS)}
-    return {"classes": list(schema.HAMELN_CLASSES), "aerial_bands": list(schema.HAMELN_AERIAL_BANDS)}
+        return {"classes": list(schema.FLAIR2_CLASSES), "aerial_bands": list(schema.FLAIR2_AERIAL_BANDS),
+                "sits_gsd_m": float(schema.S2_GSD_M)}
+    manifest = _reader(layout).read_manifest(src)
+    return {"classes": list(manifest["classes"]), "aerial_bands": list(manifest["aerial_bands"]),
+            "sits_gsd_m": float(manifest["sits_gsd_m"])}
 
 
 def _sits_options(options: BuildOptions):
@@ -105,10 +110,6 @@ def _patch_file(patch: RawPatch) -> str:
 def _sits_file(patch: RawPatch) -> str:
     src = patch.source or {}
     return str(src.get("sits") or _patch_file(patch))
-
-
-def _ref_name(ref) -> str:
-    return str(getattr(ref, "aerial", None) or getattr(ref, "path", None) or ref)
 
 
 # --- per-patch work (runs in the worker processes) ---------------------------------------------
@@ -128,7 +129,8 @@ def _prepare(layout: str, ref, options: BuildOptions, num_classes: int) -> _Prep
     from lcssl.data.schema import IGNORE_LABEL
 
     reader = _reader(layout)
-    patch = reader.read_patch(ref, sits_size=options.sits_size, expect_size=options.expect_size)
+    patch = reader.read_patch(ref, sits_size=options.sits_size, expect_size=options.expect_size,
+                              cloud_prob_threshold=options.cloud_prob_threshold)
     if patch.label is not None:
         bad = (patch.label >= num_classes) & (patch.label != IGNORE_LABEL)
         if bad.any():
@@ -303,8 +305,9 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _scan(src, layout, refs, options, num_classes, out: pathlib.Path) -> list:
-    key = hashlib.sha256(repr((str(pathlib.Path(src).resolve()), layout, [_ref_name(r) for r in refs],
-                               options.sits, options.sits_size, options.expect_size)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(repr((str(pathlib.Path(src).resolve()), layout, [repr(r) for r in refs], options.sits,
+                               options.sits_size, options.expect_size, options.cloud_prob_threshold,
+                               num_classes)).encode()).hexdigest()[:16]
     cache = out / f".scan-{key}.pkl"
     if cache.exists():
         with open(cache, "rb") as f:
@@ -352,7 +355,7 @@ def build(src, out, *, layout: str, options: Optional[BuildOptions] = None) -> d
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp.*"):  # partial files of an interrupted run
         stale.unlink()
-    meta = _layout_meta(layout)
+    meta = _layout_meta(layout, src)
     num_classes = len(meta["classes"])
     sits_opts = _sits_options(options)  # fails early on a bad SITS option
 
@@ -384,6 +387,9 @@ def build(src, out, *, layout: str, options: Optional[BuildOptions] = None) -> d
 
     # Write the shards.
     shapes = _record_shapes(good[0], meta, sits_opts)
+    if shapes.aerial[2] != len(meta["aerial_bands"]):
+        raise BuildError(f"{good[0]['file']}: {shapes.aerial[2]} aerial bands, layout {layout!r} expects "
+                         f"{len(meta['aerial_bands'])} ({meta['aerial_bands']})")
     by_index = {i["index"]: i for i in good}
     tasks = []
     for s in SPLITS:
@@ -424,7 +430,7 @@ def build(src, out, *, layout: str, options: Optional[BuildOptions] = None) -> d
         "ignore_label": 255,
         "aerial": {"bands": meta["aerial_bands"], "size": shapes.aerial[0], "gsd_m": good[0]["gsd_m"],
                    "mean": _mean(aerial_m), "std": _std(aerial_m)},
-        "sits": {"bands": _sits_bands(), "size": shapes.sits[1], "gsd_m": _sits_gsd(),
+        "sits": {"bands": _sits_bands(), "size": shapes.sits[1], "gsd_m": meta["sits_gsd_m"],
                  "max_dates": shapes.sits[0], "date_encoding": str(sits_opts.date_encoding),
                  "mean": _mean(sits_m), "std": _std(sits_m)},
         "stats_from": ["train", "unlabelled"],
@@ -433,9 +439,6 @@ def build(src, out, *, layout: str, options: Optional[BuildOptions] = None) -> d
         "class_weights_formula": CLASS_WEIGHTS_FORMULA,
         "build_options": _options_json(options),
     }
-    if shapes.aerial[2] != len(meta["aerial_bands"]):
-        raise BuildError(f"{good[0]['file']}: {shapes.aerial[2]} aerial bands, layout {layout!r} expects "
-                         f"{len(meta['aerial_bands'])} ({meta['aerial_bands']})")
     _atomic_json(out / CARD_NAME, card)
     if options.tfds_metadata:
         write_tfds_metadata(out, card)
@@ -469,12 +472,6 @@ def _sits_bands() -> list:
     from lcssl.data.schema import S2_BANDS
 
     return list(S2_BANDS)
-
-
-def _sits_gsd() -> float:
-    from lcssl.data.schema import S2_GSD_M
-
-    return float(S2_GSD_M)
 
 
 def _mean(m) -> list:

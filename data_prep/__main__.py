@@ -1,0 +1,109 @@
+"""Command line of data_prep.
+
+    python -m data_prep synth --layout=flair2 --out=/tmp/flair2_raw --patch-size=64
+    python -m data_prep build --layout=flair2 --src=/tmp/flair2_raw --out=/tmp/flair2_tfr --expect-size=64
+    python -m data_prep build --help
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _synth(args) -> int:
+    from data_prep import synth
+
+    kwargs = dict(layout=args.layout, num_zones=args.num_zones, patches_per_zone=args.patches_per_zone,
+                  patch_size=args.patch_size, sits_size=args.sits_size, num_dates=args.num_dates, seed=args.seed)
+    if args.unlabelled_per_zone is not None:
+        kwargs["unlabelled_per_zone"] = args.unlabelled_per_zone
+    info = synth.write_dataset(args.out, **kwargs)
+    print(json.dumps(info, indent=2, default=str))
+    print(f"build it with: python -m data_prep build --layout={args.layout} --src={args.out} --out=OUT "
+          f"--expect-size={args.patch_size} --sits-size={args.sits_size}")
+    return 0
+
+
+def _build(args) -> int:
+    from data_prep import build
+
+    sits = dict(max_cloud=args.max_cloud, min_clear_dates=args.min_clear_dates, monthly=args.monthly,
+                max_dates=args.max_dates, date_encoding=args.date_encoding)
+    options = build.BuildOptions(
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+        shard_size=args.shard_size, workers=args.workers, strict=args.strict,
+        unlabelled_includes_train=args.unlabelled_includes_train, sits_size=args.sits_size,
+        expect_size=args.expect_size, cloud_prob_threshold=args.cloud_prob_threshold, sits=sits,
+        tfds_metadata=not args.no_tfds_metadata, progress=not args.no_progress)
+    try:
+        build.build(args.src, args.out, layout=args.layout, options=options)
+    except build.BuildError as e:
+        print(f"build failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    s = sub.add_parser("synth", help="write a tiny synthetic raw dataset in a layout's folder structure",
+                       formatter_class=fmt)
+    s.add_argument("--layout", choices=("flair2", "hameln"), required=True)
+    s.add_argument("--out", required=True, help="output folder of the raw dataset")
+    s.add_argument("--num-zones", type=int, default=4)
+    s.add_argument("--patches-per-zone", type=int, default=6, help="labelled patches per zone")
+    s.add_argument("--unlabelled-per-zone", type=int, default=None, help="default: synth's own")
+    s.add_argument("--patch-size", type=int, default=64, help="aerial px (footprint stays 102.4 m)")
+    s.add_argument("--sits-size", type=int, default=40, help="Sentinel-2 crop px")
+    s.add_argument("--num-dates", type=int, default=12, help="Sentinel-2 acquisitions per series")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_synth)
+
+    b = sub.add_parser("build", help="raw patches -> sharded TFRecords + dataset_card.json", formatter_class=fmt,
+                       description="Validates every patch (bad ones are reported and skipped, or stop the "
+                                   "build with --strict), splits by zone, writes <split>-NNNNN-of-MMMMM.tfrecord "
+                                   "shards, dataset_card.json and build_summary.json. Re-running resumes.")
+    b.add_argument("--layout", choices=("flair2", "hameln"), required=True)
+    b.add_argument("--src", required=True, help="root of the raw dataset")
+    b.add_argument("--out", required=True, help="output folder (shards, card, summary)")
+    g = b.add_argument_group("splits")
+    g.add_argument("--val-fraction", type=float, default=0.15, help="fraction of labelled zones for val")
+    g.add_argument("--test-fraction", type=float, default=0.15, help="fraction of labelled zones for test")
+    g.add_argument("--seed", type=int, default=0, help="zone split and shard assignment")
+    g.add_argument("--unlabelled-includes-train", action="store_true",
+                   help="also put the train patches (labels dropped) into the unlabelled split")
+    g = b.add_argument_group("patches")
+    g.add_argument("--expect-size", type=int, default=None,
+                   help="aerial height = width in px (default: the layout's, 512 for FLAIR #2; synthetic: 64)")
+    g.add_argument("--sits-size", type=int, default=40, help="Sentinel-2 crop px around the patch centre")
+    g = b.add_argument_group("Sentinel-2 series (lcssl.data.sits.SitsOptions)")
+    g.add_argument("--max-cloud", type=float, default=0.5, help="drop dates with a cloud/snow score above this")
+    g.add_argument("--cloud-prob-threshold", type=float, default=None,
+                   help="score = fraction of pixels with cloud/snow prob >= this (default: mean probability)")
+    g.add_argument("--min-clear-dates", type=int, default=2, help="fewer clear dates: skip as too_few_dates")
+    g.add_argument("--monthly", action="store_true", help="average the clear dates of each month")
+    g.add_argument("--max-dates", type=int, default=12, help="series length T (padded / evenly subsampled)")
+    g.add_argument("--date-encoding", default="doy", help="'doy' or 'days_since:YYYY-MM-DD'")
+    g = b.add_argument_group("output")
+    g.add_argument("--shard-size", type=int, default=64, help="examples per shard (64 x 512 px ~ 130 MB)")
+    g.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
+    g.add_argument("--strict", action="store_true", help="stop at the first bad patch")
+    g.add_argument("--no-tfds-metadata", action="store_true",
+                   help="skip dataset_info.json / features.json (tfds.builder_from_directory)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(fn=_build)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""data_prep.build: splits, card statistics, bad patches, strict mode, atomic shards, resume."""
+import datetime
+import json
+import pathlib
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from data_prep import build
+from data_prep.patch import REASONS, BadPatch, RawPatch
+from lcssl.data import sits as sits_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SITS = {"max_dates": 8, "min_clear_dates": 2, "max_cloud": 0.5}
+
+
+def make_patch(patch_id, zone, *, labelled=True, size=16, num_dates=6, cloudy=False):
+    rng = np.random.default_rng(int.from_bytes(patch_id.encode(), "little") % 2**32)
+    label = None
+    if labelled:
+        label = rng.integers(0, 13, (size, size)).astype(np.uint8)
+        label[0, :3] = 255
+    cloud = rng.uniform(0, 0.4, num_dates).astype(np.float32)
+    cloud[1] = 0.9  # one cloudy date is always dropped
+    if cloudy:
+        cloud[:] = 0.9
+    return RawPatch(
+        patch_id=patch_id, zone=zone, domain="D013", aerial=rng.integers(0, 256, (size, size, 5), dtype=np.uint8),
+        aerial_crs="EPSG:2154", aerial_transform=(1.6, 0.0, 0.0, 0.0, -1.6, 0.0), label=label,
+        sits=rng.integers(0, 10000, (num_dates, 4, 4, 10)).astype(np.uint16), sits_cloud=cloud,
+        sits_dates=[datetime.date(2021, 1 + 2 * i, 5) for i in range(num_dates)],
+        source={"aerial": f"/raw/{patch_id}.tif", "sits": f"/raw/{zone}_sits.npy"})
+
+
+def fake_patches(num_zones=5, per_zone=4, unlabelled_per_zone=1):
+    patches = {}
+    for z in range(num_zones):
+        for k in range(per_zone + unlabelled_per_zone):
+            pid = f"IMG_{z}{k:02d}"
+            patches[pid] = make_patch(pid, f"Z{z}", labelled=k < per_zone)
+    return patches
+
+
+def fake_reader(patches, bad=None):
+    """A layout reader over in-memory patches; `bad` maps a ref to the BadPatch reason it raises."""
+    bad = bad or {}
+
+    def list_patches(root):
+        return sorted(set(patches) | set(bad))
+
+    def read_patch(ref, *, sits_size=40, expect_size=None, cloud_prob_threshold=None):
+        if ref in bad:
+            raise BadPatch(f"/raw/{ref}.tif", bad[ref], "planted by the test")
+        return patches[ref]
+
+    return types.SimpleNamespace(list_patches=list_patches, read_patch=read_patch)
+
+
+def options(**kw):
+    base = dict(workers=1, shard_size=3, sits=SITS, progress=False, tfds_metadata=False)
+    return build.BuildOptions(**{**base, **kw})
+
+
+def count_records(path):
+    import tensorflow as tf
+
+    return sum(1 for _ in tf.data.TFRecordDataset(str(path)))
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    def install(patches, bad=None):
+        monkeypatch.setattr(build, "_reader", lambda layout: fake_reader(patches, bad))
+
+    return install
+
+
+def test_split_zones_disjoint_deterministic_and_nonempty():
+    zones = [f"Z{i}" for i in range(7)]
+    a = build.split_zones(zones, val_fraction=0.15, test_fraction=0.15, seed=3)
+    assert a == build.split_zones(list(reversed(zones)), val_fraction=0.15, test_fraction=0.15, seed=3)
+    assert all(a[s] for s in ("train", "val", "test"))
+    assert sorted(a["train"] + a["val"] + a["test"]) == zones
+    assert build.split_zones(zones[:2], val_fraction=0.2, test_fraction=0.2, seed=0)["train"]  # keeps a train zone
+
+
+def test_build_splits_by_zone_and_card_stats_match_numpy(tmp_path, fake):
+    patches = fake_patches()
+    fake(patches)
+    summary = build.build("/raw", tmp_path, layout="flair2", options=options())
+    card = json.loads((tmp_path / "dataset_card.json").read_text())
+    plan = json.loads((tmp_path / "build_plan.json").read_text())
+
+    ids = {s: [i for ids in plan["splits"][s]["shards"].values() for i in ids] for s in build.SPLITS}
+    zones = {s: {patches[i].zone for i in ids[s]} for s in ids}
+    assert not zones["train"] & zones["val"] and not zones["train"] & zones["test"] and not zones["val"] & zones["test"]
+    assert all(ids[s] for s in ("train", "val", "test"))
+    assert zones["unlabelled"] <= zones["train"]  # no imagery of eval zones in pre-training
+    assert all(patches[i].label is None for i in ids["unlabelled"])
+    assert summary["held_out_unlabelled"] == sum(
+        p.label is None and p.zone not in zones["train"] for p in patches.values())
+    for s in build.SPLITS:
+        info = card["splits"][s]
+        assert info["num_examples"] == len(ids[s]) == summary["written"][s]
+        assert [count_records(tmp_path / f) for f in info["files"]] == info["shard_examples"]
+
+    stat = [patches[i] for i in sorted(set(ids["train"]) | set(ids["unlabelled"]))]
+    aerial = np.concatenate([p.aerial.reshape(-1, 5) for p in stat]).astype(np.float64)
+    np.testing.assert_allclose(card["aerial"]["mean"], aerial.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(card["aerial"]["std"], aerial.std(0), rtol=1e-9)
+    opts = sits_lib.SitsOptions(**SITS)
+    series = []
+    for p in stat:
+        s, _, valid = sits_lib.preprocess_series(p.sits, p.sits_cloud, p.sits_dates, opts)
+        series.append(s[valid].reshape(-1, 10))
+    series = np.concatenate(series).astype(np.float64)
+    np.testing.assert_allclose(card["sits"]["mean"], series.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(card["sits"]["std"], series.std(0), rtol=1e-9)
+    assert card["sits"]["max_dates"] == 8 and card["aerial"]["size"] == 16 and card["aerial"]["gsd_m"] == 1.6
+
+    labels = np.concatenate([patches[i].label.ravel() for i in ids["train"]])
+    hist = np.bincount(labels[labels != 255], minlength=13)
+    assert card["class_histogram"] == hist.tolist()
+    w = np.asarray(card["class_weights"])
+    np.testing.assert_allclose(w.mean(), 1.0)  # all 13 classes present in this data
+    np.testing.assert_allclose(w * np.sqrt(hist), (w * np.sqrt(hist))[0])  # w ~ 1/sqrt(freq)
+
+
+def test_class_weights_absent_class_is_zero():
+    w = build.class_weights([100, 0, 25])
+    assert w[1] == 0 and np.isclose((w[0] + w[2]) / 2, 1) and np.isclose(w[2] / w[0], 2)
+
+
+def test_unlabelled_includes_train_drops_labels(tmp_path, fake):
+    patches = fake_patches(num_zones=3, per_zone=2, unlabelled_per_zone=0)
+    fake(patches)
+    build.build("/raw", tmp_path, layout="flair2", options=options(unlabelled_includes_train=True))
+    card = json.loads((tmp_path / "dataset_card.json").read_text())
+    assert card["splits"]["unlabelled"]["num_examples"] == card["splits"]["train"]["num_examples"] > 0
+    from lcssl.data import records
+
+    import tensorflow as tf
+
+    decode = records.decode_fn(card)
+    for f in card["splits"]["unlabelled"]["files"]:
+        for r in tf.data.TFRecordDataset(str(tmp_path / f)):
+            ex = decode(r)
+            assert not ex["has_label"] and np.all(ex["label"].numpy() == 255)
+
+
+def test_each_bad_category_is_skipped_and_named(tmp_path, fake):
+    patches = fake_patches(num_zones=3, per_zone=2, unlabelled_per_zone=0)
+    patches["IMG_cloudy"] = make_patch("IMG_cloudy", "Z0", cloudy=True)
+    patches["IMG_big"] = make_patch("IMG_big", "Z1", size=32)
+    reasons = [r for r in REASONS if r != "too_few_dates"]
+    bad = {f"IMG_bad_{r}": r for r in reasons}
+    fake(patches, bad)
+    summary = build.build("/raw", tmp_path, layout="flair2", options=options())
+    got = {(b["file"], b["reason"]) for b in summary["bad_patches"]}
+    assert {(f"/raw/{ref}.tif", r) for ref, r in bad.items()} <= got
+    assert ("/raw/Z0_sits.npy", "too_few_dates") in got
+    assert ("/raw/IMG_big.tif", "size") in got
+    assert summary["skipped"] == {r: 1 + (r == "size") for r in REASONS}
+    assert sum(summary["written"][s] for s in ("train", "val", "test")) == 6
+    assert json.loads((tmp_path / "build_summary.json").read_text())["skipped_total"] == len(REASONS) + 1
+
+
+def test_strict_raises_at_first_bad_patch_and_writes_no_shard(tmp_path, fake):
+    fake(fake_patches(num_zones=3, per_zone=2), {"IMG_zz": "nonfinite"})
+    with pytest.raises(build.BuildError, match=r"/raw/IMG_zz.tif: nonfinite"):
+        build.build("/raw", tmp_path, layout="flair2", options=options(strict=True))
+    assert not list(tmp_path.glob("*.tfrecord")) and not (tmp_path / "dataset_card.json").exists()
+
+
+def test_failure_mid_write_leaves_no_partial_shard_and_resume_is_identical(tmp_path, fake, monkeypatch):
+    patches = fake_patches()
+    fake(patches)
+    clean = tmp_path / "clean"
+    build.build("/raw", clean, layout="flair2", options=options())
+
+    from lcssl.data import records
+
+    real_encode, calls = records.encode_example, []
+
+    def failing(**kw):  # dies inside the 3rd shard, after it has written one record
+        calls.append(kw["patch_id"])
+        if len(calls) == 8:
+            raise RuntimeError("disk full (simulated)")
+        return real_encode(**kw)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(records, "encode_example", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        build.build("/raw", out, layout="flair2", options=options())
+    assert not list(out.glob(".*tmp*")) and not (out / "dataset_card.json").exists()
+    plan = json.loads((out / "build_plan.json").read_text())
+    sizes = {f: len(ids) for s in plan["splits"].values() for f, ids in s["shards"].items()}
+    done = sorted(out.glob("*.tfrecord"))
+    assert len(done) == 2 and all(count_records(f) == sizes[f.name] for f in done)
+
+    monkeypatch.setattr(records, "encode_example", real_encode)
+    summary = build.build("/raw", out, layout="flair2", options=options())
+    assert summary["shards"] == {"written": len(sizes) - 2, "reused": 2}
+    names = sorted(p.name for p in clean.glob("*.tfrecord"))
+    assert names == sorted(p.name for p in out.glob("*.tfrecord"))
+    assert all((clean / n).read_bytes() == (out / n).read_bytes() for n in names)
+    card = lambda d: {k: v for k, v in json.loads((d / "dataset_card.json").read_text()).items()}
+    assert card(clean) == card(out)
+
+
+def test_rerun_with_other_options_refuses(tmp_path, fake):
+    fake(fake_patches(num_zones=3, per_zone=2))
+    build.build("/raw", tmp_path, layout="flair2", options=options())
+    with pytest.raises(build.BuildError, match="different inputs or options"):
+        build.build("/raw", tmp_path, layout="flair2", options=options(seed=1))
