@@ -1,5 +1,6 @@
 """data_prep.build: splits, card statistics, bad patches, strict mode, atomic shards, resume."""
 import datetime
+import hashlib
 import json
 import pathlib
 import subprocess
@@ -18,7 +19,7 @@ SITS = {"max_dates": 8, "min_clear_dates": 2, "max_cloud": 0.5}
 
 
 def make_patch(patch_id, zone, *, labelled=True, size=16, num_dates=6, cloudy=False):
-    rng = np.random.default_rng(int.from_bytes(patch_id.encode(), "little") % 2**32)
+    rng = np.random.default_rng(int(hashlib.md5(patch_id.encode()).hexdigest()[:8], 16))
     label = None
     if labelled:
         label = rng.integers(0, 13, (size, size)).astype(np.uint8)

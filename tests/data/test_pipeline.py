@@ -1,0 +1,134 @@
+"""lcssl.data.pipeline: host batches, host sharding, exact resume, padded eval, label fraction."""
+import datetime
+import hashlib
+import json
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from data_prep import build
+from data_prep.patch import RawPatch
+from lcssl.data import pipeline
+
+SIZE, T = 16, 6
+
+
+def _patch(patch_id, zone):
+    rng = np.random.default_rng(int(hashlib.md5(patch_id.encode()).hexdigest()[:8], 16))
+    return RawPatch(
+        patch_id=patch_id, zone=zone, domain="D1", aerial=rng.integers(0, 256, (SIZE, SIZE, 5), dtype=np.uint8),
+        aerial_crs="EPSG:2154", aerial_transform=(1.6, 0.0, 0.0, 0.0, -1.6, 0.0),
+        label=rng.integers(0, 13, (SIZE, SIZE)).astype(np.uint8),
+        sits=rng.integers(0, 10000, (4, 4, 4, 10)).astype(np.uint16), sits_cloud=np.zeros(4, np.float32),
+        sits_dates=[datetime.date(2021, m, 1) for m in (2, 5, 8, 11)], source={"aerial": f"/raw/{patch_id}.tif"})
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """6 zones x 5 patches, 2 per shard: train 20 examples in 10 shards, val and test 5 in 3 shards."""
+    patches = {f"IMG_{z}{k}": _patch(f"IMG_{z}{k}", f"Z{z}") for z in range(6) for k in range(5)}
+    reader = types.SimpleNamespace(list_patches=lambda root: sorted(patches),
+                                   read_patch=lambda ref, **kw: patches[ref])
+    out = tmp_path_factory.mktemp("ds")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(build, "_reader", lambda layout: reader)
+        build.build("/raw", out, layout="flair2", options=build.BuildOptions(
+            workers=1, shard_size=2, sits={"max_dates": T}, progress=False, tfds_metadata=False,
+            val_fraction=0.17, test_fraction=0.17))
+    return out
+
+
+def ids(batch):
+    """Identity of each valid row: a hash of its aerial bytes."""
+    valid = batch.get("example_valid", np.ones(len(batch["aerial"]), bool))
+    return [hashlib.md5(a.tobytes()).hexdigest() for a, v in zip(batch["aerial"], valid) if v]
+
+
+def all_ids(data_dir, split):
+    return sorted(i for b in pipeline.make_eval_iterator(data_dir, split, global_batch_size=4, process_index=0,
+                                                         process_count=1) for i in ids(b))
+
+
+def test_card_counts(data_dir):
+    card = pipeline.load_card(data_dir)
+    assert [card["splits"][s]["num_examples"] for s in ("train", "val", "test")] == [20, 5, 5]
+
+
+def test_train_batch_shapes_and_dtypes_over_8_devices(data_dir):
+    it = pipeline.make_train_iterator(data_dir, "train", global_batch_size=16, seed=0, process_index=0,
+                                      process_count=2)
+    batch = next(it)
+    expect = {"aerial": ((8, SIZE, SIZE, 5), np.uint8), "sits": ((8, T, 4, 4, 10), np.float32),
+              "dates": ((8, T), np.int32), "sits_valid": ((8, T), np.bool_), "label": ((8, SIZE, SIZE), np.int32)}
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expect
+    assert batch["sits_valid"][:, :4].all() and not batch["sits_valid"][:, 4:].any()
+    assert (batch["dates"][:, 4:] == 0).all() and batch["dates"][0, 0] == 32  # 1 Feb = day 32
+    assert batch["label"].max() < 13
+
+    one_host = next(pipeline.make_train_iterator(data_dir, "train", global_batch_size=8, seed=0,
+                                                 process_index=0, process_count=1))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    arr = jax.make_array_from_process_local_data(sharding, one_host["aerial"])
+    assert arr.shape == (8, SIZE, SIZE, 5) and len(arr.addressable_shards) == 8
+
+
+def test_two_hosts_read_disjoint_shards_covering_the_split(data_dir):
+    card = pipeline.load_card(data_dir)
+    shares = [pipeline.host_share(data_dir, card, "train", i, 2) for i in range(2)]
+    assert not set(shares[0].files) & set(shares[1].files)
+    assert len(shares[0].files + shares[1].files) == len(card["splits"]["train"]["files"])
+    per_host = [[i for b in pipeline.make_eval_iterator(data_dir, "train", global_batch_size=8, process_index=h,
+                                                        process_count=2) for i in ids(b)] for h in range(2)]
+    assert not set(per_host[0]) & set(per_host[1])
+    assert sorted(per_host[0] + per_host[1]) == all_ids(data_dir, "train")
+
+
+def test_fewer_shards_than_hosts_shards_examples(data_dir):
+    # val has 3 shards; 4 hosts fall back to example-level sharding, same number of batches each.
+    runs = [list(pipeline.make_eval_iterator(data_dir, "val", global_batch_size=8, process_index=h, process_count=4))
+            for h in range(4)]
+    assert {len(r) for r in runs} == {1}
+    got = [i for r in runs for b in r for i in ids(b)]
+    assert len(got) == 5 and sorted(got) == all_ids(data_dir, "val")
+
+
+def test_resume_at_start_step_equals_uninterrupted(data_dir):
+    kw = dict(global_batch_size=8, seed=7, process_index=0, process_count=1, shuffle_buffer=16)
+    it = pipeline.make_train_iterator(data_dir, "train", **kw)
+    full = [ids(next(it)) for _ in range(9)]  # 20 examples / 8 = 2 steps per epoch: 4.5 epochs
+    assert full[0] != full[2]  # each epoch has its own order
+    resumed = pipeline.make_train_iterator(data_dir, "train", start_step=5, **kw)
+    assert [ids(next(resumed)) for _ in range(4)] == full[5:]
+    other_seed = pipeline.make_train_iterator(data_dir, "train", **{**kw, "seed": 8})
+    assert ids(next(other_seed)) != full[0]
+
+
+def test_eval_covers_each_example_once_with_padding(data_dir):
+    batches = list(pipeline.make_eval_iterator(data_dir, "val", global_batch_size=4, process_index=0,
+                                               process_count=1))
+    assert [b["example_valid"].tolist() for b in batches] == [[True] * 4, [True, False, False, False]]
+    assert all(b["aerial"].shape == (4, SIZE, SIZE, 5) for b in batches)
+    assert not batches[1]["aerial"][1:].any() and (batches[1]["label"][1:] == 0).all()
+    got = [i for b in batches for i in ids(b)]
+    assert len(set(got)) == len(got) == 5
+
+
+def test_label_fraction_keeps_a_fixed_subset(data_dir):
+    keep = pipeline.labelled_subset(data_dir, "train", 0.1, label_seed=0)
+    assert len(keep) == 2 and keep == pipeline.labelled_subset(data_dir, "train", 0.1, label_seed=0)
+    assert len(pipeline.labelled_subset(data_dir, "train", 0.01)) == 1
+    it = pipeline.make_train_iterator(data_dir, "train", global_batch_size=4, seed=0, process_index=0,
+                                      process_count=1, label_fraction=0.1)
+    seen = {i for _ in range(3) for i in ids(next(it))}
+    assert len(seen) == 2
+
+
+def test_load_card_errors_name_the_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        pipeline.load_card(tmp_path)
+    (tmp_path / "dataset_card.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(ValueError, match="format_version 99"):
+        pipeline.load_card(tmp_path)
