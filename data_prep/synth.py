@@ -1,0 +1,486 @@
+"""The embedded synthetic dataset, written in the FLAIR #2 or the Hameln on-disk layout.
+
+Each zone is a small landscape defined in metres (resolution independent), so the aerial patches and
+the Sentinel-2 super-patch are rendered from the same geometry and agree in space:
+
+* regions: argmax of smooth random fields plus per-class biases -> FLAIR-like imbalance (grass, crop and
+  deciduous dominate; water, bare soil, pervious are rarer); zone kinds U/A/N shift the biases;
+* objects: roads (long impervious strips), a river, buildings (compact rotated rectangles with a dark rim,
+  a roof ridge and a cast shadow), pools and greenhouses (rare, folded into 'other' / unlabelled);
+* grass, crop and deciduous share the same aerial colour and texture: only their NDVI phenology differs
+  (crop: green-up in spring, harvest in July; grass: steady; deciduous: leaf-off in winter);
+* buildings and impervious surfaces share one spectrum (aerial and Sentinel-2): only shape and texture
+  at aerial resolution separate them;
+* Sentinel-2 pixels mix the spectra of the classes under them (4 x 4 sub-samples per 10 m pixel); some
+  dates are cloudy (bright values, high cloud probability), some snowy, and zones miss some dates.
+
+The aerial footprint is 102.4 m as in FLAIR #2 (512 px at 0.2 m): gsd = 102.4 / patch_size.
+Everything is drawn from numpy Generators seeded by (seed, zone, patch): same seed, same bytes.
+CLI: `python -m data_prep synth --layout=flair2 --out=DIR --num-zones=4 --seed=0`.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import pathlib
+from typing import Optional
+
+import numpy as np
+import rasterio
+import rasterio.transform
+
+from data_prep import flair2, hameln
+from lcssl.data.schema import (FLAIR2_AERIAL_BANDS, HAMELN_AERIAL_BANDS, HAMELN_CLASSES, S2_BANDS,
+                               S2_GSD_M)
+
+FOOTPRINT_M = 102.4          # FLAIR #2 aerial patch: 512 px x 0.2 m
+SUBSAMPLES = 4               # per 10 m pixel and axis, for class fractions under a Sentinel-2 pixel
+SLOT_PX = 11                 # patch spacing in Sentinel-2 px: > 10.24, so aerial patches never overlap
+
+# A small preset for tests: 2 zones x (2 labelled + 1 unlabelled) patches of 32 px, 6 dates.
+TINY = dict(num_zones=2, patches_per_zone=2, unlabelled_per_zone=1, patch_size=32, num_dates=6)
+
+# ----------------------------------------------------------------------------- classes
+
+(BUILDING, PERVIOUS, IMPERVIOUS, BARE, WATER, RIVER, CONIFER, DECIDUOUS, BRUSH, GRASS, CROP, POOL,
+ GREENHOUSE) = range(13)
+NUM_INTERNAL = 13
+REGION_CLASSES = (GRASS, CROP, DECIDUOUS, CONIFER, BARE, PERVIOUS, WATER, BRUSH)
+# Region biases (higher = more frequent): a few dominant classes, some rare ones, as in FLAIR #2.
+REGION_BIAS = {GRASS: 0.55, CROP: 0.45, DECIDUOUS: 0.45, CONIFER: -0.15, BARE: -0.45, PERVIOUS: -0.35,
+               WATER: -0.6, BRUSH: -0.3}
+KIND_BIAS = {"U": {PERVIOUS: 0.45, GRASS: 0.1, CROP: -0.4},
+             "A": {CROP: 0.4, BARE: 0.25, CONIFER: -0.2},
+             "N": {DECIDUOUS: 0.25, CONIFER: 0.35, WATER: 0.3, CROP: -0.3}}
+NUM_BUILDINGS = {"U": 450, "A": 60, "N": 25}    # per km2: ~10 % roofs in urban zones
+
+# Raw label codes. FLAIR #2 nomenclature: 13 swimming pool and 18 greenhouse fold into 'other'.
+FLAIR2_CODE = np.array([1, 2, 3, 4, 5, 5, 6, 7, 8, 10, 11, 13, 18], np.uint8)
+# Hameln (schema.HAMELN_CLASSES, 1-based); pools and greenhouses have no class -> unlabelled (0).
+HAMELN_CODE = np.array([1, 2, 2, 3, 12, 11, 8, 7, 10, 4, 6, 0, 0], np.uint8)
+
+# Aerial colour (R, G, B, NIR) and noise. Building == impervious and grass == crop == deciduous on purpose.
+_VEG_RGBN = (85, 112, 62, 165)
+_GREY_RGBN = (125, 120, 115, 105)
+AERIAL_RGBN = np.array([
+    _GREY_RGBN, (150, 140, 115, 135), _GREY_RGBN, (160, 128, 95, 125), (35, 55, 70, 18), (35, 55, 70, 18),
+    (45, 72, 50, 120), _VEG_RGBN, (95, 105, 68, 150), _VEG_RGBN, _VEG_RGBN, (70, 160, 205, 50),
+    (215, 218, 222, 190)], np.float32)
+AERIAL_NOISE = np.array([6, 10, 6, 10, 4, 4, 18, 14, 14, 14, 14, 5, 5], np.float32)
+AERIAL_TEXTURE = np.array([0, .05, 0, .08, .02, .02, .2, .12, .12, .12, .12, 0, 0], np.float32)
+
+# Sentinel-2 L2A endmembers, reflectance x 10000, bands as schema.S2_BANDS (B02..B12).
+VEG = np.array([300, 600, 300, 900, 2400, 2900, 3200, 3300, 1800, 900], np.float32)
+SOIL = np.array([900, 1200, 1500, 1800, 2000, 2200, 2400, 2500, 3000, 2600], np.float32)
+URBAN = np.array([1100, 1200, 1300, 1400, 1500, 1550, 1600, 1650, 1900, 1700], np.float32)
+H2O = np.array([600, 700, 500, 400, 300, 250, 200, 180, 100, 80], np.float32)
+CLOUD = np.array([7000, 7000, 7100, 7200, 7300, 7300, 7400, 7400, 5500, 4500], np.float32)
+SNOW = np.array([8500, 8600, 8700, 8600, 8300, 8200, 8000, 7900, 900, 700], np.float32)
+BACKGROUND = [URBAN, SOIL, URBAN, SOIL, H2O, H2O, SOIL, SOIL, SOIL, SOIL, SOIL, H2O, 1.4 * URBAN]
+
+# Vegetation cover through the year: (day of year knots, cover) per class; flat when one value.
+PHENOLOGY = {
+    BUILDING: 0.03, IMPERVIOUS: 0.03, PERVIOUS: 0.3, BARE: 0.05, WATER: 0.0, RIVER: 0.0, CONIFER: 0.8,
+    POOL: 0.0, GREENHOUSE: 0.0,
+    GRASS: ((1, 100, 180, 240, 366), (0.55, 0.65, 0.5, 0.6, 0.55)),
+    CROP: ((1, 80, 150, 190, 205, 280, 300, 366), (0.1, 0.1, 0.9, 0.9, 0.05, 0.05, 0.15, 0.15)),
+    DECIDUOUS: ((1, 110, 140, 280, 310, 366), (0.2, 0.2, 0.85, 0.85, 0.2, 0.2)),
+    BRUSH: ((1, 110, 150, 280, 320, 366), (0.3, 0.3, 0.6, 0.6, 0.3, 0.3)),
+}
+
+
+def vegetation_cover(cls: int, doy: np.ndarray, shift_days: float = 0.0) -> np.ndarray:
+    """Vegetation fraction 0..1 of an internal class on the given days of year."""
+    spec = PHENOLOGY[cls]
+    if isinstance(spec, float):
+        return np.full(np.shape(doy), spec, np.float32)
+    knots, cover = spec
+    return np.interp(np.asarray(doy, np.float64) - shift_days, knots, cover).astype(np.float32)
+
+
+def spectra(doy: np.ndarray, shift_days: float = 0.0) -> np.ndarray:
+    """[NUM_INTERNAL, T, 10] reflectance of each class on each date: soil/urban/water mixed with VEG."""
+    out = np.empty((NUM_INTERNAL, len(doy), len(S2_BANDS)), np.float32)
+    for cls in range(NUM_INTERNAL):
+        cover = vegetation_cover(cls, doy, shift_days)[:, None]
+        out[cls] = (1 - cover) * BACKGROUND[cls] + cover * VEG
+    return out
+
+
+# ----------------------------------------------------------------------------- zone geometry
+
+class Zone:
+    """One landscape: random fields and objects in metres, (0, 0) = top-left, y pointing down (south)."""
+
+    def __init__(self, rng: np.random.Generator, kind: str, size_m: float):
+        self.kind, self.size_m = kind, size_m
+        j = 5
+        num = len(REGION_CLASSES)
+        angle = rng.uniform(0, 2 * np.pi, (num, j))
+        wavelength = rng.uniform(150, 500, (num, j))
+        self.kx = (2 * np.pi * np.cos(angle) / wavelength).ravel().astype(np.float32)
+        self.ky = (2 * np.pi * np.sin(angle) / wavelength).ravel().astype(np.float32)
+        self.phase = rng.uniform(0, 2 * np.pi, num * j).astype(np.float32)
+        self.bias = np.array([REGION_BIAS[c] + KIND_BIAS[kind].get(c, 0.0) for c in REGION_CLASSES], np.float32)
+        self.bias += rng.normal(0, 0.1, num).astype(np.float32)
+        t_angle = rng.uniform(0, 2 * np.pi, 3)
+        t_wave = rng.uniform(300, 800, 3)
+        self.terrain = (t_angle, t_wave, rng.uniform(0, 2 * np.pi, 3), rng.uniform(60, 120))
+
+        centre = size_m / 2
+        num_roads = {"U": 3, "A": 2, "N": 1}[kind]
+        self.roads = []                       # (x0, y0, normal x, normal y, half width)
+        for _ in range(num_roads):
+            theta = rng.uniform(0, np.pi)
+            x0, y0 = rng.uniform(0.2, 0.8, 2) * size_m
+            self.roads.append((x0, y0, -np.sin(theta), np.cos(theta), rng.uniform(3, 4.5)))
+        self.river = None                     # (x0, y0, theta, amplitude, wavelength, half width)
+        if rng.random() < 0.5:
+            self.river = (centre + rng.uniform(-100, 100), centre + rng.uniform(-100, 100),
+                          rng.uniform(0, np.pi), rng.uniform(10, 40), rng.uniform(200, 400), rng.uniform(5, 10))
+
+        # Buildings: rotated rectangles (cx, cy, ux, uy, half length, half width) with a height for the
+        # shadow; aligned with a road when there is one, rejected on water and roads.
+        area_km2 = (size_m / 1000) ** 2
+        wanted = int(round(NUM_BUILDINGS[kind] * area_km2))
+        buildings, heights = [], []
+        for _ in range(wanted * 4):
+            if len(buildings) == wanted:
+                break
+            cx, cy = rng.uniform(0, size_m, 2)
+            theta = (np.arctan2(self.roads[0][3], self.roads[0][2]) + np.pi / 2 * rng.integers(0, 2)
+                     if rng.random() < 0.7 else rng.uniform(0, np.pi))
+            rect = (cx, cy, np.cos(theta), np.sin(theta), rng.uniform(5, 13), rng.uniform(4, 8))
+            base = self.regions(np.array([cx], np.float32), np.array([cy], np.float32))[0]
+            if base == WATER or self._on_strip(np.array([cx]), np.array([cy]), margin=rect[4] + 2)[0]:
+                continue
+            buildings.append(rect)
+            heights.append(rng.uniform(4, 12))
+        self.buildings = np.array(buildings, np.float32).reshape(-1, 6)
+        self.heights = np.array(heights, np.float32)
+        # Rare objects: pools beside some buildings, greenhouses in agricultural zones.
+        pools = []
+        for rect in self.buildings:
+            if rng.random() < (0.25 if kind == "U" else 0.1):
+                off = rect[4] + rng.uniform(6, 10)
+                pools.append((rect[0] + off * rect[3], rect[1] - off * rect[2], rect[2], rect[3],
+                              rng.uniform(2, 4), rng.uniform(2, 3)))
+        self.pools = np.array(pools, np.float32).reshape(-1, 6)
+        houses = []
+        for _ in range(rng.integers(1, 4) if kind == "A" else 0):
+            theta = rng.uniform(0, np.pi)
+            houses.append((*rng.uniform(0.1, 0.9, 2) * size_m, np.cos(theta), np.sin(theta),
+                           rng.uniform(12, 25), rng.uniform(5, 8)))
+        self.greenhouses = np.array(houses, np.float32).reshape(-1, 6)
+
+    def regions(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        arg = x[:, None] * self.kx + y[:, None] * self.ky + self.phase
+        fields = np.cos(arg).reshape(len(x), len(REGION_CLASSES), -1).sum(-1) * 0.45 + self.bias
+        return np.asarray(REGION_CLASSES, np.int8)[fields.argmax(-1)]
+
+    def _on_strip(self, x, y, margin=0.0):
+        on = np.zeros(x.shape, bool)
+        for x0, y0, nx, ny, half in self.roads:
+            on |= np.abs((x - x0) * nx + (y - y0) * ny) <= half + margin
+        return on
+
+    def _on_river(self, x, y):
+        if self.river is None:
+            return np.zeros(x.shape, bool)
+        x0, y0, theta, amp, wave, half = self.river
+        along = (x - x0) * np.cos(theta) + (y - y0) * np.sin(theta)
+        across = -(x - x0) * np.sin(theta) + (y - y0) * np.cos(theta)
+        return np.abs(across - amp * np.sin(2 * np.pi * along / wave)) <= half
+
+    def terrain_height(self, x, y):
+        angle, wave, phase, scale = self.terrain
+        h = sum(np.cos(2 * np.pi * (x * np.cos(a) + y * np.sin(a)) / w + p) for a, w, p in zip(angle, wave, phase))
+        return 130 + scale * h / 3
+
+    def classes(self, x: np.ndarray, y: np.ndarray, detail: bool = False):
+        """Internal class per point; with detail also the building rim, ridge and shadow masks."""
+        cls = self.regions(x, y)
+        cls[self._on_river(x, y)] = RIVER
+        cls[self._on_strip(x, y)] = IMPERVIOUS
+        near = _near(self.buildings, x, y, extra=15.0)
+        inside, rim, ridge = _in_rects(self.buildings[near], x, y, rim_m=1.2, ridge_m=0.5)
+        cls[inside] = BUILDING
+        cls[_in_rects(self.pools[_near(self.pools, x, y)], x, y)[0]] = POOL
+        cls[_in_rects(self.greenhouses[_near(self.greenhouses, x, y)], x, y)[0]] = GREENHOUSE
+        if not detail:
+            return cls
+        # Shadows fall north-east (sun in the south-west): the footprint shifted by 0.6 x height.
+        shadow = np.zeros(x.shape, bool)
+        for rect, height in zip(self.buildings[near], self.heights[near]):
+            for step in (0.3, 0.6):
+                shadow |= _in_rects(rect[None], x - step * height * 0.5, y + step * height)[0]
+        shadow &= ~inside & (cls != POOL)
+        return cls, rim & (cls == BUILDING), ridge & (cls == BUILDING), shadow
+
+
+def _near(rects, x, y, extra=0.0):
+    """Rectangles whose bounding circle can touch the points' bounding box (pure speed-up)."""
+    if len(rects) == 0 or len(x) == 0:
+        return np.zeros(len(rects), bool)
+    reach = np.hypot(rects[:, 4], rects[:, 5]) + extra
+    return ((rects[:, 0] + reach >= x.min()) & (rects[:, 0] - reach <= x.max())
+            & (rects[:, 1] + reach >= y.min()) & (rects[:, 1] - reach <= y.max()))
+
+
+def _in_rects(rects, x, y, rim_m=0.0, ridge_m=0.0):
+    inside = np.zeros(x.shape, bool)
+    rim = np.zeros(x.shape, bool)
+    ridge = np.zeros(x.shape, bool)
+    for cx, cy, ux, uy, half_len, half_wid in rects:
+        along = (x - cx) * ux + (y - cy) * uy
+        across = -(x - cx) * uy + (y - cy) * ux
+        hit = (np.abs(along) <= half_len) & (np.abs(across) <= half_wid)
+        inside |= hit
+        rim |= hit & ((half_len - np.abs(along) < rim_m) | (half_wid - np.abs(across) < rim_m))
+        ridge |= hit & (np.abs(across) < ridge_m)
+    return inside, rim & inside, ridge & ~rim
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def _grid(top_m, left_m, rows, cols, step_m):
+    """Centres of a rows x cols grid of step_m pixels whose top-left corner is (left_m, top_m)."""
+    y = top_m + (np.arange(rows, dtype=np.float32) + 0.5) * step_m
+    x = left_m + (np.arange(cols, dtype=np.float32) + 0.5) * step_m
+    yy, xx = np.meshgrid(y, x, indexing="ij")
+    return xx.ravel(), yy.ravel()
+
+
+def class_fractions(zone: Zone, height_px: int, width_px: int) -> np.ndarray:
+    """[NUM_INTERNAL, h, w] share of each class under each 10 m pixel of the super-patch."""
+    step = S2_GSD_M / SUBSAMPLES
+    x, y = _grid(0.0, 0.0, height_px * SUBSAMPLES, width_px * SUBSAMPLES, step)
+    cls = zone.classes(x, y).reshape(height_px, SUBSAMPLES, width_px, SUBSAMPLES)
+    onehot = cls[None] == np.arange(NUM_INTERNAL, dtype=np.int8)[:, None, None, None, None]
+    return onehot.mean(axis=(2, 4), dtype=np.float32)
+
+
+def _smooth_field(rng, x, y, wavelengths=(150, 600), terms=4):
+    angle = rng.uniform(0, 2 * np.pi, terms)
+    wave = rng.uniform(*wavelengths, terms)
+    phase = rng.uniform(0, 2 * np.pi, terms)
+    return sum(np.cos(2 * np.pi * (x * np.cos(a) + y * np.sin(a)) / w + p)
+               for a, w, p in zip(angle, wave, phase)) / np.sqrt(terms / 2)
+
+
+def render_series(rng, zone: Zone, fractions: np.ndarray, doy: np.ndarray):
+    """Super-patch [T, 10, h, w] uint16 and cloud/snow masks [T, 2, h, w] uint8 (percent)."""
+    _, height, width = fractions.shape
+    shift = rng.normal(0, 6)                                   # zone phenology shift, days
+    spec = spectra(doy, shift)                                 # [K, T, 10]
+    clean = np.einsum("khw,ktb->tbhw", fractions, spec)
+    gain = rng.uniform(0.95, 1.05, (len(doy), 1, 1, 1))        # per-date atmosphere
+    series = clean * gain + rng.normal(0, 60, clean.shape)
+    masks = np.zeros((len(doy), 2, height, width), np.uint8)
+    x, y = _grid(0.0, 0.0, height, width, S2_GSD_M)
+    for t, day in enumerate(doy):
+        noise = rng.uniform(0, 8, (height, width))
+        if rng.random() < 0.35:                                # cloudy date: partial or full cover
+            field = _smooth_field(rng, x, y).reshape(height, width)
+            level = rng.uniform(-2.0, 1.0)
+            prob = 1 / (1 + np.exp(-(field - level) / 0.15))
+            masks[t, 0] = np.clip(np.rint(100 * prob + noise), 0, 100)
+            series[t] = (1 - 0.9 * prob) * series[t] + 0.9 * prob * CLOUD[:, None, None]
+        else:
+            masks[t, 0] = np.rint(noise)
+        if (day < 60 or day > 335) and rng.random() < 0.5:     # winter snow on part of the zone
+            field = _smooth_field(rng, x, y).reshape(height, width)
+            prob = 1 / (1 + np.exp(-(field - rng.uniform(-0.5, 1.0)) / 0.15))
+            masks[t, 1] = np.clip(np.rint(100 * prob), 0, 100)
+            series[t] = (1 - 0.8 * prob) * series[t] + 0.8 * prob * SNOW[:, None, None]
+    return np.clip(np.rint(series), 0, 65535).astype(np.uint16), masks
+
+
+def render_aerial(rng, zone: Zone, top_m, left_m, size, with_elevation: bool):
+    """Aerial [size, size, 4 or 5] uint8 and internal classes [size, size] for one patch."""
+    gsd = FOOTPRINT_M / size
+    x, y = _grid(top_m, left_m, size, size, gsd)
+    cls, rim, ridge, shadow = zone.classes(x, y, detail=True)
+    cls, rim, ridge, shadow = (a.reshape(size, size) for a in (cls, rim, ridge, shadow))
+    coarse_px = max(1, size // 16)                             # crown / field texture at ~6 m
+    coarse = rng.normal(0, 1, (-(-size // coarse_px),) * 2)
+    coarse = np.kron(coarse, np.ones((coarse_px, coarse_px)))[:size, :size, None]
+    white = rng.normal(0, 1, (size, size, 4))
+    img = AERIAL_RGBN[cls] * (1 + AERIAL_TEXTURE[cls][..., None] * coarse) + AERIAL_NOISE[cls][..., None] * white
+    img *= rng.uniform(0.92, 1.08)                             # illumination of the flight line
+    img[rim] *= 0.75
+    img[ridge] *= 1.15
+    img[shadow] *= 0.5
+    bands = [img]
+    if with_elevation:
+        # Terrain only (no object heights), so elevation never shortcuts the texture/phenology tasks.
+        terrain = zone.terrain_height(x, y).reshape(size, size, 1) + rng.normal(0, 1.5, (size, size, 1))
+        bands.append(terrain)
+    return np.clip(np.rint(np.concatenate(bands, -1)), 0, 255).astype(np.uint8), cls
+
+
+def _write_tif(path, array_hwc, crs, transform):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height, width, count = array_hwc.shape
+    with rasterio.open(path, "w", driver="GTiff", height=height, width=width, count=count,
+                       dtype=array_hwc.dtype.name, crs=crs, transform=transform) as ds:
+        ds.write(np.moveaxis(array_hwc, -1, 0))
+
+
+def _acquisition_days(rng, num_dates, first_doy, last_doy):
+    """Sorted distinct days of year, roughly evenly spread, jittered by up to 6 days."""
+    base = np.linspace(first_doy, last_doy, num_dates)
+    days = np.clip(np.rint(base + rng.uniform(-6, 6, num_dates)), first_doy, last_doy).astype(int)
+    days = np.unique(days)
+    while len(days) < num_dates:                               # collisions only happen for dense series
+        days = np.unique(np.append(days, rng.integers(first_doy, last_doy + 1)))
+    return days
+
+
+def _product_name(rng, date: datetime.date, orbit: int, tile: str) -> str:
+    sensing = f"{date:%Y%m%d}T1050{int(rng.integers(10, 60)):02d}"
+    processed_on = date + datetime.timedelta(days=int(rng.integers(0, 2)))
+    processed = f"{processed_on:%Y%m%d}T{int(rng.integers(0, 24)):02d}{int(rng.integers(0, 60)):02d}00"
+    return f"S2{'AB'[int(rng.integers(0, 2))]}_MSIL2A_{sensing}_N0301_R{orbit:03d}_{tile}_{processed}"
+
+
+# ----------------------------------------------------------------------------- dataset
+
+def write_dataset(out_dir, *, layout: str = "flair2", num_zones: int = 4, patches_per_zone: int = 6,
+                  patch_size: int = 64, sits_size: int = 40, num_dates: Optional[int] = None,
+                  unlabelled_per_zone: int = 2, seed: int = 0) -> dict:
+    """Write the synthetic dataset under out_dir in `layout` ('flair2' or 'hameln'); returns a summary.
+
+    num_dates: acquisitions per zone before missing dates (default 12 over 2021 for flair2,
+    8 from February to November 2022 for hameln, as the seminar's series). Zones miss 0-2 dates
+    (flair2); a third of the Hameln patches miss one date.
+    """
+    if layout not in ("flair2", "hameln"):
+        raise ValueError(f"layout: expected 'flair2' or 'hameln', got {layout!r}")
+    if num_zones < 1 or patches_per_zone < 0 or unlabelled_per_zone < 0 or patches_per_zone + unlabelled_per_zone < 1:
+        raise ValueError(f"expected num_zones >= 1 and at least one patch per zone, got num_zones={num_zones}, "
+                         f"patches_per_zone={patches_per_zone}, unlabelled_per_zone={unlabelled_per_zone}")
+    if patch_size < 8 or sits_size < math.ceil(FOOTPRINT_M / S2_GSD_M):
+        raise ValueError(f"expected patch_size >= 8 and sits_size >= 11 (the 102.4 m footprint), "
+                         f"got patch_size={patch_size}, sits_size={sits_size}")
+    if num_dates is None:
+        num_dates = 12 if layout == "flair2" else 8
+    if num_dates < 2:
+        raise ValueError(f"num_dates: expected >= 2, got {num_dates}")
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gsd = FOOTPRINT_M / patch_size
+    year, first_doy, last_doy = (2021, 10, 355) if layout == "flair2" else (2022, 32, 334)
+    crs = "EPSG:2154" if layout == "flair2" else "EPSG:25832"
+    origin = (600000.0, 6800000.0) if layout == "flair2" else (530000.0, 5775000.0)
+
+    per_zone = patches_per_zone + unlabelled_per_zone
+    side = math.ceil(math.sqrt(per_zone))
+    super_px = sits_size + (side - 1) * SLOT_PX + 4
+    centroids, zones, pixel_counts = {}, [], np.zeros(256, np.int64)
+    num_labelled = num_unlabelled = 0
+    patch_number = 0
+    for zone_index in range(num_zones):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, zone_index]))
+        kind = "UAN"[zone_index % 3]
+        domain = f"D{zone_index // 2 + 1:03d}_{year}" if layout == "flair2" else f"hameln_{year}"
+        zone_name = f"Z{zone_index % 2 + 1}_{kind * 2}" if layout == "flair2" else f"zone_{zone_index:02d}"
+        zone = Zone(rng, kind, super_px * S2_GSD_M)
+        fractions = class_fractions(zone, super_px, super_px)
+        zone_dates = num_dates - (int(rng.integers(0, 3)) if layout == "flair2" and num_dates > 4 else 0)
+        doy = _acquisition_days(rng, zone_dates, first_doy, last_doy)
+        dates = [datetime.date(year, 1, 1) + datetime.timedelta(days=int(d) - 1) for d in doy]
+        series, masks = render_series(rng, zone, fractions, doy)
+        zone_x0 = origin[0] + zone_index * 5000.0              # zones 5 km apart
+        zone_y0 = origin[1]
+
+        if layout == "flair2":
+            sen = out / flair2.SEN_DIR / domain / zone_name / "sen"
+            sen.mkdir(parents=True, exist_ok=True)
+            stem = f"SEN2_sp_{domain}-{zone_name}"
+            np.save(sen / f"{stem}_data.npy", series)
+            np.save(sen / f"{stem}_masks.npy", masks)
+            orbit = int(rng.integers(1, 144))
+            products = [_product_name(rng, d, orbit, "T31TCJ") for d in dates]
+            (sen / f"{stem}_products.txt").write_text("\n".join(products) + "\n")
+
+        offset = int(rng.integers(0, 5))
+        slots = rng.permutation(side * side)[:per_zone]
+        labelled = np.zeros(per_zone, bool)
+        labelled[:patches_per_zone] = True
+        for slot, has_label in zip(slots, labelled):
+            patch_rng = np.random.default_rng(np.random.SeedSequence([seed, zone_index, int(slot) + 1]))
+            patch_number += 1
+            # Centroid (row, col): the Sentinel-2 pixel corner at the centre of the sits crop.
+            row = sits_size // 2 + offset + (slot // side) * SLOT_PX
+            col = sits_size // 2 + offset + (slot % side) * SLOT_PX
+            top_m = row * S2_GSD_M - FOOTPRINT_M / 2
+            left_m = col * S2_GSD_M - FOOTPRINT_M / 2
+            aerial, cls = render_aerial(patch_rng, zone, top_m, left_m, patch_size, layout == "flair2")
+            transform = rasterio.transform.from_origin(zone_x0 + left_m, zone_y0 - top_m, gsd, gsd)
+            codes = (FLAIR2_CODE if layout == "flair2" else HAMELN_CODE)[cls]
+            if layout == "flair2":
+                patch_id = f"IMG_{patch_number:06d}"
+                _write_tif(out / flair2.AERIAL_DIR / domain / zone_name / "img" / f"{patch_id}.tif",
+                           aerial, crs, transform)
+                if has_label:
+                    _write_tif(out / flair2.LABELS_DIR / domain / zone_name / "msk" / f"MSK_{patch_number:06d}.tif",
+                               codes[..., None], crs, transform)
+                centroids[f"{patch_id}.tif"] = [int(row), int(col)]
+            else:
+                patch_id = f"hm{zone_index:02d}_{int(slot):03d}"
+                _write_tif(out / "aerial" / zone_name / f"{patch_id}.tif", aerial, crs, transform)
+                if has_label:
+                    _write_tif(out / "labels" / zone_name / f"{patch_id}.tif", codes[..., None], crs, transform)
+                _write_hameln_sits(patch_rng, out / "sits" / zone_name, patch_id, series, masks, dates,
+                                   (row, col), sits_size, per_date_cloud=zone_index % 2 == 1)
+            if has_label:
+                num_labelled += 1
+                pixel_counts += np.bincount(codes.ravel(), minlength=256)
+            else:
+                num_unlabelled += 1
+        zones.append({"domain": domain, "zone": zone_name, "kind": kind, "num_dates": len(dates),
+                      "superpatch_px": super_px})
+
+    paths = {"root": str(out)}
+    if layout == "flair2":
+        with open(out / flair2.CENTROIDS, "w") as f:
+            json.dump(centroids, f, indent=0, sort_keys=True)
+        paths.update(aerial=str(out / flair2.AERIAL_DIR), labels=str(out / flair2.LABELS_DIR),
+                     sen=str(out / flair2.SEN_DIR), centroids=str(out / flair2.CENTROIDS))
+    else:
+        manifest = {
+            "format_version": 1, "synthetic": True, "seed": seed, "domain": f"hameln_{year}", "crs": crs,
+            "classes": list(HAMELN_CLASSES), "unlabelled_value": 0, "aerial_bands": list(HAMELN_AERIAL_BANDS),
+            "aerial_gsd_m": gsd, "aerial_size": patch_size, "sits_bands": list(S2_BANDS),
+            "sits_gsd_m": S2_GSD_M, "sits_size": sits_size}
+        (out / hameln.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        paths.update(manifest=str(out / hameln.MANIFEST))
+    return {
+        "layout": layout, "out_dir": str(out), "seed": seed, "num_zones": num_zones,
+        "num_patches": num_labelled + num_unlabelled, "num_labelled": num_labelled,
+        "num_unlabelled": num_unlabelled, "patch_size": patch_size, "aerial_gsd_m": gsd,
+        "aerial_bands": list(FLAIR2_AERIAL_BANDS if layout == "flair2" else HAMELN_AERIAL_BANDS),
+        "sits_size": sits_size, "crs": crs, "zones": zones,
+        "raw_label_pixels": {int(c): int(n) for c, n in enumerate(pixel_counts) if n},
+        "paths": paths}
+
+
+def _write_hameln_sits(rng, folder, patch_id, series, masks, dates, centre_rc, sits_size, per_date_cloud):
+    """Per-patch series [T, 10, s, s] (channels-first, as the layout), dates and cloud file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    row, col = centre_rc
+    window = (slice(None), slice(None), slice(row - sits_size // 2, row - sits_size // 2 + sits_size),
+              slice(col - sits_size // 2, col - sits_size // 2 + sits_size))
+    keep = np.arange(len(dates))
+    if rng.random() < 1 / 3:                                   # a missing acquisition for this patch
+        keep = np.delete(keep, rng.integers(0, len(dates)))
+    np.save(folder / f"{patch_id}.npy", np.ascontiguousarray(series[window][keep]))
+    (folder / f"{patch_id}_dates.txt").write_text("".join(f"{dates[i].isoformat()}\n" for i in keep))
+    mask_crop = masks[window][keep]
+    if per_date_cloud:
+        cloud = (mask_crop.max(axis=1).astype(np.float32) / 100).mean(axis=(1, 2)).astype(np.float32)
+        np.save(folder / f"{patch_id}_cloud.npy", cloud)
+    else:
+        np.save(folder / f"{patch_id}_cloud.npy", np.ascontiguousarray(mask_crop))
