@@ -418,7 +418,7 @@ def write_dataset(out_dir, *, layout: str = "flair2", num_zones: int = 4, patche
             top_m = row * S2_GSD_M - FOOTPRINT_M / 2
             left_m = col * S2_GSD_M - FOOTPRINT_M / 2
             aerial, cls = render_aerial(patch_rng, zone, top_m, left_m, patch_size, layout == "flair2")
-            transform = rasterio.transform.from_origin(zone_x0 + left_m, zone_y0 - top_m, gsd, gsd)
+            transform = rasterio.transform.Affine(gsd, 0.0, zone_x0 + left_m, 0.0, -gsd, zone_y0 - top_m)
             codes = (FLAIR2_CODE if layout == "flair2" else HAMELN_CODE)[cls]
             if layout == "flair2":
                 patch_id = f"IMG_{patch_number:06d}"

@@ -1,0 +1,305 @@
+"""FLAIR #2 and Hameln readers on tiny synthetic datasets, and every bad input they must reject."""
+import datetime
+import json
+import os
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import rasterio
+import rasterio.errors
+import rasterio.transform
+
+from data_prep import flair2, hameln, synth
+from data_prep.patch import BadPatch
+
+SIZE = synth.TINY["patch_size"]
+
+
+@pytest.fixture(scope="module")
+def flair_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flair2")
+    synth.write_dataset(root, layout="flair2", seed=3, **synth.TINY)
+    return root
+
+
+@pytest.fixture(scope="module")
+def hameln_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hameln")
+    synth.write_dataset(root, layout="hameln", seed=3, **synth.TINY)
+    return root
+
+
+@pytest.fixture
+def flair_copy(flair_root, tmp_path):
+    return shutil.copytree(flair_root, tmp_path / "copy")
+
+
+@pytest.fixture
+def hameln_copy(hameln_root, tmp_path):
+    return shutil.copytree(hameln_root, tmp_path / "copy")
+
+
+def _raw(path):
+    with rasterio.open(path) as ds:
+        return ds.read(1)
+
+
+def test_flair2_reads_synthetic(flair_root):
+    refs = flair2.list_patches(flair_root)
+    assert len(refs) == 6 and sum(r.has_label for r in refs) == 4
+    table = json.loads((flair_root / flair2.CENTROIDS).read_text())
+    for ref in refs:
+        p = flair2.read_patch(ref, expect_size=SIZE)
+        assert p.aerial.shape == (SIZE, SIZE, 5) and p.aerial.dtype == np.uint8
+        assert p.aerial_crs == "EPSG:2154"
+        assert p.aerial_transform[0] == pytest.approx(102.4 / SIZE) and p.aerial_transform[4] < 0
+        assert p.domain.startswith("D0") and p.domain.endswith("_2021") and p.zone.startswith("Z")
+        t = len(p.sits_dates)
+        assert p.sits.shape == (t, 40, 40, 10) and p.sits.dtype == np.uint16
+        assert p.sits_cloud.shape == (t,) and p.sits_cloud.dtype == np.float32
+        assert ((p.sits_cloud >= 0) & (p.sits_cloud <= 1)).all()
+        assert all(isinstance(d, datetime.date) and d.year == 2021 for d in p.sits_dates)
+        assert p.sits_dates == sorted(p.sits_dates)
+        # The crop is the super-patch window around the centroid, channels-last.
+        data = np.load(ref.sen_data_path)
+        row, col = table[os.path.basename(ref.aerial_path)]
+        np.testing.assert_array_equal(p.sits, np.moveaxis(data[:, :, row - 20:row + 20, col - 20:col + 20], 1, -1))
+        if ref.has_label:
+            raw = _raw(ref.label_path)
+            expected = np.where(raw > 13, 12, raw.astype(int) - 1)
+            np.testing.assert_array_equal(p.label, expected)
+            assert p.label.dtype == np.uint8 and p.label.max() <= 12
+        else:
+            assert p.label is None
+
+
+def test_flair2_label_folding_table():
+    codes = np.arange(20, dtype=np.uint8)
+    np.testing.assert_array_equal(flair2.fold_labels(codes),
+                                  [255, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 12, 12, 12, 12, 12, 12])
+
+
+def test_flair2_without_labels_root_is_unlabelled(flair_copy):
+    shutil.rmtree(flair_copy / flair2.LABELS_DIR)
+    refs = flair2.list_patches(flair_copy)
+    assert refs and not any(r.has_label for r in refs)
+    assert flair2.read_patch(refs[0], expect_size=SIZE).label is None
+    with pytest.raises(FileNotFoundError, match="flair_aerial_test"):
+        flair2.list_patches(flair_copy, aerial_dir="flair_aerial_test")
+
+
+def test_hameln_reads_synthetic(hameln_root):
+    refs = hameln.list_patches(hameln_root)
+    assert len(refs) == 6 and sum(r.has_label for r in refs) == 4
+    kinds = set()
+    for ref in refs:
+        p = hameln.read_patch(ref)         # expect_size from the manifest
+        assert p.aerial.shape == (SIZE, SIZE, 4) and p.aerial.dtype == np.uint8
+        assert p.aerial_crs == "EPSG:25832" and p.domain == "hameln_2022"
+        t = len(p.sits_dates)
+        assert t in (synth.TINY["num_dates"], synth.TINY["num_dates"] - 1) and p.sits.shape == (t, 40, 40, 10) and p.sits.dtype == np.uint16
+        assert all(datetime.date(2022, 2, 1) <= d <= datetime.date(2022, 11, 30) for d in p.sits_dates)
+        assert p.sits_cloud.shape == (t,) and p.sits_cloud.dtype == np.float32
+        kinds.add(np.load(ref.cloud_path).ndim)
+        if ref.has_label:
+            raw = _raw(ref.label_path)
+            np.testing.assert_array_equal(p.label, np.where(raw == 0, 255, raw.astype(int) - 1))
+        else:
+            assert p.label is None
+    assert kinds == {1, 4}                  # both cloud file forms are exercised
+
+
+def _rewrite(path, array_chw, *, crs="EPSG:2154", georef=True):
+    kwargs = {}
+    if georef:
+        kwargs = dict(crs=crs, transform=rasterio.transform.Affine(3.2, 0, 600000, 0, -3.2, 6800000))
+    count, height, width = array_chw.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path, "w", driver="GTiff", height=height, width=width, count=count,
+                           dtype=array_chw.dtype.name, **kwargs) as ds:
+            ds.write(array_chw)
+
+
+def _first_labelled(refs):
+    return next(r for r in refs if r.has_label)
+
+
+def _flair_cases():
+    def corrupt(ref, root):
+        with open(ref.aerial_path, "wb") as f:
+            f.write(b"not a tiff")
+        return ref.aerial_path
+
+    def bands(ref, root):
+        _rewrite(ref.aerial_path, np.zeros((3, SIZE, SIZE), np.uint8))
+        return ref.aerial_path
+
+    def size(ref, root):
+        _rewrite(ref.aerial_path, np.zeros((5, SIZE // 2, SIZE // 2), np.uint8))
+        return ref.aerial_path
+
+    def dtype(ref, root):
+        _rewrite(ref.aerial_path, np.zeros((5, SIZE, SIZE), np.uint16))
+        return ref.aerial_path
+
+    def no_crs(ref, root):
+        _rewrite(ref.aerial_path, np.zeros((5, SIZE, SIZE), np.uint8), georef=False)
+        return ref.aerial_path
+
+    def label_range(ref, root):
+        codes = _raw(ref.label_path)[None].copy()
+        codes[0, 0, 0] = 20
+        _rewrite(ref.label_path, codes)
+        return ref.label_path
+
+    def label_bands(ref, root):
+        _rewrite(ref.label_path, np.ones((2, SIZE, SIZE), np.uint8))
+        return ref.label_path
+
+    def no_superpatch(ref, root):
+        os.remove(ref.sen_data_path)
+        return ref.sen_data_path
+
+    def no_masks(ref, root):
+        os.remove(ref.sen_masks_path)
+        return ref.sen_masks_path
+
+    def corrupt_npy(ref, root):
+        with open(ref.sen_data_path, "wb") as f:
+            f.write(b"\x93NUMPY garbage")
+        return ref.sen_data_path
+
+    def superpatch_dtype(ref, root):
+        np.save(ref.sen_data_path, np.load(ref.sen_data_path).astype(np.float32))
+        return ref.sen_data_path
+
+    def products_count(ref, root):
+        lines = open(ref.sen_products_path).read().split()
+        with open(ref.sen_products_path, "w") as f:
+            f.write("\n".join(lines[:-1]) + "\n")
+        return ref.sen_products_path
+
+    def products_name(ref, root):
+        lines = open(ref.sen_products_path).read().split()
+        lines[0] = "S2A_MSIL2A_garbage"
+        with open(ref.sen_products_path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return ref.sen_products_path
+
+    def edit_centroids(value):
+        def edit(ref, root):
+            path = root / flair2.CENTROIDS
+            table = json.loads(path.read_text())
+            key = os.path.basename(ref.aerial_path)
+            if value is None:
+                del table[key]
+            else:
+                table[key] = value
+            path.write_text(json.dumps(table))
+            return path
+        return edit
+
+    return [("unreadable", corrupt), ("band_count", bands), ("size", size), ("dtype", dtype),
+            ("no_crs", no_crs), ("label_range", label_range), ("band_count", label_bands),
+            ("no_sits", no_superpatch), ("no_sits", no_masks), ("unreadable", corrupt_npy),
+            ("dtype", superpatch_dtype), ("bad_dates", products_count), ("bad_dates", products_name),
+            ("no_centroid", edit_centroids(None)), ("no_centroid", edit_centroids([1, 1]))]
+
+
+@pytest.mark.parametrize("reason,damage", _flair_cases(), ids=lambda v: getattr(v, "__name__", v))
+def test_flair2_bad_inputs(flair_copy, reason, damage):
+    ref = _first_labelled(flair2.list_patches(flair_copy))
+    bad_path = damage(ref, flair_copy)
+    ref = _first_labelled(flair2.list_patches(flair_copy))     # re-list: the centroid table may have changed
+    with pytest.raises(BadPatch) as info:
+        flair2.read_patch(ref, expect_size=SIZE)
+    assert info.value.reason == reason
+    assert info.value.path == str(bad_path)
+    assert os.path.basename(str(bad_path)) in str(info.value)
+
+
+def test_flair2_default_size_is_512(flair_root):
+    with pytest.raises(BadPatch, match="expected 512x512 px, found 32x32") as info:
+        flair2.read_patch(flair2.list_patches(flair_root)[0])
+    assert info.value.reason == "size"
+
+
+def _hameln_cases():
+    def nan_cloud(ref, root):
+        path = ref.sits_path.replace(".npy", "_cloud.npy")
+        t = np.load(ref.sits_path).shape[0]
+        cloud = np.zeros(t, np.float32)
+        cloud[1] = np.nan
+        np.save(path, cloud)
+        return path
+
+    def label_range(ref, root):
+        codes = _raw(ref.label_path)[None].copy()
+        codes[0, 3, 3] = 13
+        _rewrite(ref.label_path, codes, crs="EPSG:25832")
+        return ref.label_path
+
+    def dates_count(ref, root):
+        lines = open(ref.dates_path).read().split()
+        with open(ref.dates_path, "w") as f:
+            f.write("\n".join(lines[1:]) + "\n")
+        return ref.dates_path
+
+    def dates_format(ref, root):
+        with open(ref.dates_path) as f:
+            lines = f.read().split()
+        lines[0] = "15.02.2022"
+        with open(ref.dates_path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return ref.dates_path
+
+    def no_sits(ref, root):
+        os.remove(ref.sits_path)
+        return ref.sits_path
+
+    def sits_bands(ref, root):
+        np.save(ref.sits_path, np.load(ref.sits_path)[:, :4])
+        return ref.sits_path
+
+    def sits_small(ref, root):
+        np.save(ref.sits_path, np.load(ref.sits_path)[:, :, :30, :30])
+        return ref.sits_path
+
+    def aerial_bands(ref, root):
+        _rewrite(ref.aerial_path, np.zeros((5, SIZE, SIZE), np.uint8), crs="EPSG:25832")
+        return ref.aerial_path
+
+    return [("nonfinite", nan_cloud), ("label_range", label_range), ("bad_dates", dates_count),
+            ("bad_dates", dates_format), ("no_sits", no_sits), ("band_count", sits_bands), ("size", sits_small),
+            ("band_count", aerial_bands)]
+
+
+@pytest.mark.parametrize("reason,damage", _hameln_cases(), ids=lambda v: getattr(v, "__name__", v))
+def test_hameln_bad_inputs(hameln_copy, reason, damage):
+    bad_path = damage(_first_labelled(hameln.list_patches(hameln_copy)), hameln_copy)
+    ref = _first_labelled(hameln.list_patches(hameln_copy))
+    with pytest.raises(BadPatch) as info:
+        hameln.read_patch(ref)
+    assert info.value.reason == reason
+    assert info.value.path == str(bad_path)
+
+
+def test_hameln_declared_unlabelled_value_and_bad_manifest(hameln_copy):
+    path = hameln_copy / hameln.MANIFEST
+    manifest = json.loads(path.read_text())
+    ref = _first_labelled(hameln.list_patches(hameln_copy))
+    codes = _raw(ref.label_path)[None].copy()
+    codes[0, :2, :2] = 99
+    _rewrite(ref.label_path, codes, crs="EPSG:25832")
+    path.write_text(json.dumps({**manifest, "unlabelled_value": 99}))
+    label = hameln.read_patch(_first_labelled(hameln.list_patches(hameln_copy))).label
+    assert (label[:2, :2] == 255).all() and label.max() != 99
+    path.write_text(json.dumps({**manifest, "unlabelled_value": 5}))
+    with pytest.raises(ValueError, match="unlabelled_value"):
+        hameln.list_patches(hameln_copy)
+    os.remove(path)
+    with pytest.raises(FileNotFoundError, match="hameln.json"):
+        hameln.list_patches(hameln_copy)
