@@ -1,0 +1,163 @@
+"""GradCache equals the full-batch gradient; exact accumulation of weighted-mean losses.
+
+Tolerance: float32, only the summation order differs: rtol 1e-5, atol 1e-6.
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lcssl import gradcache, losses, sharding
+from lcssl.data.schema import IGNORE_LABEL
+
+RTOL, ATOL = 1e-5, 1e-6
+BATCH, HALF = 64, 32  # 32 pairs: rows [0, 32) are view 1, rows [32, 64) view 2
+
+
+class Encoder(nn.Module):
+    """Per-sample MLP: no batch norm, so chunking must not change anything."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(8)(jnp.tanh(nn.Dense(16)(x)))
+
+
+ENCODER = Encoder()
+
+
+def embed_fn(params, x):
+    z = ENCODER.apply(params, x)
+    return z, {"z_mean": jnp.mean(z)}
+
+
+def loss_fn(z):
+    return losses.nt_xent(z[:HALF], z[HALF:], 0.2), {"z_norm": jnp.mean(jnp.linalg.norm(z, axis=-1))}
+
+
+def full_batch(params, x):
+    def total(p):
+        z, aux = embed_fn(p, x)
+        loss, metrics = loss_fn(z)
+        return loss, (metrics, aux)
+
+    (loss, (metrics, aux)), grads = jax.value_and_grad(total, has_aux=True)(params)
+    return (loss, metrics, aux), grads
+
+
+def setup():
+    x = np.random.default_rng(0).normal(size=(BATCH, 5)).astype(np.float32)
+    return ENCODER.init(jax.random.key(1), x), x
+
+
+def assert_trees_close(got, want):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+
+
+def test_gradcache_equals_full_batch_on_one_device():
+    params, x = setup()
+    want = jax.jit(full_batch)(params, x)
+    for num_chunks in (1, 8):
+        got = jax.jit(functools.partial(gradcache.grad_cached_value_and_grad, embed_fn,
+                                        loss_fn=loss_fn, num_chunks=num_chunks))(params, x)
+        assert_trees_close(got, want)
+
+
+def test_gradcache_on_8_devices_equals_one_device():
+    params, x = setup()
+    want = jax.jit(full_batch)(params, x)
+    mesh = sharding.make_mesh()
+    x_sharded = jax.device_put(x, sharding.data_sharding(mesh))
+    params_replicated = jax.device_put(params, sharding.replicated(mesh))
+    step = jax.jit(functools.partial(gradcache.grad_cached_value_and_grad, embed_fn, loss_fn=loss_fn,
+                                     num_chunks=4, mesh=mesh))
+    got = step(params_replicated, x_sharded)
+    assert_trees_close(got, want)
+
+
+def test_chunks_take_a_slice_of_every_shard():
+    mesh = sharding.make_mesh()
+    x = jax.device_put(np.arange(BATCH, dtype=np.int32), sharding.data_sharding(mesh))
+    chunks = jax.jit(lambda v: gradcache.split_chunks(v, 4, mesh))(x)
+    assert chunks.shape == (4, 16)
+    assert chunks.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "data")), 2)
+    # Device d holds rows [8d, 8d + 8); chunk c takes rows 8d + 2c, 8d + 2c + 1 from each device.
+    expected = np.stack([np.concatenate([np.arange(8 * d + 2 * c, 8 * d + 2 * c + 2) for d in range(8)])
+                         for c in range(4)])
+    np.testing.assert_array_equal(np.asarray(chunks), expected)
+    for shard in chunks.addressable_shards:
+        d = shard.index[1].start // 2
+        assert set(np.asarray(shard.data).ravel()) <= set(range(8 * d, 8 * d + 8))
+    merged = jax.jit(lambda v: gradcache.merge_chunks(v, mesh))(chunks)
+    np.testing.assert_array_equal(np.asarray(merged), np.arange(BATCH))
+    with pytest.raises(ValueError, match=r"batch \(64\).*8 x 3 = 24"):
+        gradcache.split_chunks(np.zeros((BATCH, 2)), 3, mesh)
+
+
+# -- accumulate_gradients ------------------------------------------------------------------------
+
+K = 4
+CLASS_WEIGHTS = np.array([0.5, 1.0, 2.0, 3.0], np.float32)
+
+
+class PixelHead(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(K)(x)
+
+
+HEAD = PixelHead()
+
+
+def ce_loss(params, batch):
+    logits = HEAD.apply(params, batch["features"])
+    loss, weight = losses.weighted_cross_entropy(logits, batch["label"], CLASS_WEIGHTS)
+    return loss, (weight, {"logit_mean": jnp.mean(logits)})
+
+
+def pixel_batch(all_ignored_rows=()):
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(16, 3, 3, 6)).astype(np.float32)
+    label = rng.integers(0, K, size=(16, 3, 3)).astype(np.int32)
+    label[:4][rng.random((4, 3, 3)) < 0.8] = IGNORE_LABEL  # first microbatch mostly unlabelled
+    label[list(all_ignored_rows)] = IGNORE_LABEL
+    return {"features": features, "label": label}
+
+
+def test_accumulate_gradients_equals_full_batch_weighted_ce():
+    batch = pixel_batch()
+    params = HEAD.init(jax.random.key(2), batch["features"])
+    (want_loss, (want_weight, want_aux)), want_grads = jax.value_and_grad(ce_loss, has_aux=True)(params, batch)
+    loss_and_grad = jax.value_and_grad(ce_loss, has_aux=True)
+    accumulate = jax.jit(functools.partial(gradcache.accumulate_gradients, loss_and_grad, num_microbatches=4))
+    (loss, weight, aux), grads = accumulate(params, batch)
+    np.testing.assert_allclose(loss, want_loss, rtol=RTOL)
+    np.testing.assert_allclose(weight, want_weight, rtol=RTOL)
+    np.testing.assert_allclose(aux["logit_mean"], want_aux["logit_mean"], rtol=RTOL, atol=ATOL)
+    assert_trees_close(grads, want_grads)
+
+    # The plain mean of microbatch losses is not the full-batch loss here (unequal pixel weights).
+    per_micro = [ce_loss(params, jax.tree.map(lambda v: v[i * 4:(i + 1) * 4], batch))[0] for i in range(4)]
+    assert abs(float(np.mean(per_micro)) - float(want_loss)) > 1e-3
+
+    mesh = sharding.make_mesh()
+    sharded = jax.device_put(batch, sharding.data_sharding(mesh))
+    on_mesh = jax.jit(functools.partial(gradcache.accumulate_gradients, loss_and_grad,
+                                        num_microbatches=2, mesh=mesh))
+    (loss8, _, _), grads8 = on_mesh(jax.device_put(params, sharding.replicated(mesh)), sharded)
+    np.testing.assert_allclose(loss8, want_loss, rtol=RTOL)
+    assert_trees_close(grads8, want_grads)
+
+
+def test_accumulate_gradients_with_no_labelled_pixel_is_zero_not_nan():
+    batch = pixel_batch(all_ignored_rows=range(16))
+    params = HEAD.init(jax.random.key(2), batch["features"])
+    loss_and_grad = jax.value_and_grad(ce_loss, has_aux=True)
+    (loss, weight, _), grads = gradcache.accumulate_gradients(loss_and_grad, params, batch, 4)
+    assert float(loss) == 0.0 and float(weight) == 0.0
+    assert all(bool(jnp.all(g == 0.0)) for g in jax.tree.leaves(grads))
