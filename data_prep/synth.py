@@ -409,7 +409,7 @@ def write_dataset(out_dir, *, layout: str = "flair2", num_zones: int = 4, patche
         slots = rng.permutation(side * side)[:per_zone]
         labelled = np.zeros(per_zone, bool)
         labelled[:patches_per_zone] = True
-        for slot, has_label in zip(slots, labelled):
+        for index_in_zone, (slot, has_label) in enumerate(zip(slots, labelled)):
             patch_rng = np.random.default_rng(np.random.SeedSequence([seed, zone_index, int(slot) + 1]))
             patch_number += 1
             # Centroid (row, col): the Sentinel-2 pixel corner at the centre of the sits crop.
@@ -429,7 +429,7 @@ def write_dataset(out_dir, *, layout: str = "flair2", num_zones: int = 4, patche
                                codes[..., None], crs, transform)
                 centroids[f"{patch_id}.tif"] = [int(row), int(col)]
             else:
-                patch_id = f"hm{zone_index:02d}_{int(slot):03d}"
+                patch_id = f"hm{zone_index:02d}_{index_in_zone:03d}"
                 _write_tif(out / "aerial" / zone_name / f"{patch_id}.tif", aerial, crs, transform)
                 if has_label:
                     _write_tif(out / "labels" / zone_name / f"{patch_id}.tif", codes[..., None], crs, transform)
