@@ -34,7 +34,8 @@ def _build(args) -> int:
     options = build.BuildOptions(
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
         shard_size=args.shard_size, workers=args.workers, strict=args.strict,
-        unlabelled_includes_train=args.unlabelled_includes_train, sits_size=args.sits_size,
+        unlabelled_includes_train=args.unlabelled_includes_train,
+        unlabelled_from_eval_zones=args.unlabelled_from_eval_zones, sits_size=args.sits_size,
         expect_size=args.expect_size, cloud_prob_threshold=args.cloud_prob_threshold, sits=sits,
         tfds_metadata=not args.no_tfds_metadata, progress=not args.no_progress)
     try:
@@ -77,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="zone split and shard assignment")
     g.add_argument("--unlabelled-includes-train", action="store_true",
                    help="also put the train patches (labels dropped) into the unlabelled split")
+    g.add_argument("--unlabelled-from-eval-zones", action="store_true",
+                   help="also pre-train on unlabelled patches of val/test zones (default: kept out, no leakage)")
     g = b.add_argument_group("patches")
     g.add_argument("--expect-size", type=int, default=None,
                    help="aerial height = width in px (default: the layout's, 512 for FLAIR #2; synthetic: 64)")

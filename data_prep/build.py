@@ -59,6 +59,9 @@ class BuildOptions:
     workers: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
     strict: bool = False
     unlabelled_includes_train: bool = False
+    # Unlabelled patches of val/test zones are kept out of pre-training by default: pre-training on
+    # the imagery of the evaluation zones would leak them (transductively) into the encoder.
+    unlabelled_from_eval_zones: bool = False
     sits_size: int = 40
     expect_size: Optional[int] = None  # aerial height = width; None: the reader's default (FLAIR #2: 512)
     cloud_prob_threshold: Optional[float] = None  # see lcssl.data.sits.cloud_probability
@@ -266,10 +269,12 @@ def _plan(infos: list, options: BuildOptions) -> tuple:
             members[zone_split[i["zone"]]].append((i["index"], i["patch_id"], False))
             if options.unlabelled_includes_train and zone_split[i["zone"]] == "train":
                 members["unlabelled"].append((i["index"], i["patch_id"], True))
-        elif zone_split.get(i["zone"], "train") == "train":
+        elif zone_split.get(i["zone"], "train") == "train" or options.unlabelled_from_eval_zones:
             members["unlabelled"].append((i["index"], i["patch_id"], False))
         else:  # unlabelled imagery of a val/test zone: kept out of pre-training (no spatial leakage)
             held_out += 1
+    zone_of = {i["index"]: i["zone"] for i in infos}
+    zones["unlabelled"] = sorted({zone_of[m[0]] for m in members["unlabelled"]})
     shards = {}
     for k, split in enumerate(SPLITS):
         items = sorted(members[split], key=lambda m: (m[1], m[0]))

@@ -92,7 +92,8 @@ def encode_example(*, patch_id: str, zone: str, domain: str, aerial: np.ndarray,
         "sits_valid": i(sits_valid.astype(np.int64)),
         "dates": i(dates.astype(np.int64)),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    # deterministic=True sorts the feature map: same bytes in every process (resumable, comparable shards).
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def feature_spec(shapes: RecordShapes) -> dict:

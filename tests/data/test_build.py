@@ -217,3 +217,56 @@ def test_rerun_with_other_options_refuses(tmp_path, fake):
     build.build("/raw", tmp_path, layout="flair2", options=options())
     with pytest.raises(build.BuildError, match="different inputs or options"):
         build.build("/raw", tmp_path, layout="flair2", options=options(seed=1))
+
+
+# --- end to end on the synthetic raw layouts (real readers) -------------------------------------
+
+
+def test_cli_synth_build_flair2_parallel_then_resume(tmp_path):
+    raw, out = tmp_path / "raw", tmp_path / "tfr"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "data_prep", *a], cwd=ROOT, capture_output=True,
+                                    text=True, timeout=240)
+    r = run("synth", "--layout=flair2", f"--out={raw}", "--num-zones=4", "--patches-per-zone=2", "--patch-size=32",
+            "--num-dates=6", "--unlabelled-per-zone=1")
+    assert r.returncode == 0, r.stderr
+    args = ("build", "--layout=flair2", f"--src={raw}", f"--out={out}", "--expect-size=32", "--shard-size=2",
+            "--workers=2", "--no-tfds-metadata", "--no-progress", "--min-clear-dates=1", "--max-dates=6")
+    r = run(*args)
+    assert r.returncode == 0, r.stderr
+    assert "written: train" in r.stdout and "skipped: 0" in r.stdout
+    card = json.loads((out / "dataset_card.json").read_text())
+    assert card["aerial"]["size"] == 32 and card["aerial"]["bands"] == ["R", "G", "B", "NIR", "elevation"]
+    assert np.isclose(card["aerial"]["gsd_m"], 3.2) and card["sits"]["max_dates"] == 6
+    assert sum(card["splits"][s]["num_examples"] for s in ("train", "val", "test")) == 8
+    first = {p.name: p.read_bytes() for p in out.glob("*.tfrecord")}
+    (out / card["splits"]["train"]["files"][0]).unlink()
+    r = run(*args[:-5], "--workers=1", *args[-4:])  # same bytes whatever the number of workers
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "build_summary.json").read_text())
+    assert summary["shards"]["written"] == 1 and summary["shards"]["reused"] == len(first) - 1
+    assert {p.name: p.read_bytes() for p in out.glob("*.tfrecord")} == first
+
+
+def test_build_hameln_with_corrupt_files_and_tfds_loading(tmp_path):
+    from data_prep import synth
+
+    raw = tmp_path / "raw"
+    synth.write_dataset(raw, layout="hameln", num_zones=3, patches_per_zone=2, unlabelled_per_zone=0,
+                        patch_size=32, num_dates=6, seed=1)
+    tifs = sorted((raw / "aerial").glob("*/*.tif"))
+    tifs[0].write_bytes(b"not a tiff")  # unreadable
+    dates = raw / "sits" / tifs[1].parent.name / f"{tifs[1].stem}_dates.txt"
+    dates.write_text("2021-13-45\n")  # bad dates
+    summary = build.build(raw, tmp_path / "tfr", layout="hameln",
+                          options=options(tfds_metadata=True, sits={"max_dates": 6, "min_clear_dates": 1}))
+    got = {(pathlib.Path(b["file"]).name, b["reason"]) for b in summary["bad_patches"]}
+    assert (tifs[0].name, "unreadable") in got and (dates.name, "bad_dates") in got
+    assert summary["skipped_total"] == 2 and sum(summary["written"].values()) == 4
+
+    import tensorflow_datasets as tfds
+
+    card = json.loads((tmp_path / "tfr" / "dataset_card.json").read_text())
+    builder = tfds.builder_from_directory(str(tmp_path / "tfr"))
+    assert builder.info.splits["train"].num_examples == card["splits"]["train"]["num_examples"]
+    ex = next(iter(tfds.as_numpy(builder.as_dataset(split="train"))))
+    assert ex["aerial"].shape == (32, 32, 4) and ex["sits"].dtype == np.uint16 and ex["has_label"] == 1
