@@ -314,16 +314,22 @@ def _scan(src, layout, refs, options, num_classes, out: pathlib.Path) -> list:
                                options.sits_size, options.expect_size, options.cloud_prob_threshold,
                                num_classes)).encode()).hexdigest()[:16]
     cache = out / f".scan-{key}.pkl"
+    def check(info):
+        if "bad" in info and options.strict:
+            path, reason, detail = info["bad"]
+            raise BuildError(f"strict: bad patch {path}: {reason}: {detail}")
+
     if cache.exists():
         with open(cache, "rb") as f:
-            return pickle.load(f)
+            results = pickle.load(f)
+        for info in results:
+            check(info)
+        return results
     results = []
     tasks = [(i, layout, r, options, num_classes) for i, r in enumerate(refs)]
     with _progress(len(tasks), "scan", options.progress) as bar:
         for info in _pool_map(_scan_one, tasks, options.workers):
-            if "bad" in info and options.strict:
-                path, reason, detail = info["bad"]
-                raise BuildError(f"strict: bad patch {path}: {reason}: {detail}")
+            check(info)
             results.append(info)
             bar.update(1)
     _atomic_write(cache, pickle.dumps(results))
@@ -501,7 +507,7 @@ def class_weights(histogram) -> list:
 
 def _options_json(options: BuildOptions) -> dict:
     d = dataclasses.asdict(options)
-    for k in ("workers", "progress", "strict"):  # do not change what is built
+    for k in ("workers", "progress", "strict", "tfds_metadata"):  # do not change the shards
         d.pop(k)
     return d
 

@@ -270,3 +270,11 @@ def test_build_hameln_with_corrupt_files_and_tfds_loading(tmp_path):
     assert builder.info.splits["train"].num_examples == card["splits"]["train"]["num_examples"]
     ex = next(iter(tfds.as_numpy(builder.as_dataset(split="train"))))
     assert ex["aerial"].shape == (32, 32, 4) and ex["sits"].dtype == np.uint16 and ex["has_label"] == 1
+
+
+def test_strict_rerun_after_lenient_build_still_fails(tmp_path, fake):
+    fake(fake_patches(num_zones=3, per_zone=2), {"IMG_zz": "dtype"})
+    summary = build.build("/raw", tmp_path, layout="flair2", options=options())
+    assert summary["skipped"] == {"dtype": 1}
+    with pytest.raises(build.BuildError, match=r"/raw/IMG_zz.tif: dtype"):  # the cached scan is checked too
+        build.build("/raw", tmp_path, layout="flair2", options=options(strict=True))
