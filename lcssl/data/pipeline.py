@@ -169,10 +169,14 @@ def _options(tf):
 
 
 def make_train_iterator(data_dir, split: str = "train", *, global_batch_size: int, seed: int, start_step: int = 0,
-                        shuffle_buffer: int = 512, process_index: Optional[int] = None,
+                        shuffle_buffer: int = 256, process_index: Optional[int] = None,
                         process_count: Optional[int] = None, label_fraction: float = 1.0, label_seed: int = 0,
                         cycle_length: int = 8) -> Iterator[dict]:
-    """Infinite iterator of host batches (see the module docstring for the order and resume rule)."""
+    """Infinite iterator of host batches (see the module docstring for the order and resume rule).
+
+    shuffle_buffer holds serialized records (~2 MB each at 512 px: 256 -> ~0.5 GB per host).
+    label_fraction < 1 keeps the fixed subset `labelled_subset(data_dir, split, label_fraction, label_seed)`.
+    """
     tf = _tf()
     process_index, process_count = _process(process_index, process_count)
     if global_batch_size % process_count:
