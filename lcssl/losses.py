@@ -16,7 +16,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec as P
+
 from lcssl.data.schema import IGNORE_LABEL
+from lcssl.sharding import DATA_AXIS
 
 # Cosine similarity: z / max(|z|, eps), as torch.nn.functional.normalize does.
 NORM_EPS = 1e-6
@@ -63,27 +66,41 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature) -> jax.Array:
 
 # -- blockwise ----------------------------------------------------------------------------------
 # With u = zn / sqrt(T), the logits are u u^T. The custom VJP below returns sum_i lse_i over the
-# 2N real rows (self masked), tiled [block, block]: forward keeps only lse [2N]; backward recomputes
-# each tile, P = exp(tile - lse_row) (softmax rows), and accumulates d/du = (P + P^T) u.
-# The positive term and the normalisation are ordinary jnp, differentiated by JAX.
+# query rows it is given (self masked), tiled [block, block] against all key rows: forward keeps only
+# lse per row; backward recomputes each tile, P = exp(tile - lse_row) (softmax rows), and pulls back
+# d/du_query = P u_keys and d/du_keys = P^T u_query (together (P + P^T) u). The positive term and the
+# normalisation are ordinary jnp, differentiated by JAX.
+# On a mesh (shard_map over 'data') the queries are the device's own rows, the keys the all-gathered
+# global batch; the key-side gradients of all devices are summed back onto their owners with
+# psum_scatter. Each device does 1/devices of the tiles, as the naive loss under GSPMD does.
 
 
-def _tile_mask(rows: jax.Array, cols: jax.Array, num_rows: int) -> jax.Array:
+def _tile_mask(rows: jax.Array, cols: jax.Array, num_keys: int) -> jax.Array:
     """True where the logit is not a term: self-pairs and padding columns."""
-    return (rows[:, None] == cols[None, :]) | (cols[None, :] >= num_rows)
+    return (rows[:, None] == cols[None, :]) | (cols[None, :] >= num_keys)
 
 
-def _tiles(u: jax.Array, block_size: int):
+def _tiles(u: jax.Array, block_size: int, first_id=0):
+    """[M, D] -> ([nb, block, D] zero-padded, row ids [nb, block] starting at first_id)."""
     padded = u.shape[0] + (-u.shape[0]) % block_size
     u = jnp.pad(u, ((0, padded - u.shape[0]), (0, 0)))
     nb = padded // block_size
-    return u.reshape(nb, block_size, -1), jnp.arange(padded).reshape(nb, block_size)
+    return u.reshape(nb, block_size, -1), (first_id + jnp.arange(padded)).reshape(nb, block_size)
 
 
-def _row_lse(u: jax.Array, block_size: int) -> jax.Array:
-    """Per-row log-sum-exp over k != i of u_i . u_k, online over column tiles. [padded rows]."""
-    num_rows = u.shape[0]
-    ub, idx = _tiles(u, block_size)
+def _keys(u: jax.Array, axis_name):
+    """The key rows (whole global batch) and the global id of this device's first query row."""
+    if axis_name is None:
+        return u, 0
+    return (jax.lax.all_gather(u, axis_name, tiled=True),
+            jax.lax.axis_index(axis_name) * u.shape[0])
+
+
+def _row_lse(u: jax.Array, keys: jax.Array, first_id, block_size: int) -> jax.Array:
+    """Per query row log-sum-exp over keys k != self of u_i . u_k, online over key tiles."""
+    num_keys = keys.shape[0]
+    qb, qid = _tiles(u, block_size, first_id)
+    kb, kid = _tiles(keys, block_size)
 
     def row_block(_, row):
         ur, ir = row
@@ -92,71 +109,98 @@ def _row_lse(u: jax.Array, block_size: int) -> jax.Array:
             m, s = carry
             uc, ic = col
             t = jnp.dot(ur, uc.T, precision=_PRECISION)
-            t = jnp.where(_tile_mask(ir, ic, num_rows), _MASKED, t)
+            t = jnp.where(_tile_mask(ir, ic, num_keys), _MASKED, t)
             m_new = jnp.maximum(m, jnp.max(t, axis=1))
             s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(t - m_new[:, None]), axis=1)
             return (m_new, s), None
 
-        init = (jnp.full((block_size,), _MASKED, jnp.float32), jnp.zeros((block_size,), jnp.float32))
-        (m, s), _ = jax.lax.scan(col_block, init, (ub, idx))
+        zeros = jnp.zeros_like(ur[:, 0])  # like ur, so that it is device-varying inside shard_map
+        (m, s), _ = jax.lax.scan(col_block, (zeros + _MASKED, zeros), (kb, kid))
         return None, m + jnp.log(s)
 
-    _, lse = jax.lax.scan(row_block, None, (ub, idx))
+    _, lse = jax.lax.scan(row_block, None, (qb, qid))
     return lse.reshape(-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _sum_lse(u: jax.Array, block_size: int) -> jax.Array:
-    return jnp.sum(_row_lse(u, block_size)[: u.shape[0]])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _sum_lse(u: jax.Array, block_size: int, axis_name) -> jax.Array:
+    keys, first_id = _keys(u, axis_name)
+    return jnp.sum(_row_lse(u, keys, first_id, block_size)[: u.shape[0]])
 
 
-def _sum_lse_fwd(u, block_size):
-    lse = _row_lse(u, block_size)
+def _sum_lse_fwd(u, block_size, axis_name):
+    keys, first_id = _keys(u, axis_name)
+    lse = _row_lse(u, keys, first_id, block_size)
     return jnp.sum(lse[: u.shape[0]]), (u, lse)
 
 
-def _sum_lse_bwd(block_size, residuals, g):
+def _sum_lse_bwd(block_size, axis_name, residuals, g):
     u, lse = residuals
-    num_rows = u.shape[0]
-    ub, idx = _tiles(u, block_size)
-    lse_b = lse.reshape(ub.shape[0], block_size)
-    row_weight = jnp.where(idx < num_rows, g, 0.0)  # padding rows are not in the sum
+    keys, first_id = _keys(u, axis_name)  # re-gathered rather than kept: O(N D) either way
+    num_rows, num_keys = u.shape[0], keys.shape[0]
+    qb, qid = _tiles(u, block_size, first_id)
+    kb, kid = _tiles(keys, block_size)
+    lse_b = lse.reshape(qb.shape[0], block_size)
+    row_weight = jnp.where(jnp.arange(qid.size).reshape(qid.shape) < num_rows, g, 0.0)  # no padding
 
-    def row_block(du_cols, row):
+    def row_block(du_keys, row):
         ur, ir, lr, wr = row
 
         def col_block(du_r, col):
             uc, ic = col
             t = jnp.dot(ur, uc.T, precision=_PRECISION)
-            p = jnp.where(_tile_mask(ir, ic, num_rows), 0.0, jnp.exp(t - lr[:, None]))
+            p = jnp.where(_tile_mask(ir, ic, num_keys), 0.0, jnp.exp(t - lr[:, None]))
             p = p * wr[:, None]
             du_r = du_r + jnp.dot(p, uc, precision=_PRECISION)
             return du_r, jnp.dot(p.T, ur, precision=_PRECISION)
 
-        du_r, du_c = jax.lax.scan(col_block, jnp.zeros_like(ur), (ub, idx))
-        return du_cols + du_c, du_r
+        du_r, du_k = jax.lax.scan(col_block, jnp.zeros_like(ur), (kb, kid))
+        return du_keys + du_k, du_r
 
-    du_cols, du_rows = jax.lax.scan(row_block, jnp.zeros_like(ub), (ub, idx, lse_b, row_weight))
-    du = (du_cols + du_rows).reshape(-1, u.shape[1])[:num_rows]
-    return (du,)
+    du_keys, du_rows = jax.lax.scan(row_block, jnp.zeros_like(kb), (qb, qid, lse_b, row_weight))
+    du_keys = du_keys.reshape(-1, u.shape[1])[:num_keys]
+    if axis_name is not None:  # every device's P^T u_query lands on the rows' owners
+        du_keys = jax.lax.psum_scatter(du_keys, axis_name, tiled=True)
+    return (du_rows.reshape(-1, u.shape[1])[:num_rows] + du_keys,)
 
 
 _sum_lse.defvjp(_sum_lse_fwd, _sum_lse_bwd)
 
 
-def nt_xent_blockwise(z1: jax.Array, z2: jax.Array, temperature, block_size: int = 512) -> jax.Array:
+def _blockwise_terms(z1, z2, temperature, block_size, axis_name):
+    """sum over the given anchors of (lse_i - positive logit_i); z1[i], z2[i] on the same device."""
+    zn = _views(z1, z2)
+    inv_sqrt_t = jax.lax.rsqrt(jnp.asarray(temperature, jnp.float32))
+    sum_lse = _sum_lse(zn * inv_sqrt_t, min(block_size, zn.shape[0]), axis_name)
+    return sum_lse - jnp.sum(_positive_logits(zn, temperature))
+
+
+def nt_xent_blockwise(z1: jax.Array, z2: jax.Array, temperature, block_size: int = 512,
+                      mesh: jax.sharding.Mesh | None = None) -> jax.Array:
     """`nt_xent` without the [2N, 2N] matrix: [block_size, block_size] tiles, forward and backward.
 
     Working memory is O(block_size^2 + N D); time is that of the naive loss plus one recomputation
     of the similarities in the backward pass (as in FlashAttention's recomputation). block_size
     need not divide 2N (the last tile is padded and masked).
+    mesh: pass the training mesh when z1, z2 are sharded on 'data' so that each device computes only
+    its own anchors' tiles (shard_map); without it XLA runs every tile on every device (same result).
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}.")
-    zn = _views(z1, z2)
-    inv_sqrt_t = jax.lax.rsqrt(jnp.asarray(temperature, jnp.float32))
-    sum_lse = _sum_lse(zn * inv_sqrt_t, min(block_size, zn.shape[0]))
-    return (sum_lse - jnp.sum(_positive_logits(zn, temperature))) / zn.shape[0]
+    two_n = 2 * z1.shape[0]
+    if mesh is None or mesh.shape[DATA_AXIS] == 1:
+        return _blockwise_terms(z1, z2, temperature, block_size, None) / two_n
+    if z1.shape[0] % mesh.shape[DATA_AXIS]:
+        raise ValueError(f"The number of pairs ({z1.shape[0]}) is not divisible by the number of data "
+                         f"devices ({mesh.shape[DATA_AXIS]}).")
+
+    def local(a, b, t):
+        # Local anchors are z1[rows] and z2[rows] of this device, so positives stay on-device; the
+        # keys are gathered in device order, a permutation of the batch, which lse does not see.
+        return jax.lax.psum(_blockwise_terms(a, b, t, block_size, DATA_AXIS), DATA_AXIS) / two_n
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()), out_specs=P())(
+        z1, z2, jnp.asarray(temperature, jnp.float32))
 
 
 def contrastive_metrics(z1: jax.Array, z2: jax.Array, temperature, block_size: int = 512) -> dict:
