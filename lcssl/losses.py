@@ -1,9 +1,9 @@
 """Losses and their diagnostics: pure functions of arrays.
 
 Contrastive (SimCLR, Chen et al. 2020): `nt_xent` builds the whole [2N, 2N] similarity matrix;
-`nt_xent_blockwise` gives the same value and gradient in O(block_size^2) working memory. Under jit,
-with z sharded on 'data', both see the *global* batch: every anchor has all 2N - 2 negatives from all
-devices, and the gradient is that of the global loss (the cross-device gathers are XLA's business).
+`nt_xent_blockwise` gives the same value and gradient in O(block_size^2 + N D) working memory. Under
+jit, with z sharded on 'data', both see the *global* batch: every anchor has all 2N - 2 negatives from
+all devices, and the gradient is that of the global loss (no per-device loss, no 1/devices factor).
 
 Supervised: `weighted_cross_entropy` with the ignore label skipped.
 
@@ -15,7 +15,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-
 from jax.sharding import PartitionSpec as P
 
 from lcssl.data.schema import IGNORE_LABEL
@@ -26,7 +25,8 @@ NORM_EPS = 1e-6
 # Stands in for -inf on masked logits: finite, so an all-masked tile gives exp(0) = 1 instead of
 # NaN in the online log-sum-exp (that term is rescaled to 0 once a real maximum arrives).
 _MASKED = -1e30
-# Similarities feed exp(s / T) at T ~ 0.05: TF32 matmuls (GPU default) would err by ~1e-3 * 20.
+# Similarities feed exp(s / T) at T ~ 0.05: a TF32 matmul (XLA may pick it for float32 on GPU)
+# errs by ~1e-3 in s, i.e. ~0.02 in the logit.
 _PRECISION = jax.lax.Precision.HIGHEST
 
 
