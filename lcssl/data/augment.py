@@ -63,10 +63,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.shadow_gain = (0.4, 0.8)  # radiance gain inside the shadow
     c.shadow_radius = (0.1, 0.4)  # fraction of the patch side
     c.shadow_softness = 0.05  # edge width, fraction of the patch side
-    # Random erasing (Zhong et al. 2020, "Random Erasing Data Augmentation": area 2-33 %, aspect
-    # 0.3-3.3, p 0.5); the rectangle is set to 0, the band mean after standardisation. All aerial
-    # bands are erased: it is an occlusion, and leaving elevation visible would tell the model
-    # what is under it.
+    # Random erasing (Zhong et al. 2020, "Random Erasing Data Augmentation"), with torchvision's
+    # RandomErasing defaults: area 2-33 %, aspect 0.3-3.3, p 0.5. The rectangle is set to 0, the
+    # band mean after standardisation. All aerial bands are erased: it is an occlusion, and leaving
+    # elevation visible would tell the model what is under it.
     c.erase_prob = 0.5
     c.erase_area = (0.02, 0.33)
     c.erase_aspect = (0.3, 3.3)
@@ -314,7 +314,9 @@ def _color(u, z, cfg):
     gain = jnp.where(do, brightness * band, 1.0)
     contrast = jnp.where(do, contrast, 1.0)
     z = _gain(z, gain, cfg)
-    mean = z.mean(axis=(0, 1))  # contrast about the example's own band means, as torchvision does
+    # Contrast about the example's own band means (torchvision blends with the grayscale mean,
+    # which has no meaning once NIR is a band).
+    mean = z.mean(axis=(0, 1))
     return (z - mean) * contrast + mean
 
 

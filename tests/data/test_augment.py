@@ -77,6 +77,21 @@ def test_photometric_changes_are_not_clipped():
     assert float(v1["aerial"].min()) < -3.0 and float(v1["aerial"].max()) > 3.0
 
 
+def test_brightness_is_a_gain_on_radiance():
+    # With dark_level_z = d (zero radiance sits d standard deviations below the mean), brightness
+    # multiplies radiance: (z' + d) / (z + d) is the same for every pixel and band of an example.
+    batch = _batch()
+    d = 2.5
+    cfg = _geometry_only(crop_prob=0.0, flip=False, rot90=False, color_prob=1.0, contrast=0.0,
+                         band_gain=0.0, dark_level_z=d)
+    v1, _ = augment.simclr_views(jax.random.key(4), batch, cfg)
+    radiance_in = batch["aerial"][..., :4] + d
+    radiance_out = np.asarray(v1["aerial"][..., :4]) + d
+    gain = np.median(radiance_out / radiance_in, axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(radiance_out, gain * radiance_in, atol=1e-4)
+    assert np.ptp(gain) > 0.05  # the gain differs between examples
+
+
 def _gaussian(coords_m, centre_m, sigma_m):
     y, x = coords_m
     return np.exp(-((y - centre_m[0]) ** 2 + (x - centre_m[1]) ** 2) / (2 * sigma_m ** 2))
