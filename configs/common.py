@@ -85,7 +85,9 @@ def base(dataset: str, mode: str) -> ml_collections.ConfigDict:
     c.ssl.probe_examples = 1024
     c.ssl.probe_ridge = 1e-2
 
+    c.dtype = "float32"  # compute dtype of the model: 'float32' | 'bfloat16' (params stay fp32)
     c.model = models.default_config()
+    c.model.dtype = c.get_ref("dtype")
     c.augment = augment.default_config()
 
     c.init_from = config_dict.placeholder(str)
@@ -101,7 +103,6 @@ def base(dataset: str, mode: str) -> ml_collections.ConfigDict:
     c.profile_steps = 5  # steps traced by clu's Profile once, early on (0 = off)
     c.input_bound_warning = 0.3  # warn when the host waits on input this share of the time
     c.seed = 0
-    c.dtype = "float32"
     if mode == "ssl":
         c.split = "unlabelled" if dataset == "hameln" else "train"
     return c
@@ -112,6 +113,7 @@ def tiny(c: ml_collections.ConfigDict) -> None:
     from lcssl import models
 
     c.model = models.tiny_config()
+    c.model.dtype = c.get_ref("dtype")
     c.data_dir = f"demo/data/{c.dataset}"
     c.batch_size = 16
     c.eval_batch_size = 16

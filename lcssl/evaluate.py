@@ -1,0 +1,124 @@
+"""Evaluation: segmentation scores over a whole split, and the online linear probe used during SSL.
+
+Both run one jitted function over sharded batches from `pipeline.make_eval_iterator` (every example
+once over all hosts; padded rows carry `example_valid=False` and never count), so the numbers are
+those of the whole split whatever the number of devices.
+
+    confusion_step(variables, batch) -> [K, K]     summed on the device over the split
+    scores_from_confusion(cm)        -> per-class IoU / F1 / precision / recall, mIoU, OA
+    embed_step(variables, batch)     -> pooled embedding [B, D], majority class [B], usable [B]
+    linear_probe(train, eval)        -> accuracy of a closed-form ridge classifier on frozen features
+
+The probe answers "is SSL learning?": ridge regression on standardised, stop-gradient pooled
+embeddings onto the one-hot majority class of each labelled patch, scored on another split against
+always guessing the most frequent training class. It is cheap (one forward pass over a few hundred
+patches, a D x D solve on the host) and honest (no training of the probe on the evaluation patches).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from lcssl import metrics, sharding
+from lcssl.data import normalize
+
+MODEL_KEYS = ("aerial", "sits", "dates", "sits_valid")
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global jax.Array -> numpy on every host (replicated: local copy; sharded: all-gather)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _apply(model, variables, batch, stats):
+    batch = normalize.normalize(batch, stats)
+    return model.apply(variables, *(batch[k] for k in MODEL_KEYS), train=False)
+
+
+def confusion_step(variables, batch, *, model, stats, num_classes: int) -> jax.Array:
+    """[K, K] confusion matrix of one sharded batch (rows true, columns predicted). Pure."""
+    pred = jnp.argmax(_apply(model, variables, batch, stats)["logits"], axis=-1)
+    return metrics.confusion_matrix(pred, batch["label"], num_classes, mask=batch["example_valid"])
+
+
+def embed_step(variables, batch, *, model, stats, num_classes: int) -> dict:
+    """Pooled embeddings [B, D] and each patch's majority class [B] (usable: labelled, not padding)."""
+    embedding = jax.lax.stop_gradient(_apply(model, variables, batch, stats)["embedding"])
+    # one_hot of the ignore label (255 >= K) is all zeros, so ignored pixels do not vote.
+    votes = jnp.sum(jax.nn.one_hot(batch["label"], num_classes, dtype=jnp.int32), axis=(1, 2))
+    usable = batch["example_valid"] & (jnp.sum(votes, axis=-1) > 0)
+    return {"embedding": embedding, "majority": jnp.argmax(votes, axis=-1), "usable": usable}
+
+
+def evaluate_split(step_fn: Callable, variables: Any, batches: Iterable[Mapping[str, np.ndarray]],
+                   mesh, class_names) -> dict:
+    """Scores of `step_fn` (a jitted confusion_step) over every batch of a split; JSON-ready."""
+    cm = None
+    for host_batch in batches:
+        batch_cm = step_fn(variables, sharding.host_batch_to_global(host_batch, mesh))
+        cm = batch_cm if cm is None else cm + batch_cm
+    if cm is None:
+        raise ValueError("evaluate_split: the split yielded no batch")
+    cm = to_host(cm)
+    scores = metrics.scores_from_confusion(cm, class_names)
+    scores["confusion_matrix"] = cm.astype(np.int64).tolist()
+    return scores
+
+
+def collect_embeddings(step_fn: Callable, variables: Any, batches: Iterable[Mapping[str, np.ndarray]],
+                       mesh, max_examples: int) -> tuple[np.ndarray, np.ndarray]:
+    """(features [N, D], majority class [N]) of up to ~max_examples usable patches."""
+    feats, labels, seen = [], [], 0
+    for host_batch in batches:
+        out = step_fn(variables, sharding.host_batch_to_global(host_batch, mesh))
+        out = {k: to_host(v) for k, v in out.items()}
+        feats.append(out["embedding"][out["usable"]])
+        labels.append(out["majority"][out["usable"]])
+        seen += len(out["usable"])
+        if seen >= max_examples:  # the same count on every host: batches are global
+            break
+    return np.concatenate(feats).astype(np.float64), np.concatenate(labels)
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray, eval_y: np.ndarray,
+                 num_classes: int, ridge: float = 1e-2) -> dict:
+    """Closed-form ridge classifier: fit on (train_x, train_y), accuracy on (eval_x, eval_y).
+
+    Features are standardised with the training mean/std; the ridge term is relative to the mean
+    feature variance (1 after standardising), so `ridge` needs no tuning per embedding size.
+    """
+    if len(train_y) == 0 or len(eval_y) == 0:
+        return {"accuracy": None, "baseline_accuracy": None, "num_train": len(train_y),
+                "num_eval": len(eval_y)}
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    design = lambda x: np.concatenate([(x - mean) / std, np.ones((len(x), 1))], axis=1)
+    a, b = design(train_x), design(eval_x)
+    targets = np.eye(num_classes)[train_y]
+    reg = ridge * len(a) * np.eye(a.shape[1])
+    reg[-1, -1] = 0.0  # no penalty on the bias
+    w = np.linalg.solve(a.T @ a + reg, a.T @ targets)
+    accuracy = float(np.mean(np.argmax(b @ w, axis=1) == eval_y))
+    most_frequent = np.bincount(train_y, minlength=num_classes).argmax()
+    return {"accuracy": accuracy, "baseline_accuracy": float(np.mean(eval_y == most_frequent)),
+            "train_accuracy": float(np.mean(np.argmax(a @ w, axis=1) == train_y)),
+            "num_train": int(len(train_y)), "num_eval": int(len(eval_y))}
+
+
+def format_scores(scores: Mapping[str, Any], title: str) -> str:
+    """A plain-text table: per-class IoU and F1, then mIoU and OA (percent)."""
+    pct = lambda v: "   n/a" if v is None else f"{100 * v:6.2f}"
+    width = max(len(n) for n in scores["class_names"])
+    lines = [title, f"  {'class'.ljust(width)}    IoU     F1"]
+    for name, iou, f1 in zip(scores["class_names"], scores["iou"], scores["f1"]):
+        lines.append(f"  {name.ljust(width)} {pct(iou)} {pct(f1)}")
+    lines.append(f"  {'mIoU'.ljust(width)} {pct(scores['miou'])}")
+    lines.append(f"  {'OA'.ljust(width)} {pct(scores['oa'])}")
+    return "\n".join(lines)

@@ -1,0 +1,74 @@
+"""Entry point: flags -> config -> `lcssl.train.run(config, workdir)`.
+
+    python -m lcssl.main --config=configs/ssl_hameln.py --workdir=runs/ssl_hameln
+    python -m lcssl.main --config=configs/ssl_hameln.py:ssl3 --workdir=runs/ssl3 \
+        --config.batch_size=512 --config.ssl.temperature=0.2
+
+The config is locked: an override of a field that does not exist fails before anything runs.
+Rerunning the same command resumes from the latest checkpoint in --workdir.
+
+Several processes (one per host, or one per GPU; see launch.sh): --multiprocess=auto initialises
+`jax.distributed` when COORDINATOR_ADDRESS / NUM_PROCESSES / PROCESS_ID (or SLURM's variables, or a
+TPU pod's metadata) say there is more than one process; --coordinator_address, --num_processes and
+--process_id set them explicitly.
+"""
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: configs/<name>.py[:presets]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where logs, checkpoints and eval_results.json go.")
+_MULTIPROCESS = flags.DEFINE_enum("multiprocess", "auto", ["auto", "on", "off"],
+                                  "Initialise jax.distributed: auto = when the environment says so.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+_MULTI_ENV = ("COORDINATOR_ADDRESS", "NUM_PROCESSES", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
+              "CLOUD_TPU_TASK_ID")
+
+
+def _distributed_kwargs() -> dict | None:
+    """jax.distributed.initialize arguments, or None for a single process."""
+    env = os.environ
+    num = _NUM_PROCESSES.value or int(env.get("NUM_PROCESSES", 0)) or None
+    wanted = _MULTIPROCESS.value == "on" or (
+        _MULTIPROCESS.value == "auto" and ((num or 0) > 1 or _COORDINATOR.value is not None or any(
+            k in env and (k != "SLURM_NTASKS" or int(env[k]) > 1) for k in _MULTI_ENV)))
+    if not wanted:
+        return None
+    pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else env.get("PROCESS_ID")
+    kwargs = {"coordinator_address": _COORDINATOR.value or env.get("COORDINATOR_ADDRESS"),
+              "num_processes": num, "process_id": None if pid is None else int(pid)}
+    # Unset values are left to JAX's cluster auto-detection (SLURM, TPU pods, Open MPI).
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow (tf.data only) must not grab GPU memory meant for JAX.
+    try:
+        import tensorflow as tf
+        tf.config.set_visible_devices([], "GPU")
+    except ImportError:
+        pass
+    import jax
+
+    kwargs = _distributed_kwargs()
+    if kwargs is not None:
+        jax.distributed.initialize(**kwargs)
+    logging.info("JAX process %d of %d, %d local / %d global devices (%s)", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count(),
+                 jax.devices()[0].platform)
+
+    from lcssl import train
+    train.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
