@@ -1,0 +1,92 @@
+"""Configs are code: every experiment loads, presets reproduce the seminar's table, command-line
+overrides work and a typo fails loudly."""
+import importlib
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from tests._train_helpers import ROOT
+
+EXPERIMENTS = ["ssl_flair2", "ssl_hameln", "finetune_flair2", "finetune_hameln", "sup_flair2",
+               "sup_hameln"]
+
+
+def load(name, arg=None):
+    return importlib.import_module(f"configs.{name}").get_config(arg)
+
+
+def parse(*argv):
+    """What `python -m lcssl.main` does with its flags."""
+    fv = flags.FlagValues()
+    argv = ["lcssl.main", *argv]
+    config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=True, sys_argv=argv)
+    fv(argv)
+    return fv.config
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_has_a_locked_default_and_a_tiny_preset(name):
+    for config in (load(name), load(name, "tiny")):
+        assert config.is_locked
+        assert config.mode in ("ssl", "supervised")
+    assert f"configs/{name}.py" in importlib.import_module(f"configs.{name}").__doc__
+
+
+@pytest.mark.parametrize("name, preset, epochs, batch, temperature", [
+    ("ssl_flair2", "ssl1", 30, 16, 0.1), ("finetune_flair2", "ssl1", 5, 16, None),
+    ("ssl_hameln", "ssl2", 40, 16, 0.1), ("finetune_hameln", "ssl2", 20, 16, None),
+    ("ssl_hameln", "ssl3", 40, 8, 0.7), ("finetune_hameln", "ssl3", 20, 8, None),
+    ("sup_flair2", "seed", 30, 16, None), ("sup_hameln", "seed", 50, 16, None),
+])
+def test_seed_presets_are_the_seminar_table(name, preset, epochs, batch, temperature):
+    c = load(name, preset)
+    assert (c.num_epochs, c.batch_size, c.num_steps) == (epochs, batch, None)
+    assert (c.optimizer.name, c.optimizer.learning_rate, c.schedule.name) == ("sgd", 0.001, "constant")
+    if temperature is not None:
+        assert c.ssl.temperature == temperature
+
+
+def test_modern_ssl_default_is_large_batch_lars_with_warmup_and_cosine():
+    c = load("ssl_hameln")
+    assert c.batch_size >= 256 and c.optimizer.name == "lars"
+    assert c.schedule.name == "cosine" and c.schedule.warmup_epochs > 0
+    assert 0.1 <= c.ssl.temperature <= 0.2
+    assert c.split == "unlabelled"
+
+
+def test_finetune_configs_point_at_their_pretraining_run():
+    assert load("finetune_hameln").init_from == "runs/ssl_hameln"
+    assert load("sup_hameln").init_from is None
+
+
+def test_command_line_overrides_reach_nested_fields():
+    c = parse(f"--config={ROOT}/configs/ssl_hameln.py:ssl3", "--config.batch_size=512",
+              "--config.ssl.temperature=0.2", "--config.ssl.loss_impl=blockwise")
+    assert (c.batch_size, c.ssl.temperature, c.ssl.loss_impl) == (512, 0.2, "blockwise")
+    assert c.num_epochs == 40  # the rest of the ssl3 preset stays
+
+
+def test_a_typo_in_an_override_fails_loudly():
+    with pytest.raises(Exception, match="temprature"):
+        parse(f"--config={ROOT}/configs/ssl_hameln.py", "--config.ssl.temprature=0.2")
+    c = load("ssl_hameln")
+    with pytest.raises(AttributeError):
+        c.ssl.temprature = 0.2
+
+
+def test_a_wrong_type_in_an_override_fails():
+    with pytest.raises(Exception):
+        parse(f"--config={ROOT}/configs/ssl_hameln.py", "--config.batch_size=lots")
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ValueError, match="ssl2"):
+        load("ssl_hameln", "ssl4")
+
+
+def test_presets_combine_left_to_right_and_dtype_reaches_the_model():
+    c = load("ssl_hameln", "ssl3,tiny")
+    assert c.batch_size == 16 and c.ssl.temperature == 0.7 and c.model.widths[0] == 8
+    c = parse(f"--config={ROOT}/configs/sup_flair2.py", "--config.dtype=bfloat16")
+    assert c.model.dtype == "bfloat16"
