@@ -1,0 +1,174 @@
+"""The trainer, in process on 8 virtual CPU devices, with the tiny SimCLR config on a synthetic
+FLAIR #2 dataset: a NaN stops the run and leaves the last good checkpoint; an interrupted run
+resumes to exactly the same weights; checkpoints restore on other device counts; fine-tuning loads
+exactly the pre-trained encoder."""
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from lcssl import checkpoint as ckpt_lib
+from lcssl import models, sharding, train
+from lcssl.data import pipeline
+from tests._train_helpers import compilation_cache, saved_state, tiny_config, tiny_dataset
+
+
+class Interrupted(Exception):
+    """Stands in for a crash or a killed job."""
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    compilation_cache(tmp_path_factory)
+    return tiny_dataset(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ssl_run(data_dir, tmp_path_factory):
+    """An uninterrupted tiny SimCLR run: 6 steps, checkpoints at 3 and 6."""
+    workdir = tmp_path_factory.mktemp("ssl_uninterrupted")
+    results = train.run(tiny_config("ssl_flair2", data_dir), str(workdir))
+    return workdir, results
+
+
+def tamper_with_batches(monkeypatch, at_step: int, action):
+    """Makes the pipeline's batch for step `at_step` + 1 go through `action` (poison or raise)."""
+    real = pipeline.make_train_iterator
+
+    def iterator(*args, start_step=0, **kwargs):
+        for step, batch in enumerate(real(*args, start_step=start_step, **kwargs), start=start_step):
+            yield action(batch) if step == at_step else batch
+
+    monkeypatch.setattr(pipeline, "make_train_iterator", iterator)
+
+
+def test_ssl_run_writes_checkpoints_with_their_input_spec_and_a_probe(ssl_run, data_dir):
+    workdir, results = ssl_run
+    assert results["step"] == 6
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+    spec = ckpt_lib.read_input_spec(str(workdir))
+    card = pipeline.load_card(data_dir)
+    assert spec["aerial"]["bands"] == card["aerial"]["bands"] == ["R", "G", "B", "NIR", "elevation"]
+    assert spec["sits"]["date_encoding"] == card["sits"]["date_encoding"]
+    assert spec["aerial"]["mean"] == card["aerial"]["mean"] and spec["classes"] == card["classes"]
+    assert spec["model"]["aerial_size"] == 32 and spec["model"]["num_classes"] == 13
+    probe = results["probe"]
+    assert probe["num_train"] > 0 and probe["num_eval"] > 0 and 0 <= probe["accuracy"] <= 1
+    assert json.loads((workdir / "eval_results.json").read_text())["probe"] == probe
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
+        data_dir, tmp_path, monkeypatch):
+    def poison(batch):
+        return dict(batch, sits=np.full_like(batch["sits"], np.nan))
+
+    tamper_with_batches(monkeypatch, at_step=4, action=poison)  # step 5 sees NaN inputs
+    with pytest.raises(FloatingPointError, match=r"NaN or inf between steps 4 and 6.*step 3"):
+        train.run(tiny_config("ssl_flair2", data_dir), str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
+    state = saved_state(tmp_path, 3)
+    assert state["step"] == 3
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_interrupted_run_resumes_to_exactly_the_same_weights(ssl_run, data_dir, tmp_path, monkeypatch):
+    def crash(batch):
+        raise Interrupted
+
+    tamper_with_batches(monkeypatch, at_step=4, action=crash)  # dies after the step-3 checkpoint
+    config = tiny_config("ssl_flair2", data_dir)
+    with pytest.raises(Interrupted):
+        train.run(config, str(tmp_path))
+    monkeypatch.undo()
+    resumed = train.run(config, str(tmp_path))  # the same command again
+
+    uninterrupted_dir, uninterrupted = ssl_run
+    a, b = saved_state(uninterrupted_dir), saved_state(tmp_path)
+    assert int(a["step"]) == int(b["step"]) == 6
+    # Same programs on the same devices: bit-identical, not merely close.
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    assert resumed["probe"] == uninterrupted["probe"]
+
+
+def test_checkpoint_restores_on_a_different_number_of_devices(ssl_run):
+    workdir, _ = ssl_run
+    reference = saved_state(workdir)
+    checkpoints = ckpt_lib.Checkpoints(str(workdir / "checkpoints"))
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), reference)
+    for devices in (jax.devices()[:4], jax.devices()[:1]):
+        mesh = sharding.make_mesh(devices=devices)
+        target = ckpt_lib.abstract_like(template, sharding.state_shardings(template, mesh))
+        state, spec, progress = checkpoints.restore(6, target)
+        assert progress["next_step"] == 6 and progress["global_batch_size"] == 16
+        leaf = jax.tree.leaves(state)[0]
+        assert len(leaf.sharding.device_set) == len(devices)
+        for x, y in zip(jax.tree.leaves(reference), jax.tree.leaves(state)):
+            np.testing.assert_array_equal(x, np.asarray(y))
+    checkpoints.close()
+
+
+def test_finetuning_loads_exactly_the_pretrained_encoder(ssl_run, data_dir):
+    workdir, _ = ssl_run
+    card = pipeline.load_card(data_dir)
+    model_cfg = train.model_config_for(tiny_config("finetune_flair2", data_dir).model, card)
+    shapes = models.param_shapes(models.build_model(model_cfg), model_cfg)
+    # A fresh segmentation state, all zeros, so whatever is not loaded is recognisable.
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    state = train.TrainState(step=np.int32(0), params=zeros["params"],
+                             batch_stats=zeros["batch_stats"], opt_state={}, rng=np.zeros(2, np.uint32))
+    mesh = sharding.make_mesh()
+    state, report = train.load_pretrained_encoder(state, str(workdir), models.ENCODER_KEYS, card,
+                                                  data_dir, mesh)
+
+    pretrained = saved_state(workdir)
+    for tree in ("params", "batch_stats"):
+        for key in models.ENCODER_KEYS:
+            if key not in pretrained[tree]["backbone"]:
+                continue
+            loaded = jax.tree.leaves(getattr(state, tree)[key])
+            expected = jax.tree.leaves(pretrained[tree]["backbone"][key])
+            assert len(loaded) == len(expected) > 0
+            for x, y in zip(loaded, expected):
+                np.testing.assert_array_equal(np.asarray(x), y)
+    new = sorted(set(state.params) - set(models.ENCODER_KEYS))
+    assert new == report["new"] == ["aerial_decoder", "aux_head", "seg_head"]
+    for key in new:
+        assert all(not np.asarray(x).any() for x in jax.tree.leaves(state.params[key]))
+    assert all(p.startswith(("['params']['aerial_encoder']", "['params']['utae']", "['params']['fusion']",
+                             "['batch_stats']['aerial_encoder']", "['batch_stats']['utae']",
+                             "['batch_stats']['fusion']")) for p in report["loaded"])
+    assert "projector" not in json.dumps(report)
+
+
+def test_finetuning_refuses_a_checkpoint_made_for_other_bands(ssl_run, data_dir):
+    workdir, _ = ssl_run
+    card = pipeline.load_card(data_dir)
+    spec = ckpt_lib.read_input_spec(str(workdir))
+    hameln_like = dict(card, aerial=dict(card["aerial"], bands=["R", "G", "B", "IR"]))
+    with pytest.raises(ValueError, match=r"aerial.bands: checkpoint expects \['R', 'G', 'B', 'NIR', "
+                                         r"'elevation'\], dataset has \['R', 'G', 'B', 'IR'\]"):
+        ckpt_lib.check_input_spec(spec, hameln_like, source=str(workdir), target="hameln")
+    other_dates = dict(card, sits=dict(card["sits"], date_encoding="days_since:2021-01-01"))
+    with pytest.raises(ValueError, match="date_encoding"):
+        ckpt_lib.check_input_spec(spec, other_dates, source=str(workdir), target="x")
+    other_stats = dict(card, aerial=dict(card["aerial"], mean=[m + 10 for m in card["aerial"]["mean"]]))
+    warnings = ckpt_lib.check_input_spec(spec, other_stats, source=str(workdir), target="x")
+    assert any("aerial.mean differs" in w for w in warnings)
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(data_dir, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    def preempt(batch):
+        os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends before killing the job
+        return batch
+
+    tamper_with_batches(monkeypatch, at_step=3, action=preempt)
+    assert train.run(tiny_config("ssl_flair2", data_dir), str(tmp_path)) == {}
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "4"]
+    assert int(saved_state(tmp_path)["step"]) == 4
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
