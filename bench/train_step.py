@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from clu import parameter_overview
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lcssl import models  # noqa: E402
@@ -54,9 +55,11 @@ def make_step(args, cfg):
                                        batch["aerial"], batch["sits"], batch["dates"],
                                        batch["sits_valid"], train=True,
                                        rngs={"dropout": batch["rng"]}, mutable=["batch_stats"])
-            labels = batch["label"]
-            loss = optax.softmax_cross_entropy_with_integer_labels(out["logits"], labels).mean()
-            loss += optax.softmax_cross_entropy_with_integer_labels(out["aux_logits"], labels).mean()
+            # One-hot rather than integer-label cross-entropy: the latter's gradient is a scatter-add
+            # that XLA CPU spends seconds constant-folding at 512x512.
+            onehot = jax.nn.one_hot(batch["label"], cfg.num_classes)
+            loss = optax.softmax_cross_entropy(out["logits"], onehot).mean()
+            loss += optax.softmax_cross_entropy(out["aux_logits"], onehot).mean()
             return loss, updates["batch_stats"]
     else:
         from lcssl.losses import nt_xent
@@ -113,7 +116,11 @@ def main():
     cfg.dtype, cfg.remat = args.dtype, args.remat
     init_fn, step_fn = make_step(args, cfg)
     state = jax.jit(init_fn)()
-    n_params = models.count_params(state["params"])
+    n_params = parameter_overview.count_parameters(state["params"])
+    subtrees = state["params"]["backbone"] if args.mode == "ssl" else state["params"]
+    print("parameters per top-level subtree (clu.parameter_overview):")
+    for name in sorted(subtrees):
+        print(f"  {name:<18} {parameter_overview.count_parameters(subtrees[name]):>12,}")
     batch = make_batch(args, cfg)
 
     t0 = time.perf_counter()
