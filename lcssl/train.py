@@ -360,7 +360,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
                                        keep=config.keep_checkpoints)
-    best = None if ssl else ckpt_lib.Checkpoints(os.path.join(workdir, "best"), keep=1,
+    has_val = config.val_split in card["splits"]
+    if not ssl and not has_val:
+        logging.warning("No %r split in %s: no validation, the final weights are evaluated.",
+                        config.val_split, config.data_dir)
+    best = None if ssl or not has_val else ckpt_lib.Checkpoints(os.path.join(workdir, "best"), keep=1,
                                                  best_metric="val_miou")
     progress = {"seed": config.seed, "split": config.split, "global_batch_size": config.batch_size,
                 "label_fraction": config.label_fraction, "num_steps": num_steps}
@@ -461,7 +465,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 result = probe(state)
                 if result.get("accuracy") is not None:
                     writer.write_scalars(step, {f"probe/{k}": v for k, v in result.items()})
-            if not ssl and (step % config.eval_every_steps == 0 or last):
+            if not ssl and has_val and (step % config.eval_every_steps == 0 or last):
                 val = segmentation_scores(state, config.val_split)
                 writer.write_scalars(step, {"val/miou": val["miou"] or 0.0, "val/oa": val["oa"] or 0.0})
                 best.save(step, state, spec, {**progress, "next_step": step},
@@ -477,10 +481,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if ssl:
             results["probe"] = probe(state)
         else:
-            best.wait()
-            best_step = best.best_step()
-            restored, _, _ = best.restore(best_step, ckpt_lib.abstract_like(abstract_state,
-                                                                            state_shardings))
+            best_step, restored = step, state
+            if best is not None:  # the checkpoint with the best validation mIoU
+                best.wait()
+                best_step = best.best_step()
+                restored, _, _ = best.restore(
+                    best_step, ckpt_lib.abstract_like(abstract_state, state_shardings))
             results["best_step"] = best_step
             for split in (config.val_split, config.test_split):
                 if split in card["splits"]:

@@ -1,0 +1,35 @@
+"""End to end through the real commands, as the README tells a user: synthetic FLAIR #2 data ->
+SimCLR pre-training -> fine-tuning from it -> scores on the test split; then the same fine-tuning
+command again, which resumes from its checkpoint instead of starting over."""
+import json
+
+import pytest
+
+from tests._train_helpers import cli_env, compilation_cache, run_cli, tiny_dataset
+
+
+@pytest.mark.slow
+def test_pretrain_then_finetune_with_the_real_commands(tmp_path_factory, tmp_path):
+    env = cli_env(compilation_cache(tmp_path_factory))
+    data_dir = tiny_dataset(tmp_path_factory)
+    ssl_dir, ft_dir = tmp_path / "ssl", tmp_path / "finetune"
+
+    run_cli(["-m", "lcssl.main", "--config=configs/ssl_flair2.py:tiny", f"--workdir={ssl_dir}",
+             f"--config.data_dir={data_dir}"], env=env)
+    assert (ssl_dir / "checkpoints" / "6").is_dir()
+
+    finetune = ["-m", "lcssl.main", "--config=configs/finetune_flair2.py:tiny", f"--workdir={ft_dir}",
+                f"--config.data_dir={data_dir}", f"--config.init_from={ssl_dir}"]
+    run_cli(finetune, env=env)
+    loaded = json.loads((ft_dir / "loaded_weights.json").read_text())
+    assert loaded["new"] == ["aerial_decoder", "aux_head", "seg_head"] and loaded["step"] == 6
+    results = json.loads((ft_dir / "eval_results.json").read_text())
+    test = results["test"]
+    assert len(test["iou"]) == len(test["class_names"]) == 13
+    assert 0.0 <= test["miou"] <= 1.0 and 0.0 <= test["oa"] <= 1.0
+    assert sum(map(sum, test["confusion_matrix"])) == test["num_pixels"] > 0
+    assert results["best_step"] in (3, 6)
+
+    again = run_cli(finetune, env=env)
+    assert "Resumed from" in again.stderr
+    assert json.loads((ft_dir / "eval_results.json").read_text())["test"] == test
