@@ -78,5 +78,9 @@ def saved_state(workdir, step: int | None = None) -> dict:
     """The train state of a checkpoint as numpy arrays (params, batch_stats, opt_state, step, rng)."""
     directory = pathlib.Path(workdir) / "checkpoints"
     step = step if step is not None else max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-    restored = ocp.PyTreeCheckpointer().restore(directory / str(step) / "state")
-    return jax.tree.map(np.asarray, restored)
+    path = directory / str(step) / "state"
+    checkpointer = ocp.PyTreeCheckpointer()
+    # Host arrays, whatever devices wrote it: how a checkpoint is read on a CPU-only machine.
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                            checkpointer.metadata(path).item_metadata.tree)
+    return checkpointer.restore(path, restore_args=as_numpy)
