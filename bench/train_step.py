@@ -116,7 +116,7 @@ def main():
     cfg.dtype, cfg.remat = args.dtype, args.remat
     init_fn, step_fn = make_step(args, cfg)
     state = jax.jit(init_fn)()
-    n_params = parameter_overview.count_parameters(state["params"])
+    n_params = int(parameter_overview.count_parameters(state["params"]))
     subtrees = state["params"]["backbone"] if args.mode == "ssl" else state["params"]
     print("parameters per top-level subtree (clu.parameter_overview):")
     for name in sorted(subtrees):
