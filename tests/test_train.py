@@ -172,3 +172,57 @@ def test_sigterm_saves_a_checkpoint_before_exiting(data_dir, tmp_path, monkeypat
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "4"]
     assert int(saved_state(tmp_path)["step"]) == 4
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
+
+
+def test_gradient_cached_nt_xent_makes_the_same_update_as_the_plain_one():
+    """Plain and gradient-cached NT-Xent (one chunk: the same batch-norm statistics) in the real
+    SSL step on 8 devices: same loss, same new weights. (blockwise == naive is a losses test.) The
+    SITS-only variant keeps the compiles short; the loss path is what differs."""
+    import functools
+
+    import jax.numpy as jnp
+    import ml_collections
+    import optax
+
+    from lcssl.data import augment, normalize
+
+    cfg = models.tiny_config()
+    cfg.name = "utae"
+    model = models.build_ssl_model(cfg)
+    rng = np.random.default_rng(0)
+    b, t = 16, 4
+    host = {"aerial": rng.integers(0, 255, (b, 32, 32, 5), dtype=np.uint8),
+            "sits": rng.normal(1000, 300, (b, t, 8, 8, 10)).astype(np.float32),
+            "dates": np.sort(rng.integers(1, 366, (b, t)), axis=1).astype(np.int32),
+            "sits_valid": np.ones((b, t), bool)}
+    stats = normalize.NormStats(np.full(5, 100, np.float32), np.full(5, 50, np.float32),
+                                np.full(10, 1000, np.float32), np.full(10, 300, np.float32))
+    mesh = sharding.make_mesh()
+    batch = sharding.host_batch_to_global(host, mesh)
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(0), *models.dummy_inputs(cfg, 2, t))
+    tx = optax.sgd(0.1)
+    state = train.TrainState(step=jnp.int32(0), params=variables["params"],
+                             batch_stats=variables["batch_stats"],
+                             opt_state=tx.init(variables["params"]),
+                             rng=jax.random.key_data(jax.random.key(0, impl=train.RNG_IMPL)))
+    augment_cfg = augment.default_config()
+    augment_cfg.footprint_px = cfg.footprint_px
+
+    results = {}
+    for impl in ("naive", "gradcache"):
+        ssl_cfg = ml_collections.ConfigDict(dict(temperature=0.1, loss_impl=impl, block_size=8,
+                                                 num_chunks=1))
+        step = jax.jit(functools.partial(train.ssl_train_step, model=model, tx=tx, stats=stats,
+                                         augment_cfg=augment_cfg, ssl_cfg=ssl_cfg,
+                                         lr=lambda s: 0.1, mesh=mesh))
+        new_state, metrics = step(state, batch)
+        results[impl] = (float(metrics.compute()["loss"]), jax.tree.map(np.asarray, new_state.params))
+
+    loss, params = results["naive"]
+    assert np.isfinite(loss) and loss > 0
+    for impl in ("gradcache",):
+        other_loss, other_params = results[impl]
+        np.testing.assert_allclose(other_loss, loss, rtol=1e-5)
+        for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(other_params)):
+            np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
