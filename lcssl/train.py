@@ -125,7 +125,9 @@ def make_optimizer(config, lr: optax.Schedule, params, encoder_keys=()) -> optax
     trains them at encoder_lr_scale x the learning rate, 'full' like the rest.
     """
     opt = config.optimizer
-    decay_mask = jax.tree.map(lambda p: p.ndim > 1, params)
+
+    def decay_mask(tree):  # a function, not a tree: multi_transform hands each part a masked tree
+        return jax.tree.map(lambda p: p.ndim > 1, tree)
 
     def build(schedule):
         if opt.name == "sgd":

@@ -226,3 +226,82 @@ def test_gradient_cached_nt_xent_makes_the_same_update_as_the_plain_one():
         np.testing.assert_allclose(other_loss, loss, rtol=1e-5)
         for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(other_params)):
             np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
+
+
+def test_supervised_step_accumulates_micro_batches_and_linear_mode_freezes_the_encoder(data_dir):
+    """The real supervised step on 8 devices (SITS-only variant, no dropout, to keep compiles short):
+    2 accumulated micro-batches make the whole batch's update, and finetune_mode='linear' leaves
+    every encoder weight untouched. U-TAE's decoder and L-TAE MLP use batch norm, whose statistics
+    are per micro-batch, so deep-layer gradients differ and only the head's update is compared
+    (within 5%; a mis-scaled accumulation is off by 50-100%). Exact accumulation of the weighted
+    cross-entropy itself is tests/test_gradcache.py."""
+    import functools
+
+    import jax.numpy as jnp
+
+    card = pipeline.load_card(data_dir)
+    # Dropout off: a micro-batch draws its own dropout masks, the whole batch another set.
+    config = tiny_config("finetune_flair2", data_dir, finetune_mode="linear",
+                         init_from="unused-here", **{"model.name": "utae", "model.ltae_dropout": 0.0,
+                                                     "model.attn_dropout": 0.0})
+    cfg = train.model_config_for(config.model, card)
+    model = models.build_model(cfg)
+    keys = models.encoder_keys(cfg)
+    rng = np.random.default_rng(0)
+    b, t = 16, int(card["sits"]["max_dates"])
+    host = {"aerial": rng.integers(0, 255, (b, cfg.aerial_size, cfg.aerial_size, cfg.aerial_bands),
+                                   dtype=np.uint8),
+            "sits": rng.normal(1000, 300, (b, t, cfg.sits_size, cfg.sits_size, cfg.sits_bands)
+                               ).astype(np.float32),
+            "dates": np.sort(rng.integers(1, 366, (b, t)), axis=1).astype(np.int32),
+            "sits_valid": np.ones((b, t), bool),
+            "label": rng.integers(0, cfg.num_classes, (b, cfg.aerial_size, cfg.aerial_size)
+                                  ).astype(np.int32)}
+    host["label"][:4] = 255  # some patches entirely unlabelled: micro-batches weigh differently
+    mesh = sharding.make_mesh()
+    batch = sharding.host_batch_to_global(host, mesh)
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(0), *models.dummy_inputs(cfg, 2, t))
+    lr = lambda step: 0.1  # noqa: E731
+    from lcssl.data import normalize
+
+    stats = normalize.stats_from_card(card)
+    augment_cfg = config.augment
+    results = {}
+    for mode, accum in (("full", 1), ("full", 2), ("linear", 1)):
+        config.unlock()
+        config.finetune_mode = mode
+        tx = train.make_optimizer(config, lr, variables["params"], keys)
+        state = train.TrainState(step=jnp.int32(0), params=variables["params"],
+                                 batch_stats=variables.get("batch_stats", {}),
+                                 opt_state=tx.init(variables["params"]),
+                                 rng=jax.random.key_data(jax.random.key(0, impl=train.RNG_IMPL)))
+        step = jax.jit(functools.partial(
+            train.supervised_train_step, model=model, tx=tx, stats=stats, augment_cfg=augment_cfg,
+            class_weights=None, aux_loss_weight=0.5, grad_accum_steps=accum, lr=lr, mesh=mesh,
+            frozen_keys=keys if mode == "linear" else ()))
+        new_state, metrics = step(state, batch)
+        results[mode, accum] = (float(metrics.compute()["loss"]),
+                                jax.tree.map(np.asarray, new_state.params))
+
+    before = jax.tree.map(np.asarray, variables["params"])
+    loss, params = results["full", 1]
+    assert np.isfinite(loss) and loss > 0
+    accum_loss, accum_params = results["full", 2]
+    np.testing.assert_allclose(accum_loss, loss, rtol=2e-3)
+    heads = sorted(set(before) - set(keys))
+    assert heads, "the SITS-only model has a head outside its encoder"
+
+    def head_update(new):
+        return np.concatenate([(new[k][n] - before[k][n]).ravel() for k in heads for n in before[k]])
+
+    update, accum_update = head_update(params), head_update(accum_params)
+    assert np.linalg.norm(update) > 0
+    assert np.linalg.norm(accum_update - update) < 0.05 * np.linalg.norm(update)
+
+    _, linear = results["linear", 1]
+    for key in keys:
+        for x, y in zip(jax.tree.leaves(before[key]), jax.tree.leaves(linear[key])):
+            np.testing.assert_array_equal(y, x)
+    assert any(not np.array_equal(x, y) for key in heads
+               for x, y in zip(jax.tree.leaves(before[key]), jax.tree.leaves(linear[key])))
