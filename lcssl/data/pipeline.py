@@ -168,6 +168,14 @@ def _options(tf):
     return opts
 
 
+def _host_batch(global_batch_size: int, process_index, process_count) -> tuple[int, int, int]:
+    """(process_index, process_count, per-host batch size); the global batch must split evenly."""
+    process_index, process_count = _process(process_index, process_count)
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}")
+    return process_index, process_count, global_batch_size // process_count
+
+
 def make_train_iterator(data_dir, split: str = "train", *, global_batch_size: int, seed: int, start_step: int = 0,
                         shuffle_buffer: int = 256, process_index: Optional[int] = None,
                         process_count: Optional[int] = None, label_fraction: float = 1.0, label_seed: int = 0,
@@ -178,10 +186,7 @@ def make_train_iterator(data_dir, split: str = "train", *, global_batch_size: in
     label_fraction < 1 keeps the fixed subset `labelled_subset(data_dir, split, label_fraction, label_seed)`.
     """
     tf = _tf()
-    process_index, process_count = _process(process_index, process_count)
-    if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}")
-    b = global_batch_size // process_count
+    process_index, process_count, b = _host_batch(global_batch_size, process_index, process_count)
     card = load_card(data_dir)
     share = host_share(data_dir, card, split, process_index, process_count,
                        labelled_subset(data_dir, split, label_fraction, label_seed))
@@ -215,10 +220,7 @@ def make_eval_iterator(data_dir, split: str, *, global_batch_size: int, process_
     with zero rows marked `example_valid=False`.
     """
     tf = _tf()
-    process_index, process_count = _process(process_index, process_count)
-    if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by process_count {process_count}")
-    b = global_batch_size // process_count
+    process_index, process_count, b = _host_batch(global_batch_size, process_index, process_count)
     card = load_card(data_dir)
     shares = [host_share(data_dir, card, split, i, process_count) for i in range(process_count)]
     share = shares[process_index]
