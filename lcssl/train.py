@@ -224,7 +224,7 @@ def ssl_train_step(state: TrainState, batch, *, model, tx, stats, augment_cfg, s
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
     return new_state, SslMetrics.single_from_model_output(
-        loss=loss, grad_norm=optax.global_norm(grads), learning_rate=lr(state.step), **health)
+        loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=lr(state.step), **health)
 
 
 def supervised_train_step(state: TrainState, batch, *, model, tx, stats, augment_cfg, class_weights,
@@ -253,7 +253,7 @@ def supervised_train_step(state: TrainState, batch, *, model, tx, stats, augment
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               batch_stats=batch_stats, opt_state=opt_state)
     return new_state, SupervisedMetrics.single_from_model_output(
-        loss=loss, grad_norm=optax.global_norm(grads), learning_rate=lr(state.step), **parts)
+        loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=lr(state.step), **parts)
 
 
 # ------------------------------------------------------------------------------------------------
