@@ -1,14 +1,40 @@
-"""Time one training step of the U-T&T model: forward + backward + SGD update, no input pipeline.
+"""Time one training step of the U-T&T model, no input pipeline.
+
+`--step=model` (default): the model alone, forward + backward + SGD update, on float inputs.
 
     .venv/bin/python bench/train_step.py                       # supervised, batch 2, default model, fp32
     .venv/bin/python bench/train_step.py --mode=ssl --batch=4  # SimCLR: two views + projector + NT-Xent
     .venv/bin/python bench/train_step.py --preset=tiny --steps=3 --json=/tmp/step.json
 
+`--step=real`: the trainer's own pure step (lcssl.train.ssl_train_step / supervised_train_step:
+normalize + on-device augmentations + model + loss + the config's optimizer), jitted as train.run
+does it (state created sharded by sharding.init_sharded, donated; the batch placed with
+sharding.host_batch_to_global over a mesh of all devices), on raw inputs as the pipeline gives them
+(aerial uint8, sits float32 reflectance, dates int32, sits_valid bool, label int32 with 255s).
+`--batch` is then the GLOBAL batch (SSL: patches, 2 views each); it must divide by the device count.
+
+    .venv/bin/python bench/train_step.py --step=real --mode=ssl --ssl-impl=gradcache --chunks=2 \
+        --batch=16 --preset=tiny
+    .venv/bin/python bench/train_step.py --step=real --mode=supervised --batch=8 --preset=tiny
+
 Prints samples/s, the median step time after warm-up, XLA's peak-memory estimate and model FLOPs
-(compiled cost analysis), resident memory, and MFU on a known GPU. Writes the figures as JSON.
-Inputs: aerial [B, 512, 512, 5], sits [B, 12, 40, 40, 10] (FLAIR #2 sizes) unless --preset=tiny.
+(compiled cost analysis; per device: the partitioned program), resident memory, and MFU on a known
+GPU. With --ssl-impl=gradcache the FLOPs are chunks x those of a one-chunk step on B / chunks
+patches, since XLA counts a loop body once (XLA's own figure: xla_cost_analysis_flops; this costs
+a second compile). Writes the figures as JSON. Inputs: aerial [B, 512, 512, 5], sits [B, 12, 40, 40, 10] (FLAIR #2
+sizes) unless --preset=tiny.
+
+Dependencies: `--step=model` needs jax, flax, optax, ml_collections (clu only for the parameter
+table; without it leaves are counted with numpy). `--step=real` imports lcssl.train, which needs
+clu and ml_collections, and orbax; TensorFlow is not needed (see `_import_trainer`). The GPU machine
+has jax/flax/optax/orbax but neither clu nor ml_collections: carry the two pure-Python wheels, whose
+other requirements (absl-py, etils, flax, jax, numpy, packaging, PyYAML, typing-extensions, wrapt)
+are there, e.g. `pip download --no-deps --only-binary=:all: -d .whl clu==0.0.12
+ml_collections==1.1.0` (bench/device_check.sh has the whole recipe).
 """
 import argparse
+import functools
+import importlib.util
 import json
 import os
 import platform
@@ -16,12 +42,17 @@ import resource
 import statistics
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from clu import parameter_overview
+
+try:
+    from clu import parameter_overview
+except ImportError:  # the GPU machine has no clu unless its wheel is carried
+    parameter_overview = None
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lcssl import models  # noqa: E402
@@ -32,16 +63,36 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--step", choices=("model", "real"), default="model",
+                   help="model: model + loss + SGD on float inputs; real: lcssl.train's step")
     p.add_argument("--mode", choices=("supervised", "ssl"), default="supervised")
     p.add_argument("--preset", choices=("default", "tiny"), default="default")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2, help="--step=real: the global batch")
     p.add_argument("--dates", type=int, default=12)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--remat", choices=("none", "blocks"), default="none")
     p.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", default="bench_train_step.json")
-    return p.parse_args()
+    real = p.add_argument_group("--step=real (default: the config's value)")
+    real.add_argument("--ssl-impl", choices=("naive", "blockwise", "gradcache"), default=None,
+                      help="config.ssl.loss_impl")
+    real.add_argument("--chunks", type=int, default=None, help="config.ssl.num_chunks (gradcache)")
+    real.add_argument("--block-size", type=int, default=None, help="config.ssl.block_size")
+    real.add_argument("--temperature", type=float, default=None, help="config.ssl.temperature")
+    args = p.parse_args()
+    if args.step == "model":
+        given = [f for f in ("ssl_impl", "chunks", "block_size", "temperature")
+                 if getattr(args, f) is not None]
+        if given:
+            p.error(f"--{given[0].replace('_', '-')} only applies to --step=real")
+    return args
+
+
+def count_parameters(tree) -> int:
+    if parameter_overview is not None:
+        return int(parameter_overview.count_parameters(tree))
+    return models.count_params(tree)
 
 
 def make_step(args, cfg):
@@ -110,25 +161,187 @@ def make_batch(args, cfg):
     }
 
 
-def main():
-    args = parse_args()
+def model_step_setup(args):
+    """--step=model: (model cfg, state, batch, jitted step, loss_of(output), extra JSON fields)."""
     cfg = models.default_config() if args.preset == "default" else models.tiny_config()
     cfg.dtype, cfg.remat = args.dtype, args.remat
     init_fn, step_fn = make_step(args, cfg)
     state = jax.jit(init_fn)()
-    n_params = int(parameter_overview.count_parameters(state["params"]))
-    subtrees = state["params"]["backbone"] if args.mode == "ssl" else state["params"]
-    print("parameters per top-level subtree (clu.parameter_overview):")
-    for name in sorted(subtrees):
-        print(f"  {name:<18} {parameter_overview.count_parameters(subtrees[name]):>12,}")
     batch = make_batch(args, cfg)
+    jitted = jax.jit(step_fn, donate_argnums=0)
+    return cfg, state, batch, jitted, lambda out: out, {}
 
-    t0 = time.perf_counter()
-    compiled = jax.jit(step_fn, donate_argnums=0).lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
+
+def _import_trainer():
+    """lcssl.train, also where TensorFlow is missing (the GPU machine).
+
+    clu.metric_writers imports TensorFlow at import time (clu 0.0.12, metric_writers/summary_writer.py)
+    and clu.periodic_actions imports metric_writers; lcssl.train imports both at module level for its
+    loop. The step functions timed here use neither, so without TensorFlow empty stand-ins take their
+    place (calling the loop, `train.run`, would then fail).
+    """
+    if importlib.util.find_spec("tensorflow") is None:
+        for name in ("clu.metric_writers", "clu.periodic_actions"):
+            sys.modules.setdefault(name, types.ModuleType(name))
+    from lcssl import train
+    return train
+
+
+def synthetic_card(model_cfg, num_dates: int) -> dict:
+    """The dataset-card fields the step reads (DESIGN.md), for the model's shapes: FLAIR #2 sizes
+    by default; aerial uint8 ~ 110 +- 50 DN, Sentinel-2 reflectance ~ 1000 +- 300; uniform weights."""
+    k, ca, cs = model_cfg.num_classes, model_cfg.aerial_bands, model_cfg.sits_bands
+    return {
+        "classes": [f"class_{i}" for i in range(k)], "class_weights": [1.0] * k,
+        "aerial": {"bands": [f"a{i}" for i in range(ca)], "size": model_cfg.aerial_size,
+                   "gsd_m": model_cfg.aerial_gsd_m, "mean": [110.0] * ca, "std": [50.0] * ca},
+        "sits": {"bands": [f"s{i}" for i in range(cs)], "size": model_cfg.sits_size,
+                 "gsd_m": model_cfg.sits_gsd_m, "max_dates": num_dates,
+                 "mean": [1000.0] * cs, "std": [300.0] * cs},
+    }
+
+
+def make_raw_batch(args, model_cfg, with_label: bool) -> dict:
+    """A host batch as lcssl.data.pipeline yields it (DESIGN.md, Host batch), numpy, [B, ...]."""
+    rng = np.random.default_rng(0)
+    b, t = args.batch, args.dates
+    h, ca = model_cfg.aerial_size, model_cfg.aerial_bands
+    s, cs = model_cfg.sits_size, model_cfg.sits_bands
+    # Up to two padded dates per example, at the end, with date 0 and zero reflectance.
+    n_valid = rng.integers(max(1, t - 2), t + 1, size=b)
+    valid = np.arange(t)[None, :] < n_valid[:, None]
+    dates = np.where(valid, np.sort(rng.integers(1, 366, size=(b, t)), axis=1), 0).astype(np.int32)
+    sits = rng.normal(1000.0, 300.0, size=(b, t, s, s, cs)).astype(np.float32)
+    sits *= valid[:, :, None, None, None]
+    batch = {"aerial": rng.integers(0, 256, size=(b, h, h, ca), dtype=np.uint8), "sits": sits,
+             "dates": dates, "sits_valid": valid}
+    if with_label:  # SSL batches carry no label: train.run pops it to keep it off the link
+        label = rng.integers(0, model_cfg.num_classes, size=(b, h, h)).astype(np.int32)
+        label[rng.random((b, h, h)) < 0.05] = 255  # IGNORE_LABEL: nodata / unlabelled pixels
+        batch["label"] = label
+    return batch
+
+
+def real_step_setup(args):
+    """--step=real: lcssl.train's step, built and jitted as train.run builds it (see its phases)."""
+    train = _import_trainer()
+    import ml_collections
+    from configs import common
+    from lcssl import sharding
+    from lcssl.data import normalize
+
+    ssl = args.mode == "ssl"
+    config = common.base("flair2", args.mode)
+    if args.preset == "tiny":
+        common.tiny(config)
+    config.batch_size = args.batch
+    config.dtype = args.dtype
+    config.model.remat = args.remat
+    for field, value in (("loss_impl", args.ssl_impl), ("num_chunks", args.chunks),
+                         ("block_size", args.block_size), ("temperature", args.temperature)):
+        if value is not None:
+            config.ssl[field] = value
+    config.lock()
+
+    mesh = sharding.make_mesh()
+    try:
+        sharding.check_batch_divisible(config.batch_size, mesh, "--batch (global batch)")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+    card = synthetic_card(config.model, args.dates)
+    stats = normalize.stats_from_card(card)
+    model_cfg = train.model_config_for(config.model, card)
+    augment_cfg = ml_collections.ConfigDict(config.augment.to_dict())
+    augment_cfg.footprint_px = model_cfg.footprint_px
+    augment_cfg.photometric_bands = tuple(
+        i for i in augment_cfg.photometric_bands if i < model_cfg.aerial_bands)
+    model = models.build_ssl_model(model_cfg) if ssl else models.build_model(model_cfg)
+    encoder_keys = models.encoder_keys(model_cfg)
+    # The schedule's length does not change the step's work: 10 steps of warm-up out of 1000.
+    lr = train.learning_rate_schedule(config, num_steps=1000, steps_per_epoch=10)
+
+    def init(rng):
+        dummy = models.dummy_inputs(model_cfg, batch=2, num_dates=args.dates)
+        variables = model.init({"params": rng, "dropout": rng}, *dummy, train=False)
+        params = variables["params"]
+        tx = train.make_optimizer(config, lr, params, () if ssl else encoder_keys)
+        return train.TrainState(
+            step=jnp.zeros((), jnp.int32), params=params,
+            batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+            rng=jax.random.key_data(jax.random.key(config.seed, impl=train.RNG_IMPL)))
+
+    rng = jax.random.key(config.seed + 1, impl=train.RNG_IMPL)
+    abstract_state = jax.eval_shape(init, rng)
+    state_shardings = sharding.state_shardings(abstract_state, mesh)
+    tx = train.make_optimizer(config, lr, abstract_state.params, () if ssl else encoder_keys)
+    state = sharding.init_sharded(init, mesh, rng)
+
+    if ssl:
+        step_fn = functools.partial(train.ssl_train_step, model=model, tx=tx, stats=stats,
+                                    augment_cfg=augment_cfg, ssl_cfg=config.ssl, lr=lr, mesh=mesh)
+    else:
+        step_fn = functools.partial(
+            train.supervised_train_step, model=model, tx=tx, stats=stats, augment_cfg=augment_cfg,
+            class_weights=train.class_weights_for(config, card),
+            aux_loss_weight=config.aux_loss_weight, grad_accum_steps=config.grad_accum_steps,
+            lr=lr, mesh=mesh)
+    jitted = jax.jit(step_fn, out_shardings=(state_shardings, sharding.replicated(mesh)),
+                     donate_argnums=(0,))
+    batch = sharding.host_batch_to_global(make_raw_batch(args, model_cfg, with_label=not ssl), mesh)
+    extra = {"devices": jax.device_count(), "mesh": dict(mesh.shape),
+             "per_device_batch": args.batch // sharding.num_data_shards(mesh),
+             "optimizer": config.optimizer.name, "flops_scope": "per device"}
+    if ssl:
+        extra.update(ssl_impl=config.ssl.loss_impl, num_chunks=config.ssl.num_chunks,
+                     block_size=config.ssl.block_size, temperature=config.ssl.temperature)
+    return model_cfg, state, batch, jitted, lambda metrics: metrics.compute()["loss"], extra
+
+
+def cost_flops(compiled) -> float:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def gradcache_flops(args, num_chunks: int) -> float | None:
+    """FLOPs of the GradCache step: num_chunks x those of the same step on B / num_chunks patches
+    in one chunk. XLA's cost analysis counts a while loop's body once, not once per trip, so it
+    undercounts the chunk loops (lax.map, lax.scan) about num_chunks times; a one-trip loop is
+    counted whole. Includes GradCache's second encoder forward. None if B / chunks does not split
+    over the devices."""
+    sub_batch = args.batch // num_chunks
+    if sub_batch % jax.device_count():
+        return None
+    sub = argparse.Namespace(**{**vars(args), "batch": sub_batch, "chunks": 1})
+    _, state, batch, jitted, _, _ = real_step_setup(sub)
+    return num_chunks * cost_flops(jitted.lower(state, batch).compile())
+
+
+def print_parameters(args, params) -> int:
+    subtrees = params["backbone"] if args.mode == "ssl" else params
+    source = "clu.parameter_overview" if parameter_overview is not None else "numpy leaf sizes"
+    print(f"parameters per top-level subtree ({source}):")
+    for name in sorted(subtrees):
+        print(f"  {name:<18} {count_parameters(subtrees[name]):>12,}")
+    return count_parameters(params)
+
+
+def main():
+    args = parse_args()
+    setup = real_step_setup if args.step == "real" else model_step_setup
+    cfg, state, batch, jitted, loss_of, extra = setup(args)
+    n_params = print_parameters(args, state.params if args.step == "real" else state["params"])
+
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    flops = cost_flops(compiled)
+    if extra.get("ssl_impl") == "gradcache" and extra["num_chunks"] > 1:
+        t0 = time.perf_counter()
+        extra["xla_cost_analysis_flops"] = flops  # loop bodies counted once: see gradcache_flops
+        flops = gradcache_flops(args, extra["num_chunks"]) or float("nan")
+        extra["flops_compile_s"] = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     peak_bytes = None
     if mem is not None:
@@ -138,16 +351,17 @@ def main():
     times = []
     for i in range(args.warmup + args.steps):
         t = time.perf_counter()
-        state, loss = compiled(state, batch)
-        loss.block_until_ready()
+        state, out = compiled(state, batch)
+        jax.block_until_ready(out)
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     step_s = statistics.median(times)
+    loss = loss_of(out)
 
     device = jax.devices()[0]
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device.device_kind), None)
     result = {
-        "mode": args.mode, "preset": args.preset, "batch": args.batch, "dates": args.dates,
+        "step": args.step, "mode": args.mode, "preset": args.preset, "batch": args.batch, "dates": args.dates,
         "dtype": args.dtype, "remat": args.remat, "params": n_params,
         "device": device.device_kind, "platform": device.platform, "host": platform.node(),
         "cpu_count": os.cpu_count(), "compile_s": compile_s, "step_s_median": step_s,
@@ -157,7 +371,7 @@ def main():
         "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "mfu_vs_bf16_peak": flops / step_s / peak if peak else None,
         "loss": float(loss), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join(sys.argv),
+        "command": " ".join(sys.argv), **extra,
     }
     rows = [("params", f"{n_params / 1e6:.2f} M"), ("device", result["device"]),
             ("compile", f"{compile_s:.1f} s"), ("step (median)", f"{step_s * 1e3:.0f} ms"),
@@ -167,7 +381,13 @@ def main():
             ("XLA peak memory", f"{peak_bytes / 2**30:.2f} GiB" if peak_bytes else "n/a"),
             ("max RSS", f"{result['max_rss_bytes'] / 2**30:.2f} GiB"),
             ("MFU (bf16 peak)", f"{result['mfu_vs_bf16_peak']:.1%}" if peak else "n/a (no GPU)")]
-    print(f"train step, mode={args.mode} preset={args.preset} batch={args.batch} dtype={args.dtype}")
+    if args.step == "real":
+        rows.insert(2, ("devices", f"{extra['devices']} (mesh {extra['mesh']}; figures per device)"))
+        if args.mode == "ssl":
+            rows.insert(3, ("ssl loss", f"{extra['ssl_impl']} (chunks {extra['num_chunks']}, "
+                                        f"block {extra['block_size']}, t {extra['temperature']})"))
+    print(f"train step ({args.step}), mode={args.mode} preset={args.preset} batch={args.batch} "
+          f"dtype={args.dtype}")
     for name, value in rows:
         print(f"  {name:<18} {value}")
     with open(args.json, "w") as f:
