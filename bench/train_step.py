@@ -21,8 +21,8 @@ Prints samples/s, the median step time after warm-up, XLA's peak-memory estimate
 (compiled cost analysis; per device: the partitioned program), resident memory, and MFU on a known
 GPU. With --ssl-impl=gradcache the FLOPs are chunks x those of a one-chunk step on B / chunks
 patches, since XLA counts a loop body once (XLA's own figure: xla_cost_analysis_flops; this costs
-a second compile). Writes the figures as JSON. Inputs: aerial [B, 512, 512, 5], sits [B, 12, 40, 40, 10] (FLAIR #2
-sizes) unless --preset=tiny.
+a second compile). Writes the figures as JSON. Inputs: aerial [B, 512, 512, 5],
+sits [B, 12, 40, 40, 10] (FLAIR #2 sizes) unless --preset=tiny.
 
 Dependencies: `--step=model` needs jax, flax, optax, ml_collections (clu only for the parameter
 table; without it leaves are counted with numpy). `--step=real` imports lcssl.train, which needs
