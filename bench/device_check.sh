@@ -86,7 +86,8 @@ for part in "${PARTS[@]}"; do
     sup_bf16_16) sup "$part" bfloat16 16 ;;
     sup_bf16_32) sup "$part" bfloat16 32 ;;
     sup_fp32_16) sup "$part" float32 16 ;;
-    ssl) ssl 32; rc=$?; if [ $rc -ne 0 ] && [ $rc -ne 99 ]; then echo "retrying with 64 chunks"; ssl 64; fi ;;
+    ssl) ssl 32; rc=$?
+         if [ $rc -ne 0 ] && [ $rc -ne 99 ]; then echo "retrying with 64 chunks"; ssl 64; fi ;;
     ntxent) step ntxent 120 60 "$PY" bench/ntxent.py --sizes 1024,4096,8192 --repeats 5 \
               --out "$OUT/ntxent.json" ;;
     *) echo "unknown part $part (sup_bf16_8 sup_bf16_16 sup_bf16_32 sup_fp32_16 ssl ntxent)" ;;
@@ -116,7 +117,8 @@ nt = os.path.join(sys.argv[1], "ntxent.json")
 if os.path.exists(nt):
     print(f"\nNT-Xent ({json.load(open(nt))['machine']['device_kind']}): method N peak_MiB median_ms")
     for r in json.load(open(nt))["rows"]:
-        print(f"  {r['method']:<18} {r['n_pairs']:>6} {r['peak_mib']:>9.1f} {r['median_ms'] or float('nan'):>9.2f}")
+        ms = r["median_ms"] or float("nan")
+        print(f"  {r['method']:<18} {r['n_pairs']:>6} {r['peak_mib']:>9.1f} {ms:>9.2f}")
 EOF
 if [ ${#SKIPPED[@]} -gt 0 ]; then
   echo "skipped for lack of time: ${SKIPPED[*]} -> run: bash bench/device_check.sh ${SKIPPED[*]}"

@@ -361,7 +361,8 @@ def main():
     device = jax.devices()[0]
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device.device_kind), None)
     result = {
-        "step": args.step, "mode": args.mode, "preset": args.preset, "batch": args.batch, "dates": args.dates,
+        "step": args.step, "mode": args.mode, "preset": args.preset, "batch": args.batch,
+        "dates": args.dates,
         "dtype": args.dtype, "remat": args.remat, "params": n_params,
         "device": device.device_kind, "platform": device.platform, "host": platform.node(),
         "cpu_count": os.cpu_count(), "compile_s": compile_s, "step_s_median": step_s,
