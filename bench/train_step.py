@@ -26,15 +26,14 @@ sits [B, 12, 40, 40, 10] (FLAIR #2 sizes) unless --preset=tiny.
 
 Dependencies: `--step=model` needs jax, flax, optax, ml_collections (clu only for the parameter
 table; without it leaves are counted with numpy). `--step=real` imports lcssl.train, which needs
-clu and ml_collections, and orbax; TensorFlow is not needed (see `_import_trainer`). The GPU machine
-has jax/flax/optax/orbax but neither clu nor ml_collections: carry the two pure-Python wheels, whose
+clu and ml_collections, and orbax; TensorFlow is not needed (lcssl.train imports clu's
+TensorFlow-based writers only inside train.run). The GPU machine has jax/flax/optax/orbax but neither clu nor ml_collections: carry the two pure-Python wheels, whose
 other requirements (absl-py, etils, flax, jax, numpy, packaging, PyYAML, typing-extensions, wrapt)
 are there, e.g. `pip download --no-deps --only-binary=:all: -d .whl clu==0.0.12
 ml_collections==1.1.0` (bench/device_check.sh has the whole recipe).
 """
 import argparse
 import functools
-import importlib.util
 import json
 import os
 import platform
@@ -42,7 +41,6 @@ import resource
 import statistics
 import sys
 import time
-import types
 
 import jax
 import jax.numpy as jnp
@@ -172,21 +170,6 @@ def model_step_setup(args):
     return cfg, state, batch, jitted, lambda out: out, {}
 
 
-def _import_trainer():
-    """lcssl.train, also where TensorFlow is missing (the GPU machine).
-
-    clu.metric_writers imports TensorFlow at import time (clu 0.0.12, metric_writers/summary_writer.py)
-    and clu.periodic_actions imports metric_writers; lcssl.train imports both at module level for its
-    loop. The step functions timed here use neither, so without TensorFlow empty stand-ins take their
-    place (calling the loop, `train.run`, would then fail).
-    """
-    if importlib.util.find_spec("tensorflow") is None:
-        for name in ("clu.metric_writers", "clu.periodic_actions"):
-            sys.modules.setdefault(name, types.ModuleType(name))
-    from lcssl import train
-    return train
-
-
 def synthetic_card(model_cfg, num_dates: int) -> dict:
     """The dataset-card fields the step reads (DESIGN.md), for the model's shapes: FLAIR #2 sizes
     by default; aerial uint8 ~ 110 +- 50 DN, Sentinel-2 reflectance ~ 1000 +- 300; uniform weights."""
@@ -224,10 +207,9 @@ def make_raw_batch(args, model_cfg, with_label: bool) -> dict:
 
 def real_step_setup(args):
     """--step=real: lcssl.train's step, built and jitted as train.run builds it (see its phases)."""
-    train = _import_trainer()
     import ml_collections
     from configs import common
-    from lcssl import sharding
+    from lcssl import sharding, train
     from lcssl.data import normalize
 
     ssl = args.mode == "ssl"

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, metrics, parameter_overview, periodic_actions
+from clu import metrics, parameter_overview
 
 from lcssl import checkpoint as ckpt_lib
 from lcssl import evaluate, gradcache, losses, models, sharding
@@ -317,6 +317,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.mode not in ("ssl", "supervised"):
         raise ValueError(f"mode must be 'ssl' or 'supervised', found {config.mode!r}")
     os.makedirs(workdir, exist_ok=True)
+    # Here, not at the top: clu's writers import TensorFlow (TensorBoard summaries), which the step
+    # functions above must not need (the GPU machine and the benchmarks have no TensorFlow).
+    from clu import metric_writers, periodic_actions
+
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     mesh = sharding.make_mesh()
     sharding.check_batch_divisible(config.batch_size, mesh, "batch_size")
