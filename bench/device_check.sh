@@ -8,7 +8,7 @@
 # The device has every other requirement of the two (absl-py, etils[epath], flax, jax, numpy,
 # packaging, PyYAML, typing-extensions, wrapt: `unzip -p .whl/NAME-*.whl '*/METADATA' | grep
 # ^Requires-Dist`, checked against KINDS.md's package list), but no TensorFlow: bench/train_step.py
-# imports lcssl.train without it (see its `_import_trainer`).
+# imports lcssl.train without it (clu's writers are imported only inside train.run).
 #
 # Then ONE `run` call (run tool arguments):
 #   command:   bash bench/device_check.sh
