@@ -20,7 +20,7 @@
 # ntxent). The most wanted figures run first. Results: $OUT/device_check.log, one JSON per step
 # and summary.txt (at most 8 files come back from $OUT).
 #
-# SSL chunk count (global batch 1024 = 2048 views, fp32, default U-T&T): BENCHMARKS.md's CPU figure
+# SSL chunk count (global batch 1024 = 2048 views, default U-T&T; estimated for fp32, run in bf16): BENCHMARKS.md's CPU figure
 # for the SimCLR model step is 1.55 GiB XLA peak at 2 patches, about 0.75 GiB per patch with the
 # 27 M parameters' ~0.3 GiB (params, grads, momentum) left in. GradCache keeps one chunk's
 # activations alive: 1024 / C patches x 0.75 GiB. The non-chunked part grows with the whole batch:
@@ -75,9 +75,9 @@ sup() {  # sup PART DTYPE BATCH: the model step (fwd + bwd + SGD), as in BENCHMA
     --steps=10 --warmup=2 --json="$OUT/$1.json"
 }
 
-ssl() {  # ssl CHUNKS: lcssl.train's real SSL step
+ssl() {  # ssl CHUNKS: lcssl.train's real SSL step, bf16 compute as one trains on a GPU
   step ssl 420 200 "$PY" bench/train_step.py --step=real --mode=ssl --ssl-impl=gradcache \
-    --chunks="$1" --batch=1024 --steps=2 --warmup=1 --json="$OUT/ssl_real_1024.json"
+    --dtype=bfloat16 --chunks="$1" --batch=1024 --steps=2 --warmup=1 --json="$OUT/ssl_real_1024.json"
 }
 
 for part in "${PARTS[@]}"; do
