@@ -18,10 +18,9 @@ sharding.host_batch_to_global over a mesh of all devices), on raw inputs as the 
     .venv/bin/python bench/train_step.py --step=real --mode=supervised --batch=8 --preset=tiny
 
 Prints samples/s, the median step time after warm-up, XLA's peak-memory estimate and model FLOPs
-(compiled cost analysis; per device: the partitioned program), resident memory, and MFU on a known
-GPU. With --ssl-impl=gradcache the FLOPs are chunks x those of a one-chunk step on B / chunks
-patches, since XLA counts a loop body once (XLA's own figure: xla_cost_analysis_flops; this costs
-a second compile). Writes the figures as JSON. Inputs: aerial [B, 512, 512, 5],
+(lcssl.flops: convolutions and matmuls counted from the jaxpr, loops x their trips, per device;
+XLA's cost analysis beside it as xla_cost_analysis_flops, which on GPU leaves out the cuDNN
+convolutions and everywhere counts a loop body once), resident memory, and MFU on a known GPU. Writes the figures as JSON. Inputs: aerial [B, 512, 512, 5],
 sits [B, 12, 40, 40, 10] (FLAIR #2 sizes) unless --preset=tiny.
 
 Dependencies: `--step=model` needs jax, flax, optax, ml_collections (clu only for the parameter
@@ -53,6 +52,7 @@ except ImportError:  # the GPU machine has no clu unless its wheel is carried
     parameter_overview = None
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lcssl import flops as flops_lib  # noqa: E402
 from lcssl import models  # noqa: E402
 
 # Dense bf16 peak FLOP/s (no sparsity), from the NVIDIA H100 / H200 datasheets (SXM).
@@ -286,20 +286,6 @@ def cost_flops(compiled) -> float:
     return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
-def gradcache_flops(args, num_chunks: int) -> float | None:
-    """FLOPs of the GradCache step: num_chunks x those of the same step on B / num_chunks patches
-    in one chunk. XLA's cost analysis counts a while loop's body once, not once per trip, so it
-    undercounts the chunk loops (lax.map, lax.scan) about num_chunks times; a one-trip loop is
-    counted whole. Includes GradCache's second encoder forward. None if B / chunks does not split
-    over the devices."""
-    sub_batch = args.batch // num_chunks
-    if sub_batch % jax.device_count():
-        return None
-    sub = argparse.Namespace(**{**vars(args), "batch": sub_batch, "chunks": 1})
-    _, state, batch, jitted, _, _ = real_step_setup(sub)
-    return num_chunks * cost_flops(jitted.lower(state, batch).compile())
-
-
 def print_parameters(args, params) -> int:
     subtrees = params["backbone"] if args.mode == "ssl" else params
     source = "clu.parameter_overview" if parameter_overview is not None else "numpy leaf sizes"
@@ -318,12 +304,15 @@ def main():
     t0 = time.perf_counter()
     compiled = jitted.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    flops = cost_flops(compiled)
-    if extra.get("ssl_impl") == "gradcache" and extra["num_chunks"] > 1:
-        t0 = time.perf_counter()
-        extra["xla_cost_analysis_flops"] = flops  # loop bodies counted once: see gradcache_flops
-        flops = gradcache_flops(args, extra["num_chunks"]) or float("nan")
-        extra["flops_compile_s"] = time.perf_counter() - t0
+    # Model FLOPs from the program (lcssl.flops: backend-independent, loops x trips), per device;
+    # XLA's own figure beside it (on GPU it leaves out the cuDNN convolutions).
+    count = flops_lib.count_flops(jitted, state, batch)
+    flops = count.total / jax.device_count()
+    extra["xla_cost_analysis_flops"] = cost_flops(compiled)
+    extra["conv_flops_share"] = count.conv / count.total if count.total else None
+    # GradCache's second encoder forward and remat's recomputation are work the hardware does, but
+    # not model FLOPs: with either, 'mfu' is a hardware-FLOPs utilisation (say so in the table).
+    extra["recomputation_counted"] = (extra.get("ssl_impl") == "gradcache" or args.remat != "none")
     mem = compiled.memory_analysis()
     peak_bytes = None
     if mem is not None:
@@ -363,7 +352,9 @@ def main():
             ("achieved GFLOP/s", f"{flops / step_s / 1e9:.1f}"),
             ("XLA peak memory", f"{peak_bytes / 2**30:.2f} GiB" if peak_bytes else "n/a"),
             ("max RSS", f"{result['max_rss_bytes'] / 2**30:.2f} GiB"),
-            ("MFU (bf16 peak)", f"{result['mfu_vs_bf16_peak']:.1%}" if peak else "n/a (no GPU)")]
+            ("MFU (bf16 peak)", (f"{result['mfu_vs_bf16_peak']:.1%}"
+                                 + (" (recomputation counted)" if extra["recomputation_counted"]
+                                    else "")) if peak else "n/a (no GPU)")]
     if args.step == "real":
         rows.insert(2, ("devices", f"{extra['devices']} (mesh {extra['mesh']}; figures per device)"))
         if args.mode == "ssl":
