@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lcssl.models.heads import ProjectionHead, SimCLRModel
+from lcssl.models.heads import DenseProjectionHead, PredictionHead, ProjectionHead, SimCLRModel
 from lcssl.models.utt import ENCODER_SUBTREES, UTT, VARIANTS
 
 # Top-level param subtrees of the full U-T&T that SSL pre-training trains and fine-tuning loads.
@@ -69,6 +69,14 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.projector.num_layers = 2
     cfg.projector.batch_norm = False     # True: SimCLR v2 style
     cfg.projector.per_modality = False   # extra aerial / SITS heads for cross-modal contrast
+    # Heads for later objectives (lcssl/models/heads.py), off by default; off, the SimCLR param
+    # tree is {'backbone', 'projector'}. Only the heads: no BYOL or dense loss is implemented.
+    cfg.projector.predictor = False      # BYOL predictor on 'projection' -> 'prediction' [B, out]
+    cfg.projector.predictor_hidden = 4096  # BYOL: 4096
+    cfg.projector.dense = False          # pixel-level head -> 'dense_projection' [B, h, w, C]
+    cfg.projector.dense_hidden = 512     # DenseCL: 2048 (= its C5 width); here the embedding width
+    cfg.projector.dense_out = 128        # DenseCL: 128
+    cfg.projector.dense_batch_norm = False  # True: BN after the hidden 1x1 conv (PixPro)
     return cfg
 
 
@@ -88,6 +96,9 @@ def tiny_config() -> ml_collections.ConfigDict:
     cfg.d_model = 32
     cfg.projector.hidden = 32
     cfg.projector.out = 16
+    cfg.projector.predictor_hidden = 32
+    cfg.projector.dense_hidden = 32
+    cfg.projector.dense_out = 16
     return cfg
 
 
@@ -114,9 +125,17 @@ def build_model(cfg) -> UTT:
 
 def build_ssl_model(cfg) -> SimCLRModel:
     p = cfg.projector
+    # A model config without the predictor / dense fields (one saved before they existed) builds the
+    # model it was trained with: both heads off.
+    heads = {}
+    if p.get("predictor", False):
+        heads.update(predictor=True, predictor_hidden_dim=p.predictor_hidden)
+    if p.get("dense", False):
+        heads.update(dense=True, dense_hidden_dim=p.dense_hidden, dense_out_dim=p.dense_out,
+                     dense_batch_norm=p.dense_batch_norm)
     return SimCLRModel(backbone=build_model(cfg), hidden_dim=p.hidden, out_dim=p.out,
                        num_layers=p.num_layers, use_batch_norm=p.batch_norm,
-                       per_modality=p.per_modality, dtype=_DTYPES[cfg.dtype])
+                       per_modality=p.per_modality, dtype=_DTYPES[cfg.dtype], **heads)
 
 
 def dummy_inputs(cfg, batch: int = 1, num_dates: int = 2):
@@ -136,6 +155,7 @@ def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["ENCODER_KEYS", "VARIANTS", "UTT", "SimCLRModel", "ProjectionHead", "default_config",
+__all__ = ["ENCODER_KEYS", "VARIANTS", "UTT", "SimCLRModel", "ProjectionHead", "PredictionHead",
+           "DenseProjectionHead", "default_config",
            "tiny_config", "encoder_keys", "build_model", "build_ssl_model", "dummy_inputs",
            "param_shapes", "count_params"]

@@ -1,12 +1,26 @@
 """Self-supervised heads on top of the segmentation backbone's encoder.
 
-SimCLR (Chen et al. 2020): a 2-layer MLP projection head with ReLU; with batch_norm, batch norm after
-every dense layer as in SimCLR v2 (Chen et al. 2020b), the last one without ReLU.
+ProjectionHead, SimCLR (Chen et al. 2020): a 2-layer MLP with ReLU; with batch_norm, batch norm
+after every dense layer as in SimCLR v2 (Chen et al. 2020b), the last one without ReLU; with
+batch_norm_output=False, batch norm after the hidden layers only (BYOL's MLPs).
 
-SimCLRModel holds the backbone under the attribute name 'backbone', so params['backbone'] has exactly
-the encoder subtrees of the segmentation model's params (lcssl.models.encoder_keys) and fine-tuning
-copies them over. Further heads go beside 'projector' as new submodules reading the same encode()
-dict: a BYOL predictor on 'projection', a dense projection head on the fused 'levels'.
+PredictionHead, the BYOL predictor (Grill et al. 2020): ProjectionHead with BYOL's layout,
+projection [B, P] -> Dense(hidden, 4096 in BYOL) -> BN -> ReLU -> Dense(P) -> [B, P]. The BYOL
+objective (EMA target network, regression loss) is not implemented; the predictor is ready for it.
+
+DenseProjectionHead, pixel level (DenseCL, Wang et al. 2021; PixPro, Xie et al. 2021): 1x1 conv
+-> [BN] -> ReLU -> 1x1 conv on a feature map [B, h, w, C] -> [B, h, w, out]. A 1x1 conv is a Dense
+on the channel axis, and nn.Dense contracts the last axis, so this is ProjectionHead applied per
+pixel; its BN, when on, reduces over B, h, w like BatchNorm2d. SimCLRModel feeds it the map that
+'embedding' pools: the deepest fused aerial level encode()['levels'][-1] (stride 32, 16x16 for
+512 px) for 'utt' and 'unet', encode()['sits_map'] for 'utae'. No dense objective is implemented.
+
+SimCLRModel holds the backbone under the attribute name 'backbone', so params['backbone'] has
+exactly the encoder subtrees of the segmentation model's params (lcssl.models.encoder_keys) and
+fine-tuning copies them over. The other heads sit beside 'projector' as optional submodules reading
+the same encode() dict: 'aerial_projector'/'sits_projector' (per_modality), 'predictor' (on
+'projection') and 'dense_projector'. With all of them off the param tree is {'backbone',
+'projector'}, as it was before they existed, so older checkpoints load unchanged.
 """
 from typing import Any
 
@@ -17,25 +31,55 @@ from lcssl.models.unet import batch_norm
 
 
 class ProjectionHead(nn.Module):
-    """[B, D] -> [B, out_dim] float32: (Dense -> [BN] -> ReLU) x (num_layers - 1) -> Dense -> [BN]."""
+    """[..., D] -> [..., out_dim] float32: (Dense -> [BN] -> ReLU) x (num_layers - 1), Dense, [BN].
+
+    use_batch_norm: BN after the hidden layers, and after the output layer too unless
+    batch_norm_output=False. A dense layer followed by BN has no bias.
+    """
     hidden_dim: int = 2048
     out_dim: int = 128
     num_layers: int = 2
     use_batch_norm: bool = False
     dtype: Any = jnp.float32
+    batch_norm_output: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = jnp.asarray(x, self.dtype)
         for i in range(self.num_layers):
             last = i == self.num_layers - 1
-            x = nn.Dense(self.out_dim if last else self.hidden_dim,
-                         use_bias=not self.use_batch_norm, dtype=self.dtype, name=f"dense{i}")(x)
-            if self.use_batch_norm:
+            bn = self.use_batch_norm and (self.batch_norm_output or not last)
+            x = nn.Dense(self.out_dim if last else self.hidden_dim, use_bias=not bn,
+                         dtype=self.dtype, name=f"dense{i}")(x)
+            if bn:
                 x = batch_norm(train, self.dtype, f"bn{i}")(x)
             if not last:
                 x = nn.relu(x)
         return x.astype(jnp.float32)
+
+
+class PredictionHead(ProjectionHead):
+    """BYOL predictor: [B, P] -> Dense(hidden_dim) -> BN -> ReLU -> Dense(out_dim) -> [B, out_dim]
+    float32, out_dim = P, the projection dim it reads. Only the head: the BYOL objective is not
+    implemented.
+    """
+    hidden_dim: int = 4096
+    out_dim: int = 256                   # BYOL's projection dim
+    use_batch_norm: bool = True
+    batch_norm_output: bool = False
+
+
+class DenseProjectionHead(ProjectionHead):
+    """Pixel-level projection: [B, h, w, C] -> 1x1 conv(hidden_dim) -> [BN] -> ReLU
+    -> 1x1 conv(out_dim) -> [B, h, w, out_dim] float32 (DenseCL's head; BN on the hidden layer only,
+    as in PixPro, with use_batch_norm)."""
+    batch_norm_output: bool = False
+
+    def __call__(self, x, train: bool = False):
+        if x.ndim != 4:
+            raise ValueError(f"DenseProjectionHead takes a feature map [B, h, w, C], "
+                             f"found {x.shape}")
+        return super().__call__(x, train)
 
 
 class SimCLRModel(nn.Module):
@@ -43,7 +87,10 @@ class SimCLRModel(nn.Module):
 
     Same inputs as the segmentation model. Returns {'embedding' [B, D], 'projection' [B, out_dim]},
     plus with per_modality (cross-modal contrast, 'utt' only) 'aerial_embedding'/'sits_embedding'
-    and 'aerial_projection'/'sits_projection' from separate heads; all float32.
+    and 'aerial_projection'/'sits_projection' from separate heads; with predictor, 'prediction'
+    [B, out_dim] (PredictionHead on 'projection'); with dense, 'dense_projection'
+    [B, h, w, dense_out_dim] (DenseProjectionHead on the map 'embedding' pools: levels[-1], or
+    sits_map for 'utae'); all float32. The SimCLR loss reads only 'projection'.
     """
     backbone: nn.Module
     hidden_dim: int = 2048
@@ -52,6 +99,12 @@ class SimCLRModel(nn.Module):
     use_batch_norm: bool = False
     per_modality: bool = False
     dtype: Any = jnp.float32
+    predictor: bool = False
+    predictor_hidden_dim: int = 4096
+    dense: bool = False
+    dense_hidden_dim: int = 2048
+    dense_out_dim: int = 128
+    dense_batch_norm: bool = False
 
     @nn.compact
     def __call__(self, aerial, sits, dates, sits_valid, train: bool = False):
@@ -67,4 +120,13 @@ class SimCLRModel(nn.Module):
                                      "(model.name='utt')")
                 out[f"{m}_embedding"] = feats[f"{m}_embedding"]
                 out[f"{m}_projection"] = head(f"{m}_projector")(feats[f"{m}_embedding"], train)
+        if self.predictor:
+            out["prediction"] = PredictionHead(self.predictor_hidden_dim, self.out_dim,
+                                               dtype=self.dtype, name="predictor")(
+                out["projection"], train)
+        if self.dense:
+            fmap = feats["levels"][-1] if "levels" in feats else feats["sits_map"]
+            out["dense_projection"] = DenseProjectionHead(
+                self.dense_hidden_dim, self.dense_out_dim, use_batch_norm=self.dense_batch_norm,
+                dtype=self.dtype, name="dense_projector")(fmap, train)
         return out
