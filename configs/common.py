@@ -59,8 +59,11 @@ def base(dataset: str, mode: str) -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict()
     if mode == "ssl":
         # SimCLR (Chen et al. 2020, sec. B.6): LARS, lr = 0.3 x batch / 256, weight decay 1e-6.
+        # A reference, not a number: `--config.batch_size=4096` also scales the learning rate (to
+        # 4.8); `--config.optimizer.learning_rate=X` replaces the rule. (The float comes first so
+        # the reference is a float one and accepts such an override.)
         c.optimizer.name = "lars"
-        c.optimizer.learning_rate = 0.3 * c.batch_size / 256
+        c.optimizer.learning_rate = ml_collections.FieldReference(0.3 / 256) * c.get_ref("batch_size")
         c.optimizer.weight_decay = 1e-6
     else:
         c.optimizer.name = "sgd"

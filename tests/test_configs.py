@@ -90,3 +90,18 @@ def test_presets_combine_left_to_right_and_dtype_reaches_the_model():
     assert c.batch_size == 16 and c.ssl.temperature == 0.7 and c.model.widths[0] == 8
     c = parse(f"--config={ROOT}/configs/sup_flair2.py", "--config.dtype=bfloat16")
     assert c.model.dtype == "bfloat16"
+
+
+def test_ssl_learning_rate_follows_the_batch_size_from_the_command_line():
+    """SimCLR's rule, lr = 0.3 x batch / 256, holds for the batch the user asks for; an explicit
+    learning rate replaces the rule; the seminar presets keep their constant 0.001."""
+    assert load("ssl_hameln").optimizer.learning_rate == pytest.approx(0.3)
+    c = parse(f"--config={ROOT}/configs/ssl_hameln.py", "--config.batch_size=4096")
+    assert c.optimizer.learning_rate == pytest.approx(4.8)
+    c = parse(f"--config={ROOT}/configs/ssl_hameln.py", "--config.batch_size=4096",
+              "--config.optimizer.learning_rate=1.5")
+    assert (c.batch_size, c.optimizer.learning_rate) == (4096, 1.5)
+    c = parse(f"--config={ROOT}/configs/ssl_hameln.py:ssl3", "--config.batch_size=64")
+    assert c.optimizer.learning_rate == 0.001
+    assert parse(f"--config={ROOT}/configs/ssl_flair2.py",
+                 "--config.batch_size=512").to_dict()["optimizer"]["learning_rate"] == pytest.approx(0.6)
