@@ -11,6 +11,9 @@ Several processes (one per host, or one per GPU; see launch.sh): --multiprocess=
 `jax.distributed` when COORDINATOR_ADDRESS / NUM_PROCESSES / PROCESS_ID (or SLURM's variables, or a
 TPU pod's metadata) say there is more than one process; --coordinator_address, --num_processes and
 --process_id set them explicitly.
+
+Compiled programs are cached in ~/.cache/lcssl/xla (--compilation_cache; '' turns it off), so a
+resumed run does not compile again.
 """
 import os
 
@@ -25,6 +28,11 @@ _MULTIPROCESS = flags.DEFINE_enum("multiprocess", "auto", ["auto", "on", "off"],
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", "~/.cache/lcssl/xla",
+    "Persistent XLA compilation cache ('' = off). A restart or resume of the same program on the "
+    "same devices skips compilation (85-124 s for the default model on an H100). The environment "
+    "variable JAX_COMPILATION_CACHE_DIR, when set, wins.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 _MULTI_ENV = ("COORDINATOR_ADDRESS", "NUM_PROCESSES", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
@@ -47,6 +55,14 @@ def _distributed_kwargs() -> dict | None:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def compilation_cache_dir(flag_value: str, environ=os.environ) -> str | None:
+    """Where the persistent compilation cache goes: None when off or when JAX already reads
+    JAX_COMPILATION_CACHE_DIR from the environment."""
+    if environ.get("JAX_COMPILATION_CACHE_DIR") or not flag_value:
+        return None
+    return os.path.abspath(os.path.expanduser(flag_value))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -58,6 +74,11 @@ def main(argv):
     except ImportError:
         pass
     import jax
+
+    cache = compilation_cache_dir(_CACHE.value)
+    if cache:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
     kwargs = _distributed_kwargs()
     if kwargs is not None:
