@@ -16,8 +16,8 @@
 #   timeout_s: 600
 # The script keeps to DEADLINE_S (default 560 s): each step gets `timeout` of at most what is left,
 # and steps that no longer fit are skipped and listed with the command that runs them (a later call:
-# `bash bench/device_check.sh PART...`, PART in sup_bf16_16 ssl sup_bf16_8 sup_bf16_32 sup_fp32_16
-# ntxent). The most wanted figures run first. Results: $OUT/device_check.log, one JSON per step
+# `bash bench/device_check.sh PART...`, PART in sup_bf16_32 ssl conv_layers sup_fp32_16
+# ntxent sup_bf16_16 sup_bf16_8). The most wanted figures run first. Results: $OUT/device_check.log, one JSON per step
 # and summary.txt (at most 8 files come back from $OUT).
 #
 # SSL chunk count (global batch 1024 = 2048 views, default U-T&T; estimated for fp32, run in bf16): BENCHMARKS.md's CPU figure
@@ -54,7 +54,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 'optax', optax.__version__, jax.devices())" || return 1
 
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(sup_bf16_32 ssl sup_fp32_16 ntxent sup_bf16_16 sup_bf16_8)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(sup_bf16_32 ssl conv_layers sup_fp32_16 ntxent sup_bf16_16 sup_bf16_8)
 SKIPPED=()
 
 # step NAME CAP_S MIN_S CMD...: runs CMD under `timeout` of min(CAP_S, time left); skips it when
@@ -91,9 +91,11 @@ for part in "${PARTS[@]}"; do
     sup_fp32_16) sup "$part" float32 16 ;;
     ssl) ssl 32; rc=$?
          if [ $rc -ne 0 ] && [ $rc -ne 99 ]; then echo "retrying with 64 chunks"; ssl 64; fi ;;
+    conv_layers) step conv_layers 150 60 "$PY" bench/conv_layers.py --batch 32 --dtype bfloat16 \
+                   --repeats 20 ;;
     ntxent) step ntxent 120 60 "$PY" bench/ntxent.py --sizes 1024,4096,8192 --repeats 5 \
               --out "$OUT/ntxent.json" ;;
-    *) echo "unknown part $part (sup_bf16_8 sup_bf16_16 sup_bf16_32 sup_fp32_16 ssl ntxent)" ;;
+    *) echo "unknown part $part (sup_bf16_8 sup_bf16_16 sup_bf16_32 sup_fp32_16 ssl conv_layers ntxent)" ;;
   esac
 done
 
