@@ -19,7 +19,7 @@ import sys
 from absl import app, flags, logging
 
 _WORKDIR = flags.DEFINE_string("workdir", "demo", "Where data, runs and results go.")
-_STEPS = flags.DEFINE_integer("steps", 6, "Training steps of each stage.")
+_STEPS = flags.DEFINE_integer("steps", 40, "Training steps of each stage.")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SYNTH = ["--layout=flair2", "--num-zones=4", "--patches-per-zone=8", "--patch-size=32",
