@@ -55,8 +55,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lcssl import flops as flops_lib  # noqa: E402
 from lcssl import models  # noqa: E402
 
-# Dense bf16 peak FLOP/s (no sparsity), from the NVIDIA H100 / H200 datasheets (SXM).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 
 
 def parse_args():
@@ -330,7 +328,7 @@ def main():
     loss = loss_of(out)
 
     device = jax.devices()[0]
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device.device_kind), None)
+    peak = flops_lib.peak_bf16_flops(device.device_kind)
     result = {
         "step": args.step, "mode": args.mode, "preset": args.preset, "batch": args.batch,
         "dates": args.dates,

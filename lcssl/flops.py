@@ -20,11 +20,25 @@ analysis leaves those out: 4 % fewer on a 32 x 32 map, 0.8 % on a 512 x 512 one)
     from lcssl import flops
     n = flops.count_flops(step_fn, state, batch)   # abstract trace, no compile, no device memory
     print(n.total / 1e12, "TFLOP per step")
+
+The trainer logs train/tflops_per_device from this count (and train/mfu on a chip of known peak);
+bench/train_step.py reports it per step.
 """
 import dataclasses
 import math
 
 import jax
+
+
+# Dense bf16 peak FLOP/s per chip (no sparsity), from the vendors' datasheets (NVIDIA SXM parts,
+# Google Cloud TPU pages), matched against jax's device_kind.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12,
+                   "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def peak_bf16_flops(device_kind: str) -> float | None:
+    """The chip's dense bf16 peak, or None when unknown (CPUs, other GPUs)."""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_kind), None)
 
 
 @dataclasses.dataclass

@@ -33,7 +33,7 @@ from absl import logging
 from clu import metrics, parameter_overview
 
 from lcssl import checkpoint as ckpt_lib
-from lcssl import evaluate, gradcache, losses, models, sharding
+from lcssl import evaluate, flops, gradcache, losses, models, sharding
 from lcssl.data import augment, normalize, pipeline
 
 MODEL_KEYS = ("aerial", "sits", "dates", "sits_valid")
@@ -449,11 +449,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batches = train_batches(start_step)
     pending, checked_step, wait_s, interval_t0 = None, start_step, 0.0, time.perf_counter()
     step = start_step
+    step_flops = None  # per device, counted from the step's jaxpr at the first batch
+    peak = flops.peak_bf16_flops(jax.devices()[0].device_kind)
     try:
         while step < num_steps:
             t0 = time.perf_counter()
             batch = sharding.host_batch_to_global(next(batches), mesh)
             wait_s += time.perf_counter() - t0
+            if step_flops is None:  # an abstract trace: no compile, no device memory
+                step_flops = flops.count_flops(train_step, state, batch).total / jax.device_count()
+                logging.info("Train step: %.4g TFLOP per device (convolutions and matmuls).",
+                             step_flops / 1e12)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, step_metrics = train_step(state, batch)
             step += 1
@@ -469,6 +475,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 _stop_if_not_finite(summary, checked_step, step, checkpoints)
                 elapsed = time.perf_counter() - interval_t0
                 summary["input_wait_fraction"] = wait_s / max(elapsed, 1e-9)
+                # Achieved throughput of the interval, pauses for eval included; recomputation
+                # (GradCache's second forward, remat) counts as work done.
+                summary["tflops_per_device"] = (step_flops * (step - checked_step)
+                                                / max(elapsed, 1e-9) / 1e12)
+                if peak:
+                    summary["mfu"] = summary["tflops_per_device"] * 1e12 / peak
                 summary["epoch"] = step / steps_per_epoch
                 writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
                 if summary["input_wait_fraction"] > config.input_bound_warning:

@@ -59,6 +59,32 @@ def test_ssl_run_writes_checkpoints_with_their_input_spec_and_a_probe(ssl_run, d
     assert json.loads((workdir / "eval_results.json").read_text())["probe"] == probe
 
 
+def logged_scalars(workdir) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from the run's TensorBoard event files (clu's writer)."""
+    import tensorflow as tf
+
+    scalars = {}
+    for path in workdir.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+    return scalars
+
+
+def test_ssl_run_logs_health_and_throughput_beside_the_loss(ssl_run):
+    """What a user watches: loss with embedding std and positive-pair accuracy (collapse shows),
+    the share of time spent waiting for input, and the achieved TFLOP/s per device."""
+    workdir, _ = ssl_run
+    scalars = logged_scalars(workdir)
+    for tag in ("train/loss", "train/embedding_std", "train/pos_accuracy",
+                "train/input_wait_fraction", "train/tflops_per_device"):
+        # every log_every_steps = 2, and before every checkpoint (checkpoint_every_steps = 3)
+        assert set(scalars.get(tag, {})) == {2, 3, 4, 6}, tag
+    assert all(0 <= v <= 1 for v in scalars["train/input_wait_fraction"].values())
+    assert all(v > 0 for v in scalars["train/tflops_per_device"].values())
+    assert "train/mfu" not in scalars  # no known peak for a CPU
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         data_dir, tmp_path, monkeypatch):
     def poison(batch):
