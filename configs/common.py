@@ -18,6 +18,9 @@ Field reference (units in the names):
   grad_accum_steps     supervised only: the global batch is split into this many micro-batches
   init_from            an SSL workdir (or its checkpoints/ dir); finetune_mode 'linear' (frozen
                        encoder) | 'partial' (encoder at encoder_lr_scale x lr) | 'full'
+  adapt_bands          fine-tuning from a checkpoint of other bands (e.g. Hameln's 4 -> FLAIR #2's
+                       5): map the first convolutions' input channels by band name, new bands
+                       zero-initialised (False: refuse, naming both band lists)
   class_weights        'card' (from dataset_card.json) | 'none' | comma-separated floats
   aux_loss_weight      weight of the time-series branch loss on aux_logits
   label_fraction       share of labelled training patches used (few-label experiments)
@@ -95,6 +98,7 @@ def base(dataset: str, mode: str) -> ml_collections.ConfigDict:
 
     c.init_from = config_dict.placeholder(str)
     c.finetune_mode = "full"
+    c.adapt_bands = False
     c.encoder_lr_scale = 0.1
     c.class_weights = "card"
     c.aux_loss_weight = 0.5

@@ -112,19 +112,31 @@ def input_spec(card: Mapping[str, Any], model_config: Mapping[str, Any]) -> dict
 
 
 def check_input_spec(spec: Mapping[str, Any], card: Mapping[str, Any], *, source: str,
-                     target: str) -> list[str]:
+                     target: str, adapt_bands: bool = False) -> list[str]:
     """Refuses (ValueError) weights whose input differs from the dataset in band names/order, date
     encoding or resolution; returns warnings for differences that are legitimate (normalization
     statistics of another dataset: each dataset is standardised with its own, as in pre-training).
 
+    adapt_bands: other band lists are accepted (a warning) when they share at least one band name;
+    the caller then remaps the first convolution's input channels by name (lcssl.train).
     `source` names the checkpoint, `target` the dataset card, for the message.
     """
     problems, warnings = [], []
     for modality in ("aerial", "sits"):
         want, have = spec.get(modality, {}), card.get(modality, {})
-        if list(want.get("bands") or []) != list(have.get("bands") or []):
+        want_bands, have_bands = list(want.get("bands") or []), list(have.get("bands") or [])
+        if want_bands != have_bands:
+            shared = [b for b in have_bands if b in want_bands]
+            if adapt_bands and shared:
+                warnings.append(
+                    f"{modality}.bands: checkpoint {want_bands}, dataset {have_bands}: adapted by "
+                    f"name (kept {shared}, new and zero-initialised "
+                    f"{[b for b in have_bands if b not in want_bands]}, dropped "
+                    f"{[b for b in want_bands if b not in have_bands]})")
+                continue
             problems.append(f"{modality}.bands: checkpoint expects {want.get('bands')}, "
-                            f"dataset has {have.get('bands')}")
+                            f"dataset has {have.get('bands')}"
+                            + ("" if shared else " (no band in common)"))
         if want.get("gsd_m") is not None and have.get("gsd_m") is not None and not np.isclose(
                 float(want["gsd_m"]), float(have["gsd_m"]), rtol=1e-3):
             problems.append(f"{modality}.gsd_m: checkpoint expects {want['gsd_m']} m, "
@@ -145,7 +157,8 @@ def check_input_spec(spec: Mapping[str, Any], card: Mapping[str, Any], *, source
             f"The checkpoint {source} was trained on different input than the dataset {target}:\n  "
             + "\n  ".join(problems)
             + "\nRebuild the dataset with the checkpoint's bands and date encoding, or pre-train on "
-              "this dataset.")
+              "this dataset" + ("" if adapt_bands else
+                                 ", or set --config.adapt_bands=True to map bands by name") + ".")
     return warnings
 
 

@@ -260,13 +260,50 @@ def supervised_train_step(state: TrainState, batch, *, model, tx, stats, augment
 # Side pieces of the loop
 # ------------------------------------------------------------------------------------------------
 
+def adapt_input_kernel(kernel: jax.Array, from_bands, to_bands) -> jax.Array:
+    """A first-convolution kernel [h, w, len(from_bands), f] for input bands `to_bands`: the input
+    channel of each band found by name in `from_bands` is copied, a new band's is zero (the network
+    computes what it did on the shared bands and learns the new one from there), a band the data no
+    longer has is dropped (standardised inputs average 0, so this is close to a zero input)."""
+    from_bands, to_bands = list(from_bands), list(to_bands)
+    if kernel.shape[2] != len(from_bands):
+        raise ValueError(f"kernel has {kernel.shape[2]} input channels, the checkpoint's input spec "
+                         f"names {len(from_bands)} bands {from_bands}")
+    zero = jnp.zeros_like(kernel[:, :, 0])
+    return jnp.stack([kernel[:, :, from_bands.index(b)] if b in from_bands else zero
+                      for b in to_bands], axis=2)
+
+
+def _adapt_band_kernels(params: dict, spec, card) -> dict:
+    """Remaps models.INPUT_KERNELS by band name where the checkpoint's bands differ from the card's."""
+    adapted = {}
+    for modality, path in models.INPUT_KERNELS.items():
+        want, have = list(spec[modality]["bands"]), list(card[modality]["bands"])
+        node = params
+        for key in path[:-1]:
+            node = node.get(key, {})
+        if want == have or path[-1] not in node:
+            continue
+        node[path[-1]] = adapt_input_kernel(node[path[-1]], want, have)
+        adapted[modality] = {"kept": [b for b in have if b in want],
+                             "new_zero": [b for b in have if b not in want],
+                             "dropped": [b for b in want if b not in have]}
+    return adapted
+
+
 def load_pretrained_encoder(state: TrainState, init_from: str, encoder_keys, card, data_dir,
-                            mesh) -> tuple[TrainState, dict]:
-    """Copies exactly params/batch_stats[k] for k in encoder_keys from an SSL checkpoint's backbone."""
+                            mesh, adapt_bands: bool = False) -> tuple[TrainState, dict]:
+    """Copies exactly params/batch_stats[k] for k in encoder_keys from an SSL checkpoint's backbone;
+    with adapt_bands, first remaps the first convolutions' input channels to the dataset's bands."""
     params, batch_stats, spec, step = ckpt_lib.load_encoder(
         init_from, encoder_keys, sharding=sharding.replicated(mesh))
-    for warning in ckpt_lib.check_input_spec(spec, card, source=init_from, target=data_dir):
+    for warning in ckpt_lib.check_input_spec(spec, card, source=init_from, target=data_dir,
+                                             adapt_bands=adapt_bands):
         logging.warning("init_from: %s", warning)
+    adapted = {}
+    if adapt_bands:
+        params = jax.tree.map(lambda x: x, params)  # a copy of the containers, arrays shared
+        adapted = _adapt_band_kernels(params, spec, card)
     for name, have, new in (("params", state.params, params),
                             ("batch_stats", state.batch_stats, batch_stats)):
         want = jax.tree.map(lambda x: (x.shape, x.dtype), {k: have[k] for k in new})
@@ -281,6 +318,7 @@ def load_pretrained_encoder(state: TrainState, init_from: str, encoder_keys, car
         "loaded": [jax.tree_util.keystr(p) for p, _ in
                    jax.tree_util.tree_leaves_with_path({"params": params, "batch_stats": batch_stats})],
         "new": sorted(k for k in state.params if k not in params),
+        "adapted_bands": adapted,
     }
     logging.info("Fine-tuning from %s (step %d): loaded %d encoder arrays %s; new: %s",
                  report["init_from"], step, len(report["loaded"]), sorted(params), report["new"])
@@ -397,7 +435,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = sharding.init_sharded(init, mesh, rng)
         if not ssl and config.init_from:
             state, report = load_pretrained_encoder(state, config.init_from, encoder_keys, card,
-                                                    config.data_dir, mesh)
+                                                    config.data_dir, mesh, config.adapt_bands)
             ckpt_lib.write_json(os.path.join(workdir, "loaded_weights.json"), report)
     parameter_overview.log_parameter_overview(state.params, include_stats=jax.process_count() == 1)
     ckpt_lib.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))

@@ -185,6 +185,54 @@ def test_finetuning_refuses_a_checkpoint_made_for_other_bands(ssl_run, data_dir)
     assert any("aerial.mean differs" in w for w in warnings)
 
 
+def test_adapt_input_kernel_maps_bands_by_name():
+    kernel = np.arange(2 * 2 * 3 * 2, dtype=np.float32).reshape(2, 2, 3, 2)  # bands R, G, NIR
+    out = np.asarray(train.adapt_input_kernel(kernel, ["R", "G", "NIR"], ["NIR", "SWIR", "R"]))
+    assert out.shape == (2, 2, 3, 2)
+    np.testing.assert_array_equal(out[:, :, 0], kernel[:, :, 2])  # NIR moved first
+    np.testing.assert_array_equal(out[:, :, 1], 0.0)              # SWIR is new
+    np.testing.assert_array_equal(out[:, :, 2], kernel[:, :, 0])  # R; G dropped
+    with pytest.raises(ValueError, match="3 input channels"):
+        train.adapt_input_kernel(kernel, ["R", "G"], ["R"])
+
+
+@pytest.mark.parametrize("bands", [["R", "G", "B", "NIR"],                        # Hameln's 4
+                                   ["elevation", "B", "G", "R", "NIR", "SWIR"]])  # reordered + new
+def test_finetuning_adapts_a_checkpoint_to_other_bands_when_asked(ssl_run, data_dir, bands):
+    workdir, _ = ssl_run
+    card = pipeline.load_card(data_dir)
+    other = dict(card, aerial=dict(card["aerial"], bands=bands, mean=[100.0] * len(bands),
+                                   std=[50.0] * len(bands)))
+    model_cfg = train.model_config_for(tiny_config("finetune_flair2", data_dir).model, other)
+    assert model_cfg.aerial_bands == len(bands)
+    shapes = models.param_shapes(models.build_model(model_cfg), model_cfg)
+    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    state = train.TrainState(step=np.int32(0), params=zeros["params"],
+                             batch_stats=zeros["batch_stats"], opt_state={}, rng=np.zeros(2, np.uint32))
+    mesh = sharding.make_mesh()
+    with pytest.raises(ValueError, match="adapt_bands=True"):
+        train.load_pretrained_encoder(state, str(workdir), models.ENCODER_KEYS, other, "other", mesh)
+
+    state, report = train.load_pretrained_encoder(state, str(workdir), models.ENCODER_KEYS, other,
+                                                  "other", mesh, adapt_bands=True)
+    flair = ["R", "G", "B", "NIR", "elevation"]
+    pretrained = saved_state(workdir)["params"]["backbone"]["aerial_encoder"]["stem_conv"]["kernel"]
+    stem = np.asarray(state.params["aerial_encoder"]["stem_conv"]["kernel"])
+    for i, band in enumerate(bands):
+        expected = pretrained[:, :, flair.index(band)] if band in flair else 0.0
+        np.testing.assert_array_equal(stem[:, :, i], expected)
+    assert report["adapted_bands"]["aerial"]["kept"] == [b for b in bands if b in flair]
+    assert "sits" not in report["adapted_bands"]  # same Sentinel-2 bands: loaded as they are
+    # the rest of the encoder is loaded unchanged
+    np.testing.assert_array_equal(
+        np.asarray(state.params["utae"]["in_conv"]["conv1"]["conv"]["kernel"]),
+        saved_state(workdir)["params"]["backbone"]["utae"]["in_conv"]["conv1"]["conv"]["kernel"])
+    logits = models.build_model(model_cfg).apply(
+        {"params": state.params, "batch_stats": state.batch_stats},
+        *models.dummy_inputs(model_cfg, batch=1, num_dates=3), train=False)["logits"]
+    assert logits.shape[-1] == 13 and np.isfinite(np.asarray(logits)).all()
+
+
 def test_sigterm_saves_a_checkpoint_before_exiting(data_dir, tmp_path, monkeypatch):
     import os
     import signal

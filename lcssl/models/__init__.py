@@ -24,6 +24,12 @@ from lcssl.models.utt import ENCODER_SUBTREES, UTT, VARIANTS
 # The aerial decoder, 'seg_head' and 'aux_head' are new at fine-tuning. Per variant: encoder_keys().
 ENCODER_KEYS = ENCODER_SUBTREES["utt"]
 
+# The first convolution of each modality: the only params whose shape depends on the band list
+# (kernel [h, w, bands, features]). Fine-tuning with adapt_bands remaps their input channels by band
+# name (lcssl.train.adapt_input_kernel).
+INPUT_KERNELS = {"aerial": ("aerial_encoder", "stem_conv", "kernel"),
+                 "sits": ("utae", "in_conv", "conv1", "conv", "kernel")}
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
