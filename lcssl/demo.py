@@ -55,7 +55,9 @@ def main(argv):
     print(f"SimCLR pre-training ({ssl.num_steps} steps) -> {workdir / 'ssl'}", flush=True)
     probe = train.run(ssl, str(workdir / "ssl"))["probe"]
     print(f"  online linear probe (majority class of a patch): accuracy {probe['accuracy']:.2f}, "
-          f"always-the-commonest-class {probe['baseline_accuracy']:.2f}", flush=True)
+          f"always-the-commonest-class {probe['baseline_accuracy']:.2f} (fit on "
+          f"{probe['num_train']} patches, scored on {probe['num_eval']}: too few to tell much)",
+          flush=True)
 
     finetune = finetune_flair2.get_config("tiny")
     finetune.data_dir, finetune.num_steps = str(data), _STEPS.value
