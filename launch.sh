@@ -18,7 +18,8 @@
 #       ./launch.sh --tpu --config=configs/ssl_hameln.py --workdir=gs://bucket/runs/ssl_hameln"
 #
 # The workdir must be shared by all hosts (NFS, GCS). Rerunning the same command resumes from the
-# latest checkpoint; a SIGTERM (preemption, scancel) saves one before exiting. Compiled programs are
+# latest checkpoint; a SIGTERM (preemption, scancel) to any one host makes every host save the same
+# step and exit (JAX's preemption service; tested with two processes). Compiled programs are
 # cached in $JAX_COMPILATION_CACHE_DIR (default ~/.cache/lcssl/jax) so restarts start fast.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -12,7 +12,7 @@ Several processes (one per host, or one per GPU; see launch.sh): --multiprocess=
 TPU pod's metadata) say there is more than one process; --coordinator_address, --num_processes and
 --process_id set them explicitly.
 
-Compiled programs are cached in ~/.cache/lcssl/xla (--compilation_cache; '' turns it off), so a
+Compiled programs are cached in ~/.cache/lcssl/jax (--compilation_cache; '' turns it off), so a
 resumed run does not compile again.
 """
 import os
@@ -29,7 +29,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Total number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
 _CACHE = flags.DEFINE_string(
-    "compilation_cache", "~/.cache/lcssl/xla",
+    "compilation_cache", "~/.cache/lcssl/jax",
     "Persistent XLA compilation cache ('' = off). A restart or resume of the same program on the "
     "same devices skips compilation (85-124 s for the default model on an H100). The environment "
     "variable JAX_COMPILATION_CACHE_DIR, when set, wins.")

@@ -331,18 +331,37 @@ def _summary(collection) -> dict[str, float]:
 
 
 class _Preempted:
-    """Turns SIGTERM into a flag the loop checks each step, so it can save before exiting."""
+    """SIGTERM -> save a checkpoint at the end of a step, then exit; `check(step)` after each step.
+
+    One process: a Python SIGTERM handler sets the flag. Several processes (jax.distributed): a
+    scheduler may signal only some hosts, and a host that stopped alone would leave the others
+    waiting in the checkpoint's collectives. JAX's preemption service catches SIGTERM on whichever
+    host gets it and agrees with all of them on one step at which every host saves and stops
+    (`multihost_utils.reached_preemption_sync_point`); a Python handler would take SIGTERM away
+    from it, so none is installed there, and every host asks at every step.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._multi = jax.process_count() > 1
+        self._previous = None if self._multi else signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM: saving a checkpoint at the end of this step, then exiting.")
         self.requested = True
 
+    def check(self, step: int) -> bool:
+        if self._multi and not self.requested:
+            from jax.experimental import multihost_utils
+            if multihost_utils.reached_preemption_sync_point(step):
+                logging.warning("Preemption notice (SIGTERM on some host): every host saves at "
+                                "step %d, then exits.", step)
+                self.requested = True
+        return self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -506,7 +525,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 hook(step)
 
             last = step == num_steps
-            save = last or step % config.checkpoint_every_steps == 0 or preempted.requested
+            stop = preempted.check(step)  # every step, on every host (see _Preempted)
+            save = last or step % config.checkpoint_every_steps == 0 or stop
             if save or step % config.log_every_steps == 0:
                 # Every checkpoint is preceded by this check, so a non-finite state is never saved.
                 summary = _summary(pending)
@@ -536,7 +556,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                           metrics={"val_miou": val["miou"] or 0.0}, force=True)
             if save:
                 checkpoints.save(step, state, spec, {**progress, "next_step": step}, force=True)
-            if preempted.requested and not last:
+            if stop and not last:
                 logging.warning("Preempted at step %d; checkpoint saved in %s.", step,
                                 checkpoints.directory)
                 return {}
