@@ -32,11 +32,10 @@ from typing import Optional
 import numpy as np
 
 from data_prep.patch import REASONS, BadPatch, RawPatch
+from lcssl.data.schema import CARD_NAME, FORMAT_VERSION, PLAN_NAME, SUMMARY_NAME
+from lcssl.files import atomic_write_bytes as _atomic_write
+from lcssl.files import write_json
 
-FORMAT_VERSION = 1
-CARD_NAME = "dataset_card.json"
-PLAN_NAME = "build_plan.json"
-SUMMARY_NAME = "build_summary.json"
 SPLITS = ("train", "val", "test", "unlabelled")
 LAYOUTS = {"flair2": "data_prep.flair2", "hameln": "data_prep.hameln"}
 CLASS_WEIGHTS_FORMULA = (
@@ -70,15 +69,8 @@ class BuildOptions:
     progress: bool = True
 
 
-def _atomic_write(path: pathlib.Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _atomic_json(path: pathlib.Path, obj) -> None:
-    _atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    write_json(path, obj, sort_keys=False)
 
 
 def _reader(layout: str):

@@ -14,7 +14,6 @@ each array whole and lays it out anew.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Mapping, Sequence
@@ -22,6 +21,8 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from lcssl import files
 
 SPEC_VERSION = 1
 
@@ -222,17 +223,5 @@ def load_encoder(directory: str, encoder_keys: Sequence[str], *, prefix: str = "
 
 def write_json(path: str, obj: Any) -> None:
     """Atomic JSON write (process 0 only): the file is either the old or the new version."""
-    if jax.process_index() != 0:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-    os.replace(tmp, path)
-
-
-def _json_default(x):
-    if isinstance(x, (np.integer, np.floating)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x)}")
+    if jax.process_index() == 0:
+        files.write_json(path, obj)

@@ -28,16 +28,15 @@ TensorFlow is imported lazily with GPUs hidden, so `lcssl` imports without it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import pathlib
 from typing import Iterator, Optional
 
 import numpy as np
 
-FORMAT_VERSIONS = (1,)
-CARD_NAME = "dataset_card.json"
-PLAN_NAME = "build_plan.json"
+from lcssl.data.schema import CARD_NAME, FORMAT_VERSIONS, PLAN_NAME
+from lcssl.files import read_json
+
 HOST_KEYS = ("aerial", "sits", "dates", "sits_valid", "label")
 _SEED_STRIDE = 1_000_003
 
@@ -58,7 +57,7 @@ def load_card(data_dir) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{data_dir}: no {CARD_NAME}; expected a directory written by "
                                 "`python -m data_prep build`")
-    card = json.loads(path.read_text())
+    card = read_json(path, "dataset card")
     version = card.get("format_version")
     if version not in FORMAT_VERSIONS:
         raise ValueError(f"{path}: format_version {version!r} is unknown; this code reads {FORMAT_VERSIONS}")
@@ -99,7 +98,7 @@ def labelled_subset(data_dir, split: str, label_fraction: float, label_seed: int
     path = pathlib.Path(data_dir) / PLAN_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{data_dir}: label_fraction needs {PLAN_NAME} (patch ids per shard); not found")
-    shards = json.loads(path.read_text())["splits"][split]["shards"]
+    shards = read_json(path, "build plan")["splits"][split]["shards"]
     ids = sorted(i for ids in shards.values() for i in ids)
     keep = max(1, int(round(label_fraction * len(ids))))
     pick = np.random.default_rng(label_seed).choice(len(ids), size=keep, replace=False)
@@ -113,7 +112,7 @@ def host_share(data_dir, card: dict, split: str, process_index: int, process_cou
     info = card["splits"][split]
     files, counts = list(info["files"]), list(info["shard_examples"])
     if keep_ids is not None:
-        plan = json.loads((pathlib.Path(data_dir) / PLAN_NAME).read_text())["splits"][split]["shards"]
+        plan = read_json(pathlib.Path(data_dir) / PLAN_NAME, "build plan")["splits"][split]["shards"]
         keep = set(keep_ids)
         counts = [sum(i in keep for i in plan[f]) for f in files]
     if not files:

@@ -1,5 +1,12 @@
 """Constants shared by data_prep, the input pipeline, the model and the metrics."""
 
+# The dataset directory written by `python -m data_prep build` (docs/DESIGN.md "dataset_card.json").
+CARD_NAME = "dataset_card.json"
+PLAN_NAME = "build_plan.json"
+SUMMARY_NAME = "build_summary.json"
+FORMAT_VERSION = 1           # what data_prep writes
+FORMAT_VERSIONS = (1,)       # what the pipeline reads
+
 # Unlabelled pixels, nodata and whole unlabelled patches. Never a class (loss and metrics skip it).
 IGNORE_LABEL = 255
 
