@@ -111,10 +111,12 @@ def test_hameln_reads_synthetic(hameln_root):
     assert kinds == {1, 4}                  # both cloud file forms are exercised
 
 
-def _rewrite(path, array_chw, *, crs="EPSG:2154", georef=True):
+def _rewrite(path, array_chw, *, crs=None, transform=None, georef=True):
+    """Rewrites a GeoTIFF with new pixels; it keeps the file's CRS and transform unless given."""
     kwargs = {}
     if georef:
-        kwargs = dict(crs=crs, transform=rasterio.transform.Affine(3.2, 0, 600000, 0, -3.2, 6800000))
+        with rasterio.open(path) as ds:
+            kwargs = dict(crs=crs or ds.crs, transform=transform or ds.transform)
     count, height, width = array_chw.shape
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
@@ -239,7 +241,7 @@ def _hameln_cases():
     def label_range(ref, root):
         codes = _raw(ref.label_path)[None].copy()
         codes[0, 3, 3] = 13
-        _rewrite(ref.label_path, codes, crs="EPSG:25832")
+        _rewrite(ref.label_path, codes)
         return ref.label_path
 
     def dates_count(ref, root):
@@ -269,7 +271,7 @@ def _hameln_cases():
         return ref.sits_path
 
     def aerial_bands(ref, root):
-        _rewrite(ref.aerial_path, np.zeros((5, SIZE, SIZE), np.uint8), crs="EPSG:25832")
+        _rewrite(ref.aerial_path, np.zeros((5, SIZE, SIZE), np.uint8))
         return ref.aerial_path
 
     return [("nonfinite", nan_cloud), ("label_range", label_range), ("bad_dates", dates_count),
@@ -293,7 +295,7 @@ def test_hameln_declared_unlabelled_value_and_bad_manifest(hameln_copy):
     ref = _first_labelled(hameln.list_patches(hameln_copy))
     codes = _raw(ref.label_path)[None].copy()
     codes[0, :2, :2] = 99
-    _rewrite(ref.label_path, codes, crs="EPSG:25832")
+    _rewrite(ref.label_path, codes)
     path.write_text(json.dumps({**manifest, "unlabelled_value": 99}))
     label = hameln.read_patch(_first_labelled(hameln.list_patches(hameln_copy))).label
     assert (label[:2, :2] == 255).all() and label.max() != 99
