@@ -167,6 +167,15 @@ def _records(tf, files, keep_ids: Optional[tuple], cycle_length: int):
     return ds
 
 
+def _mine(tf, global_batch_size: int, lo: int, hi: int):
+    """filter(i, record): True for the records in this host's slots [lo, hi) of their global batch."""
+    def keep(i, record):
+        slot = i % global_batch_size
+        return (slot >= lo) & (slot < hi)
+
+    return keep
+
+
 def _host_batch_fn(card: dict):
     from lcssl.data.records import decode_fn
 
@@ -219,7 +228,7 @@ def make_train_iterator(data_dir, split: str = "train", *, global_batch_size: in
     steps_per_epoch = repeats * num_examples // global_batch_size
     start_epoch, skip_batches = divmod(int(start_step), steps_per_epoch)
     num_files = len(files)
-    lo, hi = process_index * b, (process_index + 1) * b
+    mine = _mine(tf, global_batch_size, process_index * b, (process_index + 1) * b)
 
     def epoch(e):
         epoch_seed = tf.constant(seed, tf.int64) * _SEED_STRIDE + e
@@ -227,13 +236,15 @@ def make_train_iterator(data_dir, split: str = "train", *, global_batch_size: in
         names = names.shuffle(num_files * repeats, seed=epoch_seed)
         ds = _records(tf, names, keep_ids, min(cycle_length, num_files * repeats))
         ds = ds.shuffle(shuffle_buffer, seed=epoch_seed)
+        # Whole global batches only (the epoch's remainder is dropped); resume skips whole ones, so
+        # a record's position in the epoch, counted after the skip, still gives its global batch slot.
         skip = tf.where(e == start_epoch, tf.constant(skip_batches * global_batch_size, tf.int64),
                         tf.constant(0, tf.int64))
-        return ds.skip(skip).batch(global_batch_size, drop_remainder=True)
+        ds = ds.take(steps_per_epoch * global_batch_size).skip(skip)
+        return ds.enumerate().filter(mine).map(lambda i, r: r).batch(b, drop_remainder=True)
 
-    to_host = _host_batch_fn(card)
     ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
-    ds = ds.map(lambda serialized: to_host(serialized[lo:hi]), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(_host_batch_fn(card), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
     return ds.as_numpy_iterator()
 
@@ -250,19 +261,25 @@ def make_eval_iterator(data_dir, split: str, *, global_batch_size: int, process_
     card = load_card(data_dir)
     files, _ = split_files(data_dir, card, split)
     to_host = _host_batch_fn(card)
-    lo, hi = process_index * b, (process_index + 1) * b
+    mine = _mine(tf, global_batch_size, process_index * b, (process_index + 1) * b)
 
-    def pad(serialized):
-        serialized = serialized[lo:hi]  # shorter, or empty, in the last global batch
-        batch = to_host(serialized)
-        n = tf.shape(serialized)[0]
+    def pad(serialized, is_pad):
+        n = tf.reduce_sum(tf.cast(~is_pad, tf.int32))  # padding comes after every record
+        batch = to_host(serialized[:n])
         out = {k: tf.pad(v, [[0, b - n]] + [[0, 0]] * (len(v.shape) - 1)) for k, v in batch.items()}
         out = {k: tf.ensure_shape(v, [b] + v.shape[1:].as_list()) for k, v in out.items()}
-        out["example_valid"] = tf.range(b) < n
+        out["example_valid"] = ~is_pad
         return out
 
     names = tf.data.Dataset.from_tensor_slices(files)
-    ds = _records(tf, names, None, min(cycle_length, len(files)))
-    ds = ds.batch(global_batch_size).map(pad, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _records(tf, names, None, min(cycle_length, len(files))).map(lambda r: (r, False))
+    # The stream is padded to whole global batches without knowing its length: B - 1 padding entries
+    # at most, up to the first one that would open a new global batch. Every host sees the same
+    # stream, hence the same number of global batches, and takes b entries of each.
+    padding = tf.data.Dataset.from_tensors((tf.constant(b""), True)).repeat(global_batch_size)
+    ds = ds.concatenate(padding).enumerate()
+    ds = ds.take_while(lambda i, x: ~(x[1] & (i % global_batch_size == 0)))
+    ds = ds.filter(lambda i, x: mine(i, x)).map(lambda i, x: x).batch(b)
+    ds = ds.map(pad, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
     return ds.as_numpy_iterator()
