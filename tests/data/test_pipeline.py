@@ -150,3 +150,20 @@ def test_load_card_errors_name_the_directory(tmp_path):
     (tmp_path / "dataset_card.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(ValueError, match="format_version 99"):
         pipeline.load_card(tmp_path)
+
+
+def test_eval_batch_count_comes_from_the_records_read(data_dir, tmp_path, monkeypatch):
+    # Two train shards emptied behind the card's back (16 records left, the card says 20) and the
+    # start-up check switched off: every host still yields the same number of batches (the eval
+    # collectives would hang otherwise), 2 global batches of 8, not the card's 3.
+    import shutil
+
+    copy = shutil.copytree(data_dir, tmp_path / "ds")
+    card = pipeline.load_card(copy)
+    for name in card["splits"]["train"]["files"][:2]:
+        (copy / name).write_bytes(b"")
+    monkeypatch.setattr(pipeline, "check_shard_files", lambda *a, **k: [])
+    runs = [list(pipeline.make_eval_iterator(copy, "train", global_batch_size=8, process_index=h, process_count=4))
+            for h in range(4)]
+    assert [len(r) for r in runs] == [2, 2, 2, 2]
+    assert sum(int(b["example_valid"].sum()) for r in runs for b in r) == 16
