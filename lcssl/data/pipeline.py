@@ -167,7 +167,7 @@ def _records(tf, files, keep_ids: Optional[tuple], cycle_length: int):
     return ds
 
 
-def _mine(tf, global_batch_size: int, lo: int, hi: int):
+def _mine(global_batch_size: int, lo: int, hi: int):
     """filter(i, record): True for the records in this host's slots [lo, hi) of their global batch."""
     def keep(i, record):
         slot = i % global_batch_size
@@ -228,7 +228,7 @@ def make_train_iterator(data_dir, split: str = "train", *, global_batch_size: in
     steps_per_epoch = repeats * num_examples // global_batch_size
     start_epoch, skip_batches = divmod(int(start_step), steps_per_epoch)
     num_files = len(files)
-    mine = _mine(tf, global_batch_size, process_index * b, (process_index + 1) * b)
+    mine = _mine(global_batch_size, process_index * b, (process_index + 1) * b)
 
     def epoch(e):
         epoch_seed = tf.constant(seed, tf.int64) * _SEED_STRIDE + e
@@ -261,7 +261,7 @@ def make_eval_iterator(data_dir, split: str, *, global_batch_size: int, process_
     card = load_card(data_dir)
     files, _ = split_files(data_dir, card, split)
     to_host = _host_batch_fn(card)
-    mine = _mine(tf, global_batch_size, process_index * b, (process_index + 1) * b)
+    mine = _mine(global_batch_size, process_index * b, (process_index + 1) * b)
 
     def pad(serialized, is_pad):
         n = tf.reduce_sum(tf.cast(~is_pad, tf.int32))  # padding comes after every record
