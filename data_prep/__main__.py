@@ -2,6 +2,7 @@
 
     python -m data_prep synth --layout=flair2 --out=/tmp/flair2_raw --patch-size=64
     python -m data_prep build --layout=flair2 --src=/tmp/flair2_raw --out=/tmp/flair2_tfr --expect-size=64
+    python -m data_prep verify /tmp/flair2_tfr      # every shard's record count, size and sha256
     python -m data_prep build --help
 """
 from __future__ import annotations
@@ -38,11 +39,31 @@ def _build(args) -> int:
         unlabelled_from_eval_zones=args.unlabelled_from_eval_zones, sits_size=args.sits_size,
         expect_size=args.expect_size, cloud_prob_threshold=args.cloud_prob_threshold, sits=sits,
         tfds_metadata=not args.no_tfds_metadata, progress=not args.no_progress)
+    from data_prep.patch import SourceError
+
     try:
         build.build(args.src, args.out, layout=args.layout, options=options)
-    except build.BuildError as e:
+    except (build.BuildError, SourceError) as e:
         print(f"build failed: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _verify(args) -> int:
+    from data_prep import build
+
+    try:
+        checked, problems = build.verify(args.data_dir)
+    except (FileNotFoundError, ValueError) as e:  # no card, unreadable card, unknown format version
+        print(f"verify failed: {e}", file=sys.stderr)
+        return 1
+    for shard, problem in problems:
+        print(f"{shard}: {problem}")
+    if problems:
+        print(f"verify: {len(problems)} of {checked} shards damaged in {args.data_dir}; re-run the "
+              "`python -m data_prep build` command that made it to rewrite them", file=sys.stderr)
+        return 1
+    print(f"verify: all {checked} shards in {args.data_dir} match the dataset card (records, bytes, sha256)")
     return 0
 
 
@@ -100,6 +121,11 @@ def parser() -> argparse.ArgumentParser:
                    help="skip dataset_info.json / features.json (tfds.builder_from_directory)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(fn=_build)
+
+    v = sub.add_parser("verify", help="check every shard against the dataset card (records, bytes, sha256)",
+                       formatter_class=fmt)
+    v.add_argument("data_dir", help="folder written by `build` (dataset_card.json and the shards)")
+    v.set_defaults(fn=_verify)
     return p
 
 

@@ -6,16 +6,22 @@ Two passes over the patches, both parallel over `workers` processes:
    (`lcssl.data.sits.preprocess_series`) and keep only small per-patch facts (zone, has_label,
    per-band mean / M2, class histogram). Bad patches (`BadPatch`, `TooFewDates`) are reported with
    file and reason and skipped; `strict` stops at the first one. The scan is cached in `out`
-   (`.scan-<key>.pkl`) so that a resumed build does not read everything twice.
+   (`.scan-cache.json`, JSON: never code) per patch, keyed on the size and mtime of each of its
+   files: a resumed build does not read everything twice, and a repaired patch is scanned again.
 2. write: split by zone, assign patches to shards deterministically (`build_plan.json`), and write
-   each shard to a temp name, renamed when complete. A re-run with the same plan skips the shards
-   that exist and discards partial temp files, so an interrupted build resumes and yields identical
-   shards.
+   each shard to a temp name, fsync it, rename it, and record its examples, bytes and sha256 in
+   `shard_index.json`. A re-run with the same plan keeps an existing shard only if it matches its
+   index entry (size and sha256; every byte is read), rewrites the others, and discards partial
+   temp files, so an interrupted or damaged build resumes and yields identical shards.
+
+A worker process that dies (killed, out of memory) fails the build with a BuildError instead of
+hanging it; re-running the command resumes.
 
 Arrays are kept out of the scan result: a 512 px FLAIR patch is ~2 MB, the dataset ~80k patches.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -25,18 +31,21 @@ import math
 import multiprocessing
 import os
 import pathlib
-import pickle
 import time
 from typing import Optional
 
 import numpy as np
 
 from data_prep.patch import REASONS, BadPatch, RawPatch
-from lcssl.data.schema import CARD_NAME, FORMAT_VERSION, PLAN_NAME, SUMMARY_NAME
-from lcssl.files import atomic_write_bytes as _atomic_write
-from lcssl.files import write_json
+from lcssl.data.schema import CARD_NAME, FORMAT_VERSION, PLAN_NAME, SHARD_INDEX_NAME, SUMMARY_NAME
+from lcssl.files import read_json, write_json
 
 SPLITS = ("train", "val", "test", "unlabelled")
+SCAN_CACHE = ".scan-cache.json"
+# Two patches of one dataset have the same ground resolution up to the rounding of the GeoTIFF pixel
+# scale (float64, or float32 in some writers: relative 6e-8); 1e-6 leaves a margin and still tells
+# 0.2 m from 0.2002 m.
+GSD_RTOL = 1e-6
 LAYOUTS = {"flair2": "data_prep.flair2", "hameln": "data_prep.hameln"}
 CLASS_WEIGHTS_FORMULA = (
     "w_k = 1/sqrt(f_k) with f_k the train pixel frequency of class k, normalised to mean 1 over the "
@@ -185,15 +194,46 @@ def _scan_one(args):
     return info
 
 
-def _write_shard(args):
-    """Writes one shard (refs: [(ref, patch_id)]) to a temp name, then renames it.
+def _fsync_rename(tmp: pathlib.Path, path: pathlib.Path) -> None:
+    """Flushes `tmp` to disk, renames it to `path` and syncs the directory entry (lcssl/files.py's
+    rule for a file written by another writer, here TensorFlow's TFRecordWriter)."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    Returns (file name, examples, bytes, newly written); an existing shard is kept (resume).
+
+def _shard_entry(path: pathlib.Path, num_examples: int) -> dict:
+    from lcssl.data.records import file_sha256
+
+    return {"examples": num_examples, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _write_shard(args):
+    """Writes one shard (refs: [(ref, patch_id)]) to a temp name, fsyncs and renames it.
+
+    An existing shard is kept if it matches `expected` (its shard-index entry: size and sha256),
+    else rewritten. Returns (file name, index entry, status: 'written' | 'reused' | 'replaced: why').
     """
-    layout, refs, drop_label, path, options, num_classes, card_shapes = args
+    layout, refs, drop_label, path, options, num_classes, card_shapes, expected = args
     path = pathlib.Path(path)
+    status = "written"
     if path.exists():
-        return path.name, len(refs), path.stat().st_size, False
+        if expected is None:
+            status = "replaced: not in the shard index (written by an interrupted run before it was recorded)"
+        else:
+            entry = _shard_entry(path, len(refs))
+            if entry == expected:
+                return path.name, entry, "reused"
+            status = (f"replaced: {entry['bytes']} bytes, sha256 {entry['sha256'][:12]}..., the index records "
+                      f"{expected['bytes']} bytes, sha256 {expected['sha256'][:12]}...")
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
@@ -211,11 +251,12 @@ def _write_shard(args):
                     patch_id=p.patch.patch_id, zone=str(p.patch.zone), domain=str(p.patch.domain),
                     aerial=p.patch.aerial, label=None if drop else p.patch.label, sits=p.sits,
                     sits_valid=p.valid, dates=p.dates, shapes=card_shapes))
-        os.replace(tmp, path)
+        entry = _shard_entry(tmp, len(refs))
+        _fsync_rename(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path.name, len(refs), path.stat().st_size, True
+    return path.name, entry, status
 
 
 # --- split and shard plan ----------------------------------------------------------------------
@@ -281,18 +322,24 @@ def _plan(infos: list, options: BuildOptions) -> tuple:
 
 
 def _pool_map(fn, tasks, workers: int, ordered: bool = True):
+    """fn over tasks in `workers` processes; a worker that dies raises BuildError (no hang)."""
     if workers <= 1 or len(tasks) <= 1:
         yield from map(fn, tasks)
         return
+    # concurrent.futures, not multiprocessing.Pool: Pool silently replaces a dead worker and waits
+    # forever for its task, the executor marks itself broken and fails every pending future.
     ctx = multiprocessing.get_context("spawn")  # TensorFlow is not fork-safe
-    pool = ctx.Pool(min(workers, len(tasks)))
+    pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx)
     try:
-        it = pool.imap if ordered else pool.imap_unordered
-        yield from it(fn, tasks, chunksize=1)
-        pool.close()
+        futures = [pool.submit(fn, t) for t in tasks]
+        done = futures if ordered else concurrent.futures.as_completed(futures)
+        for f in done:
+            yield f.result()
+    except concurrent.futures.process.BrokenProcessPool as e:
+        raise BuildError(f"a build worker process died ({e}; killed, or out of memory?); re-run the same "
+                         "command to resume, with fewer --workers if memory is short") from None
     finally:
-        pool.terminate()
-        pool.join()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -301,48 +348,118 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="patch", disable=not enabled, dynamic_ncols=True)
 
 
+def _file_stamps(ref) -> list:
+    """[[path, size, mtime_ns]] of the files a reader's ref names (its `*_path` fields); a missing
+    file is [path, None, None]. Refs without paths (tests' in-memory readers) have none."""
+    stamps = []
+    if dataclasses.is_dataclass(ref):
+        for field in dataclasses.fields(ref):
+            value = getattr(ref, field.name)
+            if field.name.endswith("_path") and isinstance(value, str):
+                try:
+                    st = os.stat(value)
+                    stamps.append([value, st.st_size, st.st_mtime_ns])
+                except OSError:
+                    stamps.append([value, None, None])
+    return stamps
+
+
+def _info_to_json(info: dict) -> dict:
+    out = dict(info)
+    for k in ("aerial_moments", "sits_moments"):
+        if k in out:
+            n, mean, m2 = out[k]
+            out[k] = [int(n), np.asarray(mean).tolist(), np.asarray(m2).tolist()]
+    if "histogram" in out:
+        out["histogram"] = np.asarray(out["histogram"]).tolist()
+    for k in ("aerial_shape", "sits_shape", "bad"):
+        if k in out:
+            out[k] = list(out[k])
+    return out
+
+
+def _info_from_json(info: dict) -> dict:
+    out = dict(info)
+    for k in ("aerial_moments", "sits_moments"):
+        if k in out:
+            n, mean, m2 = out[k]
+            out[k] = [int(n), np.asarray(mean, np.float64), np.asarray(m2, np.float64)]
+    if "histogram" in out:
+        out["histogram"] = np.asarray(out["histogram"], np.int64)
+    for k in ("aerial_shape", "sits_shape", "bad"):
+        if k in out:
+            out[k] = tuple(out[k])
+    return out
+
+
 def _scan(src, layout, refs, options, num_classes, out: pathlib.Path) -> list:
-    key = hashlib.sha256(repr((str(pathlib.Path(src).resolve()), layout, [repr(r) for r in refs], options.sits,
-                               options.sits_size, options.expect_size, options.cloud_prob_threshold,
+    """Scan results per ref, from `out/.scan-cache.json` where a ref's files are unchanged."""
+    key = hashlib.sha256(repr((str(pathlib.Path(src).resolve()), layout, options.sits, options.sits_size,
+                               options.expect_size, options.cloud_prob_threshold,
                                num_classes)).encode()).hexdigest()[:16]
-    cache = out / f".scan-{key}.pkl"
+    for old in out.glob(".scan-*.pkl"):  # earlier versions' pickle caches are never loaded
+        old.unlink()
+    cache_path = out / SCAN_CACHE
+    cached = {}
+    if cache_path.exists():
+        try:
+            data = read_json(cache_path, "scan cache")
+            if data.get("key") == key:
+                cached = data["patches"]
+        except (ValueError, KeyError, AttributeError):  # unreadable: scan again, it is only a cache
+            cached = {}
+
     def check(info):
         if "bad" in info and options.strict:
             path, reason, detail = info["bad"]
             raise BuildError(f"strict: bad patch {path}: {reason}: {detail}")
 
-    if cache.exists():
-        with open(cache, "rb") as f:
-            results = pickle.load(f)
-        for info in results:
+    entries, results, tasks = {}, [None] * len(refs), []
+    for i, ref in enumerate(refs):
+        name, stamps = repr(ref), _file_stamps(ref)
+        hit = cached.get(name)
+        if hit is not None and hit["files"] == stamps:
+            info = _info_from_json({**hit["info"], "index": i})
             check(info)
-        return results
-    results = []
-    tasks = [(i, layout, r, options, num_classes) for i, r in enumerate(refs)]
+            results[i] = info
+            entries[name] = hit
+        else:
+            tasks.append(((i, layout, ref, options, num_classes), name, stamps))
     with _progress(len(tasks), "scan", options.progress) as bar:
-        for info in _pool_map(_scan_one, tasks, options.workers):
-            check(info)
-            results.append(info)
-            bar.update(1)
-    _atomic_write(cache, pickle.dumps(results))
+        try:
+            for (args, name, stamps), info in zip(tasks, _pool_map(_scan_one, [t[0] for t in tasks],
+                                                                   options.workers)):
+                check(info)
+                results[args[0]] = _info_from_json(_info_to_json(info))
+                entries[name] = {"files": stamps, "info": _info_to_json(info)}
+                bar.update(1)
+        finally:  # what was scanned is kept even when a strict check or a dead worker stops the scan
+            if tasks:
+                write_json(cache_path, {"key": key, "patches": entries})
     return results
 
 
 def _check_sizes(good: list, options: BuildOptions, bad: list) -> list:
-    """Patches whose aerial / SITS shape differs from the first good patch become 'size' bad patches."""
+    """Patches whose aerial / SITS shape or ground resolution differs from the first good patch
+    become 'size' / 'resolution' bad patches (the card has one size and one gsd_m)."""
     if not good:
         return good
-    ref_aerial, ref_sits = good[0]["aerial_shape"], good[0]["sits_shape"]
+    ref_aerial, ref_sits, ref_gsd = good[0]["aerial_shape"], good[0]["sits_shape"], good[0]["gsd_m"]
     kept = []
     for i in good:
+        reason = None
         if i["aerial_shape"] != ref_aerial or i["sits_shape"] != ref_sits:
-            detail = (f"aerial {i['aerial_shape']} / sits {i['sits_shape']}, expected {ref_aerial} / {ref_sits} "
-                      f"(from {good[0]['file']})")
-            if options.strict:
-                raise BuildError(f"strict: bad patch {i['file']}: size: {detail}")
-            bad.append({"file": i["file"], "reason": "size", "detail": detail})
-        else:
+            reason, detail = "size", (f"aerial {i['aerial_shape']} / sits {i['sits_shape']}, expected "
+                                      f"{ref_aerial} / {ref_sits} (from {good[0]['file']})")
+        elif not math.isclose(i["gsd_m"], ref_gsd, rel_tol=GSD_RTOL):
+            reason, detail = "resolution", (f"{i['gsd_m']} m pixels, expected {ref_gsd} m as in the first patch "
+                                            f"({good[0]['file']})")
+        if reason is None:
             kept.append(i)
+            continue
+        if options.strict:
+            raise BuildError(f"strict: bad patch {i['file']}: {reason}: {detail}")
+        bad.append({"file": i["file"], "reason": reason, "detail": detail})
     return kept
 
 
@@ -381,8 +498,9 @@ def build(src, out, *, layout: str, options: Optional[BuildOptions] = None) -> d
     }
     plan_path = out / PLAN_NAME
     if plan_path.exists():
-        old = json.loads(plan_path.read_text())
-        if old != json.loads(json.dumps(plan)):
+        old = read_json(plan_path, "build plan")
+        # The format version is left out: a re-run upgrades an older build in place.
+        if ({**old, "format_version": None} != {**json.loads(json.dumps(plan)), "format_version": None}):
             raise BuildError(f"{plan_path}: an earlier build with different inputs or options is in {out}; "
                              "use an empty output directory (or delete it) to rebuild")
     else:
@@ -394,20 +512,28 @@ def build(src, out, *, layout: str, options: Optional[BuildOptions] = None) -> d
         raise BuildError(f"{good[0]['file']}: {shapes.aerial[2]} aerial bands, layout {layout!r} expects "
                          f"{len(meta['aerial_bands'])} ({meta['aerial_bands']})")
     by_index = {i["index"]: i for i in good}
+    index_path = out / SHARD_INDEX_NAME
+    all_files = {f for s in SPLITS for f in shard_files[s]}
+    index = read_json(index_path, "shard index") if index_path.exists() else {}
+    index = {f: e for f, e in index.items() if f in all_files}
     tasks = []
     for s in SPLITS:
         for name, items in zip(shard_files[s], shards[s]):
             tasks.append((layout, [(refs[m[0]], m[1]) for m in items], [m[2] for m in items], str(out / name),
-                          options, num_classes, shapes))
+                          options, num_classes, shapes, index.get(name)))
     written = reused = 0
-    shard_info = {}
+    replaced = []
     with _progress(sum(len(t[1]) for t in tasks), "write", options.progress) as bar:
         try:
-            for name, count, nbytes, new in _pool_map(_write_shard, tasks, options.workers, ordered=False):
-                shard_info[name] = (count, nbytes)
-                written += new
-                reused += not new
-                bar.update(count)
+            for name, entry, status in _pool_map(_write_shard, tasks, options.workers, ordered=False):
+                if status != "reused":
+                    index[name] = entry
+                    write_json(index_path, index)  # each shard is recorded as soon as it is in place
+                if status.startswith("replaced"):
+                    replaced.append({"file": name, "why": status[len("replaced: "):]})
+                written += status != "reused"
+                reused += status == "reused"
+                bar.update(entry["examples"])
         except BadPatch as e:
             raise BuildError(f"bad patch while writing (the source changed since the scan?): {e}") from e
         finally:
@@ -427,7 +553,9 @@ def build(src, out, *, layout: str, options: Optional[BuildOptions] = None) -> d
         "format_version": FORMAT_VERSION,
         "layout": layout,
         "splits": {s: {"num_examples": sum(len(x) for x in shards[s]), "files": shard_files[s],
-                       "shard_examples": [len(x) for x in shards[s]], "zones": zones.get(s)}
+                       "shard_examples": [len(x) for x in shards[s]],
+                       "shard_bytes": [index[f]["bytes"] for f in shard_files[s]],
+                       "shard_sha256": [index[f]["sha256"] for f in shard_files[s]], "zones": zones.get(s)}
                    for s in SPLITS},
         "classes": meta["classes"],
         "ignore_label": 255,
@@ -455,12 +583,22 @@ def build(src, out, *, layout: str, options: Optional[BuildOptions] = None) -> d
         "skipped_total": len(bad),
         "held_out_unlabelled": held_out,
         "bad_patches": bad,
-        "shards": {"written": written, "reused": reused},
+        "shards": {"written": written, "reused": reused, "replaced": replaced},
         "seconds": round(time.time() - t0, 2),
     }
     _atomic_json(out / SUMMARY_NAME, summary)
     print(format_summary(summary))
     return summary
+
+
+def verify(data_dir) -> tuple[int, list]:
+    """(number of shards, [(shard path, problem)]) of every shard of `data_dir` checked against its
+    dataset card: present, complete records, byte size and sha256 (reads every byte)."""
+    from lcssl.data import pipeline
+
+    card = pipeline.load_card(data_dir, check_shards=False)
+    problems = pipeline.check_shard_files(data_dir, card, check_sha256=True)
+    return sum(len(info["files"]) for info in card["splits"].values()), problems
 
 
 def _record_shapes(first: dict, meta: dict, sits_opts):
@@ -517,6 +655,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"    ... {len(summary['bad_patches']) - 20} more in {SUMMARY_NAME}")
     lines.append(f"  shards: {summary['shards']['written']} written, {summary['shards']['reused']} reused; "
                  f"{summary['seconds']} s -> {summary['out']}")
+    for r in summary["shards"]["replaced"][:20]:
+        lines.append(f"    rewrote {r['file']}: {r['why']}")
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import pathlib
 import warnings
@@ -23,9 +24,10 @@ from typing import Optional
 
 import numpy as np
 import rasterio
+import rasterio.crs
 import rasterio.errors
 
-from data_prep.patch import BadPatch, RawPatch
+from data_prep.patch import BadPatch, MissingSource, RawPatch, SourceError
 from lcssl.data import sits as sits_lib
 from lcssl.data.schema import FLAIR2_AERIAL_BANDS, FLAIR2_CLASSES, IGNORE_LABEL, S2_BANDS
 
@@ -35,6 +37,13 @@ SEN_DIR = "flair_sen_train"
 CENTROIDS = "flair-2_centroids_sp_to_patch.json"
 AERIAL_SIZE = 512        # FLAIR #2 patches: 512 x 512 px at 0.2 m
 AERIAL_GSD_M = 0.2
+CRS = "EPSG:2154"        # RGF93 / Lambert-93, the CRS of every FLAIR #2 raster
+# Ground resolution tolerance: pixel scales are stored as float64 (some writers: float32, relative
+# 6e-8); 1e-6 leaves a margin and still tells 0.2 m from 0.2002 m.
+GSD_RTOL = 1e-6
+# Origin tolerance of a label against its aerial patch: a thousandth of a pixel, far above the float64
+# rounding of map coordinates (~1e-10 m at 1e6 m) and far below any real misregistration.
+ORIGIN_TOL_PX = 1e-3
 SITS_SIZE = 40           # FLAIR #2 baseline crop of the super-patch (40 x 40 px at 10 m)
 MAX_RAW_CODE = 19        # FLAIR #2 nomenclature: codes 1..19; 14..19 are rare and fold into 'other'
 
@@ -62,6 +71,7 @@ class PatchRef:
     sen_products_path: str
     centroids_path: str
     centroid: Optional[tuple]
+    centroid_error: Optional[str] = None
 
     @property
     def has_label(self) -> bool:
@@ -70,10 +80,64 @@ class PatchRef:
 
 # ----------------------------------------------------------------------------- rasters (shared)
 
-def read_raster(path, *, bands: int, size: int, dtype, need_georef: bool):
+def _error_chain(e: BaseException) -> str:
+    """The message of `e` and of its causes: rasterio's 'Read failed. See previous exception' keeps
+    GDAL's reason (e.g. a truncated strip) only in the chained exception."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e).strip()
+        if text and text not in parts:
+            parts.append(text)
+        e = e.__cause__ or e.__context__
+    return ": ".join(parts)
+
+
+def check_georef(path, crs, transform, *, expect_crs: Optional[str], expect_gsd_m: Optional[float],
+                 crs_source: str = "") -> None:
+    """The raster's CRS against the dataset's and its pixel size against the expected one (a
+    north-up grid); raises BadPatch wrong_crs / resolution. `crs_source` says where the expected CRS
+    comes from (e.g. the Hameln manifest)."""
+    if expect_crs is not None and crs != rasterio.crs.CRS.from_user_input(expect_crs):
+        raise BadPatch(path, "wrong_crs", f"CRS {crs.to_string() if crs else None}, expected {expect_crs}"
+                                          f"{crs_source}")
+    if expect_gsd_m is not None:
+        a, b, _, d, e, _ = tuple(transform)[:6]
+        if b or d or not (math.isclose(abs(a), expect_gsd_m, rel_tol=GSD_RTOL)
+                          and math.isclose(abs(e), expect_gsd_m, rel_tol=GSD_RTOL)):
+            raise BadPatch(path, "resolution", f"pixel size {abs(a)} x {abs(e)} (rotation terms {b}, {d}), "
+                                               f"expected a north-up grid of {expect_gsd_m} m pixels")
+
+
+def check_same_grid(label_path, label_crs: str, label_transform: tuple, aerial_path, aerial_crs: str,
+                    aerial_transform: tuple) -> None:
+    """A georeferenced label must lie on its aerial patch's grid (same CRS, pixel size and origin; the
+    shapes were checked when read); raises BadPatch 'grid'. A label without georeferencing is taken
+    to be on the aerial grid."""
+    if not label_crs and rasterio.Affine(*label_transform).is_identity:
+        return
+    same_crs = bool(label_crs) and (rasterio.crs.CRS.from_user_input(label_crs)
+                                    == rasterio.crs.CRS.from_user_input(aerial_crs))
+    if not same_crs:
+        raise BadPatch(label_path, "grid", f"CRS {label_crs or None}, its aerial patch "
+                                           f"{os.path.basename(str(aerial_path))} has {aerial_crs}")
+    la, lb, lx, ld, le, ly = label_transform
+    aa, ab, ax, ad, ae, ay = aerial_transform
+    gsd = max(abs(aa), abs(ae))
+    same_pixels = all(math.isclose(u, v, rel_tol=GSD_RTOL, abs_tol=GSD_RTOL * gsd)
+                      for u, v in ((la, aa), (lb, ab), (ld, ad), (le, ae)))
+    if not same_pixels or abs(lx - ax) > ORIGIN_TOL_PX * gsd or abs(ly - ay) > ORIGIN_TOL_PX * gsd:
+        raise BadPatch(label_path, "grid",
+                       f"transform {tuple(label_transform)}, its aerial patch {os.path.basename(str(aerial_path))} "
+                       f"has {tuple(aerial_transform)} (origin shifted by {lx - ax:+.3f}, {ly - ay:+.3f} m)")
+
+
+def read_raster(path, *, bands: int, size: int, dtype, need_georef: bool, expect_crs: Optional[str] = None,
+                expect_gsd_m: Optional[float] = None, crs_source: str = ""):
     """GeoTIFF -> ([H, W, bands] array, crs string or '', affine 6-tuple), validated.
 
-    Raises BadPatch: unreadable, band_count, size, dtype, no_crs (when need_georef), nonfinite.
+    Raises BadPatch: unreadable, band_count, size, dtype, no_crs (when need_georef), wrong_crs
+    (expect_crs), resolution (expect_gsd_m), nonfinite.
     """
     try:
         with warnings.catch_warnings():
@@ -90,9 +154,12 @@ def read_raster(path, *, bands: int, size: int, dtype, need_georef: bool):
                 if need_georef and (not crs or transform.is_identity):
                     raise BadPatch(path, "no_crs", f"expected a CRS and a geotransform, found crs={crs or None}, "
                                                    f"transform={tuple(transform)[:6]}")
+                if need_georef:
+                    check_georef(path, ds.crs, transform, expect_crs=expect_crs, expect_gsd_m=expect_gsd_m,
+                                 crs_source=crs_source)
                 data = ds.read()
     except (rasterio.errors.RasterioError, OSError) as e:
-        raise BadPatch(path, "unreadable", f"cannot read GeoTIFF ({e})") from None
+        raise BadPatch(path, "unreadable", f"cannot read GeoTIFF ({_error_chain(e)})") from None
     if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
         raise BadPatch(path, "nonfinite", "found NaN or inf values")
     return np.ascontiguousarray(np.moveaxis(data, 0, -1)), crs, tuple(transform)[:6]
@@ -139,8 +206,11 @@ def _load_zone_cached(data_key, masks_key, products_key):
                                            f"matching the data, found {masks.dtype} {masks.shape}")
     if not os.path.exists(products_path):
         raise BadPatch(products_path, "no_sits", "products file missing")
-    with open(products_path) as f:
-        products = [line.strip() for line in f if line.strip()]
+    try:
+        with open(products_path, encoding="utf-8") as f:
+            products = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise BadPatch(products_path, "bad_dates", f"expected UTF-8 text, one product name a line ({e})") from None
     if len(products) != num_dates:
         raise BadPatch(products_path, "bad_dates",
                        f"expected {num_dates} product names (one per date of {data_path}), found {len(products)}")
@@ -165,15 +235,18 @@ def list_patches(root, *, aerial_dir: str = AERIAL_DIR, labels_dir: str = LABELS
     root = pathlib.Path(root)
     aerial_root = root / aerial_dir
     if not aerial_root.is_dir():
-        raise FileNotFoundError(f"FLAIR #2 root {root}: expected the aerial folder {aerial_root}, found none")
+        raise MissingSource(f"FLAIR #2 root {root}: expected the aerial folder {aerial_root}, found none")
     centroids_path = root / centroids
     table = {}
     if centroids_path.exists():
-        with open(centroids_path) as f:
-            table = json.load(f)
+        try:
+            table = json.loads(centroids_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SourceError(f"{centroids_path}: the centroid table is not valid UTF-8 JSON ({e}); expected "
+                              "{\"IMG_<id>.tif\": [row, col], ...}") from None
         if not isinstance(table, dict):
-            raise ValueError(f"{centroids_path}: expected an object {{'IMG_<id>.tif': [row, col]}}, "
-                             f"found {type(table).__name__}")
+            raise SourceError(f"{centroids_path}: expected an object {{'IMG_<id>.tif': [row, col]}}, "
+                              f"found {type(table).__name__}")
     refs = []
     for aerial_path in sorted(aerial_root.glob("*/*/img/IMG_*.tif")):
         zone_dir = aerial_path.parent.parent
@@ -181,14 +254,24 @@ def list_patches(root, *, aerial_dir: str = AERIAL_DIR, labels_dir: str = LABELS
         number = aerial_path.stem[len("IMG_"):]
         label_path = root / labels_dir / domain / zone / "msk" / f"MSK_{number}.tif"
         sen = root / sen_dir / domain / zone / "sen" / f"SEN2_sp_{domain}-{zone}"
-        centroid = table.get(aerial_path.name)
+        centroid, centroid_error = _centroid(table.get(aerial_path.name))
         refs.append(PatchRef(
             patch_id=aerial_path.stem, zone=zone, domain=domain, aerial_path=str(aerial_path),
             label_path=str(label_path) if label_path.exists() else None,
             sen_data_path=f"{sen}_data.npy", sen_masks_path=f"{sen}_masks.npy",
             sen_products_path=f"{sen}_products.txt", centroids_path=str(centroids_path),
-            centroid=tuple(int(v) for v in centroid) if centroid is not None else None))
+            centroid=centroid, centroid_error=centroid_error))
     return refs
+
+
+def _centroid(value) -> tuple:
+    """((row, col) or None, why the table's entry is malformed or None)."""
+    if value is None:
+        return None, None
+    if (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return tuple(value), None
+    return None, f"expected [row, col] integers, found {json.dumps(value)[:80]}"
 
 
 def read_patch(ref: PatchRef, *, sits_size: int = SITS_SIZE, expect_size: Optional[int] = None,
@@ -199,19 +282,26 @@ def read_patch(ref: PatchRef, *, sits_size: int = SITS_SIZE, expect_size: Option
     cloud_prob_threshold: see lcssl.data.sits.cloud_probability (None: mean cloud/snow probability).
     """
     size = AERIAL_SIZE if expect_size is None else expect_size
+    # FLAIR #2 patches cover 102.4 m (512 px at 0.2 m); smaller synthetic patches keep that footprint.
     aerial, crs, transform = read_raster(ref.aerial_path, bands=len(FLAIR2_AERIAL_BANDS), size=size,
-                                         dtype=np.uint8, need_georef=True)
+                                         dtype=np.uint8, need_georef=True, expect_crs=CRS,
+                                         expect_gsd_m=AERIAL_GSD_M * AERIAL_SIZE / size)
     label = None
     if ref.label_path is not None:
-        codes, _, _ = read_raster(ref.label_path, bands=1, size=size, dtype=np.uint8, need_georef=False)
+        codes, label_crs, label_transform = read_raster(ref.label_path, bands=1, size=size, dtype=np.uint8,
+                                                        need_georef=False)
         codes = codes[..., 0]
         if codes.max() > MAX_RAW_CODE:
             bad = np.unique(codes[codes > MAX_RAW_CODE])
             raise BadPatch(ref.label_path, "label_range",
                            f"expected codes 0..{MAX_RAW_CODE}, found {bad[:10].tolist()}")
+        check_same_grid(ref.label_path, label_crs, label_transform, ref.aerial_path, crs, transform)
         label = fold_labels(codes)
 
     data, masks, dates = _load_zone(ref)
+    if ref.centroid_error is not None:
+        raise BadPatch(ref.centroids_path, "no_centroid",
+                       f"entry for {os.path.basename(ref.aerial_path)}: {ref.centroid_error}")
     if ref.centroid is None:
         raise BadPatch(ref.centroids_path, "no_centroid", f"no entry for {os.path.basename(ref.aerial_path)}")
     try:

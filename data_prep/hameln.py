@@ -7,7 +7,9 @@
     <root>/sits/<zone>/<patch_id>_dates.txt     T ISO dates (YYYY-MM-DD), one per line
     <root>/sits/<zone>/<patch_id>_cloud.npy     optional: [T] float 0..1 or [T, 2, h, w] uint8 0..100
 
-A patch without a label file is unlabelled. Validation and errors are those of the FLAIR #2 reader.
+A patch without a label file is unlabelled. Validation and errors are those of the FLAIR #2 reader;
+every raster must be in the manifest's `crs` with `aerial_gsd_m` pixels (a patch of another size
+than `aerial_size` keeps the manifest's footprint), and a label on its aerial patch's grid.
 """
 from __future__ import annotations
 
@@ -19,9 +21,11 @@ import pathlib
 from typing import Optional
 
 import numpy as np
+import rasterio.crs
+import rasterio.errors
 
-from data_prep.flair2 import check_superpatch, load_npy, read_raster
-from data_prep.patch import BadPatch, RawPatch
+from data_prep.flair2 import check_same_grid, check_superpatch, load_npy, read_raster
+from data_prep.patch import BadPatch, MissingSource, RawPatch, SourceError
 from lcssl.data import sits as sits_lib
 from lcssl.data.schema import HAMELN_AERIAL_BANDS, IGNORE_LABEL
 
@@ -56,6 +60,9 @@ class PatchRef:
     unlabelled_value: int
     num_aerial_bands: int
     aerial_size: int
+    crs: str
+    aerial_gsd_m: float
+    manifest_path: str
 
     @property
     def has_label(self) -> bool:
@@ -66,16 +73,29 @@ def read_manifest(root) -> dict:
     """<root>/hameln.json with defaults filled in; ValueError names the field on a bad value."""
     path = pathlib.Path(root) / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"Hameln root {root}: expected the manifest {path}, found none")
-    with open(path) as f:
-        manifest = {**MANIFEST_DEFAULTS, **json.load(f)}
+        raise MissingSource(f"Hameln root {root}: expected the manifest {path}, found none")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SourceError(f"{path}: the manifest is not valid UTF-8 JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise SourceError(f"{path}: expected a JSON object of manifest fields, found {type(manifest).__name__}")
+    manifest = {**MANIFEST_DEFAULTS, **manifest}
     classes = manifest.get("classes")
     if not isinstance(classes, list) or not classes or len(classes) > 254:
-        raise ValueError(f"{path}: field 'classes': expected a list of 1..254 class names, found {classes!r}")
+        raise SourceError(f"{path}: field 'classes': expected a list of 1..254 class names, found {classes!r}")
     unlabelled = manifest["unlabelled_value"]
     if not isinstance(unlabelled, int) or not (unlabelled == 0 or len(classes) < unlabelled <= 255):
-        raise ValueError(f"{path}: field 'unlabelled_value': expected 0 or {len(classes) + 1}..255 "
-                         f"(1..{len(classes)} are class codes), found {unlabelled!r}")
+        raise SourceError(f"{path}: field 'unlabelled_value': expected 0 or {len(classes) + 1}..255 "
+                          f"(1..{len(classes)} are class codes), found {unlabelled!r}")
+    try:
+        rasterio.crs.CRS.from_user_input(manifest["crs"])
+    except (rasterio.errors.CRSError, TypeError, ValueError) as e:
+        raise SourceError(f"{path}: field 'crs': expected a CRS such as 'EPSG:25832', found "
+                          f"{manifest['crs']!r} ({e})") from None
+    gsd = manifest["aerial_gsd_m"]
+    if not isinstance(gsd, (int, float)) or isinstance(gsd, bool) or not gsd > 0:
+        raise SourceError(f"{path}: field 'aerial_gsd_m': expected a positive pixel size in metres, found {gsd!r}")
     return manifest
 
 
@@ -92,7 +112,7 @@ def list_patches(root) -> list[PatchRef]:
     info = read_manifest(root)
     aerial_root = root / "aerial"
     if not aerial_root.is_dir():
-        raise FileNotFoundError(f"Hameln root {root}: expected the aerial folder {aerial_root}, found none")
+        raise MissingSource(f"Hameln root {root}: expected the aerial folder {aerial_root}, found none")
     refs = []
     for aerial_path in sorted(aerial_root.glob("*/*.tif")):
         zone, patch_id = aerial_path.parent.name, aerial_path.stem
@@ -105,15 +125,19 @@ def list_patches(root) -> list[PatchRef]:
             sits_path=str(sits_dir / f"{patch_id}.npy"), dates_path=str(sits_dir / f"{patch_id}_dates.txt"),
             cloud_path=str(cloud_path) if cloud_path.exists() else None,
             num_classes=len(info["classes"]), unlabelled_value=int(info["unlabelled_value"]),
-            num_aerial_bands=len(info["aerial_bands"]), aerial_size=int(info["aerial_size"])))
+            num_aerial_bands=len(info["aerial_bands"]), aerial_size=int(info["aerial_size"]),
+            crs=str(info["crs"]), aerial_gsd_m=float(info["aerial_gsd_m"]), manifest_path=str(root / MANIFEST)))
     return refs
 
 
 def _read_dates(path, num_dates: int) -> list[datetime.date]:
     if not os.path.exists(path):
         raise BadPatch(path, "bad_dates", "dates file missing")
-    with open(path) as f:
-        lines = [line.strip() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise BadPatch(path, "bad_dates", f"expected UTF-8 text, one ISO date a line ({e})") from None
     try:
         dates = [datetime.date.fromisoformat(line) for line in lines]
     except ValueError as e:
@@ -155,17 +179,21 @@ def read_patch(ref: PatchRef, *, sits_size: int = SITS_SIZE, expect_size: Option
     sits_size x sits_size around its centre when stored larger.
     """
     size = ref.aerial_size if expect_size is None else expect_size
-    aerial, crs, transform = read_raster(ref.aerial_path, bands=ref.num_aerial_bands, size=size,
-                                         dtype=np.uint8, need_georef=True)
+    aerial, crs, transform = read_raster(
+        ref.aerial_path, bands=ref.num_aerial_bands, size=size, dtype=np.uint8, need_georef=True,
+        expect_crs=ref.crs, expect_gsd_m=ref.aerial_gsd_m * ref.aerial_size / size,
+        crs_source=f" (the crs of the manifest {ref.manifest_path})")
     label = None
     if ref.label_path is not None:
-        codes, _, _ = read_raster(ref.label_path, bands=1, size=size, dtype=np.uint8, need_georef=False)
+        codes, label_crs, label_transform = read_raster(ref.label_path, bands=1, size=size, dtype=np.uint8,
+                                                        need_georef=False)
         codes = codes[..., 0]
         bad = (codes > ref.num_classes) & (codes != ref.unlabelled_value)
         if bad.any():
             raise BadPatch(ref.label_path, "label_range",
                            f"expected codes 1..{ref.num_classes} or unlabelled {ref.unlabelled_value}, "
                            f"found {np.unique(codes[bad])[:10].tolist()}")
+        check_same_grid(ref.label_path, label_crs, label_transform, ref.aerial_path, crs, transform)
         label = fold_labels(codes, ref.num_classes, ref.unlabelled_value)
 
     data = load_npy(ref.sits_path, what="SITS")

@@ -14,10 +14,13 @@ REASONS = (
     "size",              # wrong height/width
     "dtype",             # wrong data type
     "no_crs",            # GeoTIFF without CRS or transform
+    "wrong_crs",         # CRS other than the dataset's (FLAIR #2: EPSG:2154; Hameln: the manifest's crs)
+    "resolution",        # pixel size other than the dataset's, or a rotated grid
+    "grid",              # label not on the aerial patch's grid (other CRS, origin or pixel size)
     "nonfinite",         # NaN or inf values
     "label_range",       # label codes outside the layout's range
     "no_sits",           # no Sentinel-2 super-patch / series for the patch
-    "no_centroid",       # no entry in the centroid table, or crop outside the super-patch
+    "no_centroid",       # no (or a malformed) entry in the centroid table, or crop outside the super-patch
     "bad_dates",         # product names / dates unparseable or inconsistent with the array
     "too_few_dates",     # fewer clear dates than required after cloud filtering
 )
@@ -33,6 +36,18 @@ class BadPatch(Exception):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{self.path}: {reason}: {detail}")
+
+    def __reduce__(self):  # pickled across build worker processes
+        return BadPatch, (self.path, self.reason, self.detail)
+
+
+class SourceError(ValueError):
+    """The raw dataset as a whole cannot be read (missing folder, malformed manifest or centroid
+    table): the build stops with this one-line message, which names the file."""
+
+
+class MissingSource(SourceError, FileNotFoundError):
+    """A folder or file the layout requires is missing."""
 
 
 @dataclasses.dataclass

@@ -12,22 +12,34 @@ on the device inside the jitted step (lcssl/data/normalize.py, augment.py), beca
 host->device link with 4x fewer bytes than float32, the 2-core hosts stay free for decoding, and the
 augmentations draw from the step's explicit RNG, so a resumed run is exact.
 
-Train order. Each host reads its own shards (`files[process_index::process_count]`), or, when there
-are fewer shards than hosts, every host reads all shards in the same order and keeps every
-process_count-th example. An *epoch* is `repeats = ceil(b / n_host)` passes over the host's n_host
-examples (1 unless the host has fewer examples than a batch); its order is a function of
-(seed, epoch) only: shard order and the shuffle buffer are seeded with `seed * 1_000_003 + epoch`.
-Batches do not cross epochs (the remainder of an epoch is dropped; different examples each epoch),
-so steps_per_epoch = repeats * n_host // b and resuming at `start_step` starts the pipeline at epoch
-start_step // steps_per_epoch and skips (start_step % steps_per_epoch) * b *serialized* records of
-that epoch before parsing: exactly the batches an uninterrupted run sees, at the cost of reading
-(not decoding) at most one epoch.
+One global order. Every host reads the same stream of serialized records: all shards of the split,
+interleaved (`cycle_length` shards at a time), grouped into *global* batches of global_batch_size
+records; host p keeps records [p*b, (p+1)*b) of each global batch and decodes only those. The global
+batch sequence (the hosts' batches concatenated in process order, as `sharding.host_batch_to_global`
+assembles them) is therefore the same for any process count, and a run resumed on another number of
+hosts continues exactly. The price: every host reads (not decodes) every record, process_count times
+the I/O of disjoint per-host shards.
+
+Train order. An *epoch* is `repeats = ceil(B / n)` passes over the split's n examples (1 unless the
+split is smaller than a global batch B); its order is a function of (seed, epoch) only: shard order
+and the shuffle buffer are seeded with `seed * 1_000_003 + epoch`. Batches do not cross epochs (the
+remainder of an epoch is dropped; different examples each epoch), so steps_per_epoch = repeats * n // B
+and resuming at `start_step` starts at epoch start_step // steps_per_epoch and skips
+(start_step % steps_per_epoch) * B *serialized* records of that epoch before parsing: exactly the
+batches an uninterrupted run sees, at the cost of reading (not decoding) at most one epoch.
+
+Eval order: the split once, shards in card order. Every host counts batches from the records it
+actually reads (the same stream on every host), so all hosts yield the same number of batches
+whatever the card says: the eval collectives cannot hang on a short shard.
+
+Shards are checked when a dataset is opened (`load_card`): each must exist with the byte size the
+card records; one that differs is walked to say how (cut inside a record, cut at a record boundary,
+rewritten). `python -m data_prep verify DATA_DIR` also checks record counts and sha256.
 
 TensorFlow is imported lazily with GPUs hidden, so `lcssl` imports without it.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import pathlib
 from typing import Iterator, Optional
@@ -51,27 +63,53 @@ def _tf():
     return tf
 
 
-def load_card(data_dir) -> dict:
-    """The dataset card of `data_dir`, checked for a known format version."""
+def load_card(data_dir, check_shards: bool = True) -> dict:
+    """The dataset card of `data_dir`, checked for a known format version and, by default, for
+    shards that are missing or whose size differs from the card (`records.ShardError`, naming the
+    shard and what to do): a damaged dataset fails at start-up, not hours into training."""
     path = pathlib.Path(data_dir) / CARD_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{data_dir}: no {CARD_NAME}; expected a directory written by "
                                 "`python -m data_prep build`")
     card = read_json(path, "dataset card")
     version = card.get("format_version")
+    if version == 1:
+        raise ValueError(f"{path}: format_version 1 records no shard sizes or hashes, so its shards cannot be "
+                         "checked; re-run the `python -m data_prep build` command that made it (same --src, "
+                         "--out and options): it rewrites the shards and writes a version 2 card")
     if version not in FORMAT_VERSIONS:
         raise ValueError(f"{path}: format_version {version!r} is unknown; this code reads {FORMAT_VERSIONS}")
+    if check_shards:
+        check_shard_files(data_dir, card)
     return card
 
 
-@dataclasses.dataclass(frozen=True)
-class HostShare:
-    """What one host reads of a split."""
+def check_shard_files(data_dir, card: dict, splits=None, check_sha256: bool = False) -> list:
+    """Every shard of `splits` (default: all) against the card.
 
-    files: tuple  # full paths, in read order before shuffling
-    example_shard: Optional[tuple]  # (process_count, process_index) when sharding examples, else None
-    num_examples: int  # examples this host yields per pass
-    keep_ids: Optional[tuple]  # patch ids kept by label_fraction (None: all)
+    Without `check_sha256` (one stat per shard): returns [] or raises `records.ShardError` naming the
+    first damaged shard and what to do. With it (reads every byte, `data_prep verify`): returns
+    [(shard path, problem)] for every damaged shard.
+    """
+    from lcssl.data.records import ShardError, shard_problem
+
+    problems = []
+    for split in (card["splits"] if splits is None else splits):
+        info = card["splits"][split]
+        for k, name in enumerate(info["files"]):
+            shard = pathlib.Path(data_dir) / name
+            problem = shard_problem(shard, num_examples=info["shard_examples"][k], num_bytes=info["shard_bytes"][k],
+                                    sha256=info["shard_sha256"][k], check_sha256=check_sha256)
+            if problem is None:
+                continue
+            if check_sha256:
+                problems.append((str(shard), problem))
+                continue
+            raise ShardError(
+                f"{shard}: {problem}. The dataset in {data_dir} is damaged: `python -m data_prep verify "
+                f"{data_dir}` lists every damaged shard, and re-running the `python -m data_prep build` command "
+                "that made it rewrites them")
+    return problems
 
 
 def _process(process_index, process_count):
@@ -105,40 +143,37 @@ def labelled_subset(data_dir, split: str, label_fraction: float, label_seed: int
     return tuple(sorted(ids[i] for i in pick))
 
 
-def host_share(data_dir, card: dict, split: str, process_index: int, process_count: int,
-               keep_ids: Optional[tuple] = None) -> HostShare:
+def split_files(data_dir, card: dict, split: str, keep_ids: Optional[tuple] = None) -> tuple[list, int]:
+    """(shard paths in card order, number of examples kept) of a split; keep_ids: see labelled_subset."""
     if split not in card["splits"]:
         raise KeyError(f"{data_dir}/{CARD_NAME}: no split {split!r}; splits are {sorted(card['splits'])}")
     info = card["splits"][split]
-    files, counts = list(info["files"]), list(info["shard_examples"])
-    if keep_ids is not None:
-        plan = read_json(pathlib.Path(data_dir) / PLAN_NAME, "build plan")["splits"][split]["shards"]
-        keep = set(keep_ids)
-        counts = [sum(i in keep for i in plan[f]) for f in files]
-    if not files:
+    if not info["files"]:
         raise ValueError(f"{data_dir}/{CARD_NAME}: split {split!r} has no examples")
-    paths = [str(pathlib.Path(data_dir) / f) for f in files]
-    if len(files) >= process_count:
-        mine = range(process_index, len(files), process_count)
-        return HostShare(tuple(paths[i] for i in mine), None, sum(counts[i] for i in mine), keep_ids)
-    total = sum(counts)
-    return HostShare(tuple(paths), (process_count, process_index),
-                     len(range(process_index, total, process_count)), keep_ids)
+    num_examples = sum(info["shard_examples"]) if keep_ids is None else len(keep_ids)
+    return [str(pathlib.Path(data_dir) / f) for f in info["files"]], num_examples
 
 
-def _records(tf, files, share: HostShare, cycle_length: int):
-    """Interleaved serialized records of `files` (a string dataset), filtered and example-sharded."""
+def _records(tf, files, keep_ids: Optional[tuple], cycle_length: int):
+    """Interleaved serialized records of `files` (a string dataset), filtered to keep_ids."""
     ds = files.interleave(tf.data.TFRecordDataset, cycle_length=cycle_length, block_length=1,
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if share.keep_ids is not None:
+    if keep_ids is not None:
         table = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(tf.constant(share.keep_ids), tf.ones(len(share.keep_ids), tf.int32)),
+            tf.lookup.KeyValueTensorInitializer(tf.constant(keep_ids), tf.ones(len(keep_ids), tf.int32)),
             default_value=0)
         spec = {"patch_id": tf.io.FixedLenFeature([], tf.string)}
         ds = ds.filter(lambda r: table.lookup(tf.io.parse_single_example(r, spec)["patch_id"]) > 0)
-    if share.example_shard is not None:
-        ds = ds.shard(*share.example_shard)
     return ds
+
+
+def _mine(global_batch_size: int, lo: int, hi: int):
+    """filter(i, record): True for the records in this host's slots [lo, hi) of their global batch."""
+    def keep(i, record):
+        slot = i % global_batch_size
+        return (slot >= lo) & (slot < hi)
+
+    return keep
 
 
 def _host_batch_fn(card: dict):
@@ -187,23 +222,26 @@ def make_train_iterator(data_dir, split: str = "train", *, global_batch_size: in
     tf = _tf()
     process_index, process_count, b = _host_batch(global_batch_size, process_index, process_count)
     card = load_card(data_dir)
-    share = host_share(data_dir, card, split, process_index, process_count,
-                       labelled_subset(data_dir, split, label_fraction, label_seed))
-    if share.num_examples == 0:
-        raise ValueError(f"{data_dir}: split {split!r} leaves no example to host {process_index} of {process_count}")
-    repeats = math.ceil(b / share.num_examples)
-    steps_per_epoch = repeats * share.num_examples // b
+    keep_ids = labelled_subset(data_dir, split, label_fraction, label_seed)
+    files, num_examples = split_files(data_dir, card, split, keep_ids)
+    repeats = math.ceil(global_batch_size / num_examples)
+    steps_per_epoch = repeats * num_examples // global_batch_size
     start_epoch, skip_batches = divmod(int(start_step), steps_per_epoch)
-    num_files = len(share.files)
+    num_files = len(files)
+    mine = _mine(global_batch_size, process_index * b, (process_index + 1) * b)
 
     def epoch(e):
         epoch_seed = tf.constant(seed, tf.int64) * _SEED_STRIDE + e
-        files = tf.data.Dataset.from_tensor_slices(list(share.files)).repeat(repeats)
-        files = files.shuffle(num_files * repeats, seed=epoch_seed)
-        ds = _records(tf, files, share, min(cycle_length, num_files * repeats))
+        names = tf.data.Dataset.from_tensor_slices(files).repeat(repeats)
+        names = names.shuffle(num_files * repeats, seed=epoch_seed)
+        ds = _records(tf, names, keep_ids, min(cycle_length, num_files * repeats))
         ds = ds.shuffle(shuffle_buffer, seed=epoch_seed)
-        ds = ds.skip(tf.where(e == start_epoch, tf.constant(skip_batches * b, tf.int64), tf.constant(0, tf.int64)))
-        return ds.batch(b, drop_remainder=True)
+        # Whole global batches only (the epoch's remainder is dropped); resume skips whole ones, so
+        # a record's position in the epoch, counted after the skip, still gives its global batch slot.
+        skip = tf.where(e == start_epoch, tf.constant(skip_batches * global_batch_size, tf.int64),
+                        tf.constant(0, tf.int64))
+        ds = ds.take(steps_per_epoch * global_batch_size).skip(skip)
+        return ds.enumerate().filter(mine).map(lambda i, r: r).batch(b, drop_remainder=True)
 
     ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
     ds = ds.map(_host_batch_fn(card), num_parallel_calls=tf.data.AUTOTUNE)
@@ -215,31 +253,33 @@ def make_eval_iterator(data_dir, split: str, *, global_batch_size: int, process_
                        process_count: Optional[int] = None, cycle_length: int = 8) -> Iterator[dict]:
     """Finite iterator: every example of the split exactly once over all hosts, in a fixed order.
 
-    Every host yields the same number of batches (collectives need it): the last ones are padded
-    with zero rows marked `example_valid=False`.
+    Every host yields the same number of batches (collectives need it), counted from the records
+    read: the rows past the end of the last global batch are zeros marked `example_valid=False`.
     """
     tf = _tf()
     process_index, process_count, b = _host_batch(global_batch_size, process_index, process_count)
     card = load_card(data_dir)
-    shares = [host_share(data_dir, card, split, i, process_count) for i in range(process_count)]
-    share = shares[process_index]
-    num_batches = max(math.ceil(s.num_examples / b) for s in shares)
+    files, _ = split_files(data_dir, card, split)
     to_host = _host_batch_fn(card)
+    mine = _mine(global_batch_size, process_index * b, (process_index + 1) * b)
 
-    def pad(serialized):
-        batch = to_host(serialized)
-        n = tf.shape(serialized)[0]
+    def pad(serialized, is_pad):
+        n = tf.reduce_sum(tf.cast(~is_pad, tf.int32))  # padding comes after every record
+        batch = to_host(serialized[:n])
         out = {k: tf.pad(v, [[0, b - n]] + [[0, 0]] * (len(v.shape) - 1)) for k, v in batch.items()}
         out = {k: tf.ensure_shape(v, [b] + v.shape[1:].as_list()) for k, v in out.items()}
-        out["example_valid"] = tf.range(b) < n
+        out["example_valid"] = ~is_pad
         return out
 
-    files = tf.data.Dataset.from_tensor_slices(list(share.files))
-    ds = _records(tf, files, share, min(cycle_length, len(share.files)))
-    ds = ds.batch(b).map(pad, num_parallel_calls=tf.data.AUTOTUNE)
-    extra = num_batches - math.ceil(share.num_examples / b)
-    if extra:
-        empty = tf.data.Dataset.from_tensors(tf.constant([], tf.string)).map(pad).repeat(extra)
-        ds = ds.concatenate(empty)
+    names = tf.data.Dataset.from_tensor_slices(files)
+    ds = _records(tf, names, None, min(cycle_length, len(files))).map(lambda r: (r, False))
+    # The stream is padded to whole global batches without knowing its length: B - 1 padding entries
+    # at most, up to the first one that would open a new global batch. Every host sees the same
+    # stream, hence the same number of global batches, and takes b entries of each.
+    padding = tf.data.Dataset.from_tensors((tf.constant(b""), True)).repeat(global_batch_size)
+    ds = ds.concatenate(padding).enumerate()
+    ds = ds.take_while(lambda i, x: ~(x[1] & (i % global_batch_size == 0)))
+    ds = ds.filter(lambda i, x: mine(i, x)).map(lambda i, x: x).batch(b)
+    ds = ds.map(pad, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
     return ds.as_numpy_iterator()

@@ -19,6 +19,10 @@ functions so that `lcssl` imports without it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+import struct
+from typing import Optional
 
 import numpy as np
 
@@ -165,3 +169,84 @@ def tfds_features(shapes: RecordShapes):
         "sits_valid": f.Tensor(shape=(shapes.max_dates,), dtype=np.bool_),
         "dates": f.Tensor(shape=(shapes.max_dates,), dtype=np.int32),
     })
+
+
+# --- shard files -------------------------------------------------------------------------------
+# A TFRecord file is a sequence of [uint64 length][uint32 crc of length][data][uint32 crc of data]
+# (tensorflow/core/lib/io/record_writer.h). Walking the length headers counts the records and finds
+# a file cut inside a record with one small read per record, without TensorFlow and without reading
+# the data.
+_HEADER_BYTES, _FOOTER_BYTES = 12, 4
+
+
+class ShardError(ValueError):
+    """A shard that is missing or differs from what its dataset card records (message names it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardFacts:
+    """What a shard file holds: complete records, bytes, and whether it ends inside a record."""
+
+    num_records: int
+    num_bytes: int
+    cut_mid_record: bool
+    sha256: Optional[str] = None
+
+
+def shard_facts(path, *, with_sha256: bool = False) -> ShardFacts:
+    """Counts the records of a TFRecord file by its length headers; sha256 of the whole file on request."""
+    size = os.path.getsize(path)
+    offset = records = 0
+    cut = False
+    with open(path, "rb") as f:
+        while offset < size:
+            header = f.read(_HEADER_BYTES)
+            if len(header) < _HEADER_BYTES:
+                cut = True
+                break
+            (length,) = struct.unpack("<Q", header[:8])
+            end = offset + _HEADER_BYTES + length + _FOOTER_BYTES
+            if end > size:
+                cut = True
+                break
+            offset = end
+            records += 1
+            f.seek(offset)
+    digest = file_sha256(path) if with_sha256 else None
+    return ShardFacts(records, size, cut, digest)
+
+
+def file_sha256(path, chunk_bytes: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_bytes), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def shard_problem(path, *, num_examples: int, num_bytes: Optional[int], sha256: Optional[str] = None,
+                  check_sha256: bool = False) -> Optional[str]:
+    """None when the shard at `path` matches what the card records, else what is wrong with it.
+
+    The size check is one stat; a shard whose size differs is walked to say how it differs (cut inside
+    a record, cut at a record boundary, or rewritten with other content). `check_sha256` reads the
+    whole file (`python -m data_prep verify`).
+    """
+    if not os.path.exists(path):
+        return "missing"
+    size = os.path.getsize(path)
+    if num_bytes is not None and size == num_bytes and not check_sha256:
+        return None
+    facts = shard_facts(path, with_sha256=check_sha256)
+    if facts.cut_mid_record:
+        return (f"truncated inside a record: {facts.num_records} complete records in {size} bytes, "
+                f"the card records {num_examples} records in {num_bytes} bytes")
+    if facts.num_records != num_examples:
+        return (f"holds {facts.num_records} records, the card records {num_examples} "
+                f"({'cut at a record boundary' if facts.num_records < num_examples else 'other content'}; "
+                f"{size} bytes, the card records {num_bytes})")
+    if num_bytes is not None and size != num_bytes:
+        return f"{size} bytes, the card records {num_bytes}: rewritten with other content"
+    if check_sha256 and sha256 is not None and facts.sha256 != sha256:
+        return f"content differs from the card (sha256 {facts.sha256[:12]}..., the card records {sha256[:12]}...)"
+    return None

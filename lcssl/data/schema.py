@@ -4,8 +4,12 @@
 CARD_NAME = "dataset_card.json"
 PLAN_NAME = "build_plan.json"
 SUMMARY_NAME = "build_summary.json"
-FORMAT_VERSION = 1           # what data_prep writes
-FORMAT_VERSIONS = (1,)       # what the pipeline reads
+# Per shard: examples, bytes and sha256, recorded as each shard is renamed into place, so that a
+# resumed build verifies the shards of an interrupted one instead of trusting their names.
+SHARD_INDEX_NAME = "shard_index.json"
+# 2: the card records each shard's byte size and sha256 (splits.<split>.shard_bytes / shard_sha256).
+FORMAT_VERSION = 2           # what data_prep writes
+FORMAT_VERSIONS = (2,)       # what the pipeline reads; a version 1 card is refused with the way out
 
 # Unlabelled pixels, nodata and whole unlabelled patches. Never a class (loss and metrics skip it).
 IGNORE_LABEL = 255

@@ -204,7 +204,7 @@ def test_failure_mid_write_leaves_no_partial_shard_and_resume_is_identical(tmp_p
 
     monkeypatch.setattr(records, "encode_example", real_encode)
     summary = build.build("/raw", out, layout="flair2", options=options())
-    assert summary["shards"] == {"written": len(sizes) - 2, "reused": 2}
+    assert summary["shards"] == {"written": len(sizes) - 2, "reused": 2, "replaced": []}
     names = sorted(p.name for p in clean.glob("*.tfrecord"))
     assert names == sorted(p.name for p in out.glob("*.tfrecord"))
     assert all((clean / n).read_bytes() == (out / n).read_bytes() for n in names)

@@ -75,24 +75,40 @@ def test_train_batch_shapes_and_dtypes_over_8_devices(data_dir):
     assert arr.shape == (8, SIZE, SIZE, 5) and len(arr.addressable_shards) == 8
 
 
-def test_two_hosts_read_disjoint_shards_covering_the_split(data_dir):
-    card = pipeline.load_card(data_dir)
-    shares = [pipeline.host_share(data_dir, card, "train", i, 2) for i in range(2)]
-    assert not set(shares[0].files) & set(shares[1].files)
-    assert len(shares[0].files + shares[1].files) == len(card["splits"]["train"]["files"])
-    per_host = [[i for b in pipeline.make_eval_iterator(data_dir, "train", global_batch_size=8, process_index=h,
-                                                        process_count=2) for i in ids(b)] for h in range(2)]
-    assert not set(per_host[0]) & set(per_host[1])
-    assert sorted(per_host[0] + per_host[1]) == all_ids(data_dir, "train")
+def global_batches(data_dir, process_count, steps, **kw):
+    """The global batch sequence as sharding.host_batch_to_global assembles it: the hosts' batches
+    concatenated in process order (ids of their rows)."""
+    its = [pipeline.make_train_iterator(data_dir, "train", global_batch_size=8, process_index=p,
+                                        process_count=process_count, **kw) for p in range(process_count)]
+    return [[i for it in its for i in ids(next(it))] for _ in range(steps)]
 
 
-def test_fewer_shards_than_hosts_shards_examples(data_dir):
-    # val has 3 shards; 4 hosts fall back to example-level sharding, same number of batches each.
-    runs = [list(pipeline.make_eval_iterator(data_dir, "val", global_batch_size=8, process_index=h, process_count=4))
-            for h in range(4)]
+def test_global_batch_sequence_is_the_same_for_1_2_4_hosts_and_after_resume(data_dir):
+    kw = dict(seed=3, shuffle_buffer=16)
+    one = global_batches(data_dir, 1, 5, **kw)  # 20 examples / 8 = 2 steps per epoch: 2.5 epochs
+    assert len({i for b in one[:2] for i in b}) == 16 and one[0] != one[2]
+    assert global_batches(data_dir, 2, 5, **kw) == one
+    assert global_batches(data_dir, 4, 5, **kw) == one
+    # Interrupted on 1 host after step 3, resumed on 4: the same batches as without the break.
+    assert global_batches(data_dir, 4, 2, start_step=3, **kw) == one[3:]
+    # A few labels: the same subset and order for any host count.
+    few = dict(kw, label_fraction=0.5)
+    assert global_batches(data_dir, 4, 3, **few) == global_batches(data_dir, 1, 3, **few)
+
+
+def test_eval_hosts_split_the_examples_with_equal_batch_counts(data_dir, process_count=4):
+    # val: 5 examples in 3 shards, global batch 8: the hosts get 2+2+1+0 valid rows, one batch each.
+    runs = [list(pipeline.make_eval_iterator(data_dir, "val", global_batch_size=8, process_index=h,
+                                             process_count=process_count)) for h in range(process_count)]
     assert {len(r) for r in runs} == {1}
     got = [i for r in runs for b in r for i in ids(b)]
     assert len(got) == 5 and sorted(got) == all_ids(data_dir, "val")
+    full = list(pipeline.make_eval_iterator(data_dir, "train", global_batch_size=8, process_index=0,
+                                            process_count=1))
+    per_host = [list(pipeline.make_eval_iterator(data_dir, "train", global_batch_size=8, process_index=h,
+                                                 process_count=process_count)) for h in range(process_count)]
+    assert {len(r) for r in per_host} == {len(full)} == {3}
+    assert [[i for r in per_host for i in ids(r[k])] for k in range(3)] == [ids(b) for b in full]
 
 
 def test_resume_at_start_step_equals_uninterrupted(data_dir):
@@ -132,3 +148,20 @@ def test_load_card_errors_name_the_directory(tmp_path):
     (tmp_path / "dataset_card.json").write_text(json.dumps({"format_version": 99}))
     with pytest.raises(ValueError, match="format_version 99"):
         pipeline.load_card(tmp_path)
+
+
+def test_eval_batch_count_comes_from_the_records_read(data_dir, tmp_path, monkeypatch):
+    # Two train shards emptied behind the card's back (16 records left, the card says 20) and the
+    # start-up check switched off: every host still yields the same number of batches (the eval
+    # collectives would hang otherwise), 2 global batches of 8, not the card's 3.
+    import shutil
+
+    copy = shutil.copytree(data_dir, tmp_path / "ds")
+    card = pipeline.load_card(copy)
+    for name in card["splits"]["train"]["files"][:2]:
+        (copy / name).write_bytes(b"")
+    monkeypatch.setattr(pipeline, "check_shard_files", lambda *a, **k: [])
+    runs = [list(pipeline.make_eval_iterator(copy, "train", global_batch_size=8, process_index=h, process_count=4))
+            for h in range(4)]
+    assert [len(r) for r in runs] == [2, 2, 2, 2]
+    assert sum(int(b["example_valid"].sum()) for r in runs for b in r) == 16

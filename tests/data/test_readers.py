@@ -12,7 +12,7 @@ import rasterio.errors
 import rasterio.transform
 
 from data_prep import flair2, hameln, synth
-from data_prep.patch import BadPatch
+from data_prep.patch import BadPatch, SourceError
 
 SIZE = synth.TINY["patch_size"]
 
@@ -111,10 +111,12 @@ def test_hameln_reads_synthetic(hameln_root):
     assert kinds == {1, 4}                  # both cloud file forms are exercised
 
 
-def _rewrite(path, array_chw, *, crs="EPSG:2154", georef=True):
+def _rewrite(path, array_chw, *, crs=None, transform=None, georef=True):
+    """Rewrites a GeoTIFF with new pixels; it keeps the file's CRS and transform unless given."""
     kwargs = {}
     if georef:
-        kwargs = dict(crs=crs, transform=rasterio.transform.Affine(3.2, 0, 600000, 0, -3.2, 6800000))
+        with rasterio.open(path) as ds:
+            kwargs = dict(crs=crs or ds.crs, transform=transform or ds.transform)
     count, height, width = array_chw.shape
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
@@ -189,6 +191,31 @@ def _flair_cases():
             f.write("\n".join(lines) + "\n")
         return ref.sen_products_path
 
+    def wrong_crs(ref, root):  # the same pixels in geographic degrees: a 1.5e-5 "m" ground resolution
+        _rewrite(ref.aerial_path, np.moveaxis(flair2.read_raster(ref.aerial_path, bands=5, size=SIZE, dtype=np.uint8,
+                                                                 need_georef=True)[0], -1, 0),
+                 crs="EPSG:4326", transform=rasterio.transform.Affine(1.5e-5, 0, 2.35, 0, -1.5e-5, 48.85))
+        return ref.aerial_path
+
+    def resolution(ref, root):
+        with rasterio.open(ref.aerial_path) as ds:
+            t = ds.transform
+        _rewrite(ref.aerial_path, np.zeros((5, SIZE, SIZE), np.uint8),
+                 transform=rasterio.transform.Affine(0.5, 0, t.c, 0, -0.5, t.f))
+        return ref.aerial_path
+
+    def label_shifted_1km(ref, root):
+        with rasterio.open(ref.label_path) as ds:
+            t = ds.transform
+        _rewrite(ref.label_path, _raw(ref.label_path)[None].copy(),
+                 transform=rasterio.transform.Affine(t.a, 0, t.c + 1000, 0, t.e, t.f))
+        return ref.label_path
+
+    def products_not_utf8(ref, root):
+        with open(ref.sen_products_path, "ab") as f:
+            f.write(b"S2B_MSIL2A_\xff\xfe\n")
+        return ref.sen_products_path
+
     def edit_centroids(value):
         def edit(ref, root):
             path = root / flair2.CENTROIDS
@@ -206,7 +233,10 @@ def _flair_cases():
             ("no_crs", no_crs), ("label_range", label_range), ("band_count", label_bands),
             ("no_sits", no_superpatch), ("no_sits", no_masks), ("unreadable", corrupt_npy),
             ("dtype", superpatch_dtype), ("bad_dates", products_count), ("bad_dates", products_name),
-            ("no_centroid", edit_centroids(None)), ("no_centroid", edit_centroids([1, 1]))]
+            ("no_centroid", edit_centroids(None)), ("no_centroid", edit_centroids([1, 1])),
+            ("no_centroid", edit_centroids("12,40")), ("no_centroid", edit_centroids([12.5, 40])),
+            ("wrong_crs", wrong_crs), ("resolution", resolution), ("grid", label_shifted_1km),
+            ("bad_dates", products_not_utf8)]
 
 
 @pytest.mark.parametrize("reason,damage", _flair_cases(), ids=lambda v: getattr(v, "__name__", v))
@@ -219,6 +249,51 @@ def test_flair2_bad_inputs(flair_copy, reason, damage):
     assert info.value.reason == reason
     assert info.value.path == str(bad_path)
     assert os.path.basename(str(bad_path)) in str(info.value)
+
+
+def test_flair2_georef_messages_say_what_was_found(flair_copy):
+    refs = flair2.list_patches(flair_copy)
+    ref = _first_labelled(refs)
+    with rasterio.open(ref.label_path) as ds:
+        t = ds.transform
+    _rewrite(ref.label_path, _raw(ref.label_path)[None].copy(),
+             transform=rasterio.transform.Affine(t.a, 0, t.c + 1000, 0, t.e, t.f))
+    with pytest.raises(BadPatch, match=r"origin shifted by \+1000\.000, \+0\.000 m"):
+        flair2.read_patch(ref, expect_size=SIZE)
+    other = refs[-1]
+    with rasterio.open(other.aerial_path) as ds:
+        pixels = ds.read()
+    _rewrite(other.aerial_path, pixels, crs="EPSG:4326",
+             transform=rasterio.transform.Affine(1.5e-5, 0, 2.35, 0, -1.5e-5, 48.85))
+    with pytest.raises(BadPatch, match="CRS EPSG:4326, expected EPSG:2154"):
+        flair2.read_patch(other, expect_size=SIZE)
+
+
+def test_truncated_tiff_keeps_the_gdal_cause(flair_copy):
+    ref = flair2.list_patches(flair_copy)[0]
+    with open(ref.aerial_path, "rb") as f:
+        data = f.read()
+    with open(ref.aerial_path, "wb") as f:
+        f.write(data[:len(data) // 2])
+    try:  # what rasterio itself says: a generic message whose cause holds GDAL's reason
+        with rasterio.open(ref.aerial_path) as ds:
+            ds.read()
+    except rasterio.errors.RasterioError as e:
+        cause = str(e.__cause__ or e.__context__)
+    assert cause
+    with pytest.raises(BadPatch) as info:
+        flair2.read_patch(ref, expect_size=SIZE)
+    assert info.value.reason == "unreadable" and cause in info.value.detail
+
+
+def test_flair2_malformed_centroid_table_is_one_source_error(flair_copy):
+    path = flair_copy / flair2.CENTROIDS
+    path.write_text('{"IMG_1.tif": [1, 2],')
+    with pytest.raises(SourceError, match=f"{path}: the centroid table is not valid UTF-8 JSON"):
+        flair2.list_patches(flair_copy)
+    path.write_bytes(b'{"IMG_\xff.tif": [1, 2]}')
+    with pytest.raises(SourceError, match=str(path)):
+        flair2.list_patches(flair_copy)
 
 
 def test_flair2_default_size_is_512(flair_root):
@@ -239,7 +314,7 @@ def _hameln_cases():
     def label_range(ref, root):
         codes = _raw(ref.label_path)[None].copy()
         codes[0, 3, 3] = 13
-        _rewrite(ref.label_path, codes, crs="EPSG:25832")
+        _rewrite(ref.label_path, codes)
         return ref.label_path
 
     def dates_count(ref, root):
@@ -269,10 +344,28 @@ def _hameln_cases():
         return ref.sits_path
 
     def aerial_bands(ref, root):
-        _rewrite(ref.aerial_path, np.zeros((5, SIZE, SIZE), np.uint8), crs="EPSG:25832")
+        _rewrite(ref.aerial_path, np.zeros((5, SIZE, SIZE), np.uint8))
         return ref.aerial_path
 
-    return [("nonfinite", nan_cloud), ("label_range", label_range), ("bad_dates", dates_count),
+    def dates_not_utf8(ref, root):
+        with open(ref.dates_path, "ab") as f:
+            f.write(b"\xff\n")
+        return ref.dates_path
+
+    def manifest_crs(ref, root):  # the manifest says ETRS89 / UTM 32N, the rasters are Lambert-93
+        path = root / hameln.MANIFEST
+        path.write_text(json.dumps({**json.loads(path.read_text()), "crs": "EPSG:2154"}))
+        return ref.aerial_path
+
+    def label_grid(ref, root):
+        with rasterio.open(ref.label_path) as ds:
+            t = ds.transform
+        _rewrite(ref.label_path, _raw(ref.label_path)[None].copy(),
+                 transform=rasterio.transform.Affine(t.a, 0, t.c, 0, t.e, t.f - 1000))
+        return ref.label_path
+
+    return [("bad_dates", dates_not_utf8), ("wrong_crs", manifest_crs), ("grid", label_grid),
+            ("nonfinite", nan_cloud), ("label_range", label_range), ("bad_dates", dates_count),
             ("bad_dates", dates_format), ("no_sits", no_sits), ("band_count", sits_bands), ("size", sits_small),
             ("band_count", aerial_bands)]
 
@@ -285,6 +378,8 @@ def test_hameln_bad_inputs(hameln_copy, reason, damage):
         hameln.read_patch(ref)
     assert info.value.reason == reason
     assert info.value.path == str(bad_path)
+    if reason == "wrong_crs":
+        assert "CRS EPSG:25832, expected EPSG:2154 (the crs of the manifest" in str(info.value)
 
 
 def test_hameln_declared_unlabelled_value_and_bad_manifest(hameln_copy):
@@ -293,12 +388,18 @@ def test_hameln_declared_unlabelled_value_and_bad_manifest(hameln_copy):
     ref = _first_labelled(hameln.list_patches(hameln_copy))
     codes = _raw(ref.label_path)[None].copy()
     codes[0, :2, :2] = 99
-    _rewrite(ref.label_path, codes, crs="EPSG:25832")
+    _rewrite(ref.label_path, codes)
     path.write_text(json.dumps({**manifest, "unlabelled_value": 99}))
     label = hameln.read_patch(_first_labelled(hameln.list_patches(hameln_copy))).label
     assert (label[:2, :2] == 255).all() and label.max() != 99
     path.write_text(json.dumps({**manifest, "unlabelled_value": 5}))
     with pytest.raises(ValueError, match="unlabelled_value"):
+        hameln.list_patches(hameln_copy)
+    path.write_text(json.dumps({**manifest, "crs": "Lambert-93"}))
+    with pytest.raises(SourceError, match="field 'crs'"):
+        hameln.list_patches(hameln_copy)
+    path.write_bytes(b'{"classes": ["a"\xff]}')
+    with pytest.raises(SourceError, match="not valid UTF-8 JSON"):
         hameln.list_patches(hameln_copy)
     os.remove(path)
     with pytest.raises(FileNotFoundError, match="hameln.json"):
