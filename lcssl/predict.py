@@ -577,14 +577,29 @@ class _Window:
     y: int
 
 
-def predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | None, out_path: str,
+def predict_mosaic(*args, **kwargs) -> dict:
+    """Writes the class map (and optional confidence / probability rasters, and a .qml style) of
+    the mosaic `aerial_path` with the model of `checkpoint` (a run dir, or the tuple load_model
+    returns). Returns a summary dict (paths, sizes, windows, timings). Arguments: _predict_mosaic.
+
+    GDAL's block cache defaults to 5% of the machine's memory; it is capped at 256 MiB here (unless
+    GDAL_CACHEMAX is set) so that memory stays bounded by the block width, not by the machine.
+    """
+    import rasterio
+
+    cache = {} if "GDAL_CACHEMAX" in os.environ else {"GDAL_CACHEMAX": 256}   # MiB
+    with rasterio.Env(**cache):
+        return _predict_mosaic(*args, **kwargs)
+
+
+def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | None, out_path: str,
                    *, overlap: float = 0.25, batch_size: int | None = None,
                    block_width: int = DEFAULT_BLOCK_WIDTH, confidence: bool = False,
                    probabilities: bool = False, aerial_bands: str | None = None,
                    sits_bands: str | None = None, progress: bool = True, mesh=None) -> dict:
-    """Writes the class map (and optional confidence / probability rasters, and a .qml style) of
-    the mosaic `aerial_path` with the model of `checkpoint` (a run dir, or the tuple load_model
-    returns). Returns a summary dict (paths, sizes, windows, timings)."""
+    """overlap: fraction of the window shared with each neighbour; batch_size: windows per step
+    over all devices (default 4 per device); block_width: mosaic columns processed at once (memory
+    grows with it); aerial_bands / sits_bands: 1-based band numbers in the checkpoint's order."""
     import jax
     import rasterio
     from rasterio.enums import Resampling
@@ -646,7 +661,8 @@ def predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | N
         win = size if math.isclose(mosaic_gsd, gsd_m, rel_tol=1e-3) else round(size * gsd_m / mosaic_gsd)
         if win != size:
             log.info("The mosaic is at %g m, the checkpoint at %g m: each %d px window is resampled "
-                     "to %d px (bilinear) and its logits back; the map stays on the mosaic's grid.",
+                     "to %d px (area average when finer, bilinear when coarser) and its logits back "
+                     "(bilinear); the map stays on the mosaic's grid.",
                      mosaic_gsd, gsd_m, win, size)
         if src.width < win or src.height < win:
             raise PredictError(f"--aerial={aerial_path}: {src.width} x {src.height} px is smaller "
@@ -691,8 +707,10 @@ def predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | N
         def read_window(w: _Window):
             """Host inputs of one window, or None when it has no valid aerial pixel or no series."""
             window = Window(w.x, w.y, win, win)
+            # Finer mosaic: area average (no aliasing); coarser: bilinear.
             resample = {} if win == size else {"out_shape": (len(indexes), size, size),
-                                                "resampling": Resampling.bilinear}
+                                                "resampling": Resampling.average if win > size
+                                                else Resampling.bilinear}
             mask = src.dataset_mask(window=window, **({} if win == size else {
                 "out_shape": (size, size)})) > 0
             if not mask.any():
@@ -868,6 +886,91 @@ def _check_overlap(sits_path: str, dates: list[SitsDate], src) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# A prepared split (TFRecords) -> per-patch maps
+# ------------------------------------------------------------------------------------------------
+
+def predict_split(checkpoint: str | tuple, data_dir: str, split: str, out_dir: str, *,
+                  batch_size: int | None = None, progress: bool = True, mesh=None) -> dict:
+    """Per-patch maps of a split built by `python -m data_prep build`, for inspection.
+
+    Writes OUT/<split>_<index>.tif per example (the split's fixed eval order): band 1 the predicted
+    class, band 2 the label (255 = ignore), uint8, colour table and .qml as for mosaics (records
+    carry no georeferencing, so neither do these), and OUT/summary.json with each patch's pixel
+    accuracy and the split's scores. TensorFlow is imported here only (lcssl.data.pipeline).
+    """
+    import jax
+    import rasterio
+    from tqdm import tqdm
+
+    from lcssl import checkpoint as ckpt_lib
+    from lcssl import files, metrics, sharding
+    from lcssl.data import normalize, pipeline
+
+    mesh = mesh or sharding.make_mesh()
+    logits_fn, spec, class_names = (load_model(checkpoint, mesh) if isinstance(checkpoint, str)
+                                    else checkpoint)
+    try:
+        card = pipeline.load_card(data_dir)
+    except (OSError, ValueError) as e:
+        raise PredictError(f"--records={data_dir}: {e}") from None
+    if split not in card.get("splits", {}):
+        raise PredictError(f"--split={split}: not in {data_dir} (splits: {sorted(card['splits'])})")
+    try:
+        ckpt_lib.check_input_spec(spec, card, source=str(checkpoint)[:200], target=data_dir)
+    except ValueError as e:
+        raise PredictError(str(e).split("\nRebuild")[0]) from None
+    if list(card["classes"]) != list(class_names):
+        raise PredictError(f"--records={data_dir}: the checkpoint predicts the classes "
+                           f"{class_names}, the dataset has {card['classes']}")
+    batch_size = batch_size or 4 * sharding.num_data_shards(mesh)
+    try:
+        sharding.check_batch_divisible(batch_size, mesh, "--batch-size")
+    except ValueError as e:
+        raise PredictError(str(e)) from None
+    stats = normalize.stats_from_card(spec)
+    os.makedirs(out_dir, exist_ok=True)
+    num_classes = len(class_names)
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    patches, index = [], 0
+    colours = {i: (*c, 255) for i, c in enumerate(class_colours(class_names))}
+    total = card["splits"][split]["num_examples"]
+    with tqdm(total=total, unit="patch", disable=not progress, desc=f"predict {split}") as bar:
+        for host in pipeline.make_eval_iterator(data_dir, split, global_batch_size=batch_size):
+            valid = host.pop("example_valid")
+            label = host.pop("label")
+            batch = sharding.host_batch_to_global(host, mesh)
+            pred = np.asarray(jax.numpy.argmax(logits_fn(_normalize(batch, stats)), -1))
+            for i in np.flatnonzero(valid):
+                p, y = pred[i].astype(np.uint8), label[i].astype(np.uint8)
+                labelled = y != NODATA
+                np.add.at(confusion, (y[labelled], p[labelled]), 1)
+                name = f"{split}_{index:05d}.tif"
+                tmp = os.path.join(out_dir, f".{name}.tmp-{os.getpid()}.tif")
+                with rasterio.open(tmp, "w", driver="GTiff", width=p.shape[1], height=p.shape[0],
+                                   count=2, dtype="uint8", nodata=NODATA) as dst:
+                    dst.write(np.stack([p, y]))
+                    dst.write_colormap(1, colours)
+                    dst.set_band_description(1, "prediction")
+                    dst.set_band_description(2, "label")
+                    dst.update_tags(classes=",".join(class_names))
+                os.replace(tmp, os.path.join(out_dir, name))
+                patches.append({"file": name, "labelled_px": int(labelled.sum()),
+                                "accuracy": float((p == y)[labelled].mean()) if labelled.any()
+                                else None})
+                index += 1
+            bar.update(int(valid.sum()))
+    files.atomic_write_bytes(os.path.join(out_dir, f"{split}.qml"), qml_style(class_names).encode())
+    scores = metrics.scores_from_confusion(confusion, class_names)
+    scores["confusion_matrix"] = confusion.tolist()
+    summary = {"split": split, "data_dir": os.path.abspath(data_dir), "num_patches": index,
+               "scores": scores, "patches": patches}
+    files.write_json(os.path.join(out_dir, "summary.json"), summary)
+    log.info("Wrote %d per-patch maps of %s/%s to %s (mIoU %s)", index, data_dir, split, out_dir,
+             scores.get("miou"))
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
 
@@ -880,12 +983,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="run workdir (its best/ checkpoint if any, else the latest of checkpoints/) "
                         "or a checkpoints folder")
-    p.add_argument("--aerial", required=True, help="aerial mosaic, GeoTIFF or VRT, uint8 bands")
+    p.add_argument("--aerial", help="aerial mosaic, GeoTIFF or VRT, uint8 bands")
     p.add_argument("--sits", help="Sentinel-2: a folder of one GeoTIFF per date (YYYYMMDD in the "
                                   "name; '*mask*' files: cloud/snow probability) or one GeoTIFF "
                                   "with band descriptions 'YYYYMMDD_<band>'; any CRS")
     p.add_argument("--out", required=True, help="class map to write (COG GeoTIFF, uint8); a .qml "
-                                                "QGIS style is written beside it")
+                                                "QGIS style is written beside it. With --records: "
+                                                "the folder for the per-patch maps")
+    p.add_argument("--records", help="instead of a mosaic: a dataset folder from `python -m "
+                                     "data_prep build`; writes one map per patch of --split")
+    p.add_argument("--split", default="test", help="with --records: the split (default test)")
     p.add_argument("--overlap", type=float, default=0.25,
                    help="window overlap as a fraction of the window (0.5: smoothest, 4x the "
                         "windows of 0; default %(default)s)")
@@ -910,7 +1017,16 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if bool(args.aerial) == bool(args.records):
+        print("error: give either --aerial (a mosaic) or --records (a prepared dataset)",
+              file=sys.stderr)
+        return 2
     try:
+        if args.records:
+            summary = predict_split(args.checkpoint, args.records, args.split, args.out,
+                                    batch_size=args.batch_size, progress=not args.no_progress)
+            print(f"wrote {summary['num_patches']} maps and summary.json to {args.out}")
+            return 0
         summary = predict_mosaic(
             args.checkpoint, args.aerial, args.sits, args.out, overlap=args.overlap,
             batch_size=args.batch_size, block_width=args.block_width, confidence=args.confidence,
