@@ -325,3 +325,45 @@ def test_interrupted_prediction_leaves_no_file_under_the_final_name(loaded, tmp_
                                str(tmp_path / "map.tif"), overlap=0.5, batch_size=8,
                                confidence=True, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["mosaic.tif", "s2"]
+
+
+def test_finer_mosaic_is_resampled_per_window_and_mapped_on_its_own_grid(loaded, tmp_path, caplog):
+    """The same scene at 1.6 m (each 3.2 m pixel as 2 x 2): each 64 px window is averaged to the
+    model's 32 px at 3.2 m, which is exactly the coarse window, and its logits are resampled back
+    (bilinear) onto the fine grid."""
+    fine = np.repeat(np.repeat(aerial_array(), 2, axis=1), 2, axis=2)
+    aerial = write_aerial(tmp_path / "fine.tif", fine, gsd=GSD_M / 2)
+    s2 = write_s2_folder(tmp_path / "s2")
+    caplog.set_level("INFO", logger="lcssl.predict")
+    summary = predict.predict_mosaic(loaded, aerial, s2, str(tmp_path / "map.tif"), overlap=0.0,
+                                     batch_size=8, probabilities=True, progress=False)
+    assert summary["window_px"] == 64 and "the checkpoint at 3.2 m" in caplog.text
+    with rasterio.open(tmp_path / "map.tif") as m:
+        assert (m.width, m.height) == (2 * WIDTH, 2 * HEIGHT) and m.transform.a == GSD_M / 2
+    probs = read(tmp_path / "map_probabilities.tif")[0].astype(int)
+    for x, y in ((0, 0), (64, 32), (128, 96)):
+        logits = jax.image.resize(patchwise(loaded, x, y), (2 * SIZE, 2 * SIZE, 13), "linear")
+        want = np.rint(softmax(np.asarray(logits, np.float64)) * 254)
+        got = np.moveaxis(probs[:, 2 * y:2 * y + 2 * SIZE, 2 * x:2 * x + 2 * SIZE], 0, -1)
+        np.testing.assert_allclose(got, want, atol=1)
+
+
+def test_a_prepared_split_is_mapped_patch_by_patch(loaded, tmp_path_factory, tmp_path):
+    from tests._train_helpers import tiny_dataset
+
+    data_dir = tiny_dataset(tmp_path_factory)
+    summary = predict.predict_split(loaded, data_dir, "test", str(tmp_path), batch_size=8,
+                                    progress=False)
+    card = files_card(data_dir)
+    assert summary["num_patches"] == card["splits"]["test"]["num_examples"] > 0
+    with rasterio.open(tmp_path / summary["patches"][0]["file"]) as m:
+        pred, label = m.read()
+        assert m.count == 2 and pred.shape == (SIZE, SIZE) and m.descriptions == ("prediction", "label")
+    assert pred.max() < 13 and summary["scores"]["oa"] is not None
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "test.qml").exists()
+
+
+def files_card(data_dir):
+    from lcssl import files
+
+    return files.read_json(os.path.join(data_dir, schema.CARD_NAME))
