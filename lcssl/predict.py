@@ -703,6 +703,8 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
                    bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} km2 [{elapsed}<{remaining}]")
         counts = {"windows": 0, "windows_without_sits": 0, "batches": 0}
         fill = (stats.aerial_mean[:, None, None]).astype(np.float32)
+        # No nodata value, mask band or alpha: every pixel is valid, no mask to read.
+        all_valid = all(flags == [rasterio.enums.MaskFlags.all_valid] for flags in src.mask_flag_enums)
 
         def read_window(w: _Window):
             """Host inputs of one window, or None when it has no valid aerial pixel or no series."""
@@ -711,12 +713,13 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
             resample = {} if win == size else {"out_shape": (len(indexes), size, size),
                                                 "resampling": Resampling.average if win > size
                                                 else Resampling.bilinear}
-            mask = src.dataset_mask(window=window, **({} if win == size else {
-                "out_shape": (size, size)})) > 0
-            if not mask.any():
-                return None
             aerial = src.read(indexes, window=window, **resample).astype(np.float32)
-            aerial = np.where(mask[None], aerial, fill)  # nodata -> band mean (0 once normalized)
+            if not all_valid:
+                mask = src.dataset_mask(window=window, **({} if win == size else {
+                    "out_shape": (size, size)})) > 0
+                if not mask.any():
+                    return None
+                aerial = np.where(mask[None], aerial, fill)  # nodata -> band mean (0 normalized)
             return np.moveaxis(aerial, 0, -1)
 
         def batches(band_windows: list[_Window]) -> Iterator[tuple[dict, list[_Window]]]:
@@ -783,13 +786,14 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
                 cols = slice(bx0 - buf_x0, bx1 - buf_x0)
                 weights = wsum[:rows, cols]
                 covered = weights > 0
-                z = acc[:rows, cols] / np.where(covered, weights, 1.0)[..., None]
-                probs = softmax(z)
                 window = Window(bx0, y0, bx1 - bx0, rows)
-                valid = covered & (src.dataset_mask(window=window) > 0)
+                valid = covered if all_valid else covered & (src.dataset_mask(window=window) > 0)
                 no_prediction += int((~covered).sum())
-                cls = np.where(valid, probs.argmax(-1), NODATA).astype(np.uint8)
+                # The weights are > 0, so the argmax of the weighted sum is the blended class.
+                cls = np.where(valid, acc[:rows, cols].argmax(-1), NODATA).astype(np.uint8)
                 outputs["class"].dataset.write(cls, 1, window=window)
+                if "confidence" in outputs or "probabilities" in outputs:
+                    probs = softmax(acc[:rows, cols] / np.where(covered, weights, 1.0)[..., None])
                 if "confidence" in outputs:
                     conf = np.where(valid, np.rint(probs.max(-1) * PROB_SCALE), NODATA)
                     outputs["confidence"].dataset.write(conf.astype(np.uint8), 1, window=window)
