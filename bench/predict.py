@@ -209,7 +209,9 @@ def main(argv=None):
         folder = os.path.join(root, f"mosaic_{side}")
         write_inputs(folder, side, args.gsd)
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", folder,
-               *[a for a in (argv or sys.argv[1:]) if not a.startswith("--json")]]
+               f"--window={args.window}", f"--gsd={args.gsd}", f"--batch={args.batch}",
+               f"--overlap={args.overlap}", f"--block-width={args.block_width}",
+               f"--forward-repeats={args.forward_repeats}"]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode:
             sys.exit(f"worker for {side} px failed:\n{out.stderr[-4000:]}")

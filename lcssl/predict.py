@@ -517,7 +517,7 @@ class _Output:
     dataset: Any = None
 
 
-def _make_outputs(out_path: str, profile: dict, num_classes: int, confidence: bool,
+def _make_outputs(out_path: str, num_classes: int, confidence: bool,
                   probabilities: bool) -> dict[str, _Output]:
     stem, ext = os.path.splitext(out_path)
     tag = f".tmp-{os.getpid()}"
@@ -530,7 +530,7 @@ def _make_outputs(out_path: str, profile: dict, num_classes: int, confidence: bo
             for k, (p, n) in wanted.items()}
 
 
-def _open_raw(o: _Output, profile: dict):
+def _open_raw(o: _Output, profile: dict, class_names: Sequence[str], kind: str):
     import rasterio
 
     p = dict(driver="GTiff", dtype="uint8", count=o.bands, nodata=NODATA, tiled=True,
@@ -538,6 +538,8 @@ def _open_raw(o: _Output, profile: dict):
              width=profile["width"], height=profile["height"], crs=profile["crs"],
              transform=profile["transform"])
     o.dataset = rasterio.open(o.raw, "w", **p)
+    if kind == "class":  # before any pixel: the TIFF's photometric tag cannot change afterwards
+        o.dataset.write_colormap(1, {i: (*c, 255) for i, c in enumerate(class_colours(class_names))})
     return o.dataset
 
 
@@ -548,7 +550,6 @@ def _finish(o: _Output, kind: str, class_names: Sequence[str]) -> None:
 
     ds = o.dataset
     if kind == "class":
-        ds.write_colormap(1, {i: (*c, 255) for i, c in enumerate(class_colours(class_names))})
         ds.update_tags(1, **{f"CLASS_{i}": n for i, n in enumerate(class_names)})
         ds.set_band_description(1, "class")
     else:
@@ -572,7 +573,6 @@ def _finish(o: _Output, kind: str, class_names: Sequence[str]) -> None:
 
 @dataclasses.dataclass
 class _Window:
-    row: int                        # index in the window grid (rows top to bottom)
     x: int                          # mosaic pixel offsets of the window's top-left corner
     y: int
 
@@ -610,6 +610,9 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
     from lcssl.data import normalize
 
     t_start = time.perf_counter()
+    if jax.process_count() > 1:
+        raise PredictError("lcssl.predict runs in one process (all its local devices); start it "
+                           "without COORDINATOR_ADDRESS / NUM_PROCESSES")
     mesh = mesh or sharding.make_mesh()
     logits_fn, spec, class_names = (load_model(checkpoint, mesh) if isinstance(checkpoint, str)
                                     else checkpoint)
@@ -694,9 +697,9 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
 
         # --- Outputs --------------------------------------------------------------------------------
         profile = dict(width=src.width, height=src.height, crs=src.crs, transform=src.transform)
-        outputs = _make_outputs(out_path, profile, num_classes, confidence, probabilities)
-        for o in outputs.values():
-            _open_raw(o, profile)
+        outputs = _make_outputs(out_path, num_classes, confidence, probabilities)
+        for kind, o in outputs.items():
+            _open_raw(o, profile, class_names, kind)
 
         total_km2 = src.width * src.height * mosaic_gsd ** 2 / 1e6
         bar = tqdm(total=round(total_km2, 4), unit="km2", disable=not progress, desc="predict",
@@ -816,7 +819,7 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
                         acc[r:r + win, c:c + win] += weighted[i]
                         wsum[r:r + win, c:c + win] += weight
 
-            band_windows = [_Window(j, x, y) for j, y in enumerate(ys) for x in band_xs]
+            band_windows = [_Window(x, y) for y in ys for x in band_xs]
             in_flight = None
             for host, windows in batches(band_windows):
                 result = submit(host)   # asynchronous: the next batch is read meanwhile
@@ -952,8 +955,8 @@ def predict_split(checkpoint: str | tuple, data_dir: str, split: str, out_dir: s
                 tmp = os.path.join(out_dir, f".{name}.tmp-{os.getpid()}.tif")
                 with rasterio.open(tmp, "w", driver="GTiff", width=p.shape[1], height=p.shape[0],
                                    count=2, dtype="uint8", nodata=NODATA) as dst:
+                    dst.write_colormap(1, colours)   # before the pixels (TIFF photometric tag)
                     dst.write(np.stack([p, y]))
-                    dst.write_colormap(1, colours)
                     dst.set_band_description(1, "prediction")
                     dst.set_band_description(2, "label")
                     dst.update_tags(classes=",".join(class_names))
@@ -1021,6 +1024,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax's per-restore INFO lines
     if bool(args.aerial) == bool(args.records):
         print("error: give either --aerial (a mosaic) or --records (a prepared dataset)",
               file=sys.stderr)
