@@ -780,12 +780,14 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
             state = {"y0": 0}   # mosaic row of the accumulator's first row
 
             def flush(y_end):
-                """Writes mosaic rows [y0, y_end) of this block and shifts the accumulator."""
+                """Writes mosaic rows [y0, y_end) of this block and shifts the accumulator, at most
+                `win` rows at a time (skipped all-nodata windows can leave longer gaps)."""
+                while state["y0"] < y_end:
+                    flush_rows(min(y_end - state["y0"], win))
+
+            def flush_rows(rows):
                 nonlocal acc, wsum, no_prediction
                 y0 = state["y0"]
-                rows = y_end - y0
-                if rows <= 0:
-                    return
                 cols = slice(bx0 - buf_x0, bx1 - buf_x0)
                 weights = wsum[:rows, cols]
                 covered = weights > 0
@@ -806,7 +808,7 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
                         np.moveaxis(p.astype(np.uint8), -1, 0), window=window)
                 acc = np.concatenate([acc[rows:], np.zeros((rows,) + acc.shape[1:], np.float32)])
                 wsum = np.concatenate([wsum[rows:], np.zeros((rows, buf_w), np.float32)])
-                state["y0"] = y_end
+                state["y0"] = y0 + rows
                 bar.update(rows * (bx1 - bx0) * mosaic_gsd ** 2 / 1e6)
 
             def accumulate(result, windows, ok):

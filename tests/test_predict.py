@@ -274,6 +274,16 @@ def test_nodata_and_partial_sentinel2_coverage_are_kept(loaded, tmp_path, caplog
     assert 0 < summary["windows_without_sits"] < summary["windows"]
     assert "too few clear Sentinel-2 dates" in caplog.text
 
+    data = aerial_array()
+    data[:, 24:100] = 0               # two whole rows of windows have no valid pixel: skipped
+    aerial = write_aerial(tmp_path / "band.tif", data, nodata=0)
+    predict.predict_mosaic(loaded, aerial, write_s2_folder(tmp_path / "s2_full"),
+                           str(tmp_path / "band_map.tif"), overlap=0.25, batch_size=8,
+                           progress=False)
+    classes = read(tmp_path / "band_map.tif")[0][0]
+    assert (classes[24:100] == 255).all() and (classes[:24] != 255).all()
+    assert (classes[100:] != 255).all()
+
 
 def test_contract_mismatches_and_no_overlap_are_refused(loaded, tmp_path):
     s2 = write_s2_folder(tmp_path / "s2")
