@@ -898,15 +898,36 @@ def _check_overlap(sits_path: str, dates: list[SitsDate], src) -> None:
 # A prepared split (TFRecords) -> per-patch maps
 # ------------------------------------------------------------------------------------------------
 
+def _sample(host: dict, i: int, spec: dict) -> dict:
+    """What a report panel shows of patch i: aerial RGB [H, W, 3] uint8, and the mean NDVI of the
+    series crop per valid date (with the encoded dates), when the bands are there."""
+    aerial_bands, sits_bands = list(spec["aerial"]["bands"]), list(spec["sits"]["bands"])
+    rgb = [aerial_bands.index(b) for b in ("R", "G", "B") if b in aerial_bands]
+    out = {"rgb": host["aerial"][i][..., rgb if len(rgb) == 3 else [0, 1, 2]].astype(np.uint8)}
+    if "B04" in sits_bands and "B08" in sits_bands:
+        valid = host["sits_valid"][i].astype(bool)
+        red = host["sits"][i][valid][..., sits_bands.index("B04")].astype(np.float64)
+        nir = host["sits"][i][valid][..., sits_bands.index("B08")].astype(np.float64)
+        out["ndvi"] = ((nir - red) / np.maximum(nir + red, 1e-6)).mean(axis=(1, 2)).astype(np.float32)
+        out["dates"] = host["dates"][i][valid].astype(np.int32)
+        out["date_encoding"] = np.asarray(spec["sits"]["date_encoding"])
+    return out
+
+
 def predict_split(checkpoint: str | tuple, data_dir: str, split: str, out_dir: str, *,
-                  batch_size: int | None = None, progress: bool = True, mesh=None) -> dict:
+                  batch_size: int | None = None, samples: int = 8, progress: bool = True,
+                  mesh=None) -> dict:
     """Per-patch maps of a split built by `python -m data_prep build`, for inspection.
 
     Writes OUT/<split>_<index>.tif per example (the split's fixed eval order): band 1 the predicted
     class, band 2 the label (255 = ignore), uint8, colour table and .qml as for mosaics (records
     carry no georeferencing, so neither do these), and OUT/summary.json with each patch's pixel
-    accuracy and the split's scores. TensorFlow is imported here only (lcssl.data.pipeline).
+    accuracy and the split's scores; for the first `samples` patches also
+    OUT/<split>_<index>_sample.npz (aerial RGB, NDVI over time) for `lcssl.report --maps=OUT`.
+    TensorFlow is imported here only (lcssl.data.pipeline).
     """
+    import io
+
     import jax
     import rasterio
     from tqdm import tqdm
@@ -966,6 +987,12 @@ def predict_split(checkpoint: str | tuple, data_dir: str, split: str, out_dir: s
                 patches.append({"file": name, "labelled_px": int(labelled.sum()),
                                 "accuracy": float((p == y)[labelled].mean()) if labelled.any()
                                 else None})
+                if index < samples:
+                    buffer = io.BytesIO()
+                    np.savez_compressed(buffer, **_sample(host, i, spec))
+                    patches[-1]["sample"] = name[:-4] + "_sample.npz"
+                    files.atomic_write_bytes(os.path.join(out_dir, patches[-1]["sample"]),
+                                             buffer.getvalue())
                 index += 1
             bar.update(int(valid.sum()))
     files.atomic_write_bytes(os.path.join(out_dir, f"{split}.qml"), qml_style(class_names).encode())

@@ -2,6 +2,8 @@
 per-class IoU of one run, side by side with other runs (e.g. SSL fine-tuning vs from scratch).
 
     python -m lcssl.report --workdir=runs/ft --compare=runs/sup --out=reports/ft
+    python -m lcssl.predict --checkpoint=runs/ft --records=data/flair2 --split=test --out=maps/ft
+    python -m lcssl.report --workdir=runs/ft --maps=maps/ft --out=reports/ft   # + sample panels
 
 Reads what lcssl.train leaves in a workdir: the TensorBoard event files (every scalar tag:
 train/loss, val/miou, probe/accuracy, ...) and eval_results.json (per-split scores with the
@@ -14,6 +16,7 @@ parsed with TensorBoard's protobuf definitions alone, so no TensorFlow is import
 from __future__ import annotations
 
 import argparse
+import base64
 import glob
 import html
 import json
@@ -21,6 +24,8 @@ import math
 import os
 import struct
 import sys
+import warnings
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -229,6 +234,71 @@ def iou_bars_svg(names: Sequence[str], runs: Sequence[tuple[str, Sequence[float 
     return _svg(w, h, body)
 
 
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """[H, W, 3] uint8 -> a PNG file (8-bit RGB, no filter): zlib alone, no imaging library."""
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[y].tobytes() for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + tag + data
+                + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def _img(rgb: np.ndarray, title: str) -> str:
+    data = base64.b64encode(png_bytes(rgb)).decode()
+    return (f'<figure><img src="data:image/png;base64,{data}" width="160" '
+            f'style="image-rendering:pixelated" alt="{html.escape(title)}">'
+            f"<figcaption>{html.escape(title)}</figcaption></figure>")
+
+
+def ndvi_svg(dates: Sequence[int], ndvi: Sequence[float], encoding: str) -> str:
+    """Mean NDVI of the series crop per date (the model's date encoding on the x axis)."""
+    return curve_svg(f"NDVI ({encoding})", [("ndvi", list(zip(dates, ndvi)))])
+
+
+def sample_panels(maps_dir: str) -> list[str]:
+    """Rows of panels for the patches `python -m lcssl.predict --records` saved samples of:
+    aerial RGB, NDVI over time, label, prediction, errors (red: wrong, grey: no label)."""
+    import rasterio
+
+    from lcssl.predict import NODATA, class_colours
+
+    summary_path = os.path.join(maps_dir, "summary.json")
+    if not os.path.exists(summary_path):
+        raise ReportError(f"--maps={maps_dir}: no summary.json; expected the --out folder of "
+                          "`python -m lcssl.predict --records=DATA --split=...`")
+    summary = files.read_json(summary_path)
+    colours = np.array(class_colours(summary["scores"]["class_names"]) + [(0, 0, 0)] * 256,
+                       np.uint8)
+    rows = []
+    for patch in summary["patches"]:
+        if "sample" not in patch:
+            continue
+        with np.load(os.path.join(maps_dir, patch["sample"])) as z:
+            sample = {k: z[k] for k in z.files}
+        with warnings.catch_warnings():   # patches carry no georeferencing, by design
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(os.path.join(maps_dir, patch["file"])) as src:
+                pred, label = src.read()
+        lut = colours.copy()
+        lut[NODATA] = (128, 128, 128)
+        errors = np.full(pred.shape + (3,), 255, np.uint8)
+        errors[(pred != label) & (label != NODATA)] = (220, 30, 30)
+        errors[label == NODATA] = (128, 128, 128)
+        acc = patch.get("accuracy")
+        cells = [_img(sample["rgb"], f"{patch['file']} aerial RGB")]
+        if "ndvi" in sample:
+            cells.append(f"<figure>{ndvi_svg(sample['dates'].tolist(), sample['ndvi'].tolist(), str(sample['date_encoding']))}</figure>")
+        cells += [_img(lut[label], "label"), _img(lut[pred], "prediction"),
+                  _img(errors, "errors" + ("" if acc is None else f" (accuracy {100 * acc:.1f}%)"))]
+        rows.append('<div class="sample">' + "".join(cells) + "</div>")
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------
 # The report
 # ------------------------------------------------------------------------------------------------
@@ -238,8 +308,10 @@ def _slug(tag: str) -> str:
 
 
 def write_report(workdir: str, out_dir: str, compare: Sequence[str] = (),
-                 split: str | None = None) -> str:
-    """Writes OUT/report.html (figures inline) and OUT/*.svg; returns the HTML path."""
+                 split: str | None = None, maps: str | None = None) -> str:
+    """Writes OUT/report.html (figures inline) and OUT/*.svg; returns the HTML path. `maps`: the
+    output folder of `python -m lcssl.predict --records=...` for sample panels."""
+    panels = sample_panels(maps) if maps else []
     runs = [read_run(workdir, split)] + [read_run(c, split) for c in compare]
     names = [r["name"] for r in runs]
     if len(set(names)) < len(names):   # same folder names in different places
@@ -279,10 +351,13 @@ def write_report(workdir: str, out_dir: str, compare: Sequence[str] = (),
             sections.append(f"<h2>{section}</h2>")
             current = section
         sections.append(f'<figure id="{name[:-4]}">{svg}</figure>')
+    if panels:
+        sections.append(f"<h2>Samples ({html.escape(maps)})</h2>" + "".join(panels))
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>lcssl report: {html.escape(runs[0]['name'])}</title>
 <style>body{{font-family:sans-serif;margin:1.5em}} figure{{display:inline-block;margin:4px}}
-table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px}}</style></head>
+table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px}}
+.sample figure{{vertical-align:top}} figcaption{{font-size:11px}}</style></head>
 <body><h1>lcssl report: {html.escape(runs[0]['name'])}</h1>
 <table><tr><th>run</th><th>workdir</th><th>split</th><th>mIoU</th><th>OA</th></tr>{rows}</table>
 {''.join(sections)}
@@ -305,10 +380,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="another run to show beside it (repeatable)")
     p.add_argument("--split", default=None,
                    help="split of eval_results.json to score (default: test, else val)")
+    p.add_argument("--maps", default=None,
+                   help="sample panels (aerial RGB, NDVI over time, label, prediction, errors) from "
+                        "the --out folder of `python -m lcssl.predict --records=DATA`")
     p.add_argument("--out", required=True, help="folder for report.html and the SVG figures")
     args = p.parse_args(argv)
     try:
-        path = write_report(args.workdir, args.out, args.compare, args.split)
+        path = write_report(args.workdir, args.out, args.compare, args.split, args.maps)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -371,6 +371,12 @@ def test_a_prepared_split_is_mapped_patch_by_patch(loaded, tmp_path_factory, tmp
         assert m.count == 2 and pred.shape == (SIZE, SIZE) and m.descriptions == ("prediction", "label")
     assert pred.max() < 13 and summary["scores"]["oa"] is not None
     assert (tmp_path / "summary.json").exists() and (tmp_path / "test.qml").exists()
+    # The report's sample panels: aerial RGB, NDVI over time, label, prediction, errors.
+    from lcssl import report
+
+    rows = report.sample_panels(str(tmp_path))
+    assert len(rows) == min(8, summary["num_patches"])
+    assert all(r.count("data:image/png") == 4 and "NDVI (doy)" in r for r in rows)
 
 
 def files_card(data_dir):

@@ -68,3 +68,18 @@ def test_cli_refuses_a_folder_that_is_not_a_run(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "neither TensorBoard event files nor eval_results.json" in proc.stderr
+
+
+def test_png_writer_round_trips_the_pixels():
+    import struct
+    import zlib
+
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    png = report.png_bytes(rgb)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    length = struct.unpack(">I", png[33:37])[0]
+    assert png[37:41] == b"IDAT" and (width, height) == (7, 5)
+    rows = np.frombuffer(zlib.decompress(png[41:41 + length]), np.uint8).reshape(5, 1 + 7 * 3)
+    assert (rows[:, 0] == 0).all()                         # filter byte: none
+    np.testing.assert_array_equal(rows[:, 1:].reshape(5, 7, 3), rgb)
