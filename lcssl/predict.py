@@ -1,6 +1,7 @@
 """Land-cover maps from a trained model: sliding-window prediction over a GeoTIFF mosaic.
 
     python -m lcssl.predict --checkpoint=runs/ft --aerial=MOSAIC.tif --sits=S2_DIR --out=MAP.tif
+    python -m lcssl.predict --checkpoint=runs/ft --records=data/flair2 --split=test --out=MAPS_DIR
 
 What it guarantees (docs/DESIGN.md, "Prediction"):
 - The weights' input contract (the checkpoint's input spec: bands and order, normalization, gsd,

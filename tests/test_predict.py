@@ -383,3 +383,32 @@ def files_card(data_dir):
     from lcssl import files
 
     return files.read_json(os.path.join(data_dir, schema.CARD_NAME))
+
+
+def test_a_multi_date_file_is_read_by_its_band_descriptions(tmp_path):
+    path = tmp_path / "s2_stack.tif"
+    dates = ["20210415", "20210301"]
+    order = S2_BANDS[::-1]                               # bands stored in another order
+    with rasterio.open(path, "w", driver="GTiff", width=4, height=4, count=20, dtype="uint16",
+                       crs=L93, transform=from_origin(*ORIGIN, 10, 10)) as dst:
+        for i, (d, b) in enumerate([(d, b) for d in dates for b in order], start=1):
+            dst.set_band_description(i, f"{d}_{b}")
+    found = predict.find_sits(str(path), S2_BANDS)
+    assert [d.date for d in found] == [datetime.date(2021, 3, 1), datetime.date(2021, 4, 15)]
+    assert found[0].band_indexes == list(range(20, 10, -1))   # checkpoint order, 1-based
+    with pytest.raises(predict.PredictError, match=r"2021-03-01 lacks the bands \['B13'\]"):
+        predict.find_sits(str(path), S2_BANDS[:-1] + ["B13"])
+
+
+def test_cloudy_dates_of_a_window_are_dropped_as_in_data_prep():
+    opts = sits_lib.SitsOptions(max_cloud=0.5, min_clear_dates=2, max_dates=4)
+    series = np.stack([np.full((16, 16, 10), 1000.0 * (t + 1)) for t in range(4)]).astype(np.float32)
+    usable = np.array([True, True, True, False])          # the last date has nodata in the crop
+    masks = np.zeros((4, 2, 16, 16), np.uint8)
+    masks[1, 0] = 90                                       # the second date is cloudy
+    sits, dates, valid = predict.window_series(series, usable, masks, DATES, opts, None)
+    assert valid.tolist() == [True, True, False, False]
+    assert sits[0, 0, 0, 0] == 1000 and sits[1, 0, 0, 0] == 3000
+    assert dates[:2].tolist() == [d.timetuple().tm_yday for d in (DATES[0], DATES[2])]
+    usable[2] = False
+    assert predict.window_series(series, usable, masks, DATES, opts, None) is None

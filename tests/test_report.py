@@ -1,5 +1,6 @@
 """lcssl.report on two tiny runs' workdirs, written as lcssl.train writes them: scalars through
 clu's TensorBoard writer and eval_results.json from lcssl.metrics."""
+import json
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -37,7 +38,17 @@ def runs(tmp_path_factory):
 
 
 def test_events_are_read_without_tensorflow(runs):
-    scalars = report.read_scalars(runs[0])
+    """In a process where `import tensorflow` fails (the GPU machine has none), with lcssl.predict
+    imported too."""
+    program = (
+        "import sys, json\n"
+        "sys.modules['tensorflow'] = None\n"
+        "from lcssl import predict, report\n"
+        f"print(json.dumps(report.read_scalars({runs[0]!r})))\n")
+    proc = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=cli_env(devices=1),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scalars = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [s for s, _ in scalars["train/loss"]] == [2, 4, 6]
     np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [1.0, 0.5, 1 / 3], rtol=1e-6)
     np.testing.assert_allclose([v for _, v in scalars["val/miou"]], [0.2, 0.4, 0.6], rtol=1e-6)
