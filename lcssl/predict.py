@@ -215,8 +215,6 @@ def find_sits(path: str, bands: Sequence[str], chosen: str | None = None) -> lis
     contains 'mask' holds that date's cloud and snow probabilities (0..100, two bands).
     A file: its band descriptions name date and band, e.g. '20210415_B04'.
     """
-    import rasterio
-
     if os.path.isdir(path):
         dates, masks = {}, {}
         for name in sorted(os.listdir(path)):

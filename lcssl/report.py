@@ -19,7 +19,6 @@ import argparse
 import base64
 import glob
 import html
-import json
 import math
 import os
 import struct
