@@ -3,7 +3,8 @@
 Layout of `<workdir>/checkpoints/<step>/` (Orbax CheckpointManager, async saves, keep N):
     state/       params, batch_stats, opt_state, step, rng (the train state as a pytree of arrays)
     input_spec/  JSON: bands and order, normalization mean/std, date encoding, max_dates, aerial
-                 size and gsd, SITS size and gsd, class names, ignore value, model config
+                 size and gsd, SITS size and gsd, class names, ignore value, model config, SITS
+                 preprocessing (cloud filtering, monthly means)
     progress/    JSON: the data position (seed, split, global batch size, next step); the input
                  pipeline is a pure function of (seed, step), so this is all resume needs
 `<workdir>/best/` holds the single checkpoint with the best validation mIoU (fine-tuning).
@@ -100,6 +101,7 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 def input_spec(card: Mapping[str, Any], model_config: Mapping[str, Any]) -> dict:
     """Everything a user must reproduce to feed these weights, from the dataset card."""
     aerial, sits = card["aerial"], card["sits"]
+    options = card.get("build_options", {})
     return {
         "spec_version": SPEC_VERSION,
         "layout": card.get("layout"),
@@ -109,6 +111,10 @@ def input_spec(card: Mapping[str, Any], model_config: Mapping[str, Any]) -> dict
         "classes": list(card.get("classes", [])),
         "ignore_label": card.get("ignore_label"),
         "model": dict(model_config),
+        # How data_prep turned raw series into training ones (lcssl.data.sits.SitsOptions and the
+        # cloud score threshold): prediction repeats it on new Sentinel-2 rasters.
+        "sits_preprocessing": {**options.get("sits", {}),
+                               "cloud_prob_threshold": options.get("cloud_prob_threshold")},
     }
 
 
