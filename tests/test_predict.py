@@ -15,6 +15,7 @@ from rasterio.transform import from_origin
 
 from lcssl import checkpoint as ckpt_lib
 from lcssl import models, predict, sharding, train
+from lcssl.tasks.base import TrainState
 from lcssl.data import normalize, schema
 from lcssl.data import sits as sits_lib
 from tests._train_helpers import PYTHON, ROOT, cli_env, compilation_cache
@@ -66,9 +67,8 @@ def run_dir(tmp_path_factory):
     card = tiny_card()
     cfg = train.model_config_for(models.tiny_config(), card)
     variables = random_variables(models.param_shapes(models.build_model(cfg), cfg))
-    state = train.TrainState(step=np.int32(1), params=variables["params"],
-                             batch_stats=variables["batch_stats"], opt_state={},
-                             rng=np.zeros(4, np.uint32))
+    state = TrainState(step=np.int32(1), params=variables["params"],
+                       batch_stats=variables["batch_stats"], opt_state={}, rng=np.zeros(4, np.uint32))
     workdir = tmp_path_factory.mktemp("predict_run")
     ckpts = ckpt_lib.Checkpoints(str(workdir / "checkpoints"))
     ckpts.save(1, state, ckpt_lib.input_spec(card, cfg.to_dict()), {"next_step": 1}, force=True)
