@@ -122,7 +122,7 @@ def load_model(path: str, mesh=None) -> tuple[Callable[[dict], Any], dict, list[
     variables = jax.device_put({"params": out["state"]["params"],
                                 "batch_stats": out["state"].get("batch_stats") or {}},
                                sharding.replicated(mesh))
-    log.info("Loaded %s step %d: model %r, %d classes", directory, step, model_cfg.name,
+    log.info("Loaded %s step %d: model %r, %d classes", directory, step, models.variant(model_cfg),
              model_cfg.num_classes)
 
     @jax.jit
@@ -605,7 +605,7 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
     from rasterio.windows import Window
     from tqdm import tqdm
 
-    from lcssl import sharding
+    from lcssl import models, sharding
     from lcssl.data import normalize
 
     t_start = time.perf_counter()
@@ -619,7 +619,7 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
     size = int(model_cfg["aerial_size"])
     gsd_m = float(spec["aerial"]["gsd_m"])
     n_sits = int(spec["sits"]["size"])
-    needs_sits = model_cfg["name"] != "unet"
+    needs_sits = models.variant(model_cfg) != "unet"
     num_classes = len(class_names)
     if not 0 <= overlap < 1:
         raise PredictError(f"--overlap={overlap}: expected a fraction of the window in [0, 1)")
@@ -675,7 +675,7 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
         # --- Sentinel-2: dates, contract, footprint -----------------------------------------------
         if needs_sits:
             if not sits_path:
-                raise PredictError(f"--sits is required: the checkpoint's model {model_cfg['name']!r} "
+                raise PredictError(f"--sits is required: the checkpoint's model {models.variant(model_cfg)!r} "
                                    "fuses Sentinel-2 with the aerial image")
             dates = find_sits(sits_path, spec["sits"]["bands"], sits_bands)
             _check_overlap(sits_path, dates, src)

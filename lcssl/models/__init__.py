@@ -121,9 +121,15 @@ def _dtype(cfg: dict):
     return _DTYPES[cfg.get("dtype", "float32")]
 
 
+def variant(cfg) -> str:
+    """'utt' | 'unet' (aerial only) | 'utae' (Sentinel-2 only), also from configs saved before the
+    key was renamed."""
+    return _as_dict(cfg).get("variant", "utt")
+
+
 def encoder_keys(cfg) -> tuple[str, ...]:
     """Top-level param subtrees of the encoder for the config's variant."""
-    return ENCODER_SUBTREES[_as_dict(cfg).get("variant", "utt")]
+    return ENCODER_SUBTREES[variant(cfg)]
 
 
 def build_model(cfg) -> UTT:
