@@ -14,11 +14,17 @@ TPU pod's metadata) say there is more than one process; --coordinator_address, -
 
 Compiled programs are cached in ~/.cache/lcssl/jax (--compilation_cache; '' turns it off), so a
 resumed run does not compile again.
+
+A user error (no dataset at --config.data_dir, a checkpoint that does not fit, ...) prints one
+message and exits with status 2, without a traceback (lcssl/cli.py). The output shows progress,
+metrics, warnings, checkpoints and the parameter count; `-v 1` adds every library's INFO lines.
 """
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from lcssl import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: configs/<name>.py[:presets]",
                                           lock_config=True)
@@ -66,7 +72,10 @@ def compilation_cache_dir(flag_value: str, environ=os.environ) -> str | None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cli.quiet_native_logs()
+    cli.quiet_logging(flags.FLAGS.verbosity)
+    config = _CONFIG.value
+    cli.require_dataset(config.data_dir, config.dataset)
     # TensorFlow (tf.data only) must not grab GPU memory meant for JAX.
     try:
         import tensorflow as tf
@@ -88,8 +97,8 @@ def main(argv):
                  jax.devices()[0].platform)
 
     from lcssl import train
-    train.run(_CONFIG.value, _WORKDIR.value)
+    train.run(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(cli.user_errors(main), flags_parser=cli.parse_flags)

@@ -17,7 +17,6 @@ Resume is exact: the state holds the step and the base RNG, each step's randomne
 fold_in(rng, step) and the input pipeline is a pure function of (seed, step).
 """
 import functools
-import json
 import os
 import signal
 import time
@@ -34,6 +33,7 @@ from clu import metrics, parameter_overview
 
 from lcssl import checkpoint as ckpt_lib
 from lcssl import evaluate, flops, gradcache, losses, models, sharding
+from lcssl import workdir as workdir_lib
 from lcssl.data import augment, normalize, pipeline
 
 MODEL_KEYS = ("aerial", "sits", "dates", "sits_valid")
@@ -374,6 +374,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.mode not in ("ssl", "supervised"):
         raise ValueError(f"mode must be 'ssl' or 'supervised', found {config.mode!r}")
     os.makedirs(workdir, exist_ok=True)
+    lock = workdir_lib.lock(workdir)  # one run per workdir; released in the final `finally`
     # Here, not at the top: clu's writers import TensorFlow (TensorBoard summaries), which the step
     # functions above must not need (the GPU machine and the benchmarks have no TensorFlow).
     from clu import metric_writers, periodic_actions
@@ -441,6 +442,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 "label_fraction": config.label_fraction, "num_steps": num_steps}
     start_step = checkpoints.latest_step()
     if start_step is not None:  # resume: any device count; arrays re-laid out on this mesh
+        workdir_lib.check_resume(checkpoints, start_step, spec, config.data_dir)  # same data, model
         state, _, saved = checkpoints.restore(
             start_step, ckpt_lib.abstract_like(abstract_state, state_shardings))
         changed = {k: (saved.get(k), v) for k, v in progress.items()
@@ -457,7 +459,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                     config.data_dir, mesh, config.adapt_bands)
             ckpt_lib.write_json(os.path.join(workdir, "loaded_weights.json"), report)
     parameter_overview.log_parameter_overview(state.params, include_stats=jax.process_count() == 1)
-    ckpt_lib.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    logging.info("Model: %s parameters", f"{models.count_params(state.params):,}")
+    workdir_lib.write_config(workdir, config, start_step)  # config.json stays the first start's
 
     # --- Steps --------------------------------------------------------------------------------------
     if ssl:
@@ -550,11 +553,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if result.get("accuracy") is not None:
                     writer.write_scalars(step, {f"probe/{k}": v for k, v in result.items()})
             if not ssl and has_val and (step % config.eval_every_steps == 0 or last):
+                workdir_lib.check_finite(state, step, checkpoints)  # no best/ from a non-finite state
                 val = segmentation_scores(state, config.val_split)
                 writer.write_scalars(step, {"val/miou": val["miou"] or 0.0, "val/oa": val["oa"] or 0.0})
                 best.save(step, state, spec, {**progress, "next_step": step},
                           metrics={"val_miou": val["miou"] or 0.0}, force=True)
             if save:
+                workdir_lib.check_finite(state, step, checkpoints)
                 checkpoints.save(step, state, spec, {**progress, "next_step": step}, force=True)
             if stop and not last:
                 logging.warning("Preempted at step %d; checkpoint saved in %s.", step,
@@ -587,6 +592,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             best.wait()
             best.close()
         writer.flush()
+        lock.release()
 
 
 def _stop_if_not_finite(summary, first_step, step, checkpoints) -> None:
