@@ -14,6 +14,7 @@ each array whole and lays it out anew.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -31,34 +32,43 @@ SPEC_VERSION = 1
 # Replica-parallel saving splits every replicated array among its replicas, one small slicing
 # program per array shape and device; below 4 MiB per slice that costs more than it saves (on CPU
 # hosts it dominated a tiny model's save: ~2700 compiles). Large arrays still write in parallel.
-# The override is deliberate, so Orbax's warning that it happens is dropped.
-_orbax_logger = logging.getLogger("absl")
-_drop_override_warning = lambda record: "overriding" not in record.getMessage()
-_orbax_logger.addFilter(_drop_override_warning)
-try:
+@contextlib.contextmanager
+def _without_orbax_warnings(*substrings: str):
+    """Drops Orbax's warnings about what we ask for on purpose (they go through absl's logger)."""
+    drop = lambda record: not any(s in record.getMessage() for s in substrings)
+    logger = logging.getLogger("absl")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+with _without_orbax_warnings("overriding"):
     ocp.type_handlers.register_type_handler(
         jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=4 << 20),
         override=True)
-finally:
-    _orbax_logger.removeFilter(_drop_override_warning)
 
 
 def _manager(directory: str, *, keep: int | None, best_metric: str | None = None,
              read_only: bool = False, partial: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        best_fn=(lambda m: m[best_metric]) if best_metric else None,
-        best_mode="max",
-        keep_checkpoints_without_metrics=False if best_metric else True,
-        create=not read_only,
-        read_only=read_only,
-        enable_async_checkpointing=not read_only,
-    )
+    with _without_orbax_warnings("read_only=True"):  # reading is all we want
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            best_fn=(lambda m: m[best_metric]) if best_metric else None,
+            best_mode="max",
+            keep_checkpoints_without_metrics=False if best_metric else True,
+            create=not read_only,
+            read_only=read_only,
+            enable_async_checkpointing=not read_only,
+        )
     # Partial reads (only the encoder of a SimCLR state) need the PyTree handler's partial_restore.
     state_handler = ocp.PyTreeCheckpointHandler() if partial else ocp.StandardCheckpointHandler()
     handlers = {"state": state_handler, "input_spec": ocp.JsonCheckpointHandler(),
                 "progress": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
+    with _without_orbax_warnings("read only"):
+        return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                     item_handlers=handlers)
 
 
 class Checkpoints:

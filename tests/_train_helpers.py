@@ -74,9 +74,10 @@ def tiny_config(module: str, data_dir: str, **overrides):
     return config
 
 
-def saved_state(workdir, step: int | None = None) -> dict:
-    """The train state of a checkpoint as numpy arrays (params, batch_stats, opt_state, step, rng)."""
-    directory = pathlib.Path(workdir) / "checkpoints"
+def saved_state(workdir, step: int | None = None, folder: str = "checkpoints") -> dict:
+    """The train state of a checkpoint as numpy arrays (params, batch_stats, opt_state, step, rng);
+    folder='best' reads the best-by-validation checkpoint."""
+    directory = pathlib.Path(workdir) / folder
     step = step if step is not None else max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
     path = directory / str(step) / "state"
     checkpointer = ocp.PyTreeCheckpointer()
