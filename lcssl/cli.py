@@ -79,10 +79,19 @@ def user_errors(main: Callable) -> Callable:
 
 
 def require_dataset(data_dir: str, layout: str, flag: str = "--config.data_dir") -> None:
-    """UserError with the two commands that make a dataset when `data_dir` has no dataset card."""
+    """UserError with the two commands that make a dataset when `data_dir` has no dataset card,
+    or naming the card when it does not read."""
     from lcssl.data.schema import CARD_NAME
 
-    if "://" in data_dir or os.path.isfile(os.path.join(data_dir, CARD_NAME)):
+    if "://" in data_dir:
+        return
+    if os.path.isfile(os.path.join(data_dir, CARD_NAME)):
+        from lcssl.data import pipeline
+
+        try:  # unreadable, malformed or of an unknown format version: the reader names the file
+            pipeline.load_card(data_dir)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{flag}={data_dir}: {e}. Rebuild it with `python -m data_prep build`.")
         return
     raw = f"{data_dir.rstrip('/')}_raw"
     what = "does not exist" if not os.path.exists(data_dir) else f"has no {CARD_NAME}"

@@ -25,8 +25,13 @@ def run_main(*args):
     (["--config=configs/nosuch.py"],
      ["--config=configs/nosuch.py: cannot load this config file", "No such file"]),
     (["--config=configs/ssl_hameln.py:ssl9"], ["Unknown config preset 'ssl9'", "ssl2"]),
+    (["--config=configs/ssl_hameln.py", "--config.data_dir={tmp}/broken"],
+     ["--config.data_dir={tmp}/broken: {tmp}/broken/dataset_card.json: this dataset card is not "
+      "valid JSON"]),
 ])
 def test_a_user_error_is_one_message_without_a_traceback(tmp_path, args, expected):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "dataset_card.json").write_text('{"format_version": 1,')  # cut short
     proc = run_main(*(a.format(tmp=tmp_path) for a in args), f"--workdir={tmp_path}/run")
     assert proc.returncode == cli.EXIT_USER_ERROR, proc.stderr
     assert "Traceback" not in proc.stderr
