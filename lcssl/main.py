@@ -5,7 +5,9 @@
         --config.batch_size=512 --config.ssl.temperature=0.2
 
 The config is locked: an override of a field that does not exist fails before anything runs.
-Rerunning the same command resumes from the latest checkpoint in --workdir.
+Rerunning the same command resumes from the latest checkpoint in --workdir. User errors (no
+dataset, a checkpoint that does not fit, ...) print one message and exit 2 without a traceback;
+`-v 1` adds every library's INFO lines to the default output (lcssl/cli.py).
 
 Several processes (one per host, or one per GPU; see launch.sh): --multiprocess=auto initialises
 `jax.distributed` when COORDINATOR_ADDRESS / NUM_PROCESSES / PROCESS_ID (or SLURM's variables, or a
@@ -14,10 +16,6 @@ TPU pod's metadata) say there is more than one process; --coordinator_address, -
 
 Compiled programs are cached in ~/.cache/lcssl/jax (--compilation_cache; '' turns it off), so a
 resumed run does not compile again.
-
-A user error (no dataset at --config.data_dir, a checkpoint that does not fit, ...) prints one
-message and exits with status 2, without a traceback (lcssl/cli.py). The output shows progress,
-metrics, warnings, checkpoints and the parameter count; `-v 1` adds every library's INFO lines.
 """
 import os
 

@@ -3,10 +3,11 @@ SimCLR pre-training -> fine-tuning from it -> scores on the test split; then the
 command again, which resumes from its checkpoint instead of starting over."""
 import json
 import re
+import subprocess
 
 import pytest
 
-from tests._train_helpers import cli_env, compilation_cache, run_cli, tiny_dataset
+from tests._train_helpers import PYTHON, ROOT, cli_env, compilation_cache, run_cli, tiny_dataset
 
 
 @pytest.mark.slow
@@ -27,6 +28,14 @@ def test_pretrain_then_finetune_with_the_real_commands(tmp_path_factory, tmp_pat
     assert re.search(r"Model: [\d,]+ parameters", output)
     assert output.count("Checkpoint step ") == 2 and "train/loss=" in output
     assert "Input-bound:" in output and "Traceback" not in output
+    # The same workdir with another model: refused before anything trains, naming the field.
+    other = subprocess.run([PYTHON, "-m", "lcssl.main", "--config=configs/ssl_flair2.py:tiny",
+                            f"--workdir={ssl_dir}", f"--config.data_dir={data_dir}",
+                            "--config.num_steps=8", "--config.model.stem_width=4"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr
+    assert "error: Cannot resume" in other.stderr
+    assert "model.stem_width: checkpoint 8, now 4" in other.stderr
 
     finetune = ["-m", "lcssl.main", "--config=configs/finetune_flair2.py:tiny", f"--workdir={ft_dir}",
                 f"--config.data_dir={data_dir}", f"--config.init_from={ssl_dir}"]
