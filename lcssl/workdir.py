@@ -104,14 +104,19 @@ class WorkdirLock:
                 except FileNotFoundError:
                     pass
                 continue
-            who = (f"process {pid} on {holder.get('host')} (started {holder.get('started')})"
-                   if holder else "an unreadable lock file")
-            what = ("is still running" if same_host else
-                    "may still be running (another host: its process cannot be checked from here)")
+            if not holder:
+                who = "cannot be read, so its run cannot be checked"
+            elif same_host:
+                who = (f"names process {pid} on {holder.get('host')} (started "
+                       f"{holder.get('started')}), which is still running")
+            else:
+                who = (f"names process {pid} on {holder.get('host')} (started "
+                       f"{holder.get('started')}), which may still be running (another host: its "
+                       "process cannot be checked from here)")
             raise UserError(
-                f"--workdir={os.path.dirname(self.path)} is in use: {self.path} names {who}, which "
-                f"{what}. Two runs in one workdir overwrite each other's checkpoints. Wait for it, "
-                f"use another --workdir, or delete {self.path} if no run uses it.")
+                f"--workdir={os.path.dirname(self.path)} is in use: {self.path} {who}. Two runs in "
+                f"one workdir overwrite each other's checkpoints. Wait for it, use another "
+                f"--workdir, or delete {self.path} if no run uses it.")
         raise UserError(f"{self.path}: could not take the workdir lock (other runs keep taking it); "
                         "make sure only one run uses this --workdir.")
 

@@ -136,3 +136,9 @@ def test_check_finite_passes_a_finite_state_and_stops_before_saving_a_nan():
                                                      r"/runs/x/checkpoints is intact"):
             workdir.check_finite(bad, 5, ckpts)
         assert ckpts.waited
+
+
+def test_an_unreadable_lock_is_refused_not_taken(tmp_path):
+    (tmp_path / workdir.LOCK_NAME).write_text('{"host": ')
+    with pytest.raises(UserError, match="cannot be read.*delete"):
+        workdir.lock(str(tmp_path))
