@@ -21,8 +21,14 @@
 # latest checkpoint; a SIGTERM (preemption, scancel) to any one host makes every host save the same
 # step and exit (JAX's preemption service; tested with two processes). Compiled programs are
 # cached in $JAX_COMPILATION_CACHE_DIR (default ~/.cache/lcssl/jax) so restarts start fast.
+#
+# Relative paths in --workdir, --config.data_dir and --config.init_from are taken from the
+# directory you call launch.sh from; a relative --config too, unless it exists only in the
+# repository (configs/...). LCSSL_DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
+caller="$PWD"
 cd "$(dirname "$0")"
+repo="$PWD"
 
 coordinator="${COORDINATOR_ADDRESS:-}"
 num_processes="${NUM_PROCESSES:-}"
@@ -38,6 +44,16 @@ while [[ $# -gt 0 ]]; do
     *) break ;;
   esac
 done
+
+# A coordinator or process id without a process count would silently run one process alone.
+if [[ "$tpu" == 0 && -z "$num_processes" && -z "${SLURM_NTASKS:-}" \
+      && ( -n "$coordinator" || -n "$process_id" ) ]]; then
+  echo "launch.sh: COORDINATOR_ADDRESS / --coordinator or PROCESS_ID / --process-id is set" \
+       "(coordinator='$coordinator', process id='$process_id') but NUM_PROCESSES is not: set" \
+       "NUM_PROCESSES (or --num-processes=N) to the total number of processes, or unset both" \
+       "for a single-process run." >&2
+  exit 2
+fi
 
 # SLURM: derive what was not given. The coordinator is the first node of the allocation.
 if [[ -n "${SLURM_NTASKS:-}" && "${SLURM_NTASKS}" -gt 1 ]]; then
@@ -67,9 +83,40 @@ else
   args+=(--multiprocess=off)
 fi
 
+# Paths the user gave relative to where they called from (this script runs from the repository).
+absolute() {  # a path as given -> absolute from the caller's directory (URLs kept)
+  case "$1" in /*|*://*|"") printf '%s' "$1" ;; *) printf '%s' "$caller/$1" ;; esac
+}
+config_path() {  # configs/x.py[:presets]: the caller's file, else the repository's
+  local file="${1%%:*}" rest=""
+  [[ "$1" == *:* ]] && rest=":${1#*:}"
+  if [[ "$file" != /* && ! -e "$caller/$file" && -e "$repo/$file" ]]; then
+    printf '%s' "$repo/$file$rest"
+  else
+    printf '%s' "$(absolute "$file")$rest"
+  fi
+}
+user_args=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --workdir=*|--config.data_dir=*|--config.init_from=*)
+      user_args+=("${1%%=*}=$(absolute "${1#*=}")") ;;
+    --config=*) user_args+=("--config=$(config_path "${1#*=}")") ;;
+    --workdir|--config.data_dir|--config.init_from)
+      user_args+=("$1=$(absolute "${2:-}")"); shift ;;
+    --config) user_args+=("--config=$(config_path "${2:-}")"); shift ;;
+    *) user_args+=("$1") ;;
+  esac
+  shift
+done
+
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$HOME/.cache/lcssl/jax}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 # JAX may take most of the GPU memory up front; TensorFlow (tf.data only) is kept off the GPUs by main.
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 PYTHON="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}"
-exec "$PYTHON" -m lcssl.main "${args[@]}" "$@"
+if [[ -n "${LCSSL_DRY_RUN:-}" ]]; then
+  printf '%s\n' "$PYTHON" -m lcssl.main "${args[@]}" ${user_args[@]+"${user_args[@]}"}
+  exit 0
+fi
+exec "$PYTHON" -m lcssl.main "${args[@]}" ${user_args[@]+"${user_args[@]}"}

@@ -130,9 +130,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from lcssl import cli
+
+    cli.quiet_native_logs()  # before TensorFlow loads, here and in the build's worker processes
     args = parser().parse_args(argv)
     return args.fn(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lcssl import cli
+
+    sys.exit(cli.user_errors(main)())

@@ -15,6 +15,8 @@ each array whole and lays it out anew.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 from typing import Any, Mapping, Sequence
@@ -24,33 +26,50 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lcssl import files
+from lcssl.errors import MissingInputError, UserError
 
 SPEC_VERSION = 1
 
 # Replica-parallel saving splits every replicated array among its replicas, one small slicing
 # program per array shape and device; below 4 MiB per slice that costs more than it saves (on CPU
 # hosts it dominated a tiny model's save: ~2700 compiles). Large arrays still write in parallel.
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=4 << 20),
-    override=True)
+@contextlib.contextmanager
+def _without_orbax_warnings(*substrings: str):
+    """Drops Orbax's warnings about what we ask for on purpose (they go through absl's logger)."""
+    drop = lambda record: not any(s in record.getMessage() for s in substrings)
+    logger = logging.getLogger("absl")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+with _without_orbax_warnings("overriding"):
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=4 << 20),
+        override=True)
 
 
 def _manager(directory: str, *, keep: int | None, best_metric: str | None = None,
              read_only: bool = False, partial: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        best_fn=(lambda m: m[best_metric]) if best_metric else None,
-        best_mode="max",
-        keep_checkpoints_without_metrics=False if best_metric else True,
-        create=not read_only,
-        read_only=read_only,
-        enable_async_checkpointing=not read_only,
-    )
+    with _without_orbax_warnings("read_only=True"):  # reading is all we want
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            best_fn=(lambda m: m[best_metric]) if best_metric else None,
+            best_mode="max",
+            keep_checkpoints_without_metrics=False if best_metric else True,
+            create=not read_only,
+            read_only=read_only,
+            enable_async_checkpointing=not read_only,
+        )
     # Partial reads (only the encoder of a SimCLR state) need the PyTree handler's partial_restore.
     state_handler = ocp.PyTreeCheckpointHandler() if partial else ocp.StandardCheckpointHandler()
     handlers = {"state": state_handler, "input_spec": ocp.JsonCheckpointHandler(),
                 "progress": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
+    with _without_orbax_warnings("read only"):
+        return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                     item_handlers=handlers)
 
 
 class Checkpoints:
@@ -72,8 +91,12 @@ class Checkpoints:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   input_spec=ocp.args.JsonSave(dict(input_spec)),
                                   progress=ocp.args.JsonSave(dict(progress)))
-        return self._mngr.save(step, args=args, metrics=dict(metrics) if metrics else None,
-                               force=force)
+        saved = self._mngr.save(step, args=args, metrics=dict(metrics) if metrics else None,
+                                force=force)
+        if saved:
+            logging.info("Checkpoint step %d -> %s%s", step, os.path.join(self.directory, str(step)),
+                         "".join(f", {k}={v:.4g}" for k, v in (metrics or {}).items()))
+        return saved
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict, dict]:
         """(state, input_spec, progress) at `step`; `target` gives each leaf's shape, dtype and
@@ -98,12 +121,19 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 
 # --- The input spec: what the weights expect -------------------------------------------------------
 
+def card_sha256(card: Mapping[str, Any]) -> str:
+    """A hash of the dataset card's content (splits, files, statistics, build options): a rebuilt
+    or other dataset gets another one, which resume refuses (lcssl.workdir.check_resume)."""
+    return hashlib.sha256(files.to_json(card).encode()).hexdigest()
+
+
 def input_spec(card: Mapping[str, Any], model_config: Mapping[str, Any]) -> dict:
     """Everything a user must reproduce to feed these weights, from the dataset card."""
     aerial, sits = card["aerial"], card["sits"]
     options = card.get("build_options", {})
     return {
         "spec_version": SPEC_VERSION,
+        "card_sha256": card_sha256(card),
         "layout": card.get("layout"),
         "aerial": {k: aerial.get(k) for k in ("bands", "size", "gsd_m", "mean", "std")},
         "sits": {k: sits.get(k) for k in ("bands", "size", "gsd_m", "max_dates", "date_encoding",
@@ -120,7 +150,7 @@ def input_spec(card: Mapping[str, Any], model_config: Mapping[str, Any]) -> dict
 
 def check_input_spec(spec: Mapping[str, Any], card: Mapping[str, Any], *, source: str,
                      target: str, adapt_bands: bool = False) -> list[str]:
-    """Refuses (ValueError) weights whose input differs from the dataset in band names/order, date
+    """Refuses (UserError, a ValueError) weights whose input differs from the dataset in band names/order, date
     encoding or resolution; returns warnings for differences that are legitimate (normalization
     statistics of another dataset: each dataset is standardised with its own, as in pre-training).
 
@@ -160,7 +190,7 @@ def check_input_spec(spec: Mapping[str, Any], card: Mapping[str, Any], *, source
                         f"{spec.get('sits', {}).get('date_encoding')!r}, dataset has "
                         f"{card.get('sits', {}).get('date_encoding')!r}")
     if problems:
-        raise ValueError(
+        raise UserError(
             f"The checkpoint {source} was trained on different input than the dataset {target}:\n  "
             + "\n  ".join(problems)
             + "\nRebuild the dataset with the checkpoint's bands and date encoding, or pre-train on "
@@ -183,9 +213,9 @@ def resolve_checkpoint_dir(path: str) -> str:
     for candidate in (os.path.join(path, "checkpoints"), path):
         if os.path.isdir(candidate) and any(n.isdigit() for n in os.listdir(candidate)):
             return os.path.abspath(candidate)
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"No checkpoint found under {path!r} (looked for numbered step folders in {path}/checkpoints "
-        f"and {path}). Point init_from at the workdir of a finished pre-training run.")
+        f"and {path}). Point --config.init_from at the workdir of a finished pre-training run.")
 
 
 def load_encoder(directory: str, encoder_keys: Sequence[str], *, prefix: str = "backbone",
@@ -202,7 +232,7 @@ def load_encoder(directory: str, encoder_keys: Sequence[str], *, prefix: str = "
     meta = mngr.item_metadata(step)["state"]
     missing = [k for k in encoder_keys if k not in meta["params"].get(prefix, {})]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"The checkpoint {directory} (step {step}) has no encoder subtrees {missing} under "
             f"params['{prefix}'] (found {sorted(meta['params'].get(prefix, {}))}); is it a SimCLR "
             "pre-training checkpoint of the same model?")

@@ -24,6 +24,7 @@ import numpy as np
 
 from lcssl import metrics, models, sharding
 from lcssl.data import normalize
+from lcssl.errors import UserError
 
 def _apply(model, variables, batch, stats):
     batch = normalize.normalize(batch, stats)
@@ -53,7 +54,9 @@ def evaluate_split(step_fn: Callable, variables: Any, batches: Iterable[Mapping[
         batch_cm = step_fn(variables, sharding.host_batch_to_global(host_batch, mesh))
         cm = batch_cm if cm is None else cm + batch_cm
     if cm is None:
-        raise ValueError("evaluate_split: the split yielded no batch")
+        raise UserError("evaluate_split: the evaluation split has no examples; rebuild the dataset "
+                        "with val/test zones (data_prep build --val-fraction / --test-fraction) or "
+                        "set --config.val_split / --config.test_split to a split that has some")
     cm = sharding.to_host(cm)
     scores = metrics.scores_from_confusion(cm, class_names)
     scores["confusion_matrix"] = cm.astype(np.int64).tolist()

@@ -5,7 +5,9 @@
         --config.batch_size=512 --config.simclr.temperature=0.2
 
 The config is locked: an override of a field that does not exist fails before anything runs.
-Rerunning the same command resumes from the latest checkpoint in --workdir.
+Rerunning the same command resumes from the latest checkpoint in --workdir. User errors (no
+dataset, a checkpoint that does not fit, ...) print one message and exit 2 without a traceback;
+`-v 1` adds every library's INFO lines to the default output (lcssl/cli.py).
 
 Several processes (one per host, or one per GPU; see launch.sh): --multiprocess=auto initialises
 `jax.distributed` when COORDINATOR_ADDRESS / NUM_PROCESSES / PROCESS_ID (or SLURM's variables, or a
@@ -19,6 +21,8 @@ import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from lcssl import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: configs/<name>.py[:presets]",
                                           lock_config=True)
@@ -66,7 +70,10 @@ def compilation_cache_dir(flag_value: str, environ=os.environ) -> str | None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cli.quiet_native_logs()
+    cli.quiet_logging(flags.FLAGS.verbosity)
+    config = _CONFIG.value
+    cli.require_dataset(config.data_dir, config.dataset)
     # TensorFlow (tf.data only) must not grab GPU memory meant for JAX.
     try:
         import tensorflow as tf
@@ -88,8 +95,8 @@ def main(argv):
                  jax.devices()[0].platform)
 
     from lcssl import train
-    train.run(_CONFIG.value, _WORKDIR.value)
+    train.run(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(cli.user_errors(main), flags_parser=cli.parse_flags)

@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from lcssl.errors import UserError
+
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
 
@@ -59,7 +61,7 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, what: str = "global bat
     """Raise a ValueError naming both numbers unless the batch splits evenly over 'data'."""
     shards = num_data_shards(mesh)
     if global_batch % shards:
-        raise ValueError(
+        raise UserError(
             f"The {what} ({global_batch}) is not divisible by the number of data devices "
             f"({shards} = mesh axis '{DATA_AXIS}'); choose a batch size that is a multiple of {shards}."
         )

@@ -8,7 +8,6 @@ loads) is the task's business: `config.task` names a module of lcssl/tasks.
 Resume is exact: the state holds the step and the base RNG, each step's randomness is
 fold_in(rng, step) and the input pipeline is a pure function of (seed, step).
 """
-import json
 import os
 import signal
 import time
@@ -22,7 +21,8 @@ from absl import logging
 from clu import parameter_overview
 
 from lcssl import checkpoint as ckpt_lib
-from lcssl import flops, sharding, tasks
+from lcssl import flops, models, sharding, tasks
+from lcssl import workdir as workdir_lib
 from lcssl.data import normalize, pipeline
 from lcssl.tasks.base import RNG_IMPL
 
@@ -146,6 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains as `config` says, writing logs, checkpoints and eval_results.json to `workdir`."""
     task_module = tasks.get(config.task)
     os.makedirs(workdir, exist_ok=True)
+    lock = workdir_lib.lock(workdir)  # one run per workdir; released in the final `finally`
     # Here, not at the top: clu's writers import TensorFlow (TensorBoard summaries), which the step
     # functions must not need (the GPU machine and the benchmarks have no TensorFlow).
     from clu import metric_writers, periodic_actions
@@ -193,6 +194,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 "label_fraction": config.label_fraction, "num_steps": num_steps}
     start_step = checkpoints.latest_step()
     if start_step is not None:  # resume: any device count; arrays re-laid out on this mesh
+        workdir_lib.check_resume(checkpoints, start_step, spec, config.data_dir)  # same data, model
         state, _, saved = checkpoints.restore(
             start_step, ckpt_lib.abstract_like(abstract_state, state_shardings))
         changed = {k: (saved.get(k), v) for k, v in progress.items()
@@ -208,7 +210,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if report is not None:
             ckpt_lib.write_json(os.path.join(workdir, "loaded_weights.json"), report)
     parameter_overview.log_parameter_overview(state.params, include_stats=jax.process_count() == 1)
-    ckpt_lib.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    logging.info("Model: %s parameters", f"{models.count_params(state.params):,}")
+    workdir_lib.write_config(workdir, config, start_step)  # config.json stays the first start's
 
     # --- Step -----------------------------------------------------------------------------------------
     train_step = jit_train_step(task, abstract_state, mesh)
@@ -264,6 +267,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 pending, checked_step, wait_s, interval_t0 = None, step, 0.0, time.perf_counter()
             # --- Eval hooks -----------------------------------------------------------------------------
             if last or (task.eval_every_steps and step % task.eval_every_steps == 0):
+                workdir_lib.check_finite(state, step, checkpoints)  # no best/ from a non-finite state
                 scalars = task.evaluate(state)
                 if scalars:
                     writer.write_scalars(step, scalars)
@@ -272,6 +276,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               metrics={best_tag: scalars[task.best_metric]}, force=True)
             # --- Checkpoint, preemption -----------------------------------------------------------------
             if save:
+                workdir_lib.check_finite(state, step, checkpoints)
                 checkpoints.save(step, state, spec, {**progress, "next_step": step}, force=True)
             if stop and not last:
                 logging.warning("Preempted at step %d; checkpoint saved in %s.", step,
@@ -296,6 +301,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             best.wait()
             best.close()
         writer.flush()
+        lock.release()
 
 
 def _stop_if_not_finite(summary, first_step, step, checkpoints) -> None:

@@ -87,9 +87,10 @@ def build_task(config, card, mesh=None, num_steps: int = 6):
     return tasks.get(config.task).build(ctx), ctx
 
 
-def saved_state(workdir, step: int | None = None) -> dict:
-    """The train state of a checkpoint as numpy arrays (params, batch_stats, opt_state, step, rng)."""
-    directory = pathlib.Path(workdir) / "checkpoints"
+def saved_state(workdir, step: int | None = None, folder: str = "checkpoints") -> dict:
+    """The train state of a checkpoint as numpy arrays (params, batch_stats, opt_state, step, rng);
+    folder='best' reads the best-by-validation checkpoint."""
+    directory = pathlib.Path(workdir) / folder
     step = step if step is not None else max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
     path = directory / str(step) / "state"
     checkpointer = ocp.PyTreeCheckpointer()

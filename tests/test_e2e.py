@@ -2,10 +2,12 @@
 SimCLR pre-training -> fine-tuning from it -> scores on the test split; then the same fine-tuning
 command again, which resumes from its checkpoint instead of starting over."""
 import json
+import re
+import subprocess
 
 import pytest
 
-from tests._train_helpers import cli_env, compilation_cache, run_cli, tiny_dataset
+from tests._train_helpers import PYTHON, ROOT, cli_env, compilation_cache, run_cli, tiny_dataset
 
 
 @pytest.mark.slow
@@ -14,9 +16,26 @@ def test_pretrain_then_finetune_with_the_real_commands(tmp_path_factory, tmp_pat
     data_dir = tiny_dataset(tmp_path_factory)
     ssl_dir, ft_dir = tmp_path / "ssl", tmp_path / "finetune"
 
-    run_cli(["-m", "lcssl.main", "--config=configs/ssl_flair2.py:tiny", f"--workdir={ssl_dir}",
-             f"--config.data_dir={data_dir}"], env=env)
+    # input_bound_warning=0: every logged interval warns, so the warning's path runs too.
+    ssl = run_cli(["-m", "lcssl.main", "--config=configs/ssl_flair2.py:tiny", f"--workdir={ssl_dir}",
+                   f"--config.data_dir={data_dir}", "--config.input_bound_warning=0"], env=env)
     assert (ssl_dir / "checkpoints" / "6").is_dir()
+    # Quiet by default: progress, metrics, warnings, one line per checkpoint, the parameter count
+    # (6 steps, logged every 2: about 30 lines; Orbax and the parameter table made it 200).
+    output = ssl.stdout + ssl.stderr
+    assert len(output.splitlines()) <= 40, output
+    assert re.search(r"\d+(\.\d+)? steps/s, 100\.0% \(6/6\), ETA", output)
+    assert re.search(r"Model: [\d,]+ parameters", output)
+    assert output.count("Checkpoint step ") == 2 and "train/loss=" in output
+    assert "Input-bound:" in output and "Traceback" not in output
+    # The same workdir with another model: refused before anything trains, naming the field.
+    other = subprocess.run([PYTHON, "-m", "lcssl.main", "--config=configs/ssl_flair2.py:tiny",
+                            f"--workdir={ssl_dir}", f"--config.data_dir={data_dir}",
+                            "--config.num_steps=8", "--config.model.stem_width=4"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr
+    assert "error: Cannot resume" in other.stderr
+    assert "model.stem_width: checkpoint 8, now 4" in other.stderr
 
     finetune = ["-m", "lcssl.main", "--config=configs/finetune_flair2.py:tiny", f"--workdir={ft_dir}",
                 f"--config.data_dir={data_dir}", f"--config.init_from={ssl_dir}"]

@@ -109,7 +109,11 @@ def test_interrupted_run_resumes_to_exactly_the_same_weights(ssl_run, data_dir, 
     with pytest.raises(Interrupted):
         train.run(config, str(tmp_path))
     monkeypatch.undo()
+    first_config = (tmp_path / "config.json").read_text()
     resumed = train.run(config, str(tmp_path))  # the same command again
+    # config.json stays the first start's; the resume's config lies beside it.
+    assert (tmp_path / "config.json").read_text() == first_config
+    assert json.loads((tmp_path / "config.resume-3.json").read_text()) == json.loads(first_config)
 
     uninterrupted_dir, uninterrupted = ssl_run
     a, b = saved_state(uninterrupted_dir), saved_state(tmp_path)
@@ -345,3 +349,43 @@ def test_supervised_step_accumulates_micro_batches_and_linear_mode_freezes_the_e
             np.testing.assert_array_equal(y, x)
     assert any(not np.array_equal(x, y) for key in heads
                for x, y in zip(jax.tree.leaves(before[key]), jax.tree.leaves(linear[key])))
+
+
+def test_resume_refuses_another_model_or_dataset_naming_what_differs(ssl_run, data_dir, tmp_path):
+    import shutil
+
+    from lcssl.errors import UserError
+
+    workdir = tmp_path / "run"
+    shutil.copytree(ssl_run[0], workdir)
+    config = tiny_config("ssl_flair2", data_dir, num_steps=8, **{"model.stem_width": 4})
+    with pytest.raises(UserError, match=r"Cannot resume .* \(step 6\).*\n  model.stem_width: "
+                                        r"checkpoint 8, now 4\n"):
+        train.run(config, str(workdir))
+    rebuilt = tmp_path / "data"
+    shutil.copytree(data_dir, rebuilt)
+    card = json.loads((rebuilt / "dataset_card.json").read_text())
+    card["build_options"]["seed"] = card["build_options"].get("seed", 0) + 1  # another zone split
+    (rebuilt / "dataset_card.json").write_text(json.dumps(card))
+    with pytest.raises(UserError, match=r"\n  dataset card \(dataset_card.json"):
+        train.run(tiny_config("ssl_flair2", str(rebuilt), num_steps=8), str(workdir))
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]
+
+
+def test_best_checkpoint_is_never_saved_from_a_non_finite_state(data_dir, tmp_path, monkeypatch):
+    """Evaluation (and best/) every step, the loss checked only every 100: the state check before
+    each save stops the run at the first non-finite state, before best/ could take it."""
+    def poison(batch):
+        return dict(batch, sits=np.full_like(batch["sits"], np.nan))
+
+    tamper_with_batches(monkeypatch, at_step=1, action=poison)  # step 2 makes NaN weights
+    # SITS-only variant without dropout: the smallest supervised programs to compile.
+    config = tiny_config("sup_flair2", data_dir, num_steps=3, eval_every_steps=1,
+                         log_every_steps=100, checkpoint_every_steps=100,
+                         **{"model.name": "utae", "model.ltae_dropout": 0.0,
+                            "model.attn_dropout": 0.0})
+    with pytest.raises(FloatingPointError, match="at step 2: the parameters"):
+        train.run(config, str(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "best").iterdir() if p.name.isdigit()) == ["1"]
+    best = saved_state(tmp_path, 1, folder="best")
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(best["params"]))

@@ -249,3 +249,84 @@ def test_supervised_augment_keeps_sits_aligned():
     assert len(orientations) >= 4  # several of the 8 flips / rotations drawn
     labelled = np.asarray(out["label"]) == 1
     assert np.all(np.asarray(out["aerial"][..., 0])[labelled] > 0.5)
+
+
+# --- Known answers of the photometric and occlusion ops, one op at a time ------------------------
+
+def _cfg(**fields):
+    cfg = augment.default_config()
+    for name, value in fields.items():
+        cfg[name] = value
+    return cfg
+
+
+def test_blur_is_the_normalised_gaussian_and_keeps_flat_areas_flat():
+    cfg = _cfg(blur_prob=0.5, blur_sigma_px=(1.0, 1.0))  # sigma exactly 1 px, radius 3
+    impulse = np.zeros((15, 15, 1), np.float32)
+    impulse[7, 7] = 1.0
+    taps = np.arange(-3, 4)
+    g = np.exp(-0.5 * taps ** 2)
+    g /= g.sum()
+    expected = np.zeros((15, 15))
+    expected[4:11, 4:11] = np.outer(g, g)
+    blurred = augment._blur({"blur": jnp.float32(0.2), "blur_sigma": jnp.float32(0.5)},
+                            jnp.asarray(impulse), cfg)
+    np.testing.assert_allclose(blurred[..., 0], expected, atol=1e-7)
+    flat = jnp.full((15, 15, 2), 3.0)  # reflect padding: borders do not darken
+    # float32: two passes of 7-term weighted sums, each a few ulps (1.2e-7) off.
+    np.testing.assert_allclose(augment._blur({"blur": 0.2, "blur_sigma": 0.5}, flat, cfg), flat,
+                               rtol=1e-5)
+    kept = augment._blur({"blur": jnp.float32(0.7), "blur_sigma": jnp.float32(0.5)},
+                         jnp.asarray(impulse), cfg)  # draw above blur_prob: identity
+    np.testing.assert_array_equal(kept, impulse)
+
+
+@pytest.mark.parametrize("pos, rows", [((0.0, 0.0), slice(0, 4)), ((0.999, 0.999), slice(4, 8))])
+def test_random_erasing_zeroes_the_drawn_rectangle_in_every_band(pos, rows):
+    # Area 25% of 8 x 8 at aspect 1: a 4 x 4 box; its corner spans the 5 positions 0..4.
+    cfg = _cfg(erase_prob=0.5, erase_area=(0.25, 0.25), erase_aspect=(1.0, 1.0))
+    z = jnp.ones((8, 8, 5))
+    u = {"erase": jnp.float32(0.1), "erase_area": jnp.float32(0.3),
+         "erase_aspect": jnp.float32(0.6), "erase_pos": jnp.asarray(pos, jnp.float32)}
+    expected = np.ones((8, 8, 5), np.float32)
+    expected[rows, rows] = 0.0
+    np.testing.assert_array_equal(augment._erase(u, z, cfg), expected)
+    np.testing.assert_array_equal(augment._erase(dict(u, erase=jnp.float32(0.9)), z, cfg), z)
+
+
+def test_lighting_gradient_and_shadow_are_the_documented_gains():
+    cfg = _cfg(lighting_prob=0.5, lighting_gradient=0.3, shadow_prob=0.5, shadow_gain=(0.5, 0.5),
+               shadow_radius=(0.25, 0.25), shadow_softness=0.05, dark_level_z=0.0)
+    h = w = 8
+    x = (np.arange(w) + 0.5) / w * 2 - 1
+    y = (np.arange(h) + 0.5) / h * 2 - 1
+    u = {"light": jnp.float32(0.1), "light_amp": jnp.float32(1.0), "light_dir": jnp.float32(0.0),
+         "shadow": jnp.float32(0.9), "shadow_pos": jnp.full(2, 0.5), "shadow_radius": jnp.float32(0.0),
+         "shadow_gain": jnp.float32(0.0)}
+    z = jnp.full((h, w, 1), 2.0)
+    # Direction 0, amplitude +0.3: gain 1 + 0.3 x along the columns, alike on every row.
+    np.testing.assert_allclose(augment._lighting(u, z, cfg)[..., 0],
+                               2.0 * np.broadcast_to(1 + 0.3 * x, (h, w)), rtol=1e-6)
+    # No gradient (amplitude 0 at u = 0.5), a centred disc of radius 0.5 at gain 0.5.
+    shadowed = augment._lighting(dict(u, light_amp=jnp.float32(0.5), shadow=jnp.float32(0.1)), z, cfg)
+    dist = np.sqrt(y[:, None] ** 2 + x[None, :] ** 2)
+    inside = 1 / (1 + np.exp(-(0.5 - dist) / 0.1))
+    np.testing.assert_allclose(shadowed[..., 0], 2.0 * (1 - 0.5 * inside), rtol=1e-5)
+    # With dark_level_z = d, a gain g maps z to g z + (g - 1) d: zero radiance stays zero.
+    dark = augment._lighting(u, jnp.full((h, w, 1), -1.5), _cfg(**{**cfg.to_dict(), "dark_level_z": 1.5}))
+    np.testing.assert_allclose(dark, -1.5, rtol=1e-6)
+    off = augment._lighting(dict(u, light=jnp.float32(0.9)), z, cfg)
+    np.testing.assert_array_equal(off, z)
+
+
+def test_elevation_is_never_photometrically_changed_but_is_erased():
+    batch = _batch()
+    cfg = _cfg(crop_prob=0.0, flip=False, rot90=False, color_prob=1.0, lighting_prob=1.0,
+               blur_prob=1.0, erase_prob=1.0, erase_area=(0.25, 0.25), date_dropout_prob=0.0,
+               sits_noise_prob=0.0)
+    view, _ = augment.simclr_views(jax.random.key(3), batch, cfg)
+    elevation, out = batch["aerial"][..., 4], np.asarray(view["aerial"][..., 4])
+    erased = out == 0.0
+    assert erased.any(axis=(1, 2)).all()  # every example lost a rectangle of elevation
+    np.testing.assert_array_equal(out[~erased], elevation[~erased])
+    assert not np.allclose(view["aerial"][..., :4], batch["aerial"][..., :4])

@@ -183,6 +183,32 @@ def test_remat_keeps_the_param_tree():
     assert jax.tree.structure(grads) == jax.tree.structure(ref["params"])
 
 
+def _gradient_program(remat: str) -> list[str]:
+    """The primitives of the (traced, not compiled) gradient program of the tiny model."""
+    cfg = models.tiny_config()
+    cfg.remat = remat
+    model = models.build_model(cfg)
+    variables = models.param_shapes(model, cfg)
+
+    def loss(params, batch_stats, *inputs):
+        out, _ = model.apply({"params": params, "batch_stats": batch_stats}, *inputs, train=True,
+                             rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"])
+        return out["logits"].sum()
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(variables["params"], variables["batch_stats"],
+                                           *make_inputs(cfg))
+    return [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
+
+
+def test_remat_blocks_recompute_the_residual_blocks_in_the_backward_pass():
+    plain, remat = _gradient_program("none"), _gradient_program("blocks")
+    assert "remat2" not in plain  # jax.checkpoint's primitive: recomputation in the backward pass
+    # At least one rematerialised region per residual block of the aerial encoder; their
+    # convolutions move inside them, off the top level of the program.
+    assert remat.count("remat2") >= sum(models.tiny_config().stage_sizes)
+    assert remat.count("conv_general_dilated") < plain.count("conv_general_dilated")
+
+
 @pytest.mark.parametrize("per_modality", [False, True])
 def test_simclr_backbone_params_match_the_segmentation_encoder(per_modality):
     cfg = models.tiny_config()
@@ -230,3 +256,21 @@ def test_positional_encoding_is_sinusoidal_with_period_1000():
     expected = [np.sin(100), np.cos(100), np.sin(100 / 1000 ** 0.5), np.cos(100 / 1000 ** 0.5)]
     np.testing.assert_allclose(pe[0, 1], expected * 2, atol=1e-6)
     np.testing.assert_allclose(pe[0, 0], [0, 1, 0, 1] * 2)
+
+
+@pytest.mark.parametrize("mode, factor", [("add", None), ("se", 0.75), ("residual_excite", 1.75)])
+def test_fusion_modes_have_their_known_answers(mode, factor):
+    """A constant time-series term t = log 3 (sigmoid 0.75): 'add' gives x + t, squeeze-excitation
+    x * 0.75, residual excite x + 0.75 x; swapping two formulas fails."""
+    from lcssl.models.fusion import LevelFusion
+
+    fusion = LevelFusion(mode=mode, branches=("cropped",), footprint_px=4.0)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 3)), jnp.float32)
+    sits_map = jnp.ones((2, 6, 6, 4))
+    params = fusion.init(jax.random.key(0), x, sits_map)["params"]
+    term = np.log(3.0)
+    params = {"cropped_conv": {"kernel": jnp.zeros_like(params["cropped_conv"]["kernel"]),
+                               "bias": jnp.full((3,), term, jnp.float32)}}
+    out = fusion.apply({"params": params}, x, sits_map)
+    expected = x + term if factor is None else factor * x
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,147 @@
+"""What every command-line entry point shares: user errors without a traceback, and quiet logs.
+
+    app.run(cli.user_errors(main))      # absl entry point (lcssl.main)
+    sys.exit(cli.user_errors(main)())   # argparse entry point
+
+A `lcssl.errors.UserError` (missing dataset, wrong flag value, unreadable file, checkpoint that
+does not fit) prints `error: <message>` on stderr and exits with status 2; any other exception is a
+bug and keeps its traceback.
+
+Logs at the default verbosity (absl's `--verbosity=0`): INFO lines of lcssl and data_prep, clu's
+progress (steps/s, ETA) and metric lines, and every warning or error of any library. Orbax's
+per-checkpoint INFO lines (temp directories, metadata, throughput), optax's and the rest come back
+with `-v 1` (`--verbosity=1`); `--verbosity=-1` keeps warnings only.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import pathlib
+import sys
+from typing import Callable
+
+from lcssl.errors import UserError
+
+EXIT_USER_ERROR = 2
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+# Where the INFO lines a user wants come from: our code, and clu's progress / metric writers.
+_OWN_DIRS = (str(_REPO / "lcssl") + os.sep, str(_REPO / "data_prep") + os.sep)
+_CLU_FILES = (os.path.join("clu", "metric_writers", "logging_writer.py"),
+              os.path.join("clu", "platform", "local.py"))
+
+
+def quiet_native_logs(environ=os.environ) -> None:
+    """Environment for TensorFlow's C++ logs; call before TensorFlow is imported (it is inherited
+    by worker processes). Level 2 drops its INFO lines (cpu_feature_guard). TensorFlow only runs
+    tf.data here, never its math kernels, so oneDNN's kernels are unused; turned off, they no
+    longer print their notice at every import. Values already set in the environment win."""
+    environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+class _QuietFilter(logging.Filter):
+    """Keeps warnings and errors, and INFO / DEBUG lines from lcssl, data_prep and clu's writers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        path = record.pathname or ""
+        return path.startswith(_OWN_DIRS) or path.endswith(_CLU_FILES)
+
+
+_FILTER = _QuietFilter()
+
+
+def quiet_logging(verbosity: int) -> None:
+    """Installs the default filter on absl's handler unless `verbosity` >= 1 (absl's -v)."""
+    from absl import logging as absl_logging
+
+    handler = absl_logging.get_absl_handler()
+    handler.removeFilter(_FILTER)
+    if verbosity < 1:
+        handler.addFilter(_FILTER)
+
+
+def user_errors(main: Callable) -> Callable:
+    """`main` with UserError turned into one line on stderr and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            sys.stderr.flush()
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapped
+
+
+def require_dataset(data_dir: str, layout: str, flag: str = "--config.data_dir") -> None:
+    """UserError with the two commands that make a dataset when `data_dir` has no dataset card,
+    or naming the card when it does not read."""
+    from lcssl.data.schema import CARD_NAME
+
+    if "://" in data_dir:
+        return
+    if os.path.isfile(os.path.join(data_dir, CARD_NAME)):
+        from lcssl.data import pipeline
+
+        try:  # unreadable, malformed or of an unknown format version: the reader names the file
+            pipeline.load_card(data_dir)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{flag}={data_dir}: {e}. Rebuild it with `python -m data_prep build`.")
+        return
+    raw = f"{data_dir.rstrip('/')}_raw"
+    what = "does not exist" if not os.path.exists(data_dir) else f"has no {CARD_NAME}"
+    raise UserError(
+        f"{flag}={data_dir} {what}: no dataset built by `python -m data_prep build` there.\n"
+        f"Make one from your raw {layout} data (layout: docs/DATA.md):\n"
+        f"  python -m data_prep build --layout={layout} --src=/path/to/raw --out={data_dir}\n"
+        f"or a small synthetic one in the same layout (minutes on a CPU):\n"
+        f"  python -m data_prep synth --layout={layout} --out={raw}\n"
+        f"  python -m data_prep build --layout={layout} --src={raw} --out={data_dir} --expect-size=64\n"
+        f"or point {flag} at an existing dataset.")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def _last_line(text: str) -> str:
+    """The exception line at the end of a message that embeds a traceback (config_flags does)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[-1] if lines else str(text)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (app.run(..., flags_parser=cli.parse_flags)) with one-line errors for
+    a bad flag value, an unknown --config.* field or a config file that does not load: absl and
+    ml_collections report some of these with a traceback of their own."""
+    from absl import flags
+    from ml_collections.config_flags import config_flags
+
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        text = str(e)
+        head = text.splitlines()[0].rstrip(":") if text else ""
+        _fail(head if "Traceback" not in text else f"{head.split(': Error whilst')[0]}: "
+              f"{_last_line(text)}")
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a missing field
+        while e.args and isinstance(e.args[0], BaseException):
+            e = e.args[0]
+        text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        field = text.splitlines()[0].strip("'\"")
+        given = [a.split("=")[0] for a in argv[1:] if a.startswith("--") and f".{field}" in a]
+        _fail(f"{given[0] if given else 'a --config.* override'}: the config has no field "
+              f"{field!r}. " + "".join(f"{t} " for t in text.splitlines()[1:]) + "(fields and presets: the "
+              "config file's docstring and configs/common.py)")
+    for name, flag in flags.FLAGS._flags().items():
+        if isinstance(flag, config_flags._ConfigFlag) and isinstance(flag.value,
+                                                                     config_flags._ErrorConfig):
+            given = next((a for a in argv if a.startswith(f"--{name}=")), f"--{name}")
+            _fail(f"{given}: cannot load this config file: {_last_line(flag.value._error)}")
+    return rest

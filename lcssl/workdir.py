@@ -1,0 +1,235 @@
+"""Guards around a run's workdir, called by lcssl.train.run:
+
+    lock = workdir.lock(path)                    # one run at a time in a workdir (process 0)
+    workdir.check_resume(checkpoints, step, spec)  # before restoring: same data, model, input
+    workdir.write_config(path, config, start_step) # config.json once; config.resume-<step>.json
+    workdir.check_finite(state, step, checkpoints) # before every save, best/ included
+    lock.release()
+
+The lock is a file `<workdir>/run.lock` holding the host, pid and start time of the run. Another
+run on the same host whose process is gone left a stale lock: it is named in a warning and taken
+over. A live run, or a lock from another host (whose processes cannot be checked from here),
+refuses with a message naming it. Workdirs on object stores (gs://...) are not locked.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import socket
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from lcssl import files
+from lcssl.errors import UserError
+
+LOCK_NAME = "run.lock"
+# Model fields that change how the step computes, not the parameters it trains: a resume may
+# change them (e.g. remat to fit a smaller device).
+COMPUTE_ONLY_MODEL_FIELDS = ("dtype", "remat")
+
+
+# --- One run at a time ----------------------------------------------------------------------------
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (Linux), to tell a reused pid from the run that locked."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return start is None or _process_start(pid) in (None, start)
+
+
+class WorkdirLock:
+    """`<workdir>/run.lock`; `release()` removes it (only if it is still this process's)."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_NAME)
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(),
+                      "pid_start": _process_start(os.getpid()),
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.held = False
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(files.to_json(self.owner))
+        return True
+
+    def _holder(self) -> dict | None:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # half-written or damaged: treated as another host's, never taken silently
+
+    def acquire(self) -> "WorkdirLock":
+        for _ in range(3):  # a lock released or taken over between our calls: look again
+            if self._create():
+                self.held = True
+                atexit.register(self.release)  # also when the run ends in an exception
+                return self
+            holder = self._holder()
+            if holder is None:
+                continue
+            same_host = holder.get("host") == self.owner["host"]
+            pid = holder.get("pid")
+            ours = same_host and pid == self.owner["pid"]  # an earlier run of this process
+            if same_host and isinstance(pid, int) and (ours or not _alive(pid, holder.get("pid_start"))):
+                if not ours:
+                    logging.warning("%s: stale lock of process %d on %s (started %s), which is no "
+                                    "longer running; taking it over.", self.path, pid,
+                                    holder.get("host"), holder.get("started"))
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            if not holder:
+                who = "cannot be read, so its run cannot be checked"
+            elif same_host:
+                who = (f"names process {pid} on {holder.get('host')} (started "
+                       f"{holder.get('started')}), which is still running")
+            else:
+                who = (f"names process {pid} on {holder.get('host')} (started "
+                       f"{holder.get('started')}), which may still be running (another host: its "
+                       "process cannot be checked from here)")
+            raise UserError(
+                f"--workdir={os.path.dirname(self.path)} is in use: {self.path} {who}. Two runs in "
+                f"one workdir overwrite each other's checkpoints. Wait for it, use another "
+                f"--workdir, or delete {self.path} if no run uses it.")
+        raise UserError(f"{self.path}: could not take the workdir lock (other runs keep taking it); "
+                        "make sure only one run uses this --workdir.")
+
+    def release(self) -> None:
+        if self.held and (self._holder() or {}).get("pid") == self.owner["pid"]:
+            os.remove(self.path)
+        self.held = False
+
+
+class _NoLock:
+    held = False
+
+    def release(self) -> None:
+        pass
+
+
+def lock(workdir: str):
+    """Takes the workdir's lock on process 0 (the processes of one run share the workdir)."""
+    if jax.process_index() != 0 or "://" in workdir:
+        return _NoLock()
+    return WorkdirLock(workdir).acquire()
+
+
+# --- The config of every start ------------------------------------------------------------------
+
+def write_config(workdir: str, config, start_step: int) -> str:
+    """config.json on a fresh start (process 0); a resume at step N writes config.resume-N.json
+    beside it, so the original stays and each resume's overrides can be compared with it."""
+    name = "config.json" if start_step == 0 else f"config.resume-{start_step}.json"
+    path = os.path.join(workdir, name)
+    if jax.process_index() == 0:
+        files.write_json(path, json.loads(config.to_json_best_effort()))
+    return path
+
+
+# --- Resume only onto the same data and model ------------------------------------------------------
+
+def _differences(saved: Any, now: Any, prefix: str) -> list[str]:
+    if isinstance(saved, Mapping) and isinstance(now, Mapping):
+        out = []
+        for k in sorted(set(saved) | set(now), key=str):
+            out += _differences(saved.get(k), now.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(saved, (list, tuple)) and isinstance(now, (list, tuple)):
+        saved, now = list(saved), list(now)
+    return [] if saved == now else [prefix]
+
+
+def resume_differences(saved_spec: Mapping[str, Any], spec: Mapping[str, Any]) -> list[str]:
+    """What differs between the input spec of a checkpoint and the one of this run, as
+    'field: checkpoint X, now Y' lines (compute-only model fields and spec_version excepted)."""
+    lines = []
+    for field in _differences(saved_spec, spec, ""):
+        if field == "spec_version" or field in {f"model.{k}" for k in COMPUTE_ONLY_MODEL_FIELDS}:
+            continue
+        if field == "card_sha256" and saved_spec.get("card_sha256") is None:
+            continue  # a checkpoint from before card hashes were stored: the other fields decide
+        node_saved, node_now = saved_spec, spec
+        for key in field.split("."):
+            node_saved = node_saved.get(key) if isinstance(node_saved, Mapping) else None
+            node_now = node_now.get(key) if isinstance(node_now, Mapping) else None
+        if field == "card_sha256":
+            lines.append("dataset card (dataset_card.json: splits, shards, statistics or build "
+                         "options): another content than the checkpoint's")
+        else:
+            lines.append(f"{field}: checkpoint {_short(node_saved)}, now {_short(node_now)}")
+    return lines
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_resume(checkpoints, step: int, spec: Mapping[str, Any], data_dir: str = "") -> None:
+    """Refuses (UserError) to resume from `step` when the stored input spec (input contract, model
+    config, dataset card hash) differs from this run's. Runs before the state is restored, so a
+    model change is named here instead of failing in Orbax with a bare shape error."""
+    from lcssl import checkpoint as ckpt_lib
+
+    saved = ckpt_lib.read_input_spec(checkpoints.directory, step)
+    lines = resume_differences(saved, spec)
+    if lines:
+        raise UserError(
+            f"Cannot resume {checkpoints.directory} (step {step}): this run's data or model differ "
+            f"from the checkpoint's{f' (--config.data_dir={data_dir})' if data_dir else ''}:\n  "
+            + "\n  ".join(lines)
+            + "\nResume with the original dataset and --config.model.* (see config.json beside "
+              "the checkpoints), or start a new --workdir (fine-tune from this one with "
+              "--config.init_from).")
+
+
+# --- Nothing non-finite is saved ----------------------------------------------------------------
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def check_finite(state, step: int, checkpoints) -> None:
+    """Raises FloatingPointError before a save when a parameter or batch statistic is NaN / inf.
+    The loss check (train._stop_if_not_finite) sees the loss of the state *before* the last update,
+    so this check of the state itself is what keeps a non-finite state off the disk."""
+    from lcssl.evaluate import to_host
+
+    if bool(to_host(_all_finite((state.params, state.batch_stats)))):
+        return
+    checkpoints.wait()
+    raise FloatingPointError(
+        f"Training stopped at step {step}: the parameters or batch statistics became NaN or inf, "
+        f"so this state is not saved. The last good checkpoint (step {checkpoints.latest_step()}) in "
+        f"{checkpoints.directory} is intact; rerun the same command to resume from it, after "
+        "lowering optimizer.learning_rate, adding warm-up (schedule.warmup_epochs) or using "
+        "dtype=float32.")

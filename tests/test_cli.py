@@ -1,0 +1,83 @@
+"""The real command line on user errors: one message naming the flag or file and what to do, exit
+status 2, no Python traceback; bugs keep theirs (lcssl/cli.py)."""
+import subprocess
+
+import pytest
+
+from lcssl import cli
+from lcssl.errors import MissingInputError, UserError
+from tests._train_helpers import PYTHON, ROOT, cli_env
+
+
+def run_main(*args):
+    return subprocess.run([PYTHON, "-m", "lcssl.main", *args], cwd=ROOT, env=cli_env(devices=8),
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args, expected", [
+    # No dataset: the two commands that make one, for the config's layout.
+    (["--config=configs/ssl_hameln.py", "--config.data_dir={tmp}/none"],
+     [r"--config.data_dir={tmp}/none does not exist",
+      r"python -m data_prep synth --layout=hameln --out={tmp}/none_raw",
+      r"python -m data_prep build --layout=hameln --src={tmp}/none_raw --out={tmp}/none"]),
+    (["--config=configs/ssl_hameln.py", "--config.simclr.temprature=0.2"],
+     ["--config.simclr.temprature: the config has no field 'temprature'", 'Did you mean "temperature"']),
+    (["--config=configs/nosuch.py"],
+     ["--config=configs/nosuch.py: cannot load this config file", "No such file"]),
+    (["--config=configs/ssl_hameln.py:ssl9"], ["Unknown config preset 'ssl9'", "ssl2"]),
+    (["--config=configs/ssl_hameln.py", "--config.data_dir={tmp}/minimal", "--config.batch_size=12"],
+     ["The batch_size (12) is not divisible by the number of data devices (8"]),
+    (["--config=configs/ssl_hameln.py", "--config.data_dir={tmp}/broken"],
+     ["--config.data_dir={tmp}/broken: {tmp}/broken/dataset_card.json: this dataset card is not "
+      "valid JSON"]),
+])
+def test_a_user_error_is_one_message_without_a_traceback(tmp_path, args, expected):
+    (tmp_path / "minimal").mkdir()  # a card that reads: the run gets as far as the mesh
+    (tmp_path / "minimal" / "dataset_card.json").write_text('{"format_version": 1}')
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "dataset_card.json").write_text('{"format_version": 1,')  # cut short
+    proc = run_main(*(a.format(tmp=tmp_path) for a in args), f"--workdir={tmp_path}/run")
+    assert proc.returncode == cli.EXIT_USER_ERROR, proc.stderr
+    assert "Traceback" not in proc.stderr
+    # Log lines of what ran before may precede it; the message is one `error:` line (+ its lines).
+    assert sum(line.startswith("error: ") for line in proc.stderr.splitlines()) == 1
+    for text in expected:
+        assert text.format(tmp=tmp_path) in proc.stderr
+
+
+def test_user_errors_exit_2_with_the_message_and_bugs_keep_their_exception(capsys):
+    def missing():
+        raise MissingInputError("data/x: no such dataset card")
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.user_errors(missing)()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: data/x: no such dataset card\n"
+
+    def bug():
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        cli.user_errors(bug)()
+    assert issubclass(MissingInputError, (UserError, FileNotFoundError, ValueError))
+
+
+def test_the_default_log_filter_keeps_our_lines_progress_metrics_and_warnings():
+    import logging
+
+    def record(path, level=logging.INFO):
+        return logging.LogRecord("absl", level, path, 1, "m", None, None)
+
+    keep = cli._QuietFilter().filter
+    assert keep(record(str(ROOT / "lcssl" / "train.py")))
+    assert keep(record("/site-packages/clu/platform/local.py"))             # steps/s, ETA
+    assert keep(record("/site-packages/clu/metric_writers/logging_writer.py"))  # metrics
+    assert keep(record("/site-packages/orbax/checkpoint/x.py", logging.WARNING))
+    assert not keep(record("/site-packages/orbax/checkpoint/_src/path/atomicity.py"))
+    assert not keep(record("/site-packages/clu/parameter_overview.py"))
+
+
+def test_tensorflow_native_logs_are_quieted_unless_the_user_set_them():
+    env = {"TF_CPP_MIN_LOG_LEVEL": "0"}
+    cli.quiet_native_logs(env)
+    assert env == {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_ENABLE_ONEDNN_OPTS": "0"}

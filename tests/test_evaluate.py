@@ -1,0 +1,43 @@
+"""The online linear probe (lcssl.evaluate.linear_probe) on features with known answers."""
+import numpy as np
+
+from lcssl import evaluate
+
+
+def clusters(labels, rng, spread=0.05, dim=4):
+    """Feature k + noise for class k: linearly separable, one direction per class."""
+    return np.eye(dim)[labels] * 3.0 + rng.normal(scale=spread, size=(len(labels), dim))
+
+
+def test_separable_classes_are_all_found_and_the_baseline_is_the_commonest_training_class():
+    rng = np.random.default_rng(0)
+    train_y = np.array([0] * 10 + [1] * 6 + [2] * 4)
+    eval_y = np.array([0, 1, 1, 2, 2, 2, 2, 2])
+    out = evaluate.linear_probe(clusters(train_y, rng), train_y, clusters(eval_y, rng), eval_y,
+                                num_classes=3)
+    assert out == {"accuracy": 1.0, "baseline_accuracy": 1 / 8, "train_accuracy": 1.0,
+                   "num_train": 20, "num_eval": 8}
+
+
+def test_the_probe_is_scored_on_the_eval_labels_not_fitted_to_them():
+    rng = np.random.default_rng(1)
+    train_y = np.array([0, 1] * 8)
+    eval_y = np.array([0, 1] * 4)
+    out = evaluate.linear_probe(clusters(train_y, rng), train_y, clusters(eval_y, rng), 1 - eval_y,
+                                num_classes=2)
+    assert out["accuracy"] == 0.0 and out["train_accuracy"] == 1.0
+
+
+def test_an_overwhelming_ridge_leaves_only_the_bias_which_predicts_the_commonest_class():
+    rng = np.random.default_rng(2)
+    train_y = np.array([0] * 3 + [1] * 9 + [2] * 4)
+    eval_y = np.array([0, 1, 2, 1, 1, 0])
+    out = evaluate.linear_probe(clusters(train_y, rng), train_y, clusters(eval_y, rng), eval_y,
+                                num_classes=3, ridge=1e8)
+    assert out["accuracy"] == out["baseline_accuracy"] == 3 / 6
+
+
+def test_no_usable_patch_gives_no_accuracy():
+    out = evaluate.linear_probe(np.zeros((0, 4)), np.zeros(0, int), np.ones((3, 4)),
+                                np.zeros(3, int), num_classes=2)
+    assert out["accuracy"] is None and out["num_train"] == 0 and out["num_eval"] == 3
