@@ -42,10 +42,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lcssl import flops as flops_lib  # noqa: E402
 
-# Dense bf16 peak (no sparsity) and HBM bandwidth of the SXM parts, NVIDIA's datasheets: H100 SXM
-# 989 TFLOP/s bf16 dense (1,979 "with sparsity"), 3.35 TB/s HBM3; H200 SXM the same compute (Hopper
-# GH100) with 4.8 TB/s HBM3e (nvidia.com/en-us/data-center/h100/ and /h200/, "Technical
-# Specifications"). TB = 1e12 bytes.
+# Dense bf16 peak (no sparsity) and HBM bandwidth of the SXM parts: H100 SXM 989 TFLOP/s bf16 dense
+# (the datasheet's 1,979 is "with sparsity"), 3.35 TB/s HBM3; H200 SXM the same GH100 compute with
+# 4.8 TB/s HBM3e (NVIDIA's H100 / H200 datasheets, "Technical Specifications"; the dense figures
+# side by side: itkb.uw.cz/2026/06/nvidia-h200-vs-b300-precisions-cores.html). TB = 1e12 bytes.
 CHIPS = {"h100": (989e12, 3.35e12), "h200": (989e12, 4.8e12)}
 
 MATMUL = {"conv_general_dilated", "dot_general"}
@@ -163,6 +163,11 @@ class _Program:
                 # Loops and branches: analysed as programs of their own, x their trips (a scan's
                 # length; a while loop's unknown count: once; a cond: its costliest branch).
                 trips = eqn.params.get("length", 1) if name == "scan" else 1
+                if name == "shard_map":  # the body is one device's share: x the devices (flops.py)
+                    mesh = eqn.params["mesh"]
+                    axes = (eqn.params.get("manual_axes") or eqn.params.get("axis_names")
+                            or mesh.axis_names)
+                    trips = math.prod(mesh.shape[a] for a in axes)
                 best = None
                 for body in bodies:
                     kernels = analyze_jaxpr(body, stack=full, scale=scale * trips)

@@ -329,6 +329,15 @@ def main():
 
     device = jax.devices()[0]
     peak = flops_lib.peak_bf16_flops(device.device_kind)
+    # The step's time as a multiple of its roofline bound on this chip (bench/roofline.py; None
+    # where the chip has no preset). The bound covers the whole global program: per device here.
+    import roofline
+    bound = roofline.step_bound(jitted, state, batch, device_kind=device.device_kind)
+    if bound is not None:
+        bound["bound_s"] /= jax.device_count()
+        extra.update(roofline_chip=bound["chip"], roofline_bound_s=bound["bound_s"],
+                     roofline_bytes=bound["bytes"] / jax.device_count(),
+                     step_over_bound=step_s / bound["bound_s"])
     result = {
         "step": args.step, "mode": args.mode, "preset": args.preset, "batch": args.batch,
         "dates": args.dates,
@@ -352,7 +361,10 @@ def main():
             ("max RSS", f"{result['max_rss_bytes'] / 2**30:.2f} GiB"),
             ("MFU (bf16 peak)", (f"{result['mfu_vs_bf16_peak']:.1%}"
                                  + (" (recomputation counted)" if extra["recomputation_counted"]
-                                    else "")) if peak else "n/a (no GPU)")]
+                                    else "")) if peak else "n/a (no GPU)"),
+            ("step / roofline", f"{extra['step_over_bound']:.2f}x the {extra['roofline_chip']} "
+                                f"bound ({extra['roofline_bound_s'] * 1e3:.1f} ms)"
+                                if bound else "n/a (no chip preset)")]
     if args.step == "real":
         rows.insert(2, ("devices", f"{extra['devices']} (mesh {extra['mesh']}; figures per device)"))
         if args.mode == "ssl":
