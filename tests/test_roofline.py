@@ -92,3 +92,33 @@ def test_chip_presets_follow_the_device_kind():
     assert roofline.chip_for("NVIDIA H100 80GB HBM3") == "h100"
     assert roofline.chip_for("NVIDIA H200") == "h200"
     assert roofline.chip_for("cpu") is None
+
+
+def test_profile_summary_parses_a_real_trace(tmp_path):
+    """bench/profile_summary.py on a jax.profiler trace made here: convolution passes classified,
+    FLOPs read off the compiled HLO, busy time within wall time."""
+    spec = importlib.util.spec_from_file_location("profile_summary",
+                                                  ROOT / "bench" / "profile_summary.py")
+    profile_summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_summary)
+
+    def loss(x, w):
+        return jnp.sum(jax.nn.relu(conv(x, w)) ** 2)
+
+    x, w = jnp.ones((B, H, H, CI)), jnp.ones((K, K, CI, CO))
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile()
+    jax.block_until_ready(compiled(x, w))
+    with jax.profiler.trace(str(tmp_path / "trace")):
+        for _ in range(2):
+            jax.block_until_ready(compiled(x, w))
+    hlo = profile_summary.parse_hlo(compiled.as_text())
+    text, data = profile_summary.summarize(profile_summary.load_trace(str(tmp_path / "trace")),
+                                           hlo)
+    assert {"conv fwd", "conv wgrad"} <= set(data["categories_s"])
+    assert 0 < data["busy_s"] <= data["wall_s"] and data["op_time_s"] > 0
+    fwd = 2 * B * H * H * CO * K * K * CI
+    table = profile_summary.op_table(hlo)
+    convs = [v for v in table.values() if v["category"].startswith("conv")]
+    assert len(convs) == 3 and all(v["flops"] == fwd for v in convs)
+    assert all(row["calls"] == 2 for row in data["ops"] if row["category"].startswith("conv"))
+    assert "busy" in text and "conv wgrad" in text
