@@ -141,3 +141,54 @@ def test_low_precision_resample_within_bf16_rounding_of_the_fp32_one():
         u = 2.0 ** -8
         tol = (4 * u + taps * 2.0 ** -24) * (1 + 8 * u) * np.asarray(bound)
         assert np.all(np.abs(np.asarray(low, np.float32) - np.asarray(ref)) <= tol)
+
+
+def _same_block(plain, fast, *inputs):
+    """Same variables, outputs, batch-statistics updates and gradients (params and inputs)."""
+    variables = plain.init(jax.random.key(0), *inputs)
+    assert (jax.tree.structure(fast.init(jax.random.key(0), *inputs))
+            == jax.tree.structure(variables))
+    rng = np.random.default_rng(5)
+    variables = jax.tree.map(lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape)), variables)
+
+    def run(module, params, *inputs):
+        y, upd = module.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                              *inputs, mutable=["batch_stats"])
+        return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape))), (y, upd)
+
+    argnums = tuple(range(len(inputs) + 1))
+    (_, out_p), g_p = jax.value_and_grad(lambda *a: run(plain, *a), argnums, has_aux=True)(
+        variables["params"], *inputs)
+    (_, out_f), g_f = jax.value_and_grad(lambda *a: run(fast, *a), argnums, has_aux=True)(
+        variables["params"], *inputs)
+    for a, b in zip(jax.tree.leaves((out_f, g_f)), jax.tree.leaves((out_p, g_p))):
+        _close(a, b)
+
+
+@pytest.mark.parametrize("with_skip", [False, True])
+def test_decoder_block_with_the_fast_forms_equals_the_plain_one(x64, with_skip):
+    from lcssl.models.unet import DecoderBlock
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.normal(size=(2, 3, 4, 6)))
+    inputs = (x, jnp.asarray(rng.normal(size=(2, 6, 8, 3)))) if with_skip else (x,)
+    plain = DecoderBlock(4, train=True, dtype=jnp.float64)
+    _same_block(plain, plain.clone(phase_conv=True, fused_bn_act=True), *inputs)
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_basic_block_with_fused_bn_act_equals_the_plain_one(x64, strides):
+    from lcssl.models.unet import BasicBlock
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 6, 6, 4)))
+    plain = BasicBlock(4 * strides, strides, train=True, dtype=jnp.float64)
+    _same_block(plain, plain.clone(fused_bn_act=True), x)
+
+
+def test_utt_param_tree_is_the_same_with_every_fast_form():
+    from lcssl import models
+    cfg = models.tiny_config()
+    plain = models.build_model(cfg)
+    fast = plain.clone(decoder_phase_conv=True, fused_bn_act=True, low_precision_resample=True)
+    shapes = [jax.tree.map(lambda v: (v.shape, v.dtype), jax.eval_shape(
+        lambda m=m: m.init(jax.random.key(0), *models.dummy_inputs(cfg), train=False)))
+        for m in (plain, fast)]
+    assert shapes[0] == shapes[1]
