@@ -386,13 +386,30 @@ def step_bound(fn, *args, device_kind: str) -> dict | None:
             "bytes": summary["total"]["bytes"], "flops": summary["total"]["flops"]}
 
 
-def supervised_step(cfg):
+# The opt-in faster forms of lcssl.models.ops (UTT fields, default off).
+FAST_FORMS = ("decoder_phase_conv", "fused_bn_act", "low_precision_resample")
+
+
+def parse_model_fields(items) -> dict:
+    """['fused_bn_act', 'decoder_phase_conv=False'] -> {name: bool}, names from FAST_FORMS."""
+    fields = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in FAST_FORMS or value not in ("", "True", "False"):
+            raise ValueError(f"--model-field {item!r}: expected NAME or NAME=True|False with NAME "
+                             f"one of {', '.join(FAST_FORMS)}")
+        fields[name] = value != "False"
+    return fields
+
+
+def supervised_step(cfg, fields=None):
     """(step_fn, abstract args) of the supervised model step: U-T&T forward, cross-entropy on the
-    logits and the auxiliary logits, backward, SGD with momentum (bench/train_step.py's step)."""
+    logits and the auxiliary logits, backward, SGD with momentum (bench/train_step.py's step);
+    `fields` sets UTT fields (FAST_FORMS) on the built model."""
     import optax
     from lcssl import models
 
-    model = models.build_model(cfg)
+    model = models.build_model(cfg).clone(**(fields or {}))
     opt = optax.sgd(1e-3, momentum=0.9)
 
     def step(params, batch_stats, opt_state, batch):
@@ -455,8 +472,8 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=None, help="overrides the chip's peak")
     p.add_argument("--bandwidth-tbs", type=float, default=None,
                    help="overrides the chip's memory bandwidth, TB/s")
-    p.add_argument("--model-field", action="append", default=[], metavar="NAME=VALUE",
-                   help="a model config field, e.g. decoder_phase_conv=True (repeatable)")
+    p.add_argument("--model-field", action="append", default=[], metavar="NAME[=True|False]",
+                   help=f"turn on a faster form, one of {', '.join(FAST_FORMS)} (repeatable)")
     p.add_argument("--depth", type=int, default=0,
                    help="group layers by the first DEPTH parts of their module path (0: whole)")
     p.add_argument("--top", type=int, default=30, help="layers printed")
@@ -473,12 +490,11 @@ def main():
     from lcssl import models
     cfg = models.default_config() if args.preset == "default" else models.tiny_config()
     cfg.dtype = args.dtype
-    for item in args.model_field:
-        name, sep, value = item.partition("=")
-        if not sep or name not in cfg:
-            p.error(f"--model-field {item!r}: expected NAME=VALUE with NAME a model config field")
-        cfg[name] = type(cfg[name])(value == "True" if isinstance(cfg[name], bool) else value)
-    step, state = supervised_step(cfg)
+    try:
+        fields = parse_model_fields(args.model_field)
+    except ValueError as e:
+        p.error(str(e))
+    step, state = supervised_step(cfg, fields)
     kernels = analyze(step, *state, abstract_batch(cfg, args.batch, args.dates))
     summary = summarize(kernels, peak, bandwidth, args.depth)
     print(f"supervised step, {args.preset} U-T&T, batch {args.batch}, {args.dtype}, "

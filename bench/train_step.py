@@ -70,6 +70,9 @@ def parse_args():
     p.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", default="bench_train_step.json")
+    p.add_argument("--model-field", action="append", default=[], metavar="NAME[=True|False]",
+                   help="--step=model: turn on a faster form of lcssl.models.ops "
+                        "(bench/roofline.py FAST_FORMS; repeatable)")
     real = p.add_argument_group("--step=real (default: the config's value)")
     real.add_argument("--ssl-impl", choices=("naive", "blockwise", "gradcache"), default=None,
                       help="config.ssl.loss_impl")
@@ -77,6 +80,13 @@ def parse_args():
     real.add_argument("--block-size", type=int, default=None, help="config.ssl.block_size")
     real.add_argument("--temperature", type=float, default=None, help="config.ssl.temperature")
     args = p.parse_args()
+    import roofline
+    try:
+        args.model_fields = roofline.parse_model_fields(args.model_field)
+    except ValueError as e:
+        p.error(str(e))
+    if args.step == "real" and args.model_fields:
+        p.error("--model-field only applies to --step=model")
     if args.step == "model":
         given = [f for f in ("ssl_impl", "chunks", "block_size", "temperature")
                  if getattr(args, f) is not None]
@@ -95,7 +105,7 @@ def make_step(args, cfg):
     """Returns (init_fn, step_fn); the step takes (state, batch) and returns (state, loss)."""
     opt = optax.sgd(1e-3, momentum=0.9)
     if args.mode == "supervised":
-        model = models.build_model(cfg)
+        model = models.build_model(cfg).clone(**args.model_fields)
 
         def loss_fn(params, batch_stats, batch):
             out, updates = model.apply({"params": params, "batch_stats": batch_stats},
@@ -111,6 +121,7 @@ def make_step(args, cfg):
     else:
         from lcssl.losses import nt_xent
         model = models.build_ssl_model(cfg)
+        model = model.clone(backbone=model.backbone.clone(**args.model_fields))
 
         def loss_fn(params, batch_stats, batch):
             # Two views in one forward pass (batch norm sees both, as in SimCLR); flips stand in for
@@ -350,7 +361,7 @@ def main():
         "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "mfu_vs_bf16_peak": flops / step_s / peak if peak else None,
         "loss": float(loss), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join(sys.argv), **extra,
+        "command": " ".join(sys.argv), "model_fields": args.model_fields, **extra,
     }
     rows = [("params", f"{n_params / 1e6:.2f} M"), ("device", result["device"]),
             ("compile", f"{compile_s:.1f} s"), ("step (median)", f"{step_s * 1e3:.0f} ms"),
