@@ -75,6 +75,9 @@ def parse_args():
     p.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", default="bench_train_step.json")
+    p.add_argument("--model-field", action="append", default=[], metavar="NAME[=True|False]",
+                   help="--step=model: turn on a faster form of lcssl.models.ops "
+                        "(bench/roofline.py FAST_FORMS; repeatable)")
     real = p.add_argument_group("--step=real --task=simclr (default: the config's value)")
     real.add_argument("--ssl-impl", choices=("naive", "blockwise", "gradcache"), default=None,
                       help="config.simclr.loss_impl")
@@ -84,6 +87,13 @@ def parse_args():
     args = p.parse_args()
     if args.step == "model" and args.task not in MODEL_STEP_TASKS:
         p.error(f"--step=model knows --task={'|'.join(MODEL_STEP_TASKS)}; use --step=real")
+    import roofline
+    try:
+        args.model_fields = roofline.parse_model_fields(args.model_field)
+    except ValueError as e:
+        p.error(str(e))
+    if args.step == "real" and args.model_fields:
+        p.error("--model-field only applies to --step=model")
     if args.step == "model":
         given = [f for f in ("ssl_impl", "chunks", "block_size", "temperature")
                  if getattr(args, f) is not None]
@@ -102,7 +112,7 @@ def make_step(args, cfg):
     """Returns (init_fn, step_fn); the step takes (state, batch) and returns (state, loss)."""
     opt = optax.sgd(1e-3, momentum=0.9)
     if args.task == "supervised":
-        model = models.build_model(cfg)
+        model = models.build_model(cfg).clone(**args.model_fields)
 
         def loss_fn(params, batch_stats, batch):
             out, updates = model.apply({"params": params, "batch_stats": batch_stats},
@@ -118,6 +128,7 @@ def make_step(args, cfg):
     else:
         from lcssl.losses import nt_xent
         model = models.build_ssl_model(cfg)
+        model = model.clone(backbone=model.backbone.clone(**args.model_fields))
 
         def loss_fn(params, batch_stats, batch):
             # Two views in one forward pass (batch norm sees both, as in SimCLR); flips stand in for
@@ -303,6 +314,15 @@ def main():
 
     device = jax.devices()[0]
     peak = flops_lib.peak_bf16_flops(device.device_kind)
+    # The step's time as a multiple of its roofline bound on this chip (bench/roofline.py; None
+    # where the chip has no preset). The bound covers the whole global program: per device here.
+    import roofline
+    bound = roofline.step_bound(jitted, state, batch, device_kind=device.device_kind)
+    if bound is not None:
+        bound["bound_s"] /= jax.device_count()
+        extra.update(roofline_chip=bound["chip"], roofline_bound_s=bound["bound_s"],
+                     roofline_bytes=bound["bytes"] / jax.device_count(),
+                     step_over_bound=step_s / bound["bound_s"])
     result = {
         "step": args.step, "task": args.task, "preset": args.preset, "batch": args.batch,
         "dates": args.dates,
@@ -315,7 +335,7 @@ def main():
         "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "mfu_vs_bf16_peak": flops / step_s / peak if peak else None,
         "loss": float(loss), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join(sys.argv), **extra,
+        "command": " ".join(sys.argv), "model_fields": args.model_fields, **extra,
     }
     rows = [("params", f"{n_params / 1e6:.2f} M"), ("device", result["device"]),
             ("compile", f"{compile_s:.1f} s"), ("step (median)", f"{step_s * 1e3:.0f} ms"),
@@ -326,7 +346,10 @@ def main():
             ("max RSS", f"{result['max_rss_bytes'] / 2**30:.2f} GiB"),
             ("MFU (bf16 peak)", (f"{result['mfu_vs_bf16_peak']:.1%}"
                                  + (" (recomputation counted)" if extra["recomputation_counted"]
-                                    else "")) if peak else "n/a (no GPU)")]
+                                    else "")) if peak else "n/a (no GPU)"),
+            ("step / roofline", f"{extra['step_over_bound']:.2f}x the {extra['roofline_chip']} "
+                                f"bound ({extra['roofline_bound_s'] * 1e3:.1f} ms)"
+                                if bound else "n/a (no chip preset)")]
     if args.step == "real":
         rows.insert(2, ("devices", f"{extra['devices']} (mesh {extra['mesh']}; figures per device)"))
         if args.task == "simclr":

@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lcssl.models import ops
+
 FUSION_MODES = ("add", "concat", "se", "residual_excite")
 FUSION_BRANCHES = ("cropped", "collapsed")
 
@@ -72,6 +74,8 @@ class LevelFusion(nn.Module):
     footprint_px: float = 10.24
     dropout: float = 0.3
     dtype: Any = jnp.float32
+    # The footprint resampling in the compute dtype (lcssl.models.ops) instead of fp32.
+    low_precision_resample: bool = False
 
     @nn.compact
     def __call__(self, x, sits_map, train: bool = False):
@@ -81,7 +85,10 @@ class LevelFusion(nn.Module):
             # 1x1 conv before resampling: the two commute (the resampling weights sum to 1), and the
             # conv then runs on the small SITS grid instead of the level's.
             y = nn.Conv(c, (1, 1), dtype=self.dtype, name="cropped_conv")(sits_map)
-            terms.append(footprint_resize(y, self.footprint_px, (hh, ww)))
+            if self.low_precision_resample:
+                terms.append(ops.footprint_resize_lowp(y, self.footprint_px, (hh, ww), self.dtype))
+            else:
+                terms.append(footprint_resize(y, self.footprint_px, (hh, ww)))
         if "collapsed" in self.branches:
             pooled = jnp.mean(sits_map.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
             y = CollapsedMLP(c, self.dropout, self.dtype, name="collapsed_mlp")(pooled, train)
@@ -116,11 +123,13 @@ class Fusion(nn.Module):
     dropout: float = 0.3
     modality_dropout: float = 0.0
     dtype: Any = jnp.float32
+    low_precision_resample: bool = False
 
     @nn.compact
     def __call__(self, levels, sits_map, train: bool = False):
         fused = [LevelFusion(self.mode, tuple(self.branches), self.footprint_px, self.dropout,
-                             self.dtype, name=f"level{i}")(x, sits_map, train)
+                             self.dtype, self.low_precision_resample,
+                             name=f"level{i}")(x, sits_map, train)
                  for i, x in enumerate(levels)]
         if train and self.modality_dropout > 0:
             b = sits_map.shape[0]

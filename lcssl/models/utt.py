@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from lcssl.models import ops
 from lcssl.models.fusion import FUSION_BRANCHES, Fusion, footprint_resize
 from lcssl.models.unet import ResNetEncoder, UNetDecoder
 from lcssl.models.utae import UTAE
@@ -53,14 +54,21 @@ class UTT(nn.Module):
     modality_dropout: float = 0.0
     dtype: Any = jnp.float32
     remat: str = "none"
+    # Faster equivalent forms (lcssl.models.ops), off by default; the param tree is the same.
+    decoder_phase_conv: bool = False
+    fused_bn_act: bool = False
+    low_precision_resample: bool = False
 
     def setup(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"model.variant must be one of {VARIANTS}, found {self.variant!r}")
         if self.variant in ("utt", "unet"):
             self.aerial_encoder = ResNetEncoder(self.stage_sizes, self.widths, self.stem_width,
-                                                self.dtype, self.remat)
-            self.aerial_decoder = UNetDecoder(self.decoder_channels, self.dtype, self.remat)
+                                                self.dtype, self.remat,
+                                                fused_bn_act=self.fused_bn_act)
+            self.aerial_decoder = UNetDecoder(self.decoder_channels, self.dtype, self.remat,
+                                              phase_conv=self.decoder_phase_conv,
+                                              fused_bn_act=self.fused_bn_act)
             # smp SegmentationHead: conv3x3 to classes, no activation.
             self.seg_head = nn.Conv(self.num_classes, (3, 3), padding=1, dtype=self.dtype)
         if self.variant in ("utt", "utae"):
@@ -73,7 +81,8 @@ class UTT(nn.Module):
             self.aux_head = nn.Conv(self.num_classes, (1, 1), dtype=self.dtype)
         if self.variant == "utt":
             self.fusion = Fusion(self.fusion_mode, tuple(self.fusion_branches), self.footprint_px,
-                                 self.fusion_dropout, self.modality_dropout, self.dtype)
+                                 self.fusion_dropout, self.modality_dropout, self.dtype,
+                                 low_precision_resample=self.low_precision_resample)
 
     def encode(self, aerial, sits, dates, sits_valid, train: bool = False):
         """The encoder part: {'embedding', 'aerial_embedding', 'sits_embedding' ([B, D] f32),
@@ -102,7 +111,11 @@ class UTT(nn.Module):
         out_hw = aerial.shape[1:3] if aerial is not None else (self.aerial_size,) * 2
         if "sits_map" in features:
             aux = self.aux_head(features["sits_map"])
-            aux = footprint_resize(aux.astype(jnp.float32), self.footprint_px, out_hw)
+            if self.low_precision_resample:
+                aux = ops.footprint_resize_lowp(aux, self.footprint_px, out_hw, self.dtype)
+            else:
+                aux = footprint_resize(aux.astype(jnp.float32), self.footprint_px, out_hw)
+            aux = aux.astype(jnp.float32)
             out["logits" if self.variant == "utae" else "aux_logits"] = aux
         if "levels" in features:
             dense = self.aerial_decoder(features["levels"], train)
