@@ -25,7 +25,7 @@ the pre-training and the fine-tuning seed vary with the seed. `run_overrides` an
 An arm whose overrides the trainer's config does not know (e.g. `--config.task=vicreg` before that
 objective exists) is reported as not available, never run.
 
-Presets: default (sized for <= ~2 hours on a 2-core CPU, see docs/RESULTS.md for the measured
+Presets: default (sized for <= ~2 hours on a 2-core CPU, docs/BENCHMARKS.md has the measured
 times); tiny (the test suite: 4 zones of 32 px patches, one seed, one label fraction, 2 steps
 per run); hameln / flair2
 (the real datasets, built by `python -m data_prep build`, with the model's default sizes, and the
@@ -107,7 +107,7 @@ def get_config(arg=None):
     c.seeds = (0, 1, 2)
     c.data = _synth_data()
     c.run_overrides = ["--config.log_every_steps=10"]
-    # Compute budget, the same for every arm (sized by measured run times, docs/RESULTS.md).
+    # Compute budget, the same for every arm (run times measured: docs/BENCHMARKS.md, "study").
     c.pretrain_overrides = ["--config.num_steps=60", "--config.split=unlabelled",
                             "--config.ssl.probe_every_steps=60", "--config.checkpoint_every_steps=60"]
     c.finetune_overrides = ["--config.num_steps=60", "--config.batch_size=16",

@@ -278,6 +278,7 @@ def run_study(config, workdir: pathlib.Path, results_path: pathlib.Path, command
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "wall_seconds_this_invocation": time.perf_counter() - started,
             "run_seconds_total": sum(_run_seconds(r.workdir) for r in runs),
+            "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
             "data_dir": str(data_dir), "workdir": str(workdir),
             "label_fractions": list(config.label_fractions), "seeds": list(config.seeds)}
     labels = {a["name"]: a["label"] for a in config.arms}
@@ -325,7 +326,12 @@ def _git_commit() -> str:
 
 
 def _machine() -> str:
-    return f"{platform.node()}: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} CPU cores, {platform.platform()}"
 
 
 # ----------------------------------------------------------------------------- the report
@@ -460,7 +466,9 @@ def write_report(records: Sequence[dict], labels: dict, unavailable: dict, meta:
     lines = ["# Label-efficiency study", "",
              f"Produced by `{meta['command']}` on {meta['date']}, commit {meta['commit']}, machine "
              f"{meta['machine']}. Wall time of this invocation {_fmt_duration(meta['wall_seconds_this_invocation'])}; "
-             f"all runs together {_fmt_duration(meta['run_seconds_total'])}. Seeds {meta['seeds']} (pre-training "
+             f"all runs together {_fmt_duration(meta['run_seconds_total'])}; load average at the end "
+             f"{meta.get('load_average_at_end', 'unknown')} (above the core count: the machine was shared). "
+             f"Seeds {meta['seeds']} (pre-training "
              f"and fine-tuning seeds both vary); test split = held-out zones. Every figure below comes from the "
              f"runs' eval_results.json under {meta['workdir']}.", "",
              f"## Test mIoU and OA (%), mean ± std over seeds (std with ddof=1)", "",
