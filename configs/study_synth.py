@@ -110,8 +110,8 @@ def get_config(arg=None):
     # Compute budget, the same for every arm (run times measured: docs/BENCHMARKS.md, "study").
     c.pretrain_overrides = ["--config.num_steps=60", "--config.split=unlabelled",
                             "--config.ssl.probe_every_steps=60", "--config.checkpoint_every_steps=60"]
-    c.finetune_overrides = ["--config.num_steps=60", "--config.batch_size=16",
-                            "--config.eval_every_steps=20", "--config.checkpoint_every_steps=60"]
+    c.finetune_overrides = ["--config.num_steps=40", "--config.batch_size=16",
+                            "--config.eval_every_steps=20", "--config.checkpoint_every_steps=40"]
     c.arms = _arms("configs/ssl_hameln.py:tiny", "configs/finetune_hameln.py:tiny",
                    "configs/sup_hameln.py:tiny", large_batch=128)
     c.only_arms = ""       # comma-separated arm names to run (others skipped); '' = all
