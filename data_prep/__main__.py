@@ -20,7 +20,15 @@ def _synth(args) -> int:
                   patch_size=args.patch_size, sits_size=args.sits_size, num_dates=args.num_dates, seed=args.seed)
     if args.unlabelled_per_zone is not None:
         kwargs["unlabelled_per_zone"] = args.unlabelled_per_zone
-    info = synth.write_dataset(args.out, **kwargs)
+    try:
+        kwargs["realism"] = synth.Realism(
+            boundary_jitter_px=args.boundary_jitter_px, wrong_region_share=args.wrong_region_share,
+            zone_gain=args.zone_gain, zone_offset=args.zone_offset, date_gain=args.date_gain,
+            phenology_shift_days=args.phenology_shift_days)
+        info = synth.write_dataset(args.out, **kwargs)
+    except ValueError as e:
+        print(f"python -m data_prep synth: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(info, indent=2, default=str))
     print(f"build it with: python -m data_prep build --layout={args.layout} --src={args.out} --out=OUT "
           f"--expect-size={args.patch_size} --sits-size={args.sits_size}")
@@ -84,6 +92,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--sits-size", type=int, default=40, help="Sentinel-2 crop px")
     s.add_argument("--num-dates", type=int, default=12, help="Sentinel-2 acquisitions per series")
     s.add_argument("--seed", type=int, default=0)
+    g = s.add_argument_group("realism (data_prep.synth.Realism; all off by default: same bytes as without)")
+    g.add_argument("--boundary-jitter-px", type=int, default=0,
+                   help="label noise: label boundaries move by up to this many px (smooth random field)")
+    g.add_argument("--wrong-region-share", type=float, default=0.0,
+                   help="label noise: share of connected land-cover regions given another region class")
+    g.add_argument("--zone-gain", type=float, default=0.0,
+                   help="domain shift: per-zone radiometric gain uniform in [1-x, 1+x] (aerial and S2)")
+    g.add_argument("--zone-offset", type=float, default=0.0,
+                   help="domain shift: per-zone offset uniform in [-x, x] x full scale (255; S2 10000)")
+    g.add_argument("--date-gain", type=float, default=0.0,
+                   help="domain shift: per-acquisition Sentinel-2 gain uniform in [1-x, 1+x]")
+    g.add_argument("--phenology-shift-days", type=float, default=0.0,
+                   help="domain shift: per-region (zone pair) phenology shift uniform in [-x, x] days")
     s.set_defaults(fn=_synth)
 
     b = sub.add_parser("build", help="raw patches -> sharded TFRecords + dataset_card.json", formatter_class=fmt,

@@ -15,11 +15,23 @@ the Sentinel-2 super-patch are rendered from the same geometry and agree in spac
   dates are cloudy (bright values, high cloud probability), some snowy, and zones miss some dates.
 
 The aerial footprint is 102.4 m as in FLAIR #2 (512 px at 0.2 m): gsd = 102.4 / patch_size.
+Realism options (`Realism`, each off by default, and then the output is byte-identical to the
+generator without them; each draws from its own random stream, so turning one on changes nothing else):
+* label noise: boundary jitter (each label pixel takes the class of a point at most N px away, along a
+  smooth random displacement field) and a share of wrong region labels (a connected region of a
+  land-cover class -- grass, crop, forest, ... not objects -- relabelled as another region class);
+* domain shift: a radiometric gain and offset per zone (aerial and Sentinel-2), an extra gain per
+  Sentinel-2 acquisition, and the phenology of a region (a pair of zones, as FLAIR #2's departments)
+  shifted by some days: a model fit on the training zones meets other radiometry and seasons in the
+  held-out zones;
+* more zones: `num_zones` (zone kinds cycle urban / agricultural / natural).
+
 Everything is drawn from numpy Generators seeded by (seed, zone, patch): same seed, same bytes.
 CLI: `python -m data_prep synth --layout=flair2 --out=DIR --num-zones=4 --seed=0`.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -29,6 +41,7 @@ from typing import Optional
 import numpy as np
 import rasterio
 import rasterio.transform
+import scipy.ndimage
 
 from data_prep import flair2, hameln
 from lcssl.data.schema import (FLAIR2_AERIAL_BANDS, HAMELN_AERIAL_BANDS, HAMELN_CLASSES, S2_BANDS,
@@ -40,6 +53,64 @@ SLOT_PX = 11                 # patch spacing in Sentinel-2 px: > 10.24, so aeria
 
 # A small preset for tests: 2 zones x (2 labelled + 1 unlabelled) patches of 32 px, 6 dates.
 TINY = dict(num_zones=2, patches_per_zone=2, unlabelled_per_zone=1, patch_size=32, num_dates=6)
+
+# Extra random streams (appended to the (seed, zone[, patch]) seed sequence) for the realism options,
+# so that the default draws stay what they were.
+_SHIFT_STREAM, _NOISE_STREAM, _PHENOLOGY_STREAM = 1_000_001, 1_000_002, 1_000_003
+AERIAL_FULL_SCALE = 255.0    # zone_offset is a fraction of these (aerial grey levels, S2 reflectance x 1e4)
+S2_FULL_SCALE = 10000.0
+JITTER_WAVELENGTH_M = (20.0, 60.0)   # boundary jitter: smooth displacement field, wobbles of this size
+
+
+@dataclasses.dataclass(frozen=True)
+class Realism:
+    """Label noise and domain shift options; the defaults (all zero) leave the data unchanged.
+
+    boundary_jitter_px: every label pixel (r, c) takes the true class at (r + dr, c + dc), with integer
+        |dr|, |dc| <= this, dr and dc smooth in space: boundaries move by at most this many pixels.
+    wrong_region_share: each connected region of one region class (grass, crop, deciduous, conifer,
+        bare soil, pervious, water, brush; 4-connected, within the patch) is relabelled as another
+        region class with this probability. Objects (buildings, roads, river, pools) keep their label.
+    zone_gain: each zone's radiometric gain is uniform in [1 - zone_gain, 1 + zone_gain] (both modalities,
+        elevation excepted).
+    zone_offset: each zone's offset is uniform in [-zone_offset, zone_offset] x full scale (255 aerial
+        grey levels; 10000 Sentinel-2 reflectance units), added after the gain.
+    date_gain: each Sentinel-2 acquisition of a zone gets a further gain uniform in [1 - date_gain,
+        1 + date_gain] (atmosphere, sensor), on top of the small one every date already has.
+    phenology_shift_days: each region (zones 2k and 2k+1) gets a shift uniform in [-d, d] days of every
+        class's vegetation cycle, on top of the few days of every zone.
+    """
+    boundary_jitter_px: int = 0
+    wrong_region_share: float = 0.0
+    zone_gain: float = 0.0
+    zone_offset: float = 0.0
+    date_gain: float = 0.0
+    phenology_shift_days: float = 0.0
+
+    def __post_init__(self):
+        bad = []
+        if not (isinstance(self.boundary_jitter_px, (int, np.integer)) and self.boundary_jitter_px >= 0):
+            bad.append(f"boundary_jitter_px={self.boundary_jitter_px!r} (expected an integer >= 0)")
+        if not 0.0 <= self.wrong_region_share <= 1.0:
+            bad.append(f"wrong_region_share={self.wrong_region_share!r} (expected 0..1)")
+        for name in ("zone_gain", "date_gain"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                bad.append(f"{name}={getattr(self, name)!r} (expected 0 <= value < 1)")
+        if not 0.0 <= self.zone_offset <= 0.5:
+            bad.append(f"zone_offset={self.zone_offset!r} (expected 0..0.5 of full scale)")
+        if not 0.0 <= self.phenology_shift_days <= 120:
+            bad.append(f"phenology_shift_days={self.phenology_shift_days!r} (expected 0..120)")
+        if bad:
+            raise ValueError("synthetic data options: " + "; ".join(bad))
+
+    @property
+    def noisy_labels(self) -> bool:
+        return self.boundary_jitter_px > 0 or self.wrong_region_share > 0
+
+    @property
+    def shifted(self) -> bool:
+        return self.zone_gain > 0 or self.zone_offset > 0 or self.date_gain > 0
+
 
 # ----------------------------------------------------------------------------- classes
 
@@ -269,10 +340,16 @@ def _smooth_field(rng, x, y, wavelengths=(150, 600), terms=4):
                for a, w, p in zip(angle, wave, phase)) / np.sqrt(terms / 2)
 
 
-def render_series(rng, zone: Zone, fractions: np.ndarray, doy: np.ndarray):
-    """Super-patch [T, 10, h, w] uint16 and cloud/snow masks [T, 2, h, w] uint8 (percent)."""
+def render_series(rng, zone: Zone, fractions: np.ndarray, doy: np.ndarray, region_shift_days: float = 0.0,
+                  radiometry: Optional[tuple] = None):
+    """Super-patch [T, 10, h, w] uint16 and cloud/snow masks [T, 2, h, w] uint8 (percent).
+
+    region_shift_days: added to the zone's own phenology shift. radiometry: (gain, offset in reflectance
+    x 1e4, per-date gains [T]) applied to what the sensor saw (clouds included): gain x date gain x
+    value + offset, before rounding.
+    """
     _, height, width = fractions.shape
-    shift = rng.normal(0, 6)                                   # zone phenology shift, days
+    shift = rng.normal(0, 6) + region_shift_days               # zone phenology shift, days
     spec = spectra(doy, shift)                                 # [K, T, 10]
     clean = np.einsum("khw,ktb->tbhw", fractions, spec)
     gain = rng.uniform(0.95, 1.05, (len(doy), 1, 1, 1))        # per-date atmosphere
@@ -294,11 +371,17 @@ def render_series(rng, zone: Zone, fractions: np.ndarray, doy: np.ndarray):
             prob = 1 / (1 + np.exp(-(field - rng.uniform(-0.5, 1.0)) / 0.15))
             masks[t, 1] = np.clip(np.rint(100 * prob), 0, 100)
             series[t] = (1 - 0.8 * prob) * series[t] + 0.8 * prob * SNOW[:, None, None]
+    if radiometry is not None:
+        gain, offset, date_gains = radiometry
+        series = gain * np.asarray(date_gains, np.float64)[:, None, None, None] * series + offset
     return np.clip(np.rint(series), 0, 65535).astype(np.uint16), masks
 
 
-def render_aerial(rng, zone: Zone, top_m, left_m, size, with_elevation: bool):
-    """Aerial [size, size, 4 or 5] uint8 and internal classes [size, size] for one patch."""
+def render_aerial(rng, zone: Zone, top_m, left_m, size, with_elevation: bool, radiometry: Optional[tuple] = None):
+    """Aerial [size, size, 4 or 5] uint8 and internal classes [size, size] for one patch.
+
+    radiometry: (gain, offset in grey levels) of the zone, applied to R, G, B, NIR before rounding.
+    """
     gsd = FOOTPRINT_M / size
     x, y = _grid(top_m, left_m, size, size, gsd)
     cls, rim, ridge, shadow = zone.classes(x, y, detail=True)
@@ -312,12 +395,43 @@ def render_aerial(rng, zone: Zone, top_m, left_m, size, with_elevation: bool):
     img[rim] *= 0.75
     img[ridge] *= 1.15
     img[shadow] *= 0.5
+    if radiometry is not None:
+        img = radiometry[0] * img + radiometry[1]
     bands = [img]
     if with_elevation:
         # Terrain only (no object heights), so elevation never shortcuts the texture/phenology tasks.
         terrain = zone.terrain_height(x, y).reshape(size, size, 1) + rng.normal(0, 1.5, (size, size, 1))
         bands.append(terrain)
     return np.clip(np.rint(np.concatenate(bands, -1)), 0, 255).astype(np.uint8), cls
+
+
+def noisy_labels(rng, zone: Zone, top_m, left_m, size, realism: Realism) -> np.ndarray:
+    """Internal classes [size, size] of a patch with `realism`'s label noise (see `Realism`).
+
+    Wrong regions are drawn on the patch's class map extended by the jitter margin, then the
+    boundary jitter reads that map at the displaced pixels.
+    """
+    gsd = FOOTPRINT_M / size
+    n = int(realism.boundary_jitter_px)
+    ext_size = size + 2 * n
+    x, y = _grid(top_m - n * gsd, left_m - n * gsd, ext_size, ext_size, gsd)
+    cls = zone.classes(x, y).reshape(ext_size, ext_size)
+    if realism.wrong_region_share > 0:
+        out = cls.copy()
+        for c in REGION_CLASSES:
+            components, count = scipy.ndimage.label(cls == c)
+            flip = np.flatnonzero(rng.random(count) < realism.wrong_region_share) + 1
+            others = np.array([o for o in REGION_CLASSES if o != c], np.int8)
+            for component, new in zip(flip, rng.choice(others, size=len(flip))):
+                out[components == component] = new
+        cls = out
+    if n == 0:
+        return cls
+    px, py = _grid(top_m, left_m, size, size, gsd)
+    dr, dc = (np.clip(np.rint(n * np.tanh(_smooth_field(rng, px, py, JITTER_WAVELENGTH_M))), -n, n)
+              .astype(int).reshape(size, size) for _ in range(2))
+    rows, cols = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    return cls[rows + n + dr, cols + n + dc]
 
 
 def _write_tif(path, array_hwc, crs, transform):
@@ -349,8 +463,11 @@ def _product_name(rng, date: datetime.date, orbit: int, tile: str) -> str:
 
 def write_dataset(out_dir, *, layout: str = "flair2", num_zones: int = 4, patches_per_zone: int = 6,
                   patch_size: int = 64, sits_size: int = 40, num_dates: Optional[int] = None,
-                  unlabelled_per_zone: int = 2, seed: int = 0) -> dict:
+                  unlabelled_per_zone: int = 2, seed: int = 0, realism: Realism = Realism()) -> dict:
     """Write the synthetic dataset under out_dir in `layout` ('flair2' or 'hameln'); returns a summary.
+
+    realism: label noise and domain shift (see `Realism`); the summary records each zone's drawn gain,
+    offset, date gains and phenology shift, and the label noise actually applied.
 
     num_dates: acquisitions per zone before missing dates (default 12 over 2021 for flair2,
     8 from February to November 2022 for hameln, as the seminar's series). Zones miss 0-2 dates
@@ -379,7 +496,7 @@ def write_dataset(out_dir, *, layout: str = "flair2", num_zones: int = 4, patche
     side = math.ceil(math.sqrt(per_zone))
     super_px = sits_size + (side - 1) * SLOT_PX + 4
     centroids, zones, pixel_counts = {}, [], np.zeros(256, np.int64)
-    num_labelled = num_unlabelled = 0
+    num_labelled = num_unlabelled = noisy_pixels = 0
     patch_number = 0
     for zone_index in range(num_zones):
         rng = np.random.default_rng(np.random.SeedSequence([seed, zone_index]))
@@ -391,7 +508,16 @@ def write_dataset(out_dir, *, layout: str = "flair2", num_zones: int = 4, patche
         zone_dates = num_dates - (int(rng.integers(0, 3)) if layout == "flair2" and num_dates > 4 else 0)
         doy = _acquisition_days(rng, zone_dates, first_doy, last_doy)
         dates = [datetime.date(year, 1, 1) + datetime.timedelta(days=int(d) - 1) for d in doy]
-        series, masks = render_series(rng, zone, fractions, doy)
+        region_shift = 0.0
+        if realism.phenology_shift_days > 0:
+            region_rng = np.random.default_rng(np.random.SeedSequence([seed, zone_index // 2, _PHENOLOGY_STREAM]))
+            region_shift = float(region_rng.uniform(-realism.phenology_shift_days, realism.phenology_shift_days))
+        shift_rng = np.random.default_rng(np.random.SeedSequence([seed, zone_index, _SHIFT_STREAM]))
+        zone_gain = float(1 + realism.zone_gain * shift_rng.uniform(-1, 1))
+        zone_offset = float(realism.zone_offset * shift_rng.uniform(-1, 1))
+        date_gains = 1 + realism.date_gain * shift_rng.uniform(-1, 1, len(doy))
+        series, masks = render_series(rng, zone, fractions, doy, region_shift,
+                                      (zone_gain, zone_offset * S2_FULL_SCALE, date_gains) if realism.shifted else None)
         zone_x0 = origin[0] + zone_index * 5000.0              # zones 5 km apart
         zone_y0 = origin[1]
 
@@ -417,7 +543,14 @@ def write_dataset(out_dir, *, layout: str = "flair2", num_zones: int = 4, patche
             col = sits_size // 2 + offset + (slot % side) * SLOT_PX
             top_m = row * S2_GSD_M - FOOTPRINT_M / 2
             left_m = col * S2_GSD_M - FOOTPRINT_M / 2
-            aerial, cls = render_aerial(patch_rng, zone, top_m, left_m, patch_size, layout == "flair2")
+            aerial, cls = render_aerial(patch_rng, zone, top_m, left_m, patch_size, layout == "flair2",
+                                        (zone_gain, zone_offset * AERIAL_FULL_SCALE) if realism.shifted else None)
+            if has_label and realism.noisy_labels:
+                noise_rng = np.random.default_rng(np.random.SeedSequence([seed, zone_index, int(slot) + 1,
+                                                                          _NOISE_STREAM]))
+                clean = cls
+                cls = noisy_labels(noise_rng, zone, top_m, left_m, patch_size, realism)
+                noisy_pixels += int((cls != clean).sum())
             transform = rasterio.transform.Affine(gsd, 0.0, zone_x0 + left_m, 0.0, -gsd, zone_y0 - top_m)
             codes = (FLAIR2_CODE if layout == "flair2" else HAMELN_CODE)[cls]
             if layout == "flair2":
@@ -441,7 +574,9 @@ def write_dataset(out_dir, *, layout: str = "flair2", num_zones: int = 4, patche
             else:
                 num_unlabelled += 1
         zones.append({"domain": domain, "zone": zone_name, "kind": kind, "num_dates": len(dates),
-                      "superpatch_px": super_px})
+                      "superpatch_px": super_px, "gain": zone_gain, "offset": zone_offset,
+                      "date_gains": [float(g) for g in date_gains],
+                      "phenology_shift_days": region_shift})
 
     paths = {"root": str(out)}
     if layout == "flair2":
@@ -462,7 +597,8 @@ def write_dataset(out_dir, *, layout: str = "flair2", num_zones: int = 4, patche
         "num_patches": num_labelled + num_unlabelled, "num_labelled": num_labelled,
         "num_unlabelled": num_unlabelled, "patch_size": patch_size, "aerial_gsd_m": gsd,
         "aerial_bands": list(FLAIR2_AERIAL_BANDS if layout == "flair2" else HAMELN_AERIAL_BANDS),
-        "sits_size": sits_size, "crs": crs, "zones": zones,
+        "sits_size": sits_size, "crs": crs, "zones": zones, "realism": dataclasses.asdict(realism),
+        "noisy_label_pixels": noisy_pixels,
         "raw_label_pixels": {int(c): int(n) for c, n in enumerate(pixel_counts) if n},
         "paths": paths}
 

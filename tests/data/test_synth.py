@@ -117,3 +117,145 @@ def test_buildings_and_roads_share_a_spectrum_but_not_a_shape(tmp_path):
     roof, asphalt = (np.concatenate(interiors[c]) for c in (building, road))
     assert len(roof) > 20 and len(asphalt) > 20
     np.testing.assert_allclose(roof.mean(0), asphalt.mean(0), atol=12)
+
+
+# ----------------------------------------------------------------------------- realism options
+# Each option is checked against what its documentation says, on the generator's own functions
+# (known answers) and on written datasets (the option reaches the files, and only where it should).
+
+def _zone_and_patches(kind="A", size=32, count=36, seed=0):
+    """A zone and the top-left corners (metres) of `count` non-overlapping patches on it."""
+    side = int(np.ceil(np.sqrt(count)))
+    zone = synth.Zone(np.random.default_rng(seed), kind, side * synth.FOOTPRINT_M)
+    corners = [(r * synth.FOOTPRINT_M, c * synth.FOOTPRINT_M) for r in range(side) for c in range(side)]
+    return zone, corners[:count]
+
+
+def _clean_classes(zone, top, left, size, margin_px=0):
+    gsd = synth.FOOTPRINT_M / size
+    n = size + 2 * margin_px
+    x, y = synth._grid(top - margin_px * gsd, left - margin_px * gsd, n, n, gsd)
+    return zone.classes(x, y).reshape(n, n)
+
+
+def test_boundary_jitter_moves_boundaries_by_at_most_n_px():
+    jitter, size = 2, 32
+    zone, corners = _zone_and_patches(size=size, count=12)
+    changed = 0
+    for i, (top, left) in enumerate(corners):
+        rng = np.random.default_rng(i)
+        noisy = synth.noisy_labels(rng, zone, top, left, size, synth.Realism(boundary_jitter_px=jitter))
+        clean = _clean_classes(zone, top, left, size, margin_px=jitter)      # [size + 2n]^2
+        inner = clean[jitter:-jitter, jitter:-jitter]
+        changed += int((noisy != inner).sum())
+        # every label is the true class of a pixel at most `jitter` px away (Chebyshev)
+        for r, c in zip(*np.nonzero(noisy != inner)):
+            assert noisy[r, c] in clean[r:r + 2 * jitter + 1, c:c + 2 * jitter + 1], (i, r, c)
+    assert changed > 0                                    # the option does something
+    one = synth.noisy_labels(np.random.default_rng(0), zone, *corners[0], size,
+                             synth.Realism(boundary_jitter_px=1))
+    far = _clean_classes(zone, *corners[0], size, margin_px=1)
+    assert all(one[r, c] in far[r:r + 3, c:c + 3] for r, c in zip(*np.nonzero(one != far[1:-1, 1:-1])))
+
+
+def test_wrong_region_share_is_the_share_of_relabelled_regions():
+    import scipy.ndimage
+
+    share, size = 0.3, 32
+    zone, corners = _zone_and_patches(size=size, count=36)
+    regions = flipped = 0
+    for i, (top, left) in enumerate(corners):
+        noisy = synth.noisy_labels(np.random.default_rng(i), zone, top, left, size,
+                                   synth.Realism(wrong_region_share=share))
+        clean = _clean_classes(zone, top, left, size)
+        is_region = np.isin(clean, synth.REGION_CLASSES)
+        np.testing.assert_array_equal(noisy[~is_region], clean[~is_region])    # objects keep their label
+        for cls in synth.REGION_CLASSES:
+            components, count = scipy.ndimage.label(clean == cls)
+            for k in range(1, count + 1):
+                new = np.unique(noisy[components == k])
+                assert len(new) == 1, "a region is relabelled as a whole"
+                regions += 1
+                if new[0] != cls:
+                    assert new[0] in synth.REGION_CLASSES
+                    flipped += 1
+    # Bernoulli(share) per region: the measured share is within 4 binomial standard deviations.
+    assert regions >= 60
+    assert abs(flipped / regions - share) <= 4 * np.sqrt(share * (1 - share) / regions), (flipped, regions)
+
+
+def test_zone_gain_and_offset_are_what_the_summary_records_and_the_options_allow(tmp_path):
+    options = synth.Realism(zone_gain=0.2, zone_offset=0.05, date_gain=0.1)
+    kwargs = dict(layout="flair2", num_zones=2, patches_per_zone=2, unlabelled_per_zone=0, patch_size=32,
+                  num_dates=4, seed=5)
+    synth.write_dataset(tmp_path / "clean", **kwargs)
+    info = synth.write_dataset(tmp_path / "shift", realism=options, **kwargs)
+    refs = {r.patch_id: r for r in flair2.list_patches(tmp_path / "clean")}
+    for ref in flair2.list_patches(tmp_path / "shift"):
+        zone = next(z for z in info["zones"] if z["zone"] == ref.zone and z["domain"] == ref.domain)
+        gain, offset, date_gains = zone["gain"], zone["offset"], np.array(zone["date_gains"])
+        assert abs(gain - 1) <= 0.2 and abs(offset) <= 0.05 and np.all(np.abs(date_gains - 1) <= 0.1)
+        shifted = flair2.read_patch(ref, expect_size=32)
+        clean = flair2.read_patch(refs[ref.patch_id], expect_size=32)
+        # Aerial R, G, B, NIR: shifted = rint(g x + o) and clean = rint(x) for the same x, so
+        # |shifted - (g clean + o)| <= 0.5 + 0.5 g wherever neither was clipped.
+        a, b = clean.aerial[..., :4].astype(np.float64), shifted.aerial[..., :4].astype(np.float64)
+        ok = (a > 0) & (a < 255) & (b > 0) & (b < 255)
+        assert ok.mean() > 0.9
+        residual = b - (gain * a + offset * synth.AERIAL_FULL_SCALE)
+        assert np.abs(residual[ok]).max() <= 0.5 + 0.5 * gain + 1e-9
+        fit_gain, fit_offset = np.polyfit(a[ok], b[ok], 1)
+        assert fit_gain == pytest.approx(gain, abs=0.01)
+        np.testing.assert_array_equal(shifted.aerial[..., 4], clean.aerial[..., 4])   # elevation untouched
+    for zone in info["zones"]:
+        stem = f"SEN2_sp_{zone['domain']}-{zone['zone']}_data.npy"
+        sen = [next((tmp_path / k).rglob(stem)) for k in ("clean", "shift")]
+        a, b = (np.load(p).astype(np.float64) for p in sen)               # [T, 10, h, w]
+        g = zone["gain"] * np.array(zone["date_gains"])[:, None, None, None]
+        ok = (a > 0) & (b > 0) & (b < 65535)
+        residual = b - (g * a + zone["offset"] * synth.S2_FULL_SCALE)
+        assert np.all(np.abs(residual[ok]) <= 0.5 + 0.5 * np.broadcast_to(g, a.shape)[ok] + 1e-6)
+    # labels are not touched by a radiometric shift
+    for ref in flair2.list_patches(tmp_path / "shift"):
+        np.testing.assert_array_equal(flair2.read_patch(ref, expect_size=32).label,
+                                      flair2.read_patch(refs[ref.patch_id], expect_size=32).label)
+
+
+def test_phenology_shift_moves_the_vegetation_cycle_by_the_recorded_days(tmp_path):
+    days = 25.0
+    info = synth.write_dataset(tmp_path, layout="hameln", num_zones=4, patches_per_zone=1, unlabelled_per_zone=0,
+                               patch_size=16, sits_size=11, num_dates=3,
+                               realism=synth.Realism(phenology_shift_days=days))
+    shifts = [z["phenology_shift_days"] for z in info["zones"]]
+    assert shifts[0] == shifts[1] and shifts[2] == shifts[3] and shifts[0] != shifts[2]   # per region
+    assert all(abs(s) <= days for s in shifts)
+    # Known answer: a series rendered on days doy + d with the region shifted by d is the series on
+    # days doy without a shift (same draws; dates kept away from the snowy winter).
+    zone = synth.Zone(np.random.default_rng(0), "A", 200.0)
+    fractions = synth.class_fractions(zone, 20, 20)
+    doy = np.array([90, 150, 200, 250])
+    base, _ = synth.render_series(np.random.default_rng(1), zone, fractions, doy)
+    moved, _ = synth.render_series(np.random.default_rng(1), zone, fractions, doy + 30, region_shift_days=30.0)
+    np.testing.assert_allclose(moved.astype(int), base.astype(int), atol=1)   # float rounding of the day sums
+    unshifted, _ = synth.render_series(np.random.default_rng(1), zone, fractions, doy + 30)
+    assert np.abs(unshifted.astype(int) - base.astype(int)).max() > 100         # without it, the season differs
+
+
+def test_label_noise_changes_labels_only(tmp_path):
+    kwargs = dict(layout="hameln", num_zones=1, patches_per_zone=3, unlabelled_per_zone=1, patch_size=32,
+                  sits_size=16, num_dates=3, seed=2)
+    synth.write_dataset(tmp_path / "clean", **kwargs)
+    info = synth.write_dataset(tmp_path / "noisy", realism=synth.Realism(boundary_jitter_px=2,
+                                                                          wrong_region_share=0.5), **kwargs)
+    clean, noisy = _files(tmp_path / "clean"), _files(tmp_path / "noisy")
+    assert clean.keys() == noisy.keys()
+    differ = sorted(str(k) for k in clean if clean[k] != noisy[k])
+    assert differ and all(k.startswith("labels/") for k in differ)
+    assert info["noisy_label_pixels"] > 0
+
+
+def test_realism_rejects_bad_options():
+    with pytest.raises(ValueError, match="wrong_region_share"):
+        synth.Realism(wrong_region_share=1.5)
+    with pytest.raises(ValueError, match="boundary_jitter_px"):
+        synth.Realism(boundary_jitter_px=-1)

@@ -1,0 +1,117 @@
+"""The label-efficiency study: its plan, the arms the trainer cannot run, the report, and the real command."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import study_synth
+from lcssl import study
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _record(arm, seed, fraction, miou, oa, iou):
+    return {"arm": arm, "seed": seed, "label_fraction": fraction, "status": "done", "test_miou": miou,
+            "test_oa": oa, "val_miou": miou, "best_step": 10, "class_names": ["a", "b", "c"], "test_iou": iou,
+            "seconds": 1.0, "workdir": f"/runs/{arm}/{seed}"}
+
+
+def test_report_on_hand_made_results(tmp_path):
+    # from scratch mIoU 30, 40, 50 and SimCLR 35, 47, 50 (seeds 0, 1, 2) at 10% labels:
+    # scratch mean 40, std (ddof=1) 10; paired differences 5, 7, 0 -> mean 4, std sqrt(13) = 3.606.
+    scratch, simclr = [0.30, 0.40, 0.50], [0.35, 0.47, 0.50]
+    records = [_record("scratch_utt", s, 0.1, m, 0.8, [0.2, None, 0.4]) for s, m in enumerate(scratch)]
+    records += [_record("simclr", s, 0.1, m, 0.9, [0.3, None, 0.6]) for s, m in enumerate(simclr)]
+    records += [_record("scratch_utt", 0, 1.0, 0.6, 0.9, [0.5, 0.5, 0.5])]
+    records += [{"arm": "simclr", "seed": 0, "label_fraction": 1.0, "status": "failed", "message": "exit code 1",
+                 "seconds": 2.0, "workdir": "/runs/x"}]
+    summary = study.summarize(records)
+    mean, std, n = summary[("scratch_utt", 0.1)]["miou"]
+    assert (mean, n) == (pytest.approx(40.0), 3) and std == pytest.approx(10.0)
+    mean, std, n = summary[("simclr", 0.1)]["diff"]
+    assert (mean, n) == (pytest.approx(4.0), 3) and std == pytest.approx(np.sqrt(13.0))
+    assert summary[("scratch_utt", 1.0)]["miou"][2] == 1 and np.isnan(summary[("scratch_utt", 1.0)]["miou"][1])
+    assert study.best_arm(summary, 0.1) == "simclr"
+
+    labels = {"scratch_utt": "from scratch", "simclr": "SimCLR", "vicreg": "VICReg"}
+    meta = {"command": "python -m lcssl.study --config=x", "commit": "abc", "machine": "m", "date": "d",
+            "wall_seconds_this_invocation": 5.0, "run_seconds_total": 9.0, "workdir": "/runs",
+            "label_fractions": [0.1, 1.0], "seeds": [0, 1, 2]}
+    out = tmp_path / "docs" / "RESULTS.md"
+    content = study.write_report(records, labels, {"vicreg": "no task 'vicreg'"}, meta, out)
+    text = out.read_text()
+    assert "| from scratch | 40.0 ± 10.0 | 80.0 ± 0.0 | 60.0 (1 seed) | 90.0 (1 seed) |" in text
+    assert "| SimCLR | 4.0 ± 3.6 | - |" in text                       # the paired difference table
+    assert "| a | 20.0 | 30.0 | 10.0 |" in text and "| b | - | - | - |" in text   # per class at 10%
+    assert "VICReg (`vicreg`): no task 'vicreg'" in text
+    assert "simclr seed 0 at 100%: failed, exit code 1" in text
+    png = (tmp_path / "docs" / study.PLOT_NAME).read_bytes()
+    assert png.startswith(b"\x89PNG")
+    saved = json.loads((tmp_path / "docs" / "results_label_efficiency.json").read_text())
+    assert saved["runs"] == json.loads(json.dumps(content["runs"])) and len(saved["runs"]) == 8
+    csv_rows = (tmp_path / "docs" / "results_label_efficiency.csv").read_text().strip().splitlines()
+    assert len(csv_rows) == 1 + 8 and csv_rows[0].startswith("arm,seed,label_fraction,status,test_miou")
+
+
+def test_plan_shares_one_pretraining_per_arm_and_seed(tmp_path):
+    config = study_synth.get_config()
+    runs = study.plan(config, tmp_path, tmp_path / "data")
+    arms = [a["name"] for a in config.arms]
+    finetune = [r for r in runs if r.kind == "finetune"]
+    assert len(finetune) == len(arms) * len(config.label_fractions) * len(config.seeds)
+    pretrain = [r for r in runs if r.kind == "pretrain"]
+    assert len(pretrain) == len({a["name"] for a in config.arms if a.get("pretrain")}) * len(config.seeds)
+    linear = next(r for r in finetune if r.arm == "simclr_seed_linear" and r.seed == 1 and r.fraction == 0.01)
+    assert linear.needs == tmp_path / "runs" / "simclr_seed" / "seed1" / "pretrain"
+    assert f"--config.init_from={linear.needs}" in linear.overrides
+    assert "--config.finetune_mode=linear" in linear.overrides
+    assert "--config.seed=1" in linear.overrides and "--config.label_fraction=0.01" in linear.overrides
+    assert runs.index(next(r for r in pretrain if r.workdir == linear.needs)) < runs.index(linear)
+    # every run of an available arm builds a trainer config from exactly these flags
+    for run in runs:
+        if run.arm in ("scratch_unet", "simclr_large"):
+            cfg = study.trainer_config(run.config, run.overrides)
+            assert cfg.seed == run.seed and cfg.data_dir == str(tmp_path / "data")
+
+
+def test_arms_the_trainer_does_not_know_are_not_available():
+    config = study_synth.get_config("tiny")
+    arms = {a["name"]: a for a in config.arms}
+    assert study.unavailable_reason(arms["scratch_utae"], arms) is None
+    assert study.unavailable_reason(arms["simclr_seed_linear"], arms) is None
+    made_up = {"name": "x", "label": "x", "pretrain": None,
+               "finetune": {"config": "configs/sup_hameln.py:tiny", "overrides": ["--config.no_such_field=1"]}}
+    assert "no_such_field" in study.unavailable_reason(made_up, arms)
+    if "task" not in study.trainer_config("configs/ssl_hameln.py:tiny", []):
+        assert "config.task" in study.unavailable_reason(arms["vicreg"], arms)
+
+
+@pytest.mark.slow
+def test_tiny_study_end_to_end_and_rerun_skips_finished_runs(tmp_path):
+    """The real command: every available arm runs, the report and plot are written; a rerun runs nothing."""
+    results = tmp_path / "report" / "RESULTS.md"
+    cmd = [sys.executable, "-m", "lcssl.study", "--config=configs/study_synth.py:tiny",
+           f"--workdir={tmp_path / 'study'}", f"--results={results}"]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    saved = json.loads((results.parent / "results_label_efficiency.json").read_text())
+    config = study_synth.get_config("tiny")
+    available = [a["name"] for a in config.arms if a["name"] not in saved["not_available"]]
+    assert {"scratch_utt", "scratch_unet", "scratch_utae", "simclr_seed", "simclr_seed_linear",
+            "simclr_large", "simclr_large_linear"} <= set(available)
+    done = {r["arm"] for r in saved["runs"] if r["status"] == "done"}
+    assert done == set(available), [r for r in saved["runs"] if r["status"] != "done"]
+    assert all(0.0 <= r["test_miou"] <= 1.0 for r in saved["runs"])
+    text = results.read_text()
+    assert "from scratch, U-T&T (fused)" in text and (results.parent / study.PLOT_NAME).is_file()
+    logs = sorted((tmp_path / "study" / "runs").rglob("log.txt"))
+    before = {p: p.stat().st_mtime_ns for p in logs}
+
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    total = len(available) * len(config.label_fractions) + 2
+    assert f"Study: {total} runs ({total} already finished)" in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in logs} == before
