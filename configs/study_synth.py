@@ -43,7 +43,7 @@ def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batc
     """The arm table. ssl / finetune / supervised: config module paths with presets."""
     def scratch(name, label, variant):
         return {"name": name, "label": label, "pretrain": None,
-                "finetune": {"config": supervised, "overrides": [f"--config.model.name={variant}"]}}
+                "finetune": {"config": supervised, "overrides": [f"--config.model.variant={variant}"]}}
 
     def pretrained(name, label, pretrain_overrides, finetune_overrides=()):
         return [
@@ -66,7 +66,7 @@ def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batc
                     ["--config.batch_size=16", "--config.optimizer.name=sgd",
                      "--config.optimizer.learning_rate=0.001", "--config.optimizer.momentum=0.0",
                      "--config.optimizer.weight_decay=0.0", "--config.schedule.name=constant",
-                     "--config.schedule.warmup_epochs=0.0", "--config.ssl.temperature=0.1"]),
+                     "--config.schedule.warmup_epochs=0.0", "--config.simclr.temperature=0.1"]),
         # SimCLR as its paper: LARS, lr 0.3 x batch / 256 (the config's rule), a large batch.
         *pretrained("simclr_large", f"SimCLR, batch {large_batch}",
                     [f"--config.batch_size={large_batch}", *large_batch_overrides]),
@@ -109,7 +109,7 @@ def get_config(arg=None):
     c.run_overrides = ["--config.log_every_steps=10"]
     # Compute budget, the same for every arm (run times measured: docs/BENCHMARKS.md, "study").
     c.pretrain_overrides = ["--config.num_steps=60", "--config.split=unlabelled",
-                            "--config.ssl.probe_every_steps=60", "--config.checkpoint_every_steps=60"]
+                            "--config.probe.every_steps=60", "--config.checkpoint_every_steps=60"]
     c.finetune_overrides = ["--config.num_steps=40", "--config.batch_size=16",
                             "--config.eval_every_steps=20", "--config.checkpoint_every_steps=40"]
     c.arms = _arms("configs/ssl_hameln.py:tiny", "configs/finetune_hameln.py:tiny",
@@ -122,7 +122,7 @@ def get_config(arg=None):
         c.data.synth.update(num_zones=4, patches_per_zone=2, unlabelled_per_zone=2, num_dates=4)
         c.data.build.update(val_fraction=0.25, test_fraction=0.25, max_dates=4)
         c.pretrain_overrides = ["--config.num_steps=2", "--config.split=unlabelled", "--config.batch_size=8",
-                                "--config.ssl.probe_every_steps=2", "--config.checkpoint_every_steps=2"]
+                                "--config.probe.every_steps=2", "--config.checkpoint_every_steps=2"]
         c.finetune_overrides = ["--config.num_steps=2", "--config.batch_size=8",
                                 "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2"]
         c.arms = _arms("configs/ssl_hameln.py:tiny", "configs/finetune_hameln.py:tiny",
@@ -139,7 +139,7 @@ def get_config(arg=None):
         c.arms = _arms(f"configs/ssl_{preset}.py", f"configs/finetune_{preset}.py",
                        f"configs/sup_{preset}.py", large_batch=4096,
                        # README recipe: blockwise loss + gradient caching beyond a device's batch
-                       large_batch_overrides=["--config.ssl.loss_impl=gradcache", "--config.ssl.num_chunks=32",
+                       large_batch_overrides=["--config.simclr.loss_impl=gradcache", "--config.simclr.num_chunks=32",
                                               "--config.dtype=bfloat16"])
         for arm in c.arms:
             if arm["name"] == "simclr_seed":
