@@ -222,7 +222,7 @@ def check_finite(state, step: int, checkpoints) -> None:
     """Raises FloatingPointError before a save when a parameter or batch statistic is NaN / inf.
     The loss check (train._stop_if_not_finite) sees the loss of the state *before* the last update,
     so this check of the state itself is what keeps a non-finite state off the disk."""
-    from lcssl.evaluate import to_host
+    from lcssl.sharding import to_host
 
     if bool(to_host(_all_finite((state.params, state.batch_stats)))):
         return

@@ -5,6 +5,7 @@ import subprocess
 import pytest
 
 from lcssl import cli
+from lcssl.data import schema
 from lcssl.errors import MissingInputError, UserError
 from tests._train_helpers import PYTHON, ROOT, cli_env
 
@@ -33,9 +34,10 @@ def run_main(*args):
 ])
 def test_a_user_error_is_one_message_without_a_traceback(tmp_path, args, expected):
     (tmp_path / "minimal").mkdir()  # a card that reads: the run gets as far as the mesh
-    (tmp_path / "minimal" / "dataset_card.json").write_text('{"format_version": 1}')
+    (tmp_path / "minimal" / "dataset_card.json").write_text(
+        f'{{"format_version": {schema.FORMAT_VERSION}, "splits": {{}}}}')
     (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "dataset_card.json").write_text('{"format_version": 1,')  # cut short
+    (tmp_path / "broken" / "dataset_card.json").write_text('{"format_version": 2,')  # cut short
     proc = run_main(*(a.format(tmp=tmp_path) for a in args), f"--workdir={tmp_path}/run")
     assert proc.returncode == cli.EXIT_USER_ERROR, proc.stderr
     assert "Traceback" not in proc.stderr
