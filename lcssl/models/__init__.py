@@ -76,13 +76,16 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.projector.batch_norm = False     # True: SimCLR v2 style
     cfg.projector.per_modality = False   # extra aerial / SITS heads for cross-modal contrast
     # Heads for later objectives (lcssl/models/heads.py), off by default; off, the SimCLR param
-    # tree is {'backbone', 'projector'}. Only the heads: no BYOL or dense loss is implemented.
+    # tree is {'backbone', 'projector'}. The dense loss is lcssl.losses.dense_info_nce; no BYOL loss yet.
     cfg.projector.predictor = False      # BYOL predictor on 'projection' -> 'prediction' [B, out]
     cfg.projector.predictor_hidden = 4096  # BYOL: 4096
     cfg.projector.dense = False          # pixel-level head -> 'dense_projection' [B, h, w, C]
     cfg.projector.dense_hidden = 512     # DenseCL: 2048 (= its C5 width); here the embedding width
     cfg.projector.dense_out = 128        # DenseCL: 128
     cfg.projector.dense_batch_norm = False  # True: BN after the hidden 1x1 conv (PixPro)
+    # 'encoder': the deepest fused level (stride 32); 'decoder': the aerial decoder's full-resolution
+    # map, which pre-trains the decoder too (the dense objective).
+    cfg.projector.dense_source = "encoder"
     return cfg
 
 
@@ -138,7 +141,8 @@ def build_ssl_model(cfg) -> SimCLRModel:
         heads.update(predictor=True, predictor_hidden_dim=p.predictor_hidden)
     if p.get("dense", False):
         heads.update(dense=True, dense_hidden_dim=p.dense_hidden, dense_out_dim=p.dense_out,
-                     dense_batch_norm=p.dense_batch_norm)
+                     dense_batch_norm=p.dense_batch_norm,
+                     dense_source=p.get("dense_source", "encoder"))
     return SimCLRModel(backbone=build_model(cfg), hidden_dim=p.hidden, out_dim=p.out,
                        num_layers=p.num_layers, use_batch_norm=p.batch_norm,
                        per_modality=p.per_modality, dtype=_DTYPES[cfg.dtype], **heads)
