@@ -86,6 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
     # 'encoder': the deepest fused level (stride 32); 'decoder': the aerial decoder's full-resolution
     # map, which pre-trains the decoder too (the dense objective).
     cfg.projector.dense_source = "encoder"
+    cfg.projector.dense_grid = 0         # > 0: the map average-pooled to dense_grid^2 cells first
     return cfg
 
 
@@ -142,7 +143,7 @@ def build_ssl_model(cfg) -> SimCLRModel:
     if p.get("dense", False):
         heads.update(dense=True, dense_hidden_dim=p.dense_hidden, dense_out_dim=p.dense_out,
                      dense_batch_norm=p.dense_batch_norm,
-                     dense_source=p.get("dense_source", "encoder"))
+                     dense_source=p.get("dense_source", "encoder"), dense_grid=p.get("dense_grid", 0))
     return SimCLRModel(backbone=build_model(cfg), hidden_dim=p.hidden, out_dim=p.out,
                        num_layers=p.num_layers, use_batch_norm=p.batch_norm,
                        per_modality=p.per_modality, dtype=_DTYPES[cfg.dtype], **heads)

@@ -85,6 +85,18 @@ class DenseProjectionHead(ProjectionHead):
         return super().__call__(x, train)
 
 
+def _pool_to_grid(fmap, grid: int):
+    """[B, h, w, C] -> [B, grid, grid, C], the mean of each (h / grid) x (w / grid) cell: the
+    pixel embeddings of a dense loss at a fixed resolution, before the head (its 1x1 convs then run
+    on grid^2 cells, not h w pixels)."""
+    b, h, w, c = fmap.shape
+    if h % grid or w % grid:
+        raise ValueError(f"model.projector.dense_grid={grid} must divide the dense map's size "
+                         f"{h} x {w}")
+    return fmap.reshape(b, grid, h // grid, grid, w // grid, c).mean(axis=(2, 4), dtype=jnp.float32
+                                                                     ).astype(fmap.dtype)
+
+
 class SimCLRModel(nn.Module):
     """Backbone encoder + projection head(s).
 
@@ -94,7 +106,8 @@ class SimCLRModel(nn.Module):
     [B, out_dim] (PredictionHead on 'projection'); with dense, 'dense_projection'
     [B, h, w, dense_out_dim] (DenseProjectionHead on the map 'embedding' pools: levels[-1], or
     sits_map for 'utae'; with dense_source='decoder', on the aerial decoder's output
-    [B, H, W, decoder_channels[-1]]); all float32. The SimCLR loss reads only 'projection'.
+    [B, H, W, decoder_channels[-1]]; with dense_grid > 0, that map average-pooled to dense_grid^2
+    cells first); all float32. The SimCLR loss reads only 'projection'.
     """
     backbone: nn.Module
     hidden_dim: int = 2048
@@ -110,6 +123,7 @@ class SimCLRModel(nn.Module):
     dense_out_dim: int = 128
     dense_batch_norm: bool = False
     dense_source: str = "encoder"        # 'encoder' | 'decoder' (runs backbone.aerial_decoder)
+    dense_grid: int = 0                  # > 0: average-pool the map to dense_grid^2 cells first
 
     @nn.compact
     def __call__(self, aerial, sits, dates, sits_valid, train: bool = False):
@@ -140,6 +154,8 @@ class SimCLRModel(nn.Module):
                 fmap = self.backbone.aerial_decoder(feats["levels"], train)
             else:
                 fmap = feats["levels"][-1] if "levels" in feats else feats["sits_map"]
+            if self.dense_grid:
+                fmap = _pool_to_grid(fmap, self.dense_grid)
             out["dense_projection"] = DenseProjectionHead(
                 self.dense_hidden_dim, self.dense_out_dim, use_batch_norm=self.dense_batch_norm,
                 dtype=self.dtype, name="dense_projector")(fmap, train)
