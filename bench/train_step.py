@@ -3,19 +3,19 @@
 `--step=model` (default): the model alone, forward + backward + SGD update, on float inputs.
 
     .venv/bin/python bench/train_step.py                       # supervised, batch 2, default model, fp32
-    .venv/bin/python bench/train_step.py --mode=ssl --batch=4  # SimCLR: two views + projector + NT-Xent
+    .venv/bin/python bench/train_step.py --task=simclr --batch=4  # two views + projector + NT-Xent
     .venv/bin/python bench/train_step.py --preset=tiny --steps=3 --json=/tmp/step.json
 
-`--step=real`: the trainer's own pure step (lcssl.train.ssl_train_step / supervised_train_step:
-normalize + on-device augmentations + model + loss + the config's optimizer), jitted as train.run
-does it (state created sharded by sharding.init_sharded, donated; the batch placed with
+`--step=real`: the task's own pure step (lcssl.tasks.get(task).build, as train.run builds it:
+normalize + on-device augmentations + model + loss + the config's optimizer), jitted by
+train.jit_train_step (state created sharded by sharding.init_sharded, donated; the batch placed with
 sharding.host_batch_to_global over a mesh of all devices), on raw inputs as the pipeline gives them
 (aerial uint8, sits float32 reflectance, dates int32, sits_valid bool, label int32 with 255s).
 `--batch` is then the GLOBAL batch (SSL: patches, 2 views each); it must divide by the device count.
 
-    .venv/bin/python bench/train_step.py --step=real --mode=ssl --ssl-impl=gradcache --chunks=2 \
+    .venv/bin/python bench/train_step.py --step=real --task=simclr --ssl-impl=gradcache --chunks=2 \
         --batch=16 --preset=tiny
-    .venv/bin/python bench/train_step.py --step=real --mode=supervised --batch=8 --preset=tiny
+    .venv/bin/python bench/train_step.py --step=real --task=supervised --batch=8 --preset=tiny
 
 Prints samples/s, the median step time after warm-up, XLA's peak-memory estimate and model FLOPs
 (lcssl.flops: convolutions and matmuls counted from the jaxpr, loops x their trips, per device;
@@ -32,7 +32,6 @@ are there, e.g. `pip download --no-deps --only-binary=:all: -d .whl clu==0.0.12
 ml_collections==1.1.0` (bench/device_check.sh has the whole recipe).
 """
 import argparse
-import functools
 import json
 import os
 import platform
@@ -57,11 +56,17 @@ from lcssl import models  # noqa: E402
 
 
 
+# The objectives --step=model has a hand-written loss for; --step=real runs every task.
+MODEL_STEP_TASKS = ("supervised", "simclr")
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--step", choices=("model", "real"), default="model",
                    help="model: model + loss + SGD on float inputs; real: lcssl.train's step")
-    p.add_argument("--mode", choices=("supervised", "ssl"), default="supervised")
+    p.add_argument("--task", default="supervised",
+                   help="--step=real: any task of lcssl.tasks (lcssl.tasks.NAMES); --step=model: "
+                        f"{' or '.join(MODEL_STEP_TASKS)}")
     p.add_argument("--preset", choices=("default", "tiny"), default="default")
     p.add_argument("--batch", type=int, default=2, help="--step=real: the global batch")
     p.add_argument("--dates", type=int, default=12)
@@ -70,13 +75,15 @@ def parse_args():
     p.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", default="bench_train_step.json")
-    real = p.add_argument_group("--step=real (default: the config's value)")
+    real = p.add_argument_group("--step=real --task=simclr (default: the config's value)")
     real.add_argument("--ssl-impl", choices=("naive", "blockwise", "gradcache"), default=None,
-                      help="config.ssl.loss_impl")
-    real.add_argument("--chunks", type=int, default=None, help="config.ssl.num_chunks (gradcache)")
-    real.add_argument("--block-size", type=int, default=None, help="config.ssl.block_size")
-    real.add_argument("--temperature", type=float, default=None, help="config.ssl.temperature")
+                      help="config.simclr.loss_impl")
+    real.add_argument("--chunks", type=int, default=None, help="config.simclr.num_chunks (gradcache)")
+    real.add_argument("--block-size", type=int, default=None, help="config.simclr.block_size")
+    real.add_argument("--temperature", type=float, default=None, help="config.simclr.temperature")
     args = p.parse_args()
+    if args.step == "model" and args.task not in MODEL_STEP_TASKS:
+        p.error(f"--step=model knows --task={'|'.join(MODEL_STEP_TASKS)}; use --step=real")
     if args.step == "model":
         given = [f for f in ("ssl_impl", "chunks", "block_size", "temperature")
                  if getattr(args, f) is not None]
@@ -94,7 +101,7 @@ def count_parameters(tree) -> int:
 def make_step(args, cfg):
     """Returns (init_fn, step_fn); the step takes (state, batch) and returns (state, loss)."""
     opt = optax.sgd(1e-3, momentum=0.9)
-    if args.mode == "supervised":
+    if args.task == "supervised":
         model = models.build_model(cfg)
 
         def loss_fn(params, batch_stats, batch):
@@ -183,7 +190,8 @@ def synthetic_card(model_cfg, num_dates: int) -> dict:
 
 
 def make_raw_batch(args, model_cfg, with_label: bool) -> dict:
-    """A host batch as lcssl.data.pipeline yields it (DESIGN.md, Host batch), numpy, [B, ...]."""
+    """A host batch as lcssl.data.pipeline yields it (DESIGN.md, Host batch), numpy, [B, ...]; the
+    task's batch_keys say which fields go to the devices, as in train.run."""
     rng = np.random.default_rng(0)
     b, t = args.batch, args.dates
     h, ca = model_cfg.aerial_size, model_cfg.aerial_bands
@@ -196,7 +204,7 @@ def make_raw_batch(args, model_cfg, with_label: bool) -> dict:
     sits *= valid[:, :, None, None, None]
     batch = {"aerial": rng.integers(0, 256, size=(b, h, h, ca), dtype=np.uint8), "sits": sits,
              "dates": dates, "sits_valid": valid}
-    if with_label:  # SSL batches carry no label: train.run pops it to keep it off the link
+    if with_label:
         label = rng.integers(0, model_cfg.num_classes, size=(b, h, h)).astype(np.int32)
         label[rng.random((b, h, h)) < 0.05] = 255  # IGNORE_LABEL: nodata / unlabelled pixels
         batch["label"] = label
@@ -204,23 +212,19 @@ def make_raw_batch(args, model_cfg, with_label: bool) -> dict:
 
 
 def real_step_setup(args):
-    """--step=real: lcssl.train's step, built and jitted as train.run builds it (see its phases)."""
-    import ml_collections
-    from configs import common
-    from lcssl import sharding, train
-    from lcssl.data import normalize
+    """--step=real: the task's own step, built by lcssl.tasks and jitted as train.run jits it."""
+    from lcssl import configs, sharding, tasks, train
 
-    ssl = args.mode == "ssl"
-    config = common.base("flair2", args.mode)
+    config = configs.base("flair2", args.task)
     if args.preset == "tiny":
-        common.tiny(config)
+        configs.tiny(config)
     config.batch_size = args.batch
     config.dtype = args.dtype
     config.model.remat = args.remat
     for field, value in (("loss_impl", args.ssl_impl), ("num_chunks", args.chunks),
                          ("block_size", args.block_size), ("temperature", args.temperature)):
         if value is not None:
-            config.ssl[field] = value
+            config.simclr[field] = value
     config.lock()
 
     mesh = sharding.make_mesh()
@@ -230,52 +234,21 @@ def real_step_setup(args):
         sys.exit(f"error: {e}")
 
     card = synthetic_card(config.model, args.dates)
-    stats = normalize.stats_from_card(card)
-    model_cfg = train.model_config_for(config.model, card)
-    augment_cfg = ml_collections.ConfigDict(config.augment.to_dict())
-    augment_cfg.footprint_px = model_cfg.footprint_px
-    augment_cfg.photometric_bands = tuple(
-        i for i in augment_cfg.photometric_bands if i < model_cfg.aerial_bands)
-    model = models.build_ssl_model(model_cfg) if ssl else models.build_model(model_cfg)
-    encoder_keys = models.encoder_keys(model_cfg)
     # The schedule's length does not change the step's work: 10 steps of warm-up out of 1000.
-    lr = train.learning_rate_schedule(config, num_steps=1000, steps_per_epoch=10)
-
-    def init(rng):
-        dummy = models.dummy_inputs(model_cfg, batch=2, num_dates=args.dates)
-        variables = model.init({"params": rng, "dropout": rng}, *dummy, train=False)
-        params = variables["params"]
-        tx = train.make_optimizer(config, lr, params, () if ssl else encoder_keys)
-        return train.TrainState(
-            step=jnp.zeros((), jnp.int32), params=params,
-            batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-            rng=jax.random.key_data(jax.random.key(config.seed, impl=train.RNG_IMPL)))
-
-    rng = jax.random.key(config.seed + 1, impl=train.RNG_IMPL)
-    abstract_state = jax.eval_shape(init, rng)
-    state_shardings = sharding.state_shardings(abstract_state, mesh)
-    tx = train.make_optimizer(config, lr, abstract_state.params, () if ssl else encoder_keys)
-    state = sharding.init_sharded(init, mesh, rng)
-
-    if ssl:
-        step_fn = functools.partial(train.ssl_train_step, model=model, tx=tx, stats=stats,
-                                    augment_cfg=augment_cfg, ssl_cfg=config.ssl, lr=lr, mesh=mesh)
-    else:
-        step_fn = functools.partial(
-            train.supervised_train_step, model=model, tx=tx, stats=stats, augment_cfg=augment_cfg,
-            class_weights=train.class_weights_for(config, card),
-            aux_loss_weight=config.aux_loss_weight, grad_accum_steps=config.grad_accum_steps,
-            lr=lr, mesh=mesh)
-    jitted = jax.jit(step_fn, out_shardings=(state_shardings, sharding.replicated(mesh)),
-                     donate_argnums=(0,))
-    batch = sharding.host_batch_to_global(make_raw_batch(args, model_cfg, with_label=not ssl), mesh)
+    ctx = train.task_context(config, card, mesh, num_steps=1000, steps_per_epoch=10)
+    task = tasks.get(args.task).build(ctx)
+    state = sharding.init_sharded(task.init, mesh, jax.random.key(config.seed + 1, impl=train.RNG_IMPL))
+    jitted = train.jit_train_step(task, state, mesh)
+    host = make_raw_batch(args, ctx.model_cfg, with_label=True)
+    batch = sharding.host_batch_to_global({k: v for k, v in host.items() if k in task.batch_keys},
+                                          mesh)
     extra = {"devices": jax.device_count(), "mesh": dict(mesh.shape),
              "per_device_batch": args.batch // sharding.num_data_shards(mesh),
              "optimizer": config.optimizer.name, "flops_scope": "per device"}
-    if ssl:
-        extra.update(ssl_impl=config.ssl.loss_impl, num_chunks=config.ssl.num_chunks,
-                     block_size=config.ssl.block_size, temperature=config.ssl.temperature)
-    return model_cfg, state, batch, jitted, lambda metrics: metrics.compute()["loss"], extra
+    if args.task == "simclr":
+        extra.update(ssl_impl=config.simclr.loss_impl, num_chunks=config.simclr.num_chunks,
+                     block_size=config.simclr.block_size, temperature=config.simclr.temperature)
+    return ctx.model_cfg, state, batch, jitted, lambda metrics: metrics.compute()["loss"], extra
 
 
 def cost_flops(compiled) -> float:
@@ -285,7 +258,7 @@ def cost_flops(compiled) -> float:
 
 
 def print_parameters(args, params) -> int:
-    subtrees = params["backbone"] if args.mode == "ssl" else params
+    subtrees = params.get("backbone", params)  # a pre-training model wraps the UTT as backbone
     source = "clu.parameter_overview" if parameter_overview is not None else "numpy leaf sizes"
     print(f"parameters per top-level subtree ({source}):")
     for name in sorted(subtrees):
@@ -330,7 +303,7 @@ def main():
     device = jax.devices()[0]
     peak = flops_lib.peak_bf16_flops(device.device_kind)
     result = {
-        "step": args.step, "mode": args.mode, "preset": args.preset, "batch": args.batch,
+        "step": args.step, "task": args.task, "preset": args.preset, "batch": args.batch,
         "dates": args.dates,
         "dtype": args.dtype, "remat": args.remat, "params": n_params,
         "device": device.device_kind, "platform": device.platform, "host": platform.node(),
@@ -355,10 +328,10 @@ def main():
                                     else "")) if peak else "n/a (no GPU)")]
     if args.step == "real":
         rows.insert(2, ("devices", f"{extra['devices']} (mesh {extra['mesh']}; figures per device)"))
-        if args.mode == "ssl":
+        if args.task == "simclr":
             rows.insert(3, ("ssl loss", f"{extra['ssl_impl']} (chunks {extra['num_chunks']}, "
                                         f"block {extra['block_size']}, t {extra['temperature']})"))
-    print(f"train step ({args.step}), mode={args.mode} preset={args.preset} batch={args.batch} "
+    print(f"train step ({args.step}), task={args.task} preset={args.preset} batch={args.batch} "
           f"dtype={args.dtype}")
     for name, value in rows:
         print(f"  {name:<18} {value}")

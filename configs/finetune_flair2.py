@@ -10,9 +10,7 @@
 Presets: default (SGD + momentum, warm-up + cosine, batch 64); ssl1 (5 epochs, batch 16, SGD lr 0.001);
 tiny. The encoder's input spec (bands, date encoding, resolution) must match this dataset's card.
 """
-import sys, pathlib  # noqa: E401  (configs are loaded by path; make `configs.common` importable)
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import common  # noqa: E402
+from lcssl import configs as common
 
 PRESETS = {"ssl1": common.seed_setup(epochs=5, batch_size=16)}
 
@@ -23,5 +21,5 @@ def _finetune(c):
 
 
 def get_config(arg=None):
-    return common.build(dataset="flair2", mode="supervised", arg=arg, presets=PRESETS,
+    return common.build(dataset="flair2", task="supervised", arg=arg, presets=PRESETS,
                         modify=_finetune)

@@ -10,9 +10,7 @@
 Presets: default (SGD + momentum, warm-up + cosine, batch 64); ssl2 (20 epochs, batch 16, SGD lr
 0.001); ssl3 (20 epochs, batch 8); tiny. Few labels: --config.label_fraction=0.1.
 """
-import sys, pathlib  # noqa: E401  (configs are loaded by path; make `configs.common` importable)
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import common  # noqa: E402
+from lcssl import configs as common
 
 PRESETS = {
     "ssl2": common.seed_setup(epochs=20, batch_size=16),
@@ -26,5 +24,5 @@ def _finetune(c):
 
 
 def get_config(arg=None):
-    return common.build(dataset="hameln", mode="supervised", arg=arg, presets=PRESETS,
+    return common.build(dataset="hameln", task="supervised", arg=arg, presets=PRESETS,
                         modify=_finetune)

@@ -8,12 +8,10 @@
 Presets: default (LARS, batch 256, warm-up + cosine, tau 0.1); ssl1 (seminar SSL1: 30 epochs,
 batch 16, tau 0.1, SGD lr 0.001); tiny.
 """
-import sys, pathlib  # noqa: E401  (configs are loaded by path; make `configs.common` importable)
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import common  # noqa: E402
+from lcssl import configs as common
 
 PRESETS = {"ssl1": common.seed_setup(epochs=30, batch_size=16, temperature=0.1)}
 
 
 def get_config(arg=None):
-    return common.build(dataset="flair2", mode="ssl", arg=arg, presets=PRESETS)
+    return common.build(dataset="flair2", task="simclr", arg=arg, presets=PRESETS)

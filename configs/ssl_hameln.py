@@ -7,9 +7,7 @@
 Presets: default (LARS, batch 256, warm-up + cosine, tau 0.1); ssl2 (40 epochs, batch 16, tau 0.1,
 SGD lr 0.001); ssl3 (40 epochs, batch 8, tau 0.7); tiny.
 """
-import sys, pathlib  # noqa: E401  (configs are loaded by path; make `configs.common` importable)
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import common  # noqa: E402
+from lcssl import configs as common
 
 PRESETS = {
     "ssl2": common.seed_setup(epochs=40, batch_size=16, temperature=0.1),
@@ -18,4 +16,4 @@ PRESETS = {
 
 
 def get_config(arg=None):
-    return common.build(dataset="hameln", mode="ssl", arg=arg, presets=PRESETS)
+    return common.build(dataset="hameln", task="simclr", arg=arg, presets=PRESETS)

@@ -6,12 +6,10 @@
 Presets: default (SGD + momentum, warm-up + cosine, batch 64, 50 epochs); seed (seminar supervised
 baseline: 30 epochs, batch 16, SGD lr 0.001); tiny.
 """
-import sys, pathlib  # noqa: E401  (configs are loaded by path; make `configs.common` importable)
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import common  # noqa: E402
+from lcssl import configs as common
 
 PRESETS = {"seed": common.seed_setup(epochs=30, batch_size=16)}
 
 
 def get_config(arg=None):
-    return common.build(dataset="flair2", mode="supervised", arg=arg, presets=PRESETS)
+    return common.build(dataset="flair2", task="supervised", arg=arg, presets=PRESETS)

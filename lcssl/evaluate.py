@@ -21,26 +21,13 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from lcssl import metrics, sharding
+from lcssl import metrics, models, sharding
 from lcssl.data import normalize
-
-MODEL_KEYS = ("aerial", "sits", "dates", "sits_valid")
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-    """A global jax.Array -> numpy on every host (replicated: local copy; sharded: all-gather)."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        if x.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
 
 def _apply(model, variables, batch, stats):
     batch = normalize.normalize(batch, stats)
-    return model.apply(variables, *(batch[k] for k in MODEL_KEYS), train=False)
+    return model.apply(variables, *(batch[k] for k in models.INPUT_KEYS), train=False)
 
 
 def confusion_step(variables, batch, *, model, stats, num_classes: int) -> jax.Array:
@@ -67,7 +54,7 @@ def evaluate_split(step_fn: Callable, variables: Any, batches: Iterable[Mapping[
         cm = batch_cm if cm is None else cm + batch_cm
     if cm is None:
         raise ValueError("evaluate_split: the split yielded no batch")
-    cm = to_host(cm)
+    cm = sharding.to_host(cm)
     scores = metrics.scores_from_confusion(cm, class_names)
     scores["confusion_matrix"] = cm.astype(np.int64).tolist()
     return scores
@@ -79,7 +66,7 @@ def collect_embeddings(step_fn: Callable, variables: Any, batches: Iterable[Mapp
     feats, labels, seen = [], [], 0
     for host_batch in batches:
         out = step_fn(variables, sharding.host_batch_to_global(host_batch, mesh))
-        out = {k: to_host(v) for k, v in out.items()}
+        out = {k: sharding.to_host(v) for k, v in out.items()}
         feats.append(out["embedding"][out["usable"]])
         labels.append(out["majority"][out["usable"]])
         seen += len(out["usable"])

@@ -2,7 +2,7 @@
 
     python -m lcssl.main --config=configs/ssl_hameln.py --workdir=runs/ssl_hameln
     python -m lcssl.main --config=configs/ssl_hameln.py:ssl3 --workdir=runs/ssl3 \
-        --config.batch_size=512 --config.ssl.temperature=0.2
+        --config.batch_size=512 --config.simclr.temperature=0.2
 
 The config is locked: an override of a field that does not exist fails before anything runs.
 Rerunning the same command resumes from the latest checkpoint in --workdir.

@@ -7,6 +7,7 @@ on arrays that already carry these shardings (no pmap).
 
     host batch  {name: np.ndarray [b, ...]}   per-host share, b = B / process_count
       --host_batch_to_global-->  {name: jax.Array [B, ...]}  sharded P('data')
+      --to_host-->  np.ndarray [B, ...] whole on every host (results, metrics)
 """
 from __future__ import annotations
 
@@ -82,6 +83,16 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[st
         name: jax.make_array_from_process_local_data(sharding, np.asarray(x))
         for name, x in batch.items()
     }
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global jax.Array -> numpy on every host (replicated: local copy; sharded: all-gather)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:

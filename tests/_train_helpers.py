@@ -74,6 +74,19 @@ def tiny_config(module: str, data_dir: str, **overrides):
     return config
 
 
+def build_task(config, card, mesh=None, num_steps: int = 6):
+    """(task, ctx) as train.run builds them (lcssl.tasks), with eval batches from config.data_dir."""
+    from lcssl import sharding, tasks, train
+    from lcssl.data import pipeline
+
+    mesh = mesh or sharding.make_mesh()
+    ctx = train.task_context(
+        config, card, mesh, num_steps=num_steps, steps_per_epoch=1,
+        eval_batches=lambda split: pipeline.make_eval_iterator(
+            config.data_dir, split, global_batch_size=config.eval_batch_size))
+    return tasks.get(config.task).build(ctx), ctx
+
+
 def saved_state(workdir, step: int | None = None) -> dict:
     """The train state of a checkpoint as numpy arrays (params, batch_stats, opt_state, step, rng)."""
     directory = pathlib.Path(workdir) / "checkpoints"

@@ -6,6 +6,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from lcssl import tasks
 from tests._train_helpers import ROOT
 
 EXPERIMENTS = ["ssl_flair2", "ssl_hameln", "finetune_flair2", "finetune_hameln", "sup_flair2",
@@ -29,7 +30,7 @@ def parse(*argv):
 def test_every_experiment_has_a_locked_default_and_a_tiny_preset(name):
     for config in (load(name), load(name, "tiny")):
         assert config.is_locked
-        assert config.mode in ("ssl", "supervised")
+        assert config.task in tasks.NAMES
     assert f"configs/{name}.py" in importlib.import_module(f"configs.{name}").__doc__
 
 
@@ -44,14 +45,14 @@ def test_seed_presets_are_the_seminar_table(name, preset, epochs, batch, tempera
     assert (c.num_epochs, c.batch_size, c.num_steps) == (epochs, batch, None)
     assert (c.optimizer.name, c.optimizer.learning_rate, c.schedule.name) == ("sgd", 0.001, "constant")
     if temperature is not None:
-        assert c.ssl.temperature == temperature
+        assert c.simclr.temperature == temperature
 
 
 def test_modern_ssl_default_is_large_batch_lars_with_warmup_and_cosine():
     c = load("ssl_hameln")
     assert c.batch_size >= 256 and c.optimizer.name == "lars"
     assert c.schedule.name == "cosine" and c.schedule.warmup_epochs > 0
-    assert 0.1 <= c.ssl.temperature <= 0.2
+    assert 0.1 <= c.simclr.temperature <= 0.2
     assert c.split == "unlabelled"
 
 
@@ -62,17 +63,17 @@ def test_finetune_configs_point_at_their_pretraining_run():
 
 def test_command_line_overrides_reach_nested_fields():
     c = parse(f"--config={ROOT}/configs/ssl_hameln.py:ssl3", "--config.batch_size=512",
-              "--config.ssl.temperature=0.2", "--config.ssl.loss_impl=blockwise")
-    assert (c.batch_size, c.ssl.temperature, c.ssl.loss_impl) == (512, 0.2, "blockwise")
+              "--config.simclr.temperature=0.2", "--config.simclr.loss_impl=blockwise")
+    assert (c.batch_size, c.simclr.temperature, c.simclr.loss_impl) == (512, 0.2, "blockwise")
     assert c.num_epochs == 40  # the rest of the ssl3 preset stays
 
 
 def test_a_typo_in_an_override_fails_loudly():
     with pytest.raises(Exception, match="temprature"):
-        parse(f"--config={ROOT}/configs/ssl_hameln.py", "--config.ssl.temprature=0.2")
+        parse(f"--config={ROOT}/configs/ssl_hameln.py", "--config.simclr.temprature=0.2")
     c = load("ssl_hameln")
     with pytest.raises(AttributeError):
-        c.ssl.temprature = 0.2
+        c.simclr.temprature = 0.2
 
 
 def test_a_wrong_type_in_an_override_fails():
@@ -87,7 +88,7 @@ def test_unknown_preset_lists_the_known_ones():
 
 def test_presets_combine_left_to_right_and_dtype_reaches_the_model():
     c = load("ssl_hameln", "ssl3,tiny")
-    assert c.batch_size == 16 and c.ssl.temperature == 0.7 and c.model.widths[0] == 8
+    assert c.batch_size == 16 and c.simclr.temperature == 0.7 and c.model.widths[0] == 8
     c = parse(f"--config={ROOT}/configs/sup_flair2.py", "--config.dtype=bfloat16")
     assert c.model.dtype == "bfloat16"
 
@@ -105,3 +106,23 @@ def test_ssl_learning_rate_follows_the_batch_size_from_the_command_line():
     assert c.optimizer.learning_rate == 0.001
     assert parse(f"--config={ROOT}/configs/ssl_flair2.py",
                  "--config.batch_size=512").to_dict()["optimizer"]["learning_rate"] == pytest.approx(0.6)
+
+
+def test_the_task_is_a_config_field_and_every_task_has_its_own_subtree():
+    """`--config.task` swaps the objective of a pre-training config; each task's hyperparameters
+    live under its own name (and the probe of every pre-training task under `probe`)."""
+    c = parse(f"--config={ROOT}/configs/ssl_hameln.py", "--config.task=simclr",
+              "--config.simclr.temperature=0.3", "--config.probe.every_steps=7")
+    assert (c.task, c.simclr.temperature, c.probe.every_steps) == ("simclr", 0.3, 7)
+    assert load("sup_hameln").task == "supervised" and load("finetune_flair2").task == "supervised"
+    for name in tasks.NAMES:
+        own = tasks.get(name).default_config()
+        if own is not None:
+            assert c[name].to_dict() == own.to_dict() or name == "simclr"
+    with pytest.raises(Exception, match="temprature"):
+        parse(f"--config={ROOT}/configs/ssl_hameln.py", "--config.simclr.temprature=0.2")
+
+
+def test_an_unknown_task_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"config.task='simclear' is not a task; known: .*simclr"):
+        tasks.get("simclear")

@@ -36,7 +36,7 @@ def test_two_processes_train_and_checkpoint_together(tmp_path_factory, tmp_path)
     cache = compilation_cache(tmp_path_factory)
     data_dir = tiny_dataset(tmp_path_factory)
     procs = start_two_processes(tmp_path, data_dir, cache, "--config.num_steps=2",
-                                "--config.checkpoint_every_steps=2", "--config.ssl.probe_every_steps=2")
+                                "--config.checkpoint_every_steps=2", "--config.probe.every_steps=2")
     outputs = []
     for p in procs:
         try:
@@ -60,7 +60,7 @@ def test_sigterm_on_one_host_stops_every_host_at_the_same_checkpoint(tmp_path_fa
     data_dir = tiny_dataset(tmp_path_factory)
     procs = start_two_processes(tmp_path, data_dir, cache, "--config.num_steps=100000",
                                 "--config.checkpoint_every_steps=100000", "--config.log_every_steps=1",
-                                "--config.ssl.probe_every_steps=100000")
+                                "--config.probe.every_steps=100000")
     outputs = ["", ""]
     try:
         # Wait until process 1 is training (it logs the first step's metrics), then signal it alone.

@@ -1,4 +1,4 @@
-"""The GPU machine has no TensorFlow: the model, the losses and the trainer's step functions must
+"""The GPU machine has no TensorFlow: the model, the losses and the tasks' step functions must
 import without it (only data_prep, the input pipeline and clu's writers in train.run use it)."""
 import subprocess
 import sys
@@ -9,9 +9,10 @@ PROGRAM = """
 import sys
 sys.modules['tensorflow'] = None  # any `import tensorflow` now raises ImportError
 import jax.numpy as jnp
-from lcssl import evaluate, gradcache, losses, metrics, models, sharding, train
+from lcssl import evaluate, gradcache, losses, metrics, models, sharding, tasks, train
+from lcssl.tasks import simclr, supervised
 from lcssl.data import augment, normalize, pipeline, sits
-assert callable(train.ssl_train_step) and callable(train.supervised_train_step)
+assert callable(simclr.train_step) and callable(supervised.train_step)
 print(float(losses.nt_xent(jnp.eye(4), jnp.eye(4), 0.1)))
 print('ok without tensorflow')
 """

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from lcssl import checkpoint as ckpt_lib
-from lcssl import models, sharding, train
+from lcssl import models, sharding, tasks, train
 from lcssl.data import pipeline
-from tests._train_helpers import compilation_cache, saved_state, tiny_config, tiny_dataset
+from lcssl.tasks import supervised
+from tests._train_helpers import build_task, compilation_cache, saved_state, tiny_config, tiny_dataset
 
 
 class Interrupted(Exception):
@@ -137,17 +138,16 @@ def test_checkpoint_restores_on_a_different_number_of_devices(ssl_run):
 
 
 def test_finetuning_loads_exactly_the_pretrained_encoder(ssl_run, data_dir):
+    """The fine-tuning task loads the subtrees the SimCLR task declared in its checkpoint."""
     workdir, _ = ssl_run
+    assert ckpt_lib.read_input_spec(str(workdir))["transfer"] == {
+        "prefix": "backbone", "keys": list(models.ENCODER_KEYS)}
     card = pipeline.load_card(data_dir)
-    model_cfg = train.model_config_for(tiny_config("finetune_flair2", data_dir).model, card)
-    shapes = models.param_shapes(models.build_model(model_cfg), model_cfg)
+    task, ctx = build_task(tiny_config("finetune_flair2", data_dir, init_from=str(workdir)), card)
+    shapes = jax.eval_shape(task.init, jax.random.key(0, impl=train.RNG_IMPL))
     # A fresh segmentation state, all zeros, so whatever is not loaded is recognisable.
-    zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    state = train.TrainState(step=np.int32(0), params=zeros["params"],
-                             batch_stats=zeros["batch_stats"], opt_state={}, rng=np.zeros(2, np.uint32))
-    mesh = sharding.make_mesh()
-    state, report = train.load_pretrained_encoder(state, str(workdir), models.ENCODER_KEYS, card,
-                                                  data_dir, mesh)
+    state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    state, report = task.warm_start(state)
 
     pretrained = saved_state(workdir)
     for tree in ("params", "batch_stats"):
@@ -187,13 +187,13 @@ def test_finetuning_refuses_a_checkpoint_made_for_other_bands(ssl_run, data_dir)
 
 def test_adapt_input_kernel_maps_bands_by_name():
     kernel = np.arange(2 * 2 * 3 * 2, dtype=np.float32).reshape(2, 2, 3, 2)  # bands R, G, NIR
-    out = np.asarray(train.adapt_input_kernel(kernel, ["R", "G", "NIR"], ["NIR", "SWIR", "R"]))
+    out = np.asarray(supervised.adapt_input_kernel(kernel, ["R", "G", "NIR"], ["NIR", "SWIR", "R"]))
     assert out.shape == (2, 2, 3, 2)
     np.testing.assert_array_equal(out[:, :, 0], kernel[:, :, 2])  # NIR moved first
     np.testing.assert_array_equal(out[:, :, 1], 0.0)              # SWIR is new
     np.testing.assert_array_equal(out[:, :, 2], kernel[:, :, 0])  # R; G dropped
     with pytest.raises(ValueError, match="3 input channels"):
-        train.adapt_input_kernel(kernel, ["R", "G"], ["R"])
+        supervised.adapt_input_kernel(kernel, ["R", "G"], ["R"])
 
 
 @pytest.mark.parametrize("bands", [["R", "G", "B", "NIR"],                        # Hameln's 4
@@ -207,13 +207,13 @@ def test_finetuning_adapts_a_checkpoint_to_other_bands_when_asked(ssl_run, data_
     assert model_cfg.aerial_bands == len(bands)
     shapes = models.param_shapes(models.build_model(model_cfg), model_cfg)
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-    state = train.TrainState(step=np.int32(0), params=zeros["params"],
+    state = tasks.TrainState(step=np.int32(0), params=zeros["params"],
                              batch_stats=zeros["batch_stats"], opt_state={}, rng=np.zeros(2, np.uint32))
     mesh = sharding.make_mesh()
     with pytest.raises(ValueError, match="adapt_bands=True"):
-        train.load_pretrained_encoder(state, str(workdir), models.ENCODER_KEYS, other, "other", mesh)
+        supervised.load_pretrained(state, str(workdir), models.ENCODER_KEYS, other, "other", mesh)
 
-    state, report = train.load_pretrained_encoder(state, str(workdir), models.ENCODER_KEYS, other,
+    state, report = supervised.load_pretrained(state, str(workdir), models.ENCODER_KEYS, other,
                                                   "other", mesh, adapt_bands=True)
     flair = ["R", "G", "B", "NIR", "elevation"]
     pretrained = saved_state(workdir)["params"]["backbone"]["aerial_encoder"]["stem_conv"]["kernel"]
@@ -248,117 +248,83 @@ def test_sigterm_saves_a_checkpoint_before_exiting(data_dir, tmp_path, monkeypat
     assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
 
 
-def test_gradient_cached_nt_xent_makes_the_same_update_as_the_plain_one():
-    """Plain and gradient-cached NT-Xent (one chunk: the same batch-norm statistics) in the real
-    SSL step on 8 devices: same loss, same new weights. (blockwise == naive is a losses test.) The
-    SITS-only variant keeps the compiles short; the loss path is what differs."""
-    import functools
-
-    import jax.numpy as jnp
-    import ml_collections
-    import optax
-
-    from lcssl.data import augment, normalize
-
-    cfg = models.tiny_config()
-    cfg.name = "utae"
-    model = models.build_ssl_model(cfg)
-    rng = np.random.default_rng(0)
-    b, t = 16, 4
-    host = {"aerial": rng.integers(0, 255, (b, 32, 32, 5), dtype=np.uint8),
-            "sits": rng.normal(1000, 300, (b, t, 8, 8, 10)).astype(np.float32),
+def random_host_batch(card, b: int, with_label: bool, seed: int = 0) -> dict:
+    """A host batch of the card's shapes as the pipeline yields it (uint8 aerial, reflectance)."""
+    rng = np.random.default_rng(seed)
+    t, h, s = int(card["sits"]["max_dates"]), card["aerial"]["size"], card["sits"]["size"]
+    ca, cs = len(card["aerial"]["bands"]), len(card["sits"]["bands"])
+    host = {"aerial": rng.integers(0, 255, (b, h, h, ca), dtype=np.uint8),
+            "sits": rng.normal(1000, 300, (b, t, s, s, cs)).astype(np.float32),
             "dates": np.sort(rng.integers(1, 366, (b, t)), axis=1).astype(np.int32),
             "sits_valid": np.ones((b, t), bool)}
-    stats = normalize.NormStats(np.full(5, 100, np.float32), np.full(5, 50, np.float32),
-                                np.full(10, 1000, np.float32), np.full(10, 300, np.float32))
-    mesh = sharding.make_mesh()
-    batch = sharding.host_batch_to_global(host, mesh)
-    variables = jax.jit(functools.partial(model.init, train=False))(
-        jax.random.key(0), *models.dummy_inputs(cfg, 2, t))
-    tx = optax.sgd(0.1)
-    state = train.TrainState(step=jnp.int32(0), params=variables["params"],
-                             batch_stats=variables["batch_stats"],
-                             opt_state=tx.init(variables["params"]),
-                             rng=jax.random.key_data(jax.random.key(0, impl=train.RNG_IMPL)))
-    augment_cfg = augment.default_config()
-    augment_cfg.footprint_px = cfg.footprint_px
+    if with_label:
+        host["label"] = rng.integers(0, len(card["classes"]), (b, h, h)).astype(np.int32)
+        host["label"][:4] = 255  # some patches entirely unlabelled: micro-batches weigh differently
+    return host
 
+
+# Plain SGD at a constant rate: the update is lr x the gradient, so equal updates mean equal grads.
+PLAIN_SGD = {"optimizer.name": "sgd", "optimizer.momentum": 0.0, "optimizer.weight_decay": 0.0,
+             "optimizer.learning_rate": 0.1, "schedule.name": "constant"}
+
+
+def test_blockwise_and_gradient_cached_nt_xent_make_the_same_update_as_the_plain_one(data_dir):
+    """The SimCLR task's real step on 8 devices with naive, blockwise (on the mesh: each device its
+    own anchors' tiles) and gradient-cached (one chunk: the same batch-norm statistics) NT-Xent:
+    same loss, same new weights. The SITS-only variant keeps the compiles short; the loss path is
+    what differs. fp32 sums of 32 logits in another order: rtol 1e-5 on the loss; 1e-4 on weights
+    after one update (gradients pass through the whole network's float32 backward)."""
+    card = pipeline.load_card(data_dir)
+    mesh = sharding.make_mesh()
+    batch = sharding.host_batch_to_global(random_host_batch(card, 16, with_label=False), mesh)
     results = {}
-    for impl in ("naive", "gradcache"):
-        ssl_cfg = ml_collections.ConfigDict(dict(temperature=0.1, loss_impl=impl, block_size=8,
-                                                 num_chunks=1))
-        step = jax.jit(functools.partial(train.ssl_train_step, model=model, tx=tx, stats=stats,
-                                         augment_cfg=augment_cfg, ssl_cfg=ssl_cfg,
-                                         lr=lambda s: 0.1, mesh=mesh))
+    for impl in ("naive", "blockwise", "gradcache"):
+        config = tiny_config("ssl_flair2", data_dir, **PLAIN_SGD, **{
+            "model.name": "utae", "simclr.loss_impl": impl, "simclr.num_chunks": 1,
+            "simclr.block_size": 8})
+        task, _ = build_task(config, card, mesh)
+        state = sharding.init_sharded(task.init, mesh, jax.random.key(0, impl=train.RNG_IMPL))
+        step = train.jit_train_step(task, state, mesh)
         new_state, metrics = step(state, batch)
         results[impl] = (float(metrics.compute()["loss"]), jax.tree.map(np.asarray, new_state.params))
 
     loss, params = results["naive"]
     assert np.isfinite(loss) and loss > 0
-    for impl in ("gradcache",):
+    for impl in ("blockwise", "gradcache"):
         other_loss, other_params = results[impl]
         np.testing.assert_allclose(other_loss, loss, rtol=1e-5)
         for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(other_params)):
             np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
 
 
-def test_supervised_step_accumulates_micro_batches_and_linear_mode_freezes_the_encoder(data_dir):
-    """The real supervised step on 8 devices (SITS-only variant, no dropout, to keep compiles short):
-    2 accumulated micro-batches make the whole batch's update, and finetune_mode='linear' leaves
-    every encoder weight untouched. U-TAE's decoder and L-TAE MLP use batch norm, whose statistics
-    are per micro-batch, so deep-layer gradients differ and only the head's update is compared
-    (within 5%; a mis-scaled accumulation is off by 50-100%). Exact accumulation of the weighted
-    cross-entropy itself is tests/test_gradcache.py."""
-    import functools
-
-    import jax.numpy as jnp
-
+def test_supervised_step_accumulates_micro_batches_and_linear_mode_freezes_the_encoder(
+        ssl_run, data_dir):
+    """The supervised task's real step on 8 devices (SITS-only variant, no dropout, to keep compiles
+    short): 2 accumulated micro-batches make the whole batch's update, and finetune_mode='linear'
+    leaves every weight the pre-training declared untouched. U-TAE's decoder and L-TAE MLP use batch
+    norm, whose statistics are per micro-batch, so deep-layer gradients differ and only the head's
+    update is compared (within 5%; a mis-scaled accumulation is off by 50-100%). Exact accumulation
+    of the weighted cross-entropy itself is tests/test_gradcache.py."""
+    workdir, _ = ssl_run
     card = pipeline.load_card(data_dir)
-    # Dropout off: a micro-batch draws its own dropout masks, the whole batch another set.
-    config = tiny_config("finetune_flair2", data_dir, finetune_mode="linear",
-                         init_from="unused-here", **{"model.name": "utae", "model.ltae_dropout": 0.0,
-                                                     "model.attn_dropout": 0.0})
-    cfg = train.model_config_for(config.model, card)
-    model = models.build_model(cfg)
-    keys = models.encoder_keys(cfg)
-    rng = np.random.default_rng(0)
-    b, t = 16, int(card["sits"]["max_dates"])
-    host = {"aerial": rng.integers(0, 255, (b, cfg.aerial_size, cfg.aerial_size, cfg.aerial_bands),
-                                   dtype=np.uint8),
-            "sits": rng.normal(1000, 300, (b, t, cfg.sits_size, cfg.sits_size, cfg.sits_bands)
-                               ).astype(np.float32),
-            "dates": np.sort(rng.integers(1, 366, (b, t)), axis=1).astype(np.int32),
-            "sits_valid": np.ones((b, t), bool),
-            "label": rng.integers(0, cfg.num_classes, (b, cfg.aerial_size, cfg.aerial_size)
-                                  ).astype(np.int32)}
-    host["label"][:4] = 255  # some patches entirely unlabelled: micro-batches weigh differently
     mesh = sharding.make_mesh()
-    batch = sharding.host_batch_to_global(host, mesh)
-    variables = jax.jit(functools.partial(model.init, train=False))(
-        jax.random.key(0), *models.dummy_inputs(cfg, 2, t))
-    lr = lambda step: 0.1  # noqa: E731
-    from lcssl.data import normalize
-
-    stats = normalize.stats_from_card(card)
-    augment_cfg = config.augment
+    batch = sharding.host_batch_to_global(random_host_batch(card, 16, with_label=True), mesh)
+    # Dropout off: a micro-batch draws its own dropout masks, the whole batch another set.
+    overrides = {"model.name": "utae", "model.ltae_dropout": 0.0, "model.attn_dropout": 0.0,
+                 "class_weights": "none", "init_from": str(workdir), **PLAIN_SGD}
     results = {}
     for mode, accum in (("full", 1), ("full", 2), ("linear", 1)):
-        config.unlock()
-        config.finetune_mode = mode
-        tx = train.make_optimizer(config, lr, variables["params"], keys)
-        state = train.TrainState(step=jnp.int32(0), params=variables["params"],
-                                 batch_stats=variables.get("batch_stats", {}),
-                                 opt_state=tx.init(variables["params"]),
-                                 rng=jax.random.key_data(jax.random.key(0, impl=train.RNG_IMPL)))
-        step = jax.jit(functools.partial(
-            train.supervised_train_step, model=model, tx=tx, stats=stats, augment_cfg=augment_cfg,
-            class_weights=None, aux_loss_weight=0.5, grad_accum_steps=accum, lr=lr, mesh=mesh,
-            frozen_keys=keys if mode == "linear" else ()))
-        new_state, metrics = step(state, batch)
+        config = tiny_config("finetune_flair2", data_dir, finetune_mode=mode,
+                             grad_accum_steps=accum, **overrides)
+        task, _ = build_task(config, card, mesh)
+        state = sharding.init_sharded(task.init, mesh, jax.random.key(0, impl=train.RNG_IMPL))
+        before = jax.tree.map(np.asarray, state.params)
+        new_state, metrics = train.jit_train_step(task, state, mesh)(state, batch)
         results[mode, accum] = (float(metrics.compute()["loss"]),
                                 jax.tree.map(np.asarray, new_state.params))
 
-    before = jax.tree.map(np.asarray, variables["params"])
+    keys = [k for k in models.ENCODER_KEYS if k in before]
+    assert keys == ["utae"]
     loss, params = results["full", 1]
     assert np.isfinite(loss) and loss > 0
     accum_loss, accum_params = results["full", 2]

@@ -20,6 +20,9 @@ import numpy as np
 from lcssl.models.heads import DenseProjectionHead, PredictionHead, ProjectionHead, SimCLRModel
 from lcssl.models.utt import ENCODER_SUBTREES, UTT, VARIANTS
 
+# The model's inputs, in the order of UTT.__call__ (batch fields of the same names).
+INPUT_KEYS = ("aerial", "sits", "dates", "sits_valid")
+
 # Top-level param subtrees of the full U-T&T that SSL pre-training trains and fine-tuning loads.
 # The aerial decoder, 'seg_head' and 'aux_head' are new at fine-tuning. Per variant: encoder_keys().
 ENCODER_KEYS = ENCODER_SUBTREES["utt"]
@@ -166,7 +169,7 @@ def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["ENCODER_KEYS", "VARIANTS", "UTT", "SimCLRModel", "ProjectionHead", "PredictionHead",
+__all__ = ["ENCODER_KEYS", "INPUT_KEYS", "VARIANTS", "UTT", "SimCLRModel", "ProjectionHead", "PredictionHead",
            "DenseProjectionHead", "default_config",
            "tiny_config", "encoder_keys", "build_model", "build_ssl_model", "dummy_inputs",
            "param_shapes", "count_params"]

@@ -1,22 +1,28 @@
 """Pieces shared by every experiment config: one base ConfigDict and the presets that edit it.
 
-A config module calls `build(dataset=..., mode=..., arg=arg, presets={...})`; `arg` is the text after
-the colon in `--config=configs/ssl_hameln.py:ssl3,tiny` and names presets applied left to right.
-Every field a user may override exists in the base, so `--config.ssl.temperature=0.2` works and a typo
-(`--config.ssl.temprature=0.2`) fails: the returned config is locked.
+An experiment config (configs/<name>.py) calls `build(dataset=..., task=..., arg=arg, presets={...})`;
+`arg` is the text after the colon in `--config=configs/ssl_hameln.py:ssl3,tiny` and names presets
+applied left to right. Every field a user may override exists in the base, so
+`--config.simclr.temperature=0.2` works and a typo (`--config.simclr.temprature=0.2`) fails: the
+returned config is locked.
 
 Field reference (units in the names):
-  mode                 'ssl' (SimCLR pre-training) | 'supervised' (from scratch or fine-tuning)
+  task                 the objective, a module of lcssl/tasks: 'supervised' (from scratch or
+                       fine-tuning) | 'simclr' (pre-training); pre-training configs take any
+                       pre-training task (`--config.task=...`)
   data_dir, split      dataset built by `python -m data_prep build`; training split ('train',
                        'unlabelled', ...); val_split / test_split for evaluation
-  batch_size           global batch over all devices and hosts (SSL: positive pairs per step)
+  batch_size           global batch over all devices and hosts (pre-training: patches per step)
   num_epochs|num_steps num_steps wins when set; epochs are over the training split
   optimizer            name 'sgd' | 'lars' | 'adamw'; learning_rate is the peak value
   schedule             name 'constant' | 'cosine'; warmup_epochs of linear warm-up
-  ssl.*                temperature, loss_impl 'naive'|'blockwise'|'gradcache', block_size (rows of
-                       the logits per block), num_chunks (gradcache), probe_* (online linear probe)
+  <task>.*             each task's own hyperparameters (its default_config()), e.g. simclr.*:
+                       temperature, loss_impl 'naive'|'blockwise'|'gradcache', block_size (rows of
+                       the logits per block), num_chunks (gradcache)
+  probe.*              online linear probe of every pre-training task: every_steps, train_split,
+                       eval_split, examples, ridge
   grad_accum_steps     supervised only: the global batch is split into this many micro-batches
-  init_from            an SSL workdir (or its checkpoints/ dir); finetune_mode 'linear' (frozen
+  init_from            a pre-training workdir (or its checkpoints/ dir); finetune_mode 'linear' (frozen
                        encoder) | 'partial' (encoder at encoder_lr_scale x lr) | 'full'
   adapt_bands          fine-tuning from a checkpoint of other bands (e.g. Hameln's 4 -> FLAIR #2's
                        5): map the first convolutions' input channels by band name, new bands
@@ -39,13 +45,17 @@ SEED_LEARNING_RATE = 0.001
 Preset = Callable[[ml_collections.ConfigDict], None]
 
 
-def base(dataset: str, mode: str) -> ml_collections.ConfigDict:
-    """The modern default for `dataset` ('flair2' | 'hameln') and `mode` ('ssl' | 'supervised')."""
-    from lcssl import models
+def base(dataset: str, task: str) -> ml_collections.ConfigDict:
+    """The modern default for `dataset` ('flair2' | 'hameln') and `task` (a name in lcssl.tasks):
+    pre-training defaults for every task but 'supervised'."""
+    from lcssl import models, tasks
     from lcssl.data import augment
+    from lcssl.tasks import base as task_base
 
+    tasks.get(task)  # a clear error for an unknown task
+    pretrain = task != "supervised"
     c = ml_collections.ConfigDict()
-    c.mode = mode
+    c.task = task
     c.dataset = dataset
     c.data_dir = f"data/{dataset}"
     c.split = "train"
@@ -53,14 +63,14 @@ def base(dataset: str, mode: str) -> ml_collections.ConfigDict:
     c.test_split = "test"
     c.label_fraction = 1.0
 
-    c.batch_size = 256 if mode == "ssl" else 64
+    c.batch_size = 256 if pretrain else 64
     c.eval_batch_size = 64
-    c.num_epochs = 100 if mode == "ssl" else 50
+    c.num_epochs = 100 if pretrain else 50
     c.num_steps = config_dict.placeholder(int)
     c.grad_accum_steps = 1
 
     c.optimizer = ml_collections.ConfigDict()
-    if mode == "ssl":
+    if pretrain:
         # SimCLR (Chen et al. 2020, sec. B.6): LARS, lr = 0.3 x batch / 256, weight decay 1e-6.
         # A reference, not a number: `--config.batch_size=4096` also scales the learning rate (to
         # 4.8); `--config.optimizer.learning_rate=X` replaces the rule. (The float comes first so
@@ -76,20 +86,15 @@ def base(dataset: str, mode: str) -> ml_collections.ConfigDict:
     c.optimizer.nesterov = False
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "cosine"
-    c.schedule.warmup_epochs = 10.0 if mode == "ssl" else 1.0
+    c.schedule.warmup_epochs = 10.0 if pretrain else 1.0
 
-    c.ssl = ml_collections.ConfigDict()
-    c.ssl.temperature = 0.1
-    c.ssl.loss_impl = "naive"
-    c.ssl.block_size = 256
-    c.ssl.num_chunks = 4
-    # Online linear probe: ridge regression on frozen pooled embeddings predicting each labelled
-    # patch's majority class; compared with always guessing the most frequent class.
-    c.ssl.probe_every_steps = 1000
-    c.ssl.probe_train_split = "train"
-    c.ssl.probe_eval_split = "val"
-    c.ssl.probe_examples = 1024
-    c.ssl.probe_ridge = 1e-2
+    # Every task's hyperparameters, whichever task runs: `--config.task=X --config.X.y=...` works
+    # with any experiment config, and the config stays locked.
+    for name in tasks.NAMES:
+        own = tasks.get(name).default_config()
+        if own is not None:
+            c[name] = own
+    c.probe = task_base.probe_config()
 
     c.dtype = "float32"  # compute dtype of the model: 'float32' | 'bfloat16' (params stay fp32)
     c.model = models.default_config()
@@ -110,7 +115,7 @@ def base(dataset: str, mode: str) -> ml_collections.ConfigDict:
     c.profile_steps = 5  # steps traced by clu's Profile once, early on (0 = off)
     c.input_bound_warning = 0.3  # warn when the host waits on input this share of the time
     c.seed = 0
-    if mode == "ssl":
+    if pretrain:
         c.split = "unlabelled" if dataset == "hameln" else "train"
     return c
 
@@ -127,10 +132,10 @@ def tiny(c: ml_collections.ConfigDict) -> None:
     c.num_steps = 6
     c.optimizer.learning_rate = 0.05
     c.schedule.warmup_epochs = 0.0
-    c.ssl.block_size = 8
-    c.ssl.num_chunks = 2
-    c.ssl.probe_every_steps = 3
-    c.ssl.probe_examples = 32
+    c.simclr.block_size = 8
+    c.simclr.num_chunks = 2
+    c.probe.every_steps = 3
+    c.probe.examples = 32
     c.log_every_steps = 2
     c.eval_every_steps = 3
     c.checkpoint_every_steps = 3
@@ -151,16 +156,16 @@ def seed_setup(*, epochs: int, batch_size: int, temperature: float | None = None
         c.schedule.name = "constant"
         c.schedule.warmup_epochs = 0.0
         if temperature is not None:
-            c.ssl.temperature = temperature
+            c.simclr.temperature = temperature
 
     return apply
 
 
-def build(*, dataset: str, mode: str, arg: str | None,
+def build(*, dataset: str, task: str, arg: str | None,
           presets: Mapping[str, Preset] | None = None,
           modify: Preset | None = None) -> ml_collections.ConfigDict:
     """Base config, then `modify` (the experiment's own edits), then the presets named in `arg`."""
-    c = base(dataset, mode)
+    c = base(dataset, task)
     if modify is not None:
         modify(c)
     available = {"tiny": tiny, **(presets or {})}
