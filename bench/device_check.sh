@@ -74,12 +74,12 @@ step() {
 }
 
 sup() {  # sup PART DTYPE BATCH: the model step (fwd + bwd + SGD), as in BENCHMARKS.md's CPU table
-  step "$1" 240 150 "$PY" bench/train_step.py --mode=supervised --dtype="$2" --batch="$3" \
+  step "$1" 240 150 "$PY" bench/train_step.py --task=supervised --dtype="$2" --batch="$3" \
     --steps=10 --warmup=2 --json="$OUT/$1.json"
 }
 
 ssl() {  # ssl CHUNKS: lcssl.train's real SSL step, bf16 compute as one trains on a GPU
-  step ssl 300 150 "$PY" bench/train_step.py --step=real --mode=ssl --ssl-impl=gradcache \
+  step ssl 300 150 "$PY" bench/train_step.py --step=real --task=simclr --ssl-impl=gradcache \
     --dtype=bfloat16 --chunks="$1" --batch=1024 --steps=2 --warmup=1 --json="$OUT/ssl_real_1024.json"
 }
 
@@ -110,12 +110,12 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
     impl = f" {d['ssl_impl']}/{d['num_chunks']}" if d.get("ssl_impl") else ""
     peak = d.get("xla_peak_bytes")
     mfu = d.get("mfu_vs_bf16_peak")
-    rows.append(f"{name:<16} {d.get('step', 'model'):<5} {d['mode']:<10}{impl:<14} {d['batch']:>5} "
+    rows.append(f"{name:<16} {d.get('step', 'model'):<5} {d.get('task', d.get('mode')):<10}{impl:<14} {d['batch']:>5} "
                 f"{d['dtype']:<8} {d['step_s_median'] * 1e3:>9.1f} {d['samples_per_s']:>9.2f} "
                 f"{d['model_flops_per_step'] / 1e12:>8.2f} "
                 f"{peak / 2**30 if peak else float('nan'):>8.2f} "
                 f"{'%.1f%%' % (100 * mfu) if mfu else 'n/a':>6}")
-print(f"{'run':<16} {'step':<5} {'mode':<10}{'':<14} {'batch':>5} {'dtype':<8} {'step ms':>9} "
+print(f"{'run':<16} {'step':<5} {'task':<10}{'':<14} {'batch':>5} {'dtype':<8} {'step ms':>9} "
       f"{'samples/s':>9} {'TFLOP':>8} {'peak GiB':>8} {'MFU':>6}")
 print("\n".join(rows) or "(no train-step results)")
 nt = os.path.join(sys.argv[1], "ntxent.json")

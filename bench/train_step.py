@@ -32,7 +32,6 @@ are there, e.g. `pip download --no-deps --only-binary=:all: -d .whl clu==0.0.12
 ml_collections==1.1.0` (bench/device_check.sh has the whole recipe).
 """
 import argparse
-import json
 import os
 import platform
 import resource
@@ -51,8 +50,9 @@ except ImportError:  # the GPU machine has no clu unless its wheel is carried
     parameter_overview = None
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lcssl import files, models  # noqa: E402
 from lcssl import flops as flops_lib  # noqa: E402
-from lcssl import models  # noqa: E402
+from lcssl.data.schema import IGNORE_LABEL  # noqa: E402
 
 
 
@@ -176,11 +176,12 @@ def model_step_setup(args):
 
 
 def synthetic_card(model_cfg, num_dates: int) -> dict:
-    """The dataset-card fields the step reads (DESIGN.md), for the model's shapes: FLAIR #2 sizes
+    """The dataset-card fields a task reads (DESIGN.md), for the model's shapes: FLAIR #2 sizes
     by default; aerial uint8 ~ 110 +- 50 DN, Sentinel-2 reflectance ~ 1000 +- 300; uniform weights."""
     k, ca, cs = model_cfg.num_classes, model_cfg.aerial_bands, model_cfg.sits_bands
     return {
         "classes": [f"class_{i}" for i in range(k)], "class_weights": [1.0] * k,
+        "splits": {},  # no evaluation data: the task's eval hooks are not run here
         "aerial": {"bands": [f"a{i}" for i in range(ca)], "size": model_cfg.aerial_size,
                    "gsd_m": model_cfg.aerial_gsd_m, "mean": [110.0] * ca, "std": [50.0] * ca},
         "sits": {"bands": [f"s{i}" for i in range(cs)], "size": model_cfg.sits_size,
@@ -206,7 +207,7 @@ def make_raw_batch(args, model_cfg, with_label: bool) -> dict:
              "dates": dates, "sits_valid": valid}
     if with_label:
         label = rng.integers(0, model_cfg.num_classes, size=(b, h, h)).astype(np.int32)
-        label[rng.random((b, h, h)) < 0.05] = 255  # IGNORE_LABEL: nodata / unlabelled pixels
+        label[rng.random((b, h, h)) < 0.05] = IGNORE_LABEL  # nodata / unlabelled pixels
         batch["label"] = label
     return batch
 
@@ -335,8 +336,7 @@ def main():
           f"dtype={args.dtype}")
     for name, value in rows:
         print(f"  {name:<18} {value}")
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=1)
+    files.write_json(args.json, result)
     print(f"wrote {args.json}")
 
 

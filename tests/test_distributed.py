@@ -24,7 +24,7 @@ def start_two_processes(workdir, data_dir, cache, *overrides):
                f"--workdir={workdir}", f"--config.data_dir={data_dir}",
                # The SITS-only variant: what is tested here is the processes working together,
                # and its small graph compiles in a fraction of the time on 2 shared cores.
-               "--config.model.name=utae", *overrides,
+               "--config.model.variant=utae", *overrides,
                f"--coordinator_address=localhost:{port}", "--num_processes=2",
                f"--process_id={process_id}"]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=cli_env(cache, devices=2),

@@ -280,7 +280,7 @@ def test_blockwise_and_gradient_cached_nt_xent_make_the_same_update_as_the_plain
     results = {}
     for impl in ("naive", "blockwise", "gradcache"):
         config = tiny_config("ssl_flair2", data_dir, **PLAIN_SGD, **{
-            "model.name": "utae", "simclr.loss_impl": impl, "simclr.num_chunks": 1,
+            "model.variant": "utae", "simclr.loss_impl": impl, "simclr.num_chunks": 1,
             "simclr.block_size": 8})
         task, _ = build_task(config, card, mesh)
         state = sharding.init_sharded(task.init, mesh, jax.random.key(0, impl=train.RNG_IMPL))
@@ -310,7 +310,7 @@ def test_supervised_step_accumulates_micro_batches_and_linear_mode_freezes_the_e
     mesh = sharding.make_mesh()
     batch = sharding.host_batch_to_global(random_host_batch(card, 16, with_label=True), mesh)
     # Dropout off: a micro-batch draws its own dropout masks, the whole batch another set.
-    overrides = {"model.name": "utae", "model.ltae_dropout": 0.0, "model.attn_dropout": 0.0,
+    overrides = {"model.variant": "utae", "model.ltae_dropout": 0.0, "model.attn_dropout": 0.0,
                  "class_weights": "none", "init_from": str(workdir), **PLAIN_SGD}
     results = {}
     for mode, accum in (("full", 1), ("full", 2), ("linear", 1)):

@@ -12,6 +12,8 @@ dicts; big_vision and scenic are built the same way.
 
 Inputs and outputs are in docs/DESIGN.md ("Model input") and lcssl/models/utt.py.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -36,14 +38,33 @@ INPUT_KERNELS = {"aerial": ("aerial_encoder", "stem_conv", "kernel"),
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+# Fields of the input data, not of a module: dummy_inputs and the footprint read them, and
+# train.model_config_for sets them (and num_classes, aerial_size, sits_size) from the dataset card.
+DATA_KEYS = ("aerial_bands", "sits_bands", "aerial_gsd_m", "sits_size", "sits_gsd_m")
+# Keys of model configs saved in checkpoints before the config keys were the modules' field names.
+_OLD_KEYS = {"name": "variant", "fusion": "fusion_mode"}
+_OLD_PROJECTOR_KEYS = {"hidden": "hidden_dim", "out": "out_dim", "batch_norm": "use_batch_norm",
+                       "predictor_hidden": "predictor_hidden_dim", "dense_hidden": "dense_hidden_dim",
+                       "dense_out": "dense_out_dim"}
+
+
+def _field_defaults(module_cls, skip=()) -> dict:
+    """{field: default} of a Linen module class: the one place model defaults are written."""
+    return {f.name: f.default for f in dataclasses.fields(module_cls)
+            if f.name not in ("parent", "name", *skip) and f.default is not dataclasses.MISSING}
+
+
 def default_config() -> ml_collections.ConfigDict:
-    """The FLAIR #2 U-T&T baseline sizes (~27 M parameters): smp Unet-resnet34 + U-TAE."""
-    cfg = ml_collections.ConfigDict()
-    cfg.name = "utt"                     # 'utt' | 'unet' (aerial only) | 'utae' (SITS only)
-    cfg.num_classes = 13                 # 13 FLAIR #2, 12 Hameln
+    """The FLAIR #2 U-T&T baseline (~27 M parameters): smp Unet-resnet34 + U-TAE.
+
+    Keys are UTT's field names with UTT's defaults (lcssl/models/utt.py), `dtype` as a name
+    ('float32' | 'bfloat16'), the DATA_KEYS, and `projector`: SimCLRModel's fields
+    (lcssl/models/heads.py). build_model(cfg) is UTT(**cfg) on those fields.
+    """
+    cfg = ml_collections.ConfigDict(_field_defaults(UTT, skip=("dtype", "footprint_px")))
+    cfg.dtype = "float32"                # compute dtype; params stay fp32
     cfg.aerial_bands = 5                 # 5 FLAIR #2 (RGB, NIR, elevation), 4 Hameln (RGB, IR)
     cfg.sits_bands = 10                  # Sentinel-2 bands of lcssl.data.schema.S2_BANDS
-    cfg.aerial_size = 512
     cfg.aerial_gsd_m = 0.2
     cfg.sits_size = 40                   # FLAIR #2 super-patch, sat_patch_size 40
     cfg.sits_gsd_m = 10.0
@@ -51,45 +72,10 @@ def default_config() -> ml_collections.ConfigDict:
     # of the three fields it is made of unless set itself.
     cfg.footprint_px = (cfg.get_ref("aerial_size") * cfg.get_ref("aerial_gsd_m")
                         / cfg.get_ref("sits_gsd_m"))
-    # Aerial U-Net, ResNet34 encoder (He et al. 2016) and smp Unet decoder channels.
-    cfg.stage_sizes = (3, 4, 6, 3)
-    cfg.widths = (64, 128, 256, 512)
-    cfg.stem_width = 64
-    cfg.decoder_channels = (256, 128, 64, 32, 16)
-    # U-TAE, FLAIR #2 baseline config (flair-2-config.yml); L-TAE as Garnot & Landrieu 2020.
-    cfg.utae_encoder_widths = (64, 64, 128, 128)
-    cfg.utae_decoder_widths = (64, 64, 128, 128)
-    cfg.n_head = 16
-    cfg.d_model = 256
-    cfg.d_k = 4
-    cfg.ltae_dropout = 0.2
-    cfg.attn_dropout = 0.1
-    cfg.date_period = 1000.0             # positional-encoding period T of U-TAE
-    # Fusion (lcssl/models/fusion.py): 'add' | 'concat' | 'se' | 'residual_excite'.
-    cfg.fusion = "add"
-    cfg.fusion_branches = ("cropped", "collapsed")
-    cfg.fusion_dropout = 0.3             # FM_collapsed MLP dropout in FLAIR #2
-    cfg.modality_dropout = 0.0           # per-sample probability of dropping the SITS contribution
-    cfg.dtype = "float32"                # compute dtype: 'float32' | 'bfloat16'; params stay fp32
-    cfg.remat = "none"                   # 'none' | 'blocks'
-    cfg.projector = ml_collections.ConfigDict()
-    cfg.projector.hidden = 512           # SimCLR: hidden width = embedding width
-    cfg.projector.out = 128              # SimCLR output dim
-    cfg.projector.num_layers = 2
-    cfg.projector.batch_norm = False     # True: SimCLR v2 style
-    cfg.projector.per_modality = False   # extra aerial / SITS heads for cross-modal contrast
-    # Heads for later objectives (lcssl/models/heads.py), off by default; off, the SimCLR param
-    # tree is {'backbone', 'projector'}. The dense loss is lcssl.losses.dense_info_nce; no BYOL loss yet.
-    cfg.projector.predictor = False      # BYOL predictor on 'projection' -> 'prediction' [B, out]
-    cfg.projector.predictor_hidden = 4096  # BYOL: 4096
-    cfg.projector.dense = False          # pixel-level head -> 'dense_projection' [B, h, w, C]
-    cfg.projector.dense_hidden = 512     # DenseCL: 2048 (= its C5 width); here the embedding width
-    cfg.projector.dense_out = 128        # DenseCL: 128
-    cfg.projector.dense_batch_norm = False  # True: BN after the hidden 1x1 conv (PixPro)
-    # 'encoder': the deepest fused level (stride 32); 'decoder': the aerial decoder's full-resolution
-    # map, which pre-trains the decoder too (the dense objective).
-    cfg.projector.dense_source = "encoder"
-    cfg.projector.dense_grid = 0         # > 0: the map average-pooled to dense_grid^2 cells first
+    cfg.projector = ml_collections.ConfigDict(_field_defaults(SimCLRModel, skip=("backbone", "dtype")))
+    # SimCLR's hidden width equals the embedding width (2048 for its ResNet-50; 512 here, widths[-1]).
+    cfg.projector.hidden_dim = 512
+    cfg.projector.dense_hidden_dim = 512
     return cfg
 
 
@@ -107,49 +93,52 @@ def tiny_config() -> ml_collections.ConfigDict:
     cfg.utae_decoder_widths = (16, 16, 32)
     cfg.n_head = 4
     cfg.d_model = 32
-    cfg.projector.hidden = 32
-    cfg.projector.out = 16
-    cfg.projector.predictor_hidden = 32
-    cfg.projector.dense_hidden = 32
-    cfg.projector.dense_out = 16
+    cfg.projector.hidden_dim = 32
+    cfg.projector.out_dim = 16
+    cfg.projector.predictor_hidden_dim = 32
+    cfg.projector.dense_hidden_dim = 32
+    cfg.projector.dense_out_dim = 16
     return cfg
 
 
+def _as_dict(cfg) -> dict:
+    """A model config (ConfigDict, or a checkpoint's input_spec['model'] dict, old keys renamed)."""
+    d = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+    d = {_OLD_KEYS.get(k, k): v for k, v in d.items()}
+    if "projector" in d:
+        d["projector"] = {_OLD_PROJECTOR_KEYS.get(k, k): v for k, v in dict(d["projector"]).items()}
+    return d
+
+
+def _module_kwargs(module_cls, values: dict, skip=()) -> dict:
+    names = {f.name for f in dataclasses.fields(module_cls)} - {"parent", "name", *skip}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
+
+
+def _dtype(cfg: dict):
+    if cfg.get("dtype", "float32") not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {tuple(_DTYPES)}, found {cfg['dtype']!r}")
+    return _DTYPES[cfg.get("dtype", "float32")]
+
+
 def encoder_keys(cfg) -> tuple[str, ...]:
-    """Top-level param subtrees of the encoder for cfg.name."""
-    return ENCODER_SUBTREES[cfg.name]
+    """Top-level param subtrees of the encoder for the config's variant."""
+    return ENCODER_SUBTREES[_as_dict(cfg).get("variant", "utt")]
 
 
 def build_model(cfg) -> UTT:
-    if cfg.dtype not in _DTYPES:
-        raise ValueError(f"model.dtype must be one of {tuple(_DTYPES)}, found {cfg.dtype!r}")
-    return UTT(
-        variant=cfg.name, num_classes=cfg.num_classes, aerial_size=cfg.aerial_size,
-        footprint_px=float(cfg.footprint_px), stage_sizes=tuple(cfg.stage_sizes),
-        widths=tuple(cfg.widths), stem_width=cfg.stem_width,
-        decoder_channels=tuple(cfg.decoder_channels),
-        utae_encoder_widths=tuple(cfg.utae_encoder_widths),
-        utae_decoder_widths=tuple(cfg.utae_decoder_widths), n_head=cfg.n_head,
-        d_model=cfg.d_model, d_k=cfg.d_k, ltae_dropout=cfg.ltae_dropout,
-        attn_dropout=cfg.attn_dropout, date_period=cfg.date_period, fusion_mode=cfg.fusion,
-        fusion_branches=tuple(cfg.fusion_branches), fusion_dropout=cfg.fusion_dropout,
-        modality_dropout=cfg.modality_dropout, dtype=_DTYPES[cfg.dtype], remat=cfg.remat)
+    """UTT(**cfg): the config's keys that are UTT fields, dtype from its name."""
+    d = _as_dict(cfg)
+    return UTT(**_module_kwargs(UTT, d, skip=("dtype",)), dtype=_dtype(d))
 
 
 def build_ssl_model(cfg) -> SimCLRModel:
-    p = cfg.projector
-    # A model config without the predictor / dense fields (one saved before they existed) builds the
-    # model it was trained with: both heads off.
-    heads = {}
-    if p.get("predictor", False):
-        heads.update(predictor=True, predictor_hidden_dim=p.predictor_hidden)
-    if p.get("dense", False):
-        heads.update(dense=True, dense_hidden_dim=p.dense_hidden, dense_out_dim=p.dense_out,
-                     dense_batch_norm=p.dense_batch_norm,
-                     dense_source=p.get("dense_source", "encoder"), dense_grid=p.get("dense_grid", 0))
-    return SimCLRModel(backbone=build_model(cfg), hidden_dim=p.hidden, out_dim=p.out,
-                       num_layers=p.num_layers, use_batch_norm=p.batch_norm,
-                       per_modality=p.per_modality, dtype=_DTYPES[cfg.dtype], **heads)
+    """SimCLRModel(backbone=build_model(cfg), **cfg.projector). A projector config without the
+    predictor / dense fields (saved before they existed) builds what it was trained with: both off."""
+    d = _as_dict(cfg)
+    return SimCLRModel(backbone=build_model(d), dtype=_dtype(d),
+                       **_module_kwargs(SimCLRModel, d.get("projector", {}),
+                                        skip=("backbone", "dtype")))
 
 
 def dummy_inputs(cfg, batch: int = 1, num_dates: int = 2):
@@ -169,7 +158,7 @@ def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["ENCODER_KEYS", "INPUT_KEYS", "VARIANTS", "UTT", "SimCLRModel", "ProjectionHead", "PredictionHead",
+__all__ = ["ENCODER_KEYS", "INPUT_KEYS", "DATA_KEYS", "VARIANTS", "UTT", "SimCLRModel", "ProjectionHead", "PredictionHead",
            "DenseProjectionHead", "default_config",
            "tiny_config", "encoder_keys", "build_model", "build_ssl_model", "dummy_inputs",
            "param_shapes", "count_params"]

@@ -100,7 +100,7 @@ class LevelFusion(nn.Module):
             return x * gate
         if self.mode == "residual_excite":
             return x + x * gate
-        raise ValueError(f"model.fusion must be one of {FUSION_MODES}, found {self.mode!r}")
+        raise ValueError(f"model.fusion_mode must be one of {FUSION_MODES}, found {self.mode!r}")
 
 
 class Fusion(nn.Module):

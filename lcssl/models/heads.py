@@ -136,7 +136,7 @@ class SimCLRModel(nn.Module):
             for m in ("aerial", "sits"):
                 if f"{m}_embedding" not in feats:
                     raise ValueError("model.projector.per_modality needs both modalities "
-                                     "(model.name='utt')")
+                                     "(model.variant='utt')")
                 out[f"{m}_embedding"] = feats[f"{m}_embedding"]
                 out[f"{m}_projection"] = head(f"{m}_projector")(feats[f"{m}_embedding"], train)
         if self.predictor:

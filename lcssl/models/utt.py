@@ -56,7 +56,7 @@ class UTT(nn.Module):
 
     def setup(self):
         if self.variant not in VARIANTS:
-            raise ValueError(f"model.name must be one of {VARIANTS}, found {self.variant!r}")
+            raise ValueError(f"model.variant must be one of {VARIANTS}, found {self.variant!r}")
         if self.variant in ("utt", "unet"):
             self.aerial_encoder = ResNetEncoder(self.stage_sizes, self.widths, self.stem_width,
                                                 self.dtype, self.remat)

@@ -58,9 +58,9 @@ class Metrics(metrics.Collection):
 
 def model_config(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The run's model config with the per-modality heads on; a clear error for a one-modality model."""
-    if model_cfg.name != "utt":
-        raise ValueError(f"config.task='crossmodal' needs both modalities: set --config.model.name=utt "
-                         f"(found {model_cfg.name!r})")
+    if model_cfg.variant != "utt":
+        raise ValueError(f"config.task='crossmodal' needs both modalities: set --config.model.variant=utt "
+                         f"(found {model_cfg.variant!r})")
     cfg = ml_collections.ConfigDict(model_cfg.to_dict())
     cfg.projector.per_modality = True
     return cfg

@@ -58,9 +58,9 @@ class Metrics(metrics.Collection):
 
 def model_config(model_cfg: ml_collections.ConfigDict, grid: int) -> ml_collections.ConfigDict:
     """The run's model config with the dense head on the decoder, pooled to grid x grid."""
-    if model_cfg.name not in ("utt", "unet"):
-        raise ValueError(f"config.task='dense' needs the aerial decoder: set --config.model.name to "
-                         f"'utt' or 'unet' (found {model_cfg.name!r})")
+    if model_cfg.variant not in ("utt", "unet"):
+        raise ValueError(f"config.task='dense' needs the aerial decoder: set --config.model.variant to "
+                         f"'utt' or 'unet' (found {model_cfg.variant!r})")
     if grid < 1 or model_cfg.aerial_size % grid:
         raise ValueError(f"config.dense.grid={grid} must be >= 1 and divide the aerial size "
                          f"{model_cfg.aerial_size}")

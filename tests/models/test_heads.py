@@ -1,8 +1,8 @@
 """SSL heads beside the SimCLR projector: the BYOL predictor and the pixel-level projection head.
 
     cfg = models.tiny_config()
-    cfg.projector.predictor = True          # out['prediction']        [B, out]
-    cfg.projector.dense = True              # out['dense_projection']  [B, h, w, dense_out]
+    cfg.projector.predictor = True          # out['prediction']        [B, out_dim]
+    cfg.projector.dense = True              # out['dense_projection']  [B, h, w, dense_out_dim]
     model = models.build_ssl_model(cfg)
 
 Both are off by default, and then the SimCLR param tree is what it was before they existed.
@@ -22,7 +22,7 @@ def shapes(tree):
 
 def with_heads(name="utt", dtype="float32", aerial_size=32):
     cfg = models.tiny_config()
-    cfg.name, cfg.dtype = name, dtype
+    cfg.variant, cfg.dtype = name, dtype
     if aerial_size != cfg.aerial_size:   # same 51.2 m footprint, finer pixels
         cfg.aerial_gsd_m *= cfg.aerial_size / aerial_size
         cfg.aerial_size = aerial_size
@@ -101,7 +101,7 @@ def test_heads_off_by_default_leave_the_simclr_param_tree_unchanged():
     assert not cfg.projector.predictor and not cfg.projector.dense
     default = models.param_shapes(models.build_ssl_model(cfg), cfg)
     # A model config without the new fields (one saved in a checkpoint before they existed).
-    for field in ("predictor", "predictor_hidden", "dense", "dense_hidden", "dense_out",
+    for field in ("predictor", "predictor_hidden_dim", "dense", "dense_hidden_dim", "dense_out_dim",
                   "dense_batch_norm"):
         del cfg.projector[field]
     before = models.param_shapes(models.build_ssl_model(cfg), cfg)
@@ -127,10 +127,10 @@ def test_heads_on_add_their_own_subtrees_and_outputs(name):
     out = jax.eval_shape(lambda v, *a: model.apply(v, *a, train=False), variables,
                          *make_inputs(cfg))
     p = cfg.projector
-    assert out["prediction"].shape == out["projection"].shape == (B, p.out)
+    assert out["prediction"].shape == out["projection"].shape == (B, p.out_dim)
     # The map 'embedding' pools: deepest fused aerial level (stride 32), or the U-TAE map.
     hw = cfg.sits_size if name == "utae" else cfg.aerial_size // 32
-    assert out["dense_projection"].shape == (B, hw, hw, p.dense_out)
+    assert out["dense_projection"].shape == (B, hw, hw, p.dense_out_dim)
     assert out["prediction"].dtype == out["dense_projection"].dtype == jnp.float32
 
 
@@ -144,7 +144,7 @@ def tiny_with_heads():
 def test_prediction_is_its_own_head_and_trains_the_backbone(tiny_with_heads):
     cfg, model, variables = tiny_with_heads
     inputs = make_inputs(cfg)
-    target = jax.random.normal(jax.random.key(2), (B, cfg.projector.out))
+    target = jax.random.normal(jax.random.key(2), (B, cfg.projector.out_dim))
 
     def loss(params):  # BYOL-like: the prediction regressed onto a fixed target
         out, _ = model.apply({**variables, "params": params}, *inputs, train=True,
@@ -171,7 +171,7 @@ def test_dense_projection_of_a_sample_depends_on_that_sample_only(tiny_with_head
     before = apply(variables, aerial, sits, dates, valid)
     after = apply(variables, aerial.at[0].set(other_aerial[0]), sits.at[0].set(other_sits[0]),
                   dates, valid)
-    assert before.shape == (B, 2, 2, cfg.projector.dense_out)
+    assert before.shape == (B, 2, 2, cfg.projector.dense_out_dim)
     assert not np.allclose(after[0], before[0])          # sample 0 changed ...
     np.testing.assert_array_equal(after[1:], before[1:])  # ... the others did not
 

@@ -53,7 +53,7 @@ def tiny():
 @pytest.mark.parametrize("name", ["utt", "unet", "utae"])
 def test_output_shapes_and_dtypes(name, bands, classes):
     cfg = models.tiny_config()
-    cfg.name, cfg.aerial_bands, cfg.num_classes = name, bands, classes
+    cfg.variant, cfg.aerial_bands, cfg.num_classes = name, bands, classes
     model = models.build_model(cfg)
     variables = models.param_shapes(model, cfg)
     out = jax.eval_shape(lambda v, *a: model.apply(v, *a, train=False), variables,
@@ -112,7 +112,7 @@ def test_fusion_is_per_sample(tiny):
 def test_excitation_fusion_runs_and_differs_from_add(tiny, mode):
     cfg, model, variables = tiny
     cfg = models.tiny_config()
-    cfg.fusion = mode
+    cfg.fusion_mode = mode
     gated = models.build_model(cfg)
     inputs = make_inputs(cfg)
     # The gates use the same per-level fusion params as 'add', so the same variables apply.
@@ -126,7 +126,7 @@ def test_excitation_fusion_runs_and_differs_from_add(tiny, mode):
 
 def test_concat_fusion_adds_a_projection_per_level():
     cfg = models.tiny_config()
-    cfg.fusion = "concat"
+    cfg.fusion_mode = "concat"
     params = models.param_shapes(models.build_model(cfg), cfg)["params"]["fusion"]
     for i, width in enumerate((cfg.stem_width,) + tuple(cfg.widths)):
         kernel = params[f"level{i}"]["concat_conv"]["kernel"]
@@ -195,10 +195,10 @@ def test_simclr_backbone_params_match_the_segmentation_encoder(per_modality):
         assert jax.tree.map(lambda x: x.shape, ssl["params"]["backbone"][key]) == \
             jax.tree.map(lambda x: x.shape, seg[key])
     out = jax.eval_shape(lambda v, *a: ssl_model.apply(v, *a, train=False), ssl, *make_inputs(cfg))
-    assert out["projection"].shape == (B, cfg.projector.out)
+    assert out["projection"].shape == (B, cfg.projector.out_dim)
     assert out["embedding"].shape == (B, cfg.widths[-1])
     if per_modality:
-        assert out["aerial_projection"].shape == out["sits_projection"].shape == (B, cfg.projector.out)
+        assert out["aerial_projection"].shape == out["sits_projection"].shape == (B, cfg.projector.out_dim)
 
 
 def test_return_features_gives_dense_maps():
