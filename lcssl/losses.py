@@ -271,3 +271,344 @@ def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, class_weights: 
     numerator = jnp.sum(weights * ce)
     loss = jnp.where(weight_sum > 0, numerator / jnp.where(weight_sum > 0, weight_sum, 1.0), 0.0)
     return loss, weight_sum
+
+
+# -- cross-modal InfoNCE, and the blockwise log-sum-exp it shares with the dense loss -------------
+# Symmetric InfoNCE between two modalities (CLIP, Radford et al. 2021; for aerial + Sentinel-2 as in
+# OmniSat's cross-modal term): a [N, D] aerial and s [N, D] Sentinel-2 embeddings of the same N
+# places; row i of one modality has one positive (row i of the other) and N - 1 negatives (every
+# other place of the global batch, in the other modality). No self-pairs: the logits are a s^T.
+
+
+def _pair(a: jax.Array, s: jax.Array, what: str) -> tuple[jax.Array, jax.Array]:
+    if a.shape != s.shape or a.ndim != 2:
+        raise ValueError(f"{what}: both embeddings must be [N, D] of the same shape; got {a.shape} "
+                         f"and {s.shape}.")
+    return l2_normalize(a), l2_normalize(s)
+
+
+def cross_modal_info_nce(a: jax.Array, s: jax.Array, temperature) -> jax.Array:
+    """Symmetric cross-modal InfoNCE, naive: the [N, N] logits a s^T / T in memory.
+
+    loss = (mean_i [lse_j(a_i.s_j / T) - a_i.s_i / T] + mean_j [lse_i(a_i.s_j / T) - a_j.s_j / T]) / 2,
+    cosine similarities; the mean of the aerial -> S2 and S2 -> aerial cross-entropies.
+    """
+    an, sn = _pair(a, s, "cross_modal_info_nce")
+    logits = jnp.dot(an, sn.T, precision=_PRECISION) / temperature  # [N, N] float32
+    pos = jnp.sum(an * sn, axis=-1) / temperature
+    lse_a = jax.nn.logsumexp(logits, axis=1)
+    lse_s = jax.nn.logsumexp(logits, axis=0)
+    return 0.5 * (jnp.mean(lse_a - pos) + jnp.mean(lse_s - pos))
+
+
+# _sum_weighted_lse(q, k, w) = sum_i w_i lse_j(q_i . k_j) over all key rows j (no self mask), tiled
+# like _sum_lse: the backward recomputes each tile, P = w_i exp(tile - lse_i), d/dq = P k and
+# d/dk = P^T q. w is a constant weight (1, or 0 for an anchor without a positive); it gets no
+# gradient. On a mesh the queries (and w) are the device's rows, the keys the all-gathered global
+# key rows, and the key gradients are psum_scattered back onto their owners.
+
+
+def _weighted_row_lse(q, keys, block_size):
+    num_keys = keys.shape[0]
+    qb, _ = _tiles(q, block_size)
+    kb, kid = _tiles(keys, block_size)
+
+    def row_block(_, ur):
+        def col_block(carry, col):
+            m, s = carry
+            uc, ic = col
+            t = jnp.dot(ur, uc.T, precision=_PRECISION)
+            t = jnp.where(ic[None, :] >= num_keys, _MASKED, t)
+            m_new = jnp.maximum(m, jnp.max(t, axis=1))
+            s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(t - m_new[:, None]), axis=1)
+            return (m_new, s), None
+
+        zeros = jnp.zeros_like(ur[:, 0])
+        (m, s), _ = jax.lax.scan(col_block, (zeros + _MASKED, zeros), (kb, kid))
+        return None, m + jnp.log(s)
+
+    _, lse = jax.lax.scan(row_block, None, qb)
+    return lse.reshape(-1)
+
+
+def _gather_keys(k, axis_name):
+    return k if axis_name is None else jax.lax.all_gather(k, axis_name, tiled=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _sum_weighted_lse(q, k, w, block_size, axis_name):
+    lse = _weighted_row_lse(q, _gather_keys(k, axis_name), block_size)[: q.shape[0]]
+    return jnp.sum(w * lse)
+
+
+def _sum_weighted_lse_fwd(q, k, w, block_size, axis_name):
+    lse = _weighted_row_lse(q, _gather_keys(k, axis_name), block_size)
+    return jnp.sum(w * lse[: q.shape[0]]), (q, k, w, lse)
+
+
+def _sum_weighted_lse_bwd(block_size, axis_name, residuals, g):
+    q, k, w, lse = residuals
+    keys = _gather_keys(k, axis_name)
+    num_rows, num_keys = q.shape[0], keys.shape[0]
+    qb, _ = _tiles(q, block_size)
+    kb, kid = _tiles(keys, block_size)
+    nb = qb.shape[0]
+    weight = jnp.pad(w.astype(jnp.float32) * g, (0, nb * block_size - num_rows)).reshape(nb, block_size)
+
+    def row_block(dk, row):
+        ur, lr, wr = row
+
+        def col_block(du_r, col):
+            uc, ic = col
+            t = jnp.dot(ur, uc.T, precision=_PRECISION)
+            p = jnp.where(ic[None, :] >= num_keys, 0.0, jnp.exp(t - lr[:, None])) * wr[:, None]
+            return du_r + jnp.dot(p, uc, precision=_PRECISION), jnp.dot(p.T, ur, precision=_PRECISION)
+
+        du_r, du_k = jax.lax.scan(col_block, jnp.zeros_like(ur), (kb, kid))
+        return dk + du_k, du_r
+
+    dk, dq = jax.lax.scan(row_block, jnp.zeros_like(kb), (qb, lse.reshape(nb, block_size), weight))
+    dk = dk.reshape(-1, q.shape[1])[:num_keys]
+    if axis_name is not None:
+        dk = jax.lax.psum_scatter(dk, axis_name, tiled=True)
+    return dq.reshape(-1, q.shape[1])[:num_rows], dk, jnp.zeros_like(w)
+
+
+_sum_weighted_lse.defvjp(_sum_weighted_lse_fwd, _sum_weighted_lse_bwd)
+
+
+def _on_mesh(local, mesh, args, num_rows: int, what: str):
+    """Runs local(*args, axis_name) on the rows of each device and psums the result; without a
+    (multi-device) mesh, once on all rows. args are sharded on their leading axis, num_rows long."""
+    if mesh is None or mesh.shape[DATA_AXIS] == 1:
+        return local(*args, None)
+    if num_rows % mesh.shape[DATA_AXIS]:
+        raise ValueError(f"{what}: the batch ({num_rows}) is not divisible by the number of data "
+                         f"devices ({mesh.shape[DATA_AXIS]}).")
+    body = lambda *a: jax.lax.psum(local(*a, DATA_AXIS), DATA_AXIS)  # noqa: E731
+    return jax.shard_map(body, mesh=mesh, in_specs=tuple(P(DATA_AXIS) for _ in args),
+                         out_specs=P())(*args)
+
+
+def cross_modal_info_nce_blockwise(a: jax.Array, s: jax.Array, temperature, block_size: int = 512,
+                                   mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+    """`cross_modal_info_nce` without the [N, N] matrix: [block_size, block_size] tiles forward and
+    backward, O(block_size^2 + N D) memory. mesh: as for `nt_xent_blockwise` (each device computes
+    the tiles of its own rows; the positives a_i, s_i sit on the same device)."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}.")
+    n = a.shape[0]
+    inv_sqrt_t = jax.lax.rsqrt(jnp.asarray(temperature, jnp.float32))
+
+    def local(a, s, axis_name):
+        an, sn = _pair(a, s, "cross_modal_info_nce_blockwise")
+        ua, us = an * inv_sqrt_t, sn * inv_sqrt_t
+        ones = jnp.ones(ua.shape[0], jnp.float32)
+        block = min(block_size, n)
+        lse = (_sum_weighted_lse(ua, us, ones, block, axis_name)
+               + _sum_weighted_lse(us, ua, ones, block, axis_name))
+        return lse - 2 * jnp.sum(ua * us)
+
+    return _on_mesh(local, mesh, (a, s), n, "cross_modal_info_nce_blockwise") / (2 * n)
+
+
+def _best_other(q: jax.Array, keys: jax.Array, positive: jax.Array, block_size: int) -> jax.Array:
+    """max_{j != positive_i} q_i . k_j per query row, tiled over [block, block]; [Mq]."""
+    num_rows, num_keys = q.shape[0], keys.shape[0]
+    qb, _ = _tiles(q, block_size)
+    pos = jnp.pad(positive, (0, qb.shape[0] * block_size - num_rows)).reshape(qb.shape[0], block_size)
+    kb, kid = _tiles(keys, block_size)
+
+    def row_block(_, row):
+        ur, pr = row
+
+        def col_block(best, col):
+            uc, ic = col
+            t = jnp.dot(ur, uc.T, precision=_PRECISION)
+            excluded = (ic[None, :] >= num_keys) | (ic[None, :] == pr[:, None])
+            return jnp.maximum(best, jnp.max(jnp.where(excluded, _MASKED, t), axis=1)), None
+
+        best, _ = jax.lax.scan(col_block, jnp.full((block_size,), _MASKED, jnp.float32), (kb, kid))
+        return None, best
+
+    _, best = jax.lax.scan(row_block, None, (qb, pos))
+    return best.reshape(-1)[:num_rows]
+
+
+def embedding_std(z: jax.Array) -> jax.Array:
+    """Mean over dims of the per-dim std of the L2-normalised rows of z [N, D]: about 1/sqrt(D) when
+    spread over the sphere, 0 when collapsed to one point (as in `contrastive_metrics`)."""
+    return jnp.mean(jnp.std(l2_normalize(z), axis=0))
+
+
+def cross_modal_metrics(a: jax.Array, s: jax.Array, block_size: int = 512) -> dict:
+    """Health of the cross-modal objective (no gradient).
+
+    pos_accuracy: fraction of the 2N anchors (N aerial, N Sentinel-2) whose positive in the other
+        modality beats every one of the N - 1 negatives there (strictly: 0 on collapse).
+    aerial_embedding_std / sits_embedding_std: `embedding_std` of each modality (-> 0 on collapse).
+    pos_cosine: mean cosine of the positive pairs.
+    """
+    an, sn = jax.lax.stop_gradient(_pair(a, s, "cross_modal_metrics"))
+    n = an.shape[0]
+    block = min(block_size, n)
+    pos = jnp.sum(an * sn, axis=-1)
+    ids = jnp.arange(n)
+    wins = jnp.concatenate([pos > _best_other(an, sn, ids, block), pos > _best_other(sn, an, ids, block)])
+    return {"pos_accuracy": jnp.mean(wins.astype(jnp.float32)),
+            "aerial_embedding_std": jnp.mean(jnp.std(an, axis=0)),
+            "sits_embedding_std": jnp.mean(jnp.std(sn, axis=0)),
+            "pos_cosine": jnp.mean(pos)}
+
+
+# -- VICReg ----------------------------------------------------------------------------------------
+# Bardes, Ponce & LeCun 2022, as their reference code (facebookresearch/vicreg, main_vicreg.py):
+# invariance = MSE over N and D; variance = mean_d relu(1 - sqrt(var_d + 1e-4)) per branch, unbiased
+# var, averaged over the two branches; covariance = sum of squared off-diagonal entries of the
+# unbiased covariance / D, summed over the branches; weights 25 / 25 / 1. The reference code
+# all-gathers the branches before the variance and covariance terms. Here plain jnp reductions over
+# the batch axis do that: under jit on a batch sharded over 'data' the program still means the
+# global batch, and GSPMD inserts the cross-device sums (tests/test_objectives.py checks the terms
+# against a one-device float64 reference on 1 to 8 devices).
+VICREG_EPS = 1e-4
+
+
+def _variance_term(z):
+    std = jnp.sqrt(jnp.var(z, axis=0, ddof=1) + VICREG_EPS)
+    return jnp.mean(jax.nn.relu(1.0 - std))
+
+
+def _covariance_term(z):
+    n, d = z.shape
+    zc = z - jnp.mean(z, axis=0)
+    cov = jnp.dot(zc.T, zc, precision=_PRECISION) / (n - 1)
+    off_diagonal = cov - jnp.diag(jnp.diag(cov))
+    return jnp.sum(jnp.square(off_diagonal)) / d
+
+
+def vicreg_terms(z1: jax.Array, z2: jax.Array) -> dict:
+    """The unweighted VICReg terms of two branches' embeddings z1, z2 [N, D] (N >= 2), float32:
+    {'invariance', 'variance', 'covariance'}."""
+    if z1.shape != z2.shape or z1.ndim != 2 or z1.shape[0] < 2:
+        raise ValueError(f"vicreg: z1 and z2 must both be [N, D] with N >= 2; got {z1.shape} and "
+                         f"{z2.shape}.")
+    z1, z2 = z1.astype(jnp.float32), z2.astype(jnp.float32)
+    return {"invariance": jnp.mean(jnp.square(z1 - z2)),
+            "variance": 0.5 * (_variance_term(z1) + _variance_term(z2)),
+            "covariance": _covariance_term(z1) + _covariance_term(z2)}
+
+
+def vicreg(z1: jax.Array, z2: jax.Array, invariance_weight=25.0, variance_weight=25.0,
+           covariance_weight=1.0) -> tuple[jax.Array, dict]:
+    """VICReg loss (weighted sum of `vicreg_terms`) and the terms themselves."""
+    terms = vicreg_terms(z1, z2)
+    loss = (invariance_weight * terms["invariance"] + variance_weight * terms["variance"]
+            + covariance_weight * terms["covariance"])
+    return loss, terms
+
+
+def vicreg_metrics(z1: jax.Array, z2: jax.Array) -> dict:
+    """Health of a VICReg run (no gradient): the three terms, `embedding_std` of the normalised
+    embeddings of both branches (-> 0 on collapse; ~1/sqrt(D) when spread), and raw_std, the mean
+    per-dim std of the raw embeddings that the variance hinge pushes to 1."""
+    z1, z2 = jax.lax.stop_gradient((z1, z2))
+    z = jnp.concatenate([z1, z2]).astype(jnp.float32)
+    return {**vicreg_terms(z1, z2), "embedding_std": embedding_std(z),
+            "raw_std": jnp.mean(jnp.std(z, axis=0))}
+
+
+# -- dense (pixel-level) contrastive ---------------------------------------------------------------
+# DenseCL (Wang et al. 2021) / PixPro (Xie et al. 2021) style, with the correspondence known from
+# the augmentation instead of matched features (lcssl.data.augment.view_correspondence): pixel p
+# of view 1 and the pixel of view 2 that sees the same ground point are a positive pair; every
+# other view-2 pixel of the global batch (other places, and the rest of the same place) is a
+# negative; a view-1 pixel that falls outside view 2 is no anchor. Symmetric: view-2 anchors
+# against view-1 keys the same way. Shapes: f1, f2 [B, h, w, C] pixel embeddings at the loss
+# resolution; match12 [B, h*w] int32 (index of the view-2 pixel of the same sample), valid12
+# [B, h*w] bool, and match21, valid21 the other way.
+
+
+def _dense_positive_logits(q, k, match):
+    """q, k [B, h*w, C] unit rows; match [B, h*w] -> q_p . k_match(p) [B, h*w]."""
+    partner = jnp.take_along_axis(k, match[..., None].astype(jnp.int32), axis=1)
+    return jnp.sum(q * partner, axis=-1)
+
+
+def _dense_inputs(f1, f2, match12, valid12, match21, valid21):
+    if f1.shape != f2.shape or f1.ndim != 4:
+        raise ValueError(f"dense_info_nce: f1 and f2 must both be [B, h, w, C]; got {f1.shape} and "
+                         f"{f2.shape}.")
+    b, h, w, c = f1.shape
+    for name, x in (("match12", match12), ("valid12", valid12), ("match21", match21),
+                    ("valid21", valid21)):
+        if x.shape != (b, h * w):
+            raise ValueError(f"dense_info_nce: {name} must be [B, h*w] = {(b, h * w)}, got {x.shape}.")
+    u1 = l2_normalize(f1.reshape(b, h * w, c))
+    u2 = l2_normalize(f2.reshape(b, h * w, c))
+    return u1, u2
+
+
+def dense_info_nce(f1, f2, match12, valid12, match21, valid21, temperature) -> jax.Array:
+    """Dense InfoNCE, naive: the [B h w, B h w] logits in memory. Mean over the anchors with a
+    positive (valid12 of view 1, valid21 of view 2) of lse - positive logit; 0 when there is none."""
+    u1, u2 = _dense_inputs(f1, f2, match12, valid12, match21, valid21)
+    c = u1.shape[-1]
+    logits = jnp.dot(u1.reshape(-1, c), u2.reshape(-1, c).T, precision=_PRECISION) / temperature
+    lse12 = jax.nn.logsumexp(logits, axis=1).reshape(valid12.shape)
+    lse21 = jax.nn.logsumexp(logits, axis=0).reshape(valid21.shape)
+    pos12 = _dense_positive_logits(u1, u2, match12) / temperature
+    pos21 = _dense_positive_logits(u2, u1, match21) / temperature
+    total = (jnp.sum(jnp.where(valid12, lse12 - pos12, 0.0))
+             + jnp.sum(jnp.where(valid21, lse21 - pos21, 0.0)))
+    count = jnp.sum(valid12) + jnp.sum(valid21)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+
+
+def dense_info_nce_blockwise(f1, f2, match12, valid12, match21, valid21, temperature,
+                             block_size: int = 512, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+    """`dense_info_nce` in [block_size, block_size] tiles, forward and backward: the logits of
+    B h w pixels against B h w never exist whole. mesh: as `nt_xent_blockwise` (the batch axis is
+    sharded on 'data'; a sample's two views and its matches are on one device)."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}.")
+    inv_sqrt_t = jax.lax.rsqrt(jnp.asarray(temperature, jnp.float32))
+    _dense_inputs(f1, f2, match12, valid12, match21, valid21)  # shape checks on the global arrays
+
+    def local(f1, f2, match12, valid12, match21, valid21, axis_name):
+        u1, u2 = _dense_inputs(f1, f2, match12, valid12, match21, valid21)
+        c = u1.shape[-1]
+        q1, q2 = (u1 * inv_sqrt_t).reshape(-1, c), (u2 * inv_sqrt_t).reshape(-1, c)
+        w12 = valid12.reshape(-1).astype(jnp.float32)
+        w21 = valid21.reshape(-1).astype(jnp.float32)
+        block = min(block_size, q1.shape[0])
+        lse = _sum_weighted_lse(q1, q2, w12, block, axis_name) + _sum_weighted_lse(q2, q1, w21, block, axis_name)
+        pos = (jnp.sum(jnp.where(valid12, _dense_positive_logits(u1, u2, match12), 0.0))
+               + jnp.sum(jnp.where(valid21, _dense_positive_logits(u2, u1, match21), 0.0)))
+        return jnp.stack([lse - pos / temperature, jnp.sum(w12) + jnp.sum(w21)])
+
+    total, count = _on_mesh(local, mesh, (f1, f2, match12, valid12, match21, valid21), f1.shape[0],
+                            "dense_info_nce_blockwise")
+    return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+
+
+def dense_metrics(f1, f2, match12, valid12, match21, valid21) -> dict:
+    """Health of the dense objective (no gradient).
+
+    pos_accuracy: fraction of the view-1 anchors with a positive whose positive beats every other
+        pixel of the same sample's view 2 (within the sample: B (h w)^2 work, no global matrix).
+    pos_cosine: mean cosine of the positive pixel pairs. valid_fraction: share of the anchors of
+    both views that have a positive. embedding_std: `embedding_std` of all pixel embeddings
+    (-> 0 on collapse).
+    """
+    f1, f2 = jax.lax.stop_gradient((f1, f2))
+    u1, u2 = _dense_inputs(f1, f2, match12, valid12, match21, valid21)
+    sims = jnp.einsum("bpc,bqc->bpq", u1, u2, precision=_PRECISION)  # [B, hw, hw]
+    pos = jnp.take_along_axis(sims, match12[..., None].astype(jnp.int32), axis=2)[..., 0]
+    others = jnp.where(jnp.arange(sims.shape[2]) == match12[..., None], _MASKED, sims)
+    wins = (pos > jnp.max(others, axis=2)) & valid12
+    n12 = jnp.maximum(jnp.sum(valid12), 1)
+    c = u1.shape[-1]
+    return {"pos_accuracy": jnp.sum(wins) / n12,
+            "pos_cosine": jnp.sum(jnp.where(valid12, pos, 0.0)) / n12,
+            "valid_fraction": (jnp.sum(valid12) + jnp.sum(valid21)) / (2 * valid12.size),
+            "embedding_std": jnp.mean(jnp.std(jnp.concatenate([u1, u2]).reshape(-1, c), axis=0))}

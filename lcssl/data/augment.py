@@ -1,6 +1,9 @@
 """SimCLR augmentations for the aerial + Sentinel-2 patch, pure JAX, on the device.
 
     simclr_views(key, batch, cfg)       -> (view1, view2)   two random views of a normalised batch
+    view_geometry(key, batch, cfg)      -> (geom1, geom2)   where those views' pixels come from
+    map_view_points(points, geom_a, geom_b) -> (points_b, valid)   view a -> view b coordinates
+    view_correspondence(geom1, geom2, (h, w)) -> matches of an h x w grid between the two views
     supervised_augment(key, batch, cfg) -> batch            flips / rot90, alike on aerial, sits, label
 
 Batch (normalised, see lcssl/data/normalize.py):
@@ -129,6 +132,102 @@ def _supervised_augment(key, batch, cfg):
         out["sits"] = sits
     if "label" in batch:
         out["label"] = label
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# View geometry (for pixel-level objectives)
+# ---------------------------------------------------------------------------------------------
+# A view's geometry in fractions of the patch side, so that it holds at any resolution (aerial,
+# decoder output, a pooled grid). A point at fraction x of the view (pixel i of n has its centre
+# at (i + 0.5) / n) comes from the crop at fraction y, with x = flip1(flip0(transpose(y))) (the
+# order `_dihedral` applies them; a flip maps y to 1 - y), and from the patch at
+# origin + keep * y (`_crop_resize`: output pixel u' samples the input at o + keep u').
+
+
+def view_geometry(key: jax.Array, batch: Mapping[str, Any], cfg: ml_collections.ConfigDict
+                  ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """The geometry of the two views `simclr_views(key, batch, cfg)` returns, from the same draws
+    (it does not change them): per view {'origin': [B, 2] crop corner (row, col) and 'keep': [B]
+    crop side, fractions of the patch side; 'transpose', 'flip0', 'flip1': [B] bool}."""
+    _check_batch(batch, cfg)
+    return _view_geometry(key, batch["aerial"].shape, batch["sits"].shape,
+                          ml_collections.FrozenConfigDict(cfg))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _view_geometry(key, aerial_shape, sits_shape, cfg):
+    def one(view_key):
+        k_u, _ = jax.random.split(view_key)  # as _augment_batch splits it
+        draws = _VIEW_DRAWS + (("band", aerial_shape[-1]), ("date", sits_shape[1]))
+        u = _uniforms(k_u, aerial_shape[0], draws)
+        keep = jnp.where(u["crop"] < cfg.crop_prob, _between(u["keep"], (cfg.crop_min_keep, 1.0)), 1.0)
+        transpose, flip0, flip1 = jax.vmap(lambda u: _dihedral_from(u, cfg))(u)
+        square = aerial_shape[1] == aerial_shape[2]  # _dihedral transposes square patches only
+        return {"origin": u["crop_pos"] * (1.0 - keep)[:, None], "keep": keep,
+                "transpose": transpose & square, "flip0": flip0, "flip1": flip1}
+
+    key1, key2 = jax.random.split(key)  # as _simclr_views splits it
+    return one(key1), one(key2)
+
+
+def _select(geom, name, points):
+    return geom[name].reshape(geom[name].shape + (1,) * (points.ndim - 2))
+
+
+def map_view_points(points: jax.Array, geom_a: Mapping[str, jax.Array], geom_b: Mapping[str, jax.Array]
+                    ) -> tuple[jax.Array, jax.Array]:
+    """points [B, ..., 2] (row, col) fractions of view a's side -> the same ground points in view
+    b's fractions [B, ..., 2], and valid [B, ...]: the point lies inside view b ([0, 1) both ways)."""
+    def crop_from_view(p, g):
+        row, col = p[..., 0], p[..., 1]
+        col = jnp.where(_select(g, "flip1", p), 1.0 - col, col)
+        row = jnp.where(_select(g, "flip0", p), 1.0 - row, row)
+        t = _select(g, "transpose", p)
+        return jnp.stack([jnp.where(t, col, row), jnp.where(t, row, col)], axis=-1)
+
+    def view_from_crop(p, g):
+        t = _select(g, "transpose", p)
+        row = jnp.where(t, p[..., 1], p[..., 0])
+        col = jnp.where(t, p[..., 0], p[..., 1])
+        row = jnp.where(_select(g, "flip0", p), 1.0 - row, row)
+        col = jnp.where(_select(g, "flip1", p), 1.0 - col, col)
+        return jnp.stack([row, col], axis=-1)
+
+    def expand(x, p):  # [B, ...] -> broadcast against p [B, ..., 2]
+        return x.reshape(x.shape[:1] + (1,) * (p.ndim - 2) + x.shape[1:])
+
+    points = jnp.asarray(points, jnp.float32)
+    ground = expand(geom_a["origin"], points) + expand(geom_a["keep"][:, None], points) * crop_from_view(points, geom_a)
+    crop_b = (ground - expand(geom_b["origin"], points)) / expand(geom_b["keep"][:, None], points)
+    out = view_from_crop(crop_b, geom_b)
+    valid = jnp.all((out >= 0.0) & (out < 1.0), axis=-1)
+    return out, valid
+
+
+def grid_points(batch_size: int, size: tuple[int, int]) -> jax.Array:
+    """Centres of an h x w pixel grid as (row, col) fractions, [B, h * w, 2], row-major."""
+    h, w = size
+    rows = (jnp.arange(h, dtype=jnp.float32) + 0.5) / h
+    cols = (jnp.arange(w, dtype=jnp.float32) + 0.5) / w
+    grid = jnp.stack(jnp.meshgrid(rows, cols, indexing="ij"), axis=-1).reshape(h * w, 2)
+    return jnp.broadcast_to(grid, (batch_size, h * w, 2))
+
+
+def view_correspondence(geom1: Mapping[str, jax.Array], geom2: Mapping[str, jax.Array],
+                        size: tuple[int, int]) -> dict[str, jax.Array]:
+    """Matches between the two views' h x w grids (pixels flattened row-major): {'match12' [B, h w]
+    int32: the view-2 pixel containing view-1 pixel p's centre, 'valid12' [B, h w] bool: that
+    centre lies inside view 2, and 'match21', 'valid21' the other way}."""
+    h, w = size
+    points = grid_points(geom1["keep"].shape[0], size)
+    scale = jnp.array([h, w], jnp.float32)
+    out = {}
+    for name, ga, gb in (("12", geom1, geom2), ("21", geom2, geom1)):
+        mapped, valid = map_view_points(points, ga, gb)
+        cell = jnp.clip(jnp.floor(mapped * scale).astype(jnp.int32), 0, jnp.array([h - 1, w - 1]))
+        out["match" + name] = cell[..., 0] * w + cell[..., 1]
+        out["valid" + name] = valid
     return out
 
 

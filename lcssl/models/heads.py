@@ -13,13 +13,16 @@ DenseProjectionHead, pixel level (DenseCL, Wang et al. 2021; PixPro, Xie et al. 
 on the channel axis, and nn.Dense contracts the last axis, so this is ProjectionHead applied per
 pixel; its BN, when on, reduces over B, h, w like BatchNorm2d. SimCLRModel feeds it the map that
 'embedding' pools: the deepest fused aerial level encode()['levels'][-1] (stride 32, 16x16 for
-512 px) for 'utt' and 'unet', encode()['sits_map'] for 'utae'. No dense objective is implemented.
+512 px) for 'utt' and 'unet', encode()['sits_map'] for 'utae'; with dense_source='decoder' ('utt',
+'unet'), the aerial decoder's full-resolution map [B, H, W, decoder_channels[-1]] instead, so that a
+pixel-level objective trains the decoder too (lcssl.losses.dense_info_nce).
 
 SimCLRModel holds the backbone under the attribute name 'backbone', so params['backbone'] has
 exactly the encoder subtrees of the segmentation model's params (lcssl.models.encoder_keys) and
 fine-tuning copies them over. The other heads sit beside 'projector' as optional submodules reading
 the same encode() dict: 'aerial_projector'/'sits_projector' (per_modality), 'predictor' (on
-'projection') and 'dense_projector'. With all of them off the param tree is {'backbone',
+'projection') and 'dense_projector'; dense_source='decoder' also runs the backbone's
+'aerial_decoder', which then appears in params['backbone']. With all of them off the param tree is {'backbone',
 'projector'}, as it was before they existed, so older checkpoints load unchanged.
 """
 from typing import Any
@@ -82,6 +85,18 @@ class DenseProjectionHead(ProjectionHead):
         return super().__call__(x, train)
 
 
+def _pool_to_grid(fmap, grid: int):
+    """[B, h, w, C] -> [B, grid, grid, C], the mean of each (h / grid) x (w / grid) cell: the
+    pixel embeddings of a dense loss at a fixed resolution, before the head (its 1x1 convs then run
+    on grid^2 cells, not h w pixels)."""
+    b, h, w, c = fmap.shape
+    if h % grid or w % grid:
+        raise ValueError(f"model.projector.dense_grid={grid} must divide the dense map's size "
+                         f"{h} x {w}")
+    return fmap.reshape(b, grid, h // grid, grid, w // grid, c).mean(axis=(2, 4), dtype=jnp.float32
+                                                                     ).astype(fmap.dtype)
+
+
 class SimCLRModel(nn.Module):
     """Backbone encoder + projection head(s).
 
@@ -90,7 +105,9 @@ class SimCLRModel(nn.Module):
     and 'aerial_projection'/'sits_projection' from separate heads; with predictor, 'prediction'
     [B, out_dim] (PredictionHead on 'projection'); with dense, 'dense_projection'
     [B, h, w, dense_out_dim] (DenseProjectionHead on the map 'embedding' pools: levels[-1], or
-    sits_map for 'utae'); all float32. The SimCLR loss reads only 'projection'.
+    sits_map for 'utae'; with dense_source='decoder', on the aerial decoder's output
+    [B, H, W, decoder_channels[-1]]; with dense_grid > 0, that map average-pooled to dense_grid^2
+    cells first); all float32. The SimCLR loss reads only 'projection'.
     """
     backbone: nn.Module
     hidden_dim: int = 2048
@@ -105,6 +122,8 @@ class SimCLRModel(nn.Module):
     dense_hidden_dim: int = 2048
     dense_out_dim: int = 128
     dense_batch_norm: bool = False
+    dense_source: str = "encoder"        # 'encoder' | 'decoder' (runs backbone.aerial_decoder)
+    dense_grid: int = 0                  # > 0: average-pool the map to dense_grid^2 cells first
 
     @nn.compact
     def __call__(self, aerial, sits, dates, sits_valid, train: bool = False):
@@ -125,7 +144,18 @@ class SimCLRModel(nn.Module):
                                                dtype=self.dtype, name="predictor")(
                 out["projection"], train)
         if self.dense:
-            fmap = feats["levels"][-1] if "levels" in feats else feats["sits_map"]
+            if self.dense_source not in ("encoder", "decoder"):
+                raise ValueError(f"model.projector.dense_source must be 'encoder' or 'decoder', "
+                                 f"found {self.dense_source!r}")
+            if self.dense_source == "decoder":
+                if "levels" not in feats:
+                    raise ValueError("model.projector.dense_source='decoder' needs the aerial "
+                                     "decoder (model.name='utt' or 'unet')")
+                fmap = self.backbone.aerial_decoder(feats["levels"], train)
+            else:
+                fmap = feats["levels"][-1] if "levels" in feats else feats["sits_map"]
+            if self.dense_grid:
+                fmap = _pool_to_grid(fmap, self.dense_grid)
             out["dense_projection"] = DenseProjectionHead(
                 self.dense_hidden_dim, self.dense_out_dim, use_batch_norm=self.dense_batch_norm,
                 dtype=self.dtype, name="dense_projector")(fmap, train)

@@ -13,7 +13,7 @@ from types import ModuleType
 from lcssl.tasks.base import Context, Task, TrainState
 
 # name -> module under lcssl.tasks; imported on first use.
-NAMES = ("supervised", "simclr")
+NAMES = ("supervised", "simclr", "crossmodal", "vicreg", "dense")
 
 
 def get(name: str) -> ModuleType:

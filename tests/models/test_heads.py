@@ -186,3 +186,46 @@ def test_bfloat16_compute_gives_float32_ssl_outputs():
                                   mutable=["batch_stats"]), variables, *make_inputs(cfg))
     assert sorted(out) == ["dense_projection", "embedding", "prediction", "projection"]
     assert {k: v.dtype for k, v in out.items()} == {k: np.dtype("float32") for k in out}
+
+
+def test_dense_head_on_the_decoder_pretrains_the_decoder():
+    # dense_source='decoder': the head reads the aerial decoder's full-resolution map, and the
+    # backbone's 'aerial_decoder' (same shapes as the segmentation model's) gets gradients. The
+    # aerial-only variant: the same decoder, without compiling the U-TAE.
+    cfg = with_heads("unet")
+    cfg.projector.predictor = False
+    cfg.projector.dense_source = "decoder"
+    model = models.build_ssl_model(cfg)
+    variables = init(model, cfg)
+    seg = models.param_shapes(models.build_model(cfg), cfg)["params"]
+    backbone = variables["params"]["backbone"]
+    assert sorted(backbone) == ["aerial_decoder", "aerial_encoder"]
+    assert shapes(backbone["aerial_decoder"]) == shapes(seg["aerial_decoder"])
+    inputs = make_inputs(cfg)
+
+    def loss(params):
+        out, _ = model.apply({**variables, "params": params}, *inputs, train=True,
+                             rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"])
+        return jnp.sum(out["dense_projection"][:, :3, :5] ** 2), out
+
+    grads, out = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+    assert out["dense_projection"].shape == (B, cfg.aerial_size, cfg.aerial_size, cfg.projector.dense_out)
+    for key in ("aerial_decoder", "aerial_encoder"):
+        assert float(jax.tree.reduce(lambda a, g: a + jnp.sum(jnp.abs(g)), grads["backbone"][key], 0.0)) > 0
+    # dense_grid pools the decoder map to grid^2 cells (8 x 8 pixels each here) before the head.
+    cfg.projector.dense_grid = 4
+    pooled_model = models.build_ssl_model(cfg)
+    feats = jax.jit(lambda v, *a: pooled_model.apply(v, *a, train=False))(variables, *inputs)
+    assert feats["dense_projection"].shape == (B, 4, 4, cfg.projector.dense_out)
+    with pytest.raises(ValueError, match="dense_grid=5 must divide"):
+        cfg.projector.dense_grid = 5
+        models.param_shapes(models.build_ssl_model(cfg), cfg)
+
+
+@pytest.mark.parametrize("name,source,message", [("utae", "decoder", "needs the aerial decoder"),
+                                                 ("utt", "pixels", "'encoder' or 'decoder'")])
+def test_dense_source_errors_name_the_field(name, source, message):
+    cfg = with_heads(name)
+    cfg.projector.dense_source = source
+    with pytest.raises(ValueError, match=message):
+        models.param_shapes(models.build_ssl_model(cfg), cfg)

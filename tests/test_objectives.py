@@ -1,0 +1,302 @@
+"""The pre-training objectives beyond SimCLR: cross-modal InfoNCE, VICReg, dense InfoNCE, and
+their health metrics (lcssl/losses.py).
+
+Tolerances: float32 losses against float64 numpy references written from the papers' definitions,
+rtol 1e-5 (each loss is a mean of O(1 / T) terms; float32 rounding of the sums is ~1e-7 relative per
+operation, over a few hundred terms). Naive vs blockwise and 1 vs k devices differ only in the order
+of float32 sums: rtol 1e-5, and atol 1e-6 times the largest gradient entry for gradients (a
+gradient entry that cancels to ~0 keeps only absolute rounding error of the terms it sums).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcssl import losses, sharding
+
+RTOL, ATOL = 1e-5, 1e-6
+DEVICE_COUNTS = (1, 2, 4, 8)
+
+
+def normalize(z):
+    z = np.asarray(z, np.float64)
+    return z / np.linalg.norm(z, axis=-1, keepdims=True)
+
+
+def logsumexp(x, axis):
+    m = x.max(axis=axis, keepdims=True)
+    return (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def assert_trees_close(got, want):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        w = np.asarray(w)
+        np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL * max(1.0, float(np.max(np.abs(w)))))
+
+
+def on_devices(fn, arrays, k):
+    """jit(fn)(*arrays) with every array's leading axis sharded over k devices; fn may take the mesh."""
+    mesh = sharding.make_mesh(devices=jax.devices()[:k])
+    placed = [jax.device_put(x, sharding.data_sharding(mesh)) for x in arrays]
+    assert len(placed[0].sharding.device_set) == k
+    return jax.jit(lambda *a: fn(mesh, *a))(*placed)
+
+
+def random_pair(n, d, seed=0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return ((rng.normal(size=(n, d)) * scale).astype(np.float32),
+            (rng.normal(size=(n, d)) * scale).astype(np.float32))
+
+
+# -- cross-modal InfoNCE ----------------------------------------------------------------------------
+
+def numpy_cross_modal(a, s, temperature):
+    """Float64, from the definition: row i's positive is the other modality's row i."""
+    logits = normalize(a) @ normalize(s).T / temperature
+    n = len(a)
+    a_to_s = np.mean([logsumexp(logits[i], 0) - logits[i, i] for i in range(n)])
+    s_to_a = np.mean([logsumexp(logits[:, j], 0) - logits[j, j] for j in range(n)])
+    return (a_to_s + s_to_a) / 2
+
+
+def test_cross_modal_matches_float64_reference_and_closed_form():
+    a, s = random_pair(6, 5)
+    both = jax.jit(lambda a, s, t: (losses.cross_modal_info_nce(a, s, t),
+                                    losses.cross_modal_info_nce_blockwise(a, s, t, 4)))
+    for temperature in (0.07, 0.5):
+        for got in both(a, s, temperature):
+            np.testing.assert_allclose(got, numpy_cross_modal(a, s, temperature), rtol=RTOL)
+    # Aligned orthogonal places: each anchor has its positive at cosine 1 and N - 1 negatives at 0.
+    n, temperature = 4, 0.2
+    z = np.eye(n, 6, dtype=np.float32) * np.array([[1.0], [3.0], [0.5], [2.0]], np.float32)
+    np.testing.assert_allclose(losses.cross_modal_info_nce(z, 2 * z, temperature),
+                               np.log(1 + (n - 1) * np.exp(-1 / temperature)), rtol=RTOL)
+
+
+def test_cross_modal_is_not_symmetric_in_the_samples_it_pairs():
+    # Swapping the series of two places changes which pairs are positive, so the loss.
+    a, s = random_pair(8, 6, seed=1)
+    s = s + 2 * a  # correlated modalities, as after some training
+    swapped = s.copy()
+    swapped[[0, 5]] = s[[5, 0]]
+    value = float(losses.cross_modal_info_nce(a, s, 0.1))
+    value_swapped = float(losses.cross_modal_info_nce(a, swapped, 0.1))
+    np.testing.assert_allclose(value_swapped, numpy_cross_modal(a, swapped, 0.1), rtol=RTOL)
+    assert value_swapped > value + 0.1
+
+
+@pytest.mark.parametrize("n,block_size", [(5, 2), (12, 16)])  # 2 divides no 5; one tile > N
+def test_cross_modal_blockwise_equals_naive_value_and_gradients(n, block_size):
+    a, s = random_pair(n, 7, seed=n)
+    grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(a, s)  # noqa: E731
+    naive = grad(lambda u, v: losses.cross_modal_info_nce(u, v, 0.1))
+    blockwise = grad(lambda u, v: losses.cross_modal_info_nce_blockwise(u, v, 0.1, block_size))
+    assert_trees_close(blockwise, naive)
+
+
+def test_cross_modal_loss_and_gradients_identical_on_1_2_4_8_devices():
+    # 16 places: on 8 devices each holds 2, and the positives of device 0's aerial rows are device
+    # 0's series rows; every other row of the 16 is a negative.
+    a, s = random_pair(16, 6, seed=3)
+    s = s + a
+    want = numpy_cross_modal(a, s, 0.2)
+
+    def both(mesh, a, s):  # blockwise by shard_map: each device its own rows' tiles; 3 divides nothing
+        naive = jax.value_and_grad(lambda u, v: losses.cross_modal_info_nce(u, v, 0.2), argnums=(0, 1))
+        blockwise = jax.value_and_grad(lambda u, v: losses.cross_modal_info_nce_blockwise(
+            u, v, 0.2, 3, mesh=mesh), argnums=(0, 1))
+        return naive(a, s), blockwise(a, s)
+
+    reference = on_devices(both, (a, s), 1)[0]
+    np.testing.assert_allclose(reference[0], want, rtol=RTOL)
+    for k in DEVICE_COUNTS:
+        naive, blockwise = on_devices(both, (a, s), k)
+        assert_trees_close(naive, reference)
+        assert_trees_close(blockwise, reference)
+    with pytest.raises(ValueError, match=r"batch \(12\).*data devices \(8\)"):
+        losses.cross_modal_info_nce_blockwise(a[:12], s[:12], 0.2, 4, mesh=sharding.make_mesh())
+
+
+def test_cross_modal_positives_pair_the_right_samples_across_devices():
+    # Each place's series is its aerial embedding: the right pairing ranks every positive first.
+    # Rolling the series by one place moves each positive onto the next device's row (on 8 devices
+    # with 2 rows each, half the pairs cross a device boundary): then no positive ranks first.
+    a = np.random.default_rng(4).normal(size=(16, 32)).astype(np.float32)
+    metrics = lambda mesh, a, s: losses.cross_modal_metrics(a, s, block_size=3)  # noqa: E731
+    loss = lambda mesh, a, s: losses.cross_modal_info_nce_blockwise(a, s, 0.1, 4, mesh=mesh)  # noqa: E731
+    right = on_devices(metrics, (a, a), 8)
+    np.testing.assert_allclose(right["pos_accuracy"], 1.0)
+    np.testing.assert_allclose(right["pos_cosine"], 1.0, rtol=RTOL)
+    rolled = np.roll(a, 1, axis=0)
+    wrong = on_devices(metrics, (a, rolled), 8)
+    np.testing.assert_allclose(wrong["pos_accuracy"], 0.0)
+    np.testing.assert_allclose(on_devices(loss, (a, rolled), 8), numpy_cross_modal(a, rolled, 0.1), rtol=RTOL)
+    assert float(on_devices(loss, (a, rolled), 8)) > float(on_devices(loss, (a, a), 8)) + 1.0
+
+
+def test_cross_modal_metrics_detect_collapse():
+    n, d = 512, 64
+    a, s = random_pair(n, d)
+    spread = losses.cross_modal_metrics(a, s, block_size=128)
+    np.testing.assert_allclose(spread["aerial_embedding_std"], 1 / np.sqrt(d), rtol=0.05)
+    assert float(spread["pos_accuracy"]) < 0.02  # a random positive beats 511 negatives ~1/512
+    collapsed = losses.cross_modal_metrics(np.ones((8, d), np.float32), np.ones((8, d), np.float32))
+    np.testing.assert_allclose(collapsed["sits_embedding_std"], 0.0, atol=ATOL)
+    np.testing.assert_allclose(collapsed["pos_accuracy"], 0.0)
+
+
+# -- VICReg -----------------------------------------------------------------------------------------
+
+def numpy_vicreg_terms(z1, z2):
+    """Float64, following facebookresearch/vicreg main_vicreg.py on the whole (global) batch."""
+    z1, z2 = np.asarray(z1, np.float64), np.asarray(z2, np.float64)
+    n, d = z1.shape
+    invariance = np.mean((z1 - z2) ** 2)
+    variance = cov = 0.0
+    for z in (z1, z2):
+        zc = z - z.mean(0)
+        std = np.sqrt(zc.var(0, ddof=1) + 1e-4)
+        variance += np.mean(np.maximum(0.0, 1 - std)) / 2
+        c = zc.T @ zc / (n - 1)
+        cov += (np.sum(c ** 2) - np.sum(np.diag(c) ** 2)) / d
+    return {"invariance": invariance, "variance": variance, "covariance": cov}
+
+
+def vicreg_batch(n=16, d=8, seed=5):
+    # Per-dim std ~0.5 (the variance hinge is active and 1 - std is far from 0) and correlated
+    # dims (the covariance term is not ~0); shard means differ from the global mean.
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(d, d)) * 0.2 + np.eye(d) * 0.4
+    z1 = rng.normal(size=(n, d)) @ mix + np.linspace(-1, 1, n)[:, None]
+    z2 = z1 + rng.normal(size=(n, d)) * 0.3
+    return z1.astype(np.float32), z2.astype(np.float32)
+
+
+def test_vicreg_matches_float64_reference_with_default_weights():
+    z1, z2 = vicreg_batch()
+    loss, terms = losses.vicreg(z1, z2)
+    want = numpy_vicreg_terms(z1, z2)
+    for name in want:
+        np.testing.assert_allclose(terms[name], want[name], rtol=RTOL)
+    np.testing.assert_allclose(loss, 25 * want["invariance"] + 25 * want["variance"] + want["covariance"],
+                               rtol=RTOL)
+    assert all(float(terms[name]) > 0.01 for name in want)
+
+
+def test_vicreg_terms_are_global_batch_terms_on_1_2_4_8_devices():
+    z1, z2 = vicreg_batch()
+    want = numpy_vicreg_terms(z1, z2)
+
+    def value_and_grads(mesh, a, b):
+        return jax.value_and_grad(lambda u, v: losses.vicreg(u, v), argnums=(0, 1), has_aux=True)(a, b)
+
+    reference = on_devices(value_and_grads, (z1, z2), 1)
+    for k in DEVICE_COUNTS:
+        got = on_devices(value_and_grads, (z1, z2), k)
+        (_, terms), _ = got
+        for name in want:  # the terms on k devices are the one-device float64 terms of all 16 rows
+            np.testing.assert_allclose(terms[name], want[name], rtol=RTOL)
+        assert_trees_close(got, reference)
+    # The per-device (2 rows each) variance term differs: the test would see a per-shard statistic.
+    per_shard = np.mean([numpy_vicreg_terms(z1[i:i + 2], z2[i:i + 2])["variance"] for i in range(0, 16, 2)])
+    assert abs(per_shard - want["variance"]) > 0.05
+
+
+def test_vicreg_metrics_see_collapse():
+    z1, z2 = vicreg_batch()
+    healthy = losses.vicreg_metrics(z1, z2)
+    collapsed = losses.vicreg_metrics(np.ones_like(z1), np.ones_like(z2))
+    np.testing.assert_allclose(collapsed["embedding_std"], 0.0, atol=ATOL)
+    np.testing.assert_allclose(collapsed["raw_std"], 0.0, atol=ATOL)
+    np.testing.assert_allclose(collapsed["variance"], 1 - np.sqrt(1e-4), rtol=RTOL)  # hinge at its max
+    assert float(healthy["embedding_std"]) > 0.1 and float(healthy["variance"]) < float(collapsed["variance"])
+    with pytest.raises(ValueError, match="N >= 2"):
+        losses.vicreg(z1[:1], z2[:1])
+
+
+# -- dense InfoNCE ----------------------------------------------------------------------------------
+
+def dense_case(b=4, hw=(3, 3), c=5, seed=6):
+    """Random pixel embeddings and correspondences with some anchors outside the other view."""
+    rng = np.random.default_rng(seed)
+    h, w = hw
+    f1 = rng.normal(size=(b, h, w, c)).astype(np.float32)
+    f2 = (0.5 * rng.normal(size=(b, h, w, c)) + f1[:, ::-1]).astype(np.float32)
+    match12 = rng.integers(0, h * w, size=(b, h * w)).astype(np.int32)
+    match21 = rng.integers(0, h * w, size=(b, h * w)).astype(np.int32)
+    valid12 = rng.random((b, h * w)) < 0.7
+    valid21 = rng.random((b, h * w)) < 0.7
+    return f1, f2, match12, valid12, match21, valid21
+
+
+def numpy_dense(f1, f2, match12, valid12, match21, valid21, temperature):
+    """Float64 from the definition: anchor (b, p) of view 1 has positive (b, match12[b, p]) of view
+    2 and every other view-2 pixel of the batch as negatives; the same from view 2."""
+    b, h, w, c = f1.shape
+    u1, u2 = normalize(f1.reshape(b * h * w, c)), normalize(f2.reshape(b * h * w, c))
+    total, count = 0.0, 0
+    for q, k, match, valid in ((u1, u2, match12, valid12), (u2, u1, match21, valid21)):
+        for i in range(b):
+            for p in range(h * w):
+                if valid[i, p]:
+                    logits = q[i * h * w + p] @ k.T / temperature
+                    total += logsumexp(logits, 0) - logits[i * h * w + match[i, p]]
+                    count += 1
+    return total / count
+
+
+def test_dense_matches_float64_reference_and_blockwise_equals_naive():
+    case = dense_case()
+    expected = numpy_dense(*case, 0.2)
+    np.testing.assert_allclose(losses.dense_info_nce(*case, 0.2), expected, rtol=RTOL)
+    f1, f2, *rest = case
+
+    @jax.jit
+    def all_three(u, v):  # 36 pixels per view: block 7 divides nothing, block 64 is one padded tile
+        vg = lambda f: jax.value_and_grad(f, argnums=(0, 1))(u, v)  # noqa: E731
+        return [vg(lambda a, b: losses.dense_info_nce(a, b, *rest, 0.2))] + [
+            vg(lambda a, b: losses.dense_info_nce_blockwise(a, b, *rest, 0.2, block)) for block in (7, 64)]
+
+    naive, *blockwise = all_three(f1, f2)
+    np.testing.assert_allclose(naive[0], expected, rtol=RTOL)
+    for got in blockwise:
+        assert_trees_close(got, naive)
+    # No anchor with a positive: 0, not NaN.
+    none = [np.zeros_like(rest[1]), np.zeros_like(rest[3])]
+    np.testing.assert_allclose(losses.dense_info_nce(f1, f2, rest[0], none[0], rest[2], none[1], 0.2), 0.0)
+
+
+def test_dense_loss_and_gradients_identical_on_1_2_4_8_devices():
+    case = dense_case(b=8, hw=(2, 2), seed=7)
+
+    def both(mesh, f1, f2, m12, v12, m21, v21):
+        naive = jax.value_and_grad(lambda u, v: losses.dense_info_nce(u, v, m12, v12, m21, v21, 0.3),
+                                   argnums=(0, 1))
+        blockwise = jax.value_and_grad(lambda u, v: losses.dense_info_nce_blockwise(
+            u, v, m12, v12, m21, v21, 0.3, 3, mesh=mesh), argnums=(0, 1))
+        return naive(f1, f2), blockwise(f1, f2)
+
+    reference = on_devices(both, case, 1)[0]
+    np.testing.assert_allclose(reference[0], numpy_dense(*case, 0.3), rtol=RTOL)
+    for k in DEVICE_COUNTS:
+        naive, blockwise = on_devices(both, case, k)
+        assert_trees_close(naive, reference)
+        assert_trees_close(blockwise, reference)
+
+
+def test_dense_metrics_on_matching_and_collapsed_pixels():
+    b, h, w, c = 2, 4, 4, 16
+    f1 = np.random.default_rng(8).normal(size=(b, h, w, c)).astype(np.float32)
+    f2 = f1[:, :, ::-1]  # view 2 is view 1 flipped left-right
+    cols = np.arange(h * w) % w
+    match = np.broadcast_to(np.arange(h * w) - cols + (w - 1 - cols), (b, h * w)).astype(np.int32)
+    valid = np.ones((b, h * w), bool)
+    valid[:, 0] = False
+    m = losses.dense_metrics(f1, f2, match, valid, match, valid)
+    np.testing.assert_allclose(m["pos_accuracy"], 1.0)
+    np.testing.assert_allclose(m["pos_cosine"], 1.0, rtol=RTOL)
+    np.testing.assert_allclose(m["valid_fraction"], 15 / 16)
+    flat = np.ones_like(f1)
+    collapsed = losses.dense_metrics(flat, flat, match, valid, match, valid)
+    np.testing.assert_allclose(collapsed["pos_accuracy"], 0.0)
+    np.testing.assert_allclose(collapsed["embedding_std"], 0.0, atol=ATOL)
