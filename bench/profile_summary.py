@@ -24,7 +24,9 @@ import json
 import math
 import os
 import re
+import statistics
 import sys
+import time
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
@@ -268,6 +270,21 @@ def capture(args) -> tuple[str, str]:
     for _ in range(2):  # warm-up (autotuning, allocation)
         *state, loss = compiled(*state, batch)
     jax.block_until_ready(loss)
+    # The step time without the profiler, as bench/train_step.py measures it (median).
+    times = []
+    for _ in range(args.time_steps):
+        t = time.perf_counter()
+        *state, loss = compiled(*state, batch)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t)
+    if times:
+        step_s = statistics.median(times)
+        kind = jax.devices()[0].device_kind
+        bound = roofline.step_bound(step, *state, batch, device_kind=kind)
+        args.timing = (f"step {step_s * 1e3:.2f} ms (median of {len(times)}), "
+                       f"{args.batch / step_s:.2f} samples/s on {kind}"
+                       + (f"; {step_s / bound['bound_s']:.2f}x the {bound['chip']} roofline bound "
+                          f"({bound['bound_s'] * 1e3:.2f} ms)" if bound else ""))
     trace_dir = os.path.join(args.out, "trace")
     with jax.profiler.trace(trace_dir):
         for _ in range(args.steps):
@@ -286,6 +303,8 @@ def main():
     p.add_argument("--dates", type=int, default=12)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     p.add_argument("--steps", type=int, default=3, help="traced steps (capture)")
+    p.add_argument("--time-steps", type=int, default=10,
+                   help="capture: steps timed without the profiler first")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--summary", default=None, help="also write the summary here")
     args = p.parse_args()
@@ -303,8 +322,8 @@ def main():
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     if not args.trace:
-        text = f"supervised step, {args.preset}, batch {args.batch}, {args.dtype}, " \
-               f"{args.steps} steps traced\n" + text
+        text = (f"supervised step, {args.preset}, batch {args.batch}, {args.dtype}, "
+                f"{args.steps} steps traced\n" + (getattr(args, "timing", "") + "\n") + text)
     print(text)
     if args.summary:
         with open(args.summary, "w") as f:
