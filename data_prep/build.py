@@ -289,24 +289,30 @@ def _shard_names(split: str, num_shards: int) -> list:
     return [f"{split}-{i:05d}-of-{num_shards:05d}.tfrecord" for i in range(num_shards)]
 
 
+def _split_unit(info: dict) -> str:
+    """What a split keeps together: a zone of a domain. FLAIR #2 reuses zone names (Z1_UU, ...) in
+    every department, so the zone name alone would join zones of different departments."""
+    return f"{info['domain']}/{info['zone']}" if info.get("domain") else info["zone"]
+
+
 def _plan(infos: list, options: BuildOptions) -> tuple:
     """-> (split_zones, {split: [[(scan index, patch_id, drop_label), ...] per shard]}, held_out)."""
     labelled = [i for i in infos if i["has_label"]]
-    zones = split_zones([i["zone"] for i in labelled], val_fraction=options.val_fraction,
+    zones = split_zones([_split_unit(i) for i in labelled], val_fraction=options.val_fraction,
                         test_fraction=options.test_fraction, seed=options.seed)
     zone_split = {z: s for s, zs in zones.items() for z in zs}
     members = {s: [] for s in SPLITS}
     held_out = 0
     for i in infos:
         if i["has_label"]:
-            members[zone_split[i["zone"]]].append((i["index"], i["patch_id"], False))
-            if options.unlabelled_includes_train and zone_split[i["zone"]] == "train":
+            members[zone_split[_split_unit(i)]].append((i["index"], i["patch_id"], False))
+            if options.unlabelled_includes_train and zone_split[_split_unit(i)] == "train":
                 members["unlabelled"].append((i["index"], i["patch_id"], True))
-        elif zone_split.get(i["zone"], "train") == "train" or options.unlabelled_from_eval_zones:
+        elif zone_split.get(_split_unit(i), "train") == "train" or options.unlabelled_from_eval_zones:
             members["unlabelled"].append((i["index"], i["patch_id"], False))
         else:  # unlabelled imagery of a val/test zone: kept out of pre-training (no spatial leakage)
             held_out += 1
-    zone_of = {i["index"]: i["zone"] for i in infos}
+    zone_of = {i["index"]: _split_unit(i) for i in infos}
     zones["unlabelled"] = sorted({zone_of[m[0]] for m in members["unlabelled"]})
     shards = {}
     for k, split in enumerate(SPLITS):

@@ -88,6 +88,16 @@ def test_split_zones_disjoint_deterministic_and_nonempty():
     assert build.split_zones(zones[:2], val_fraction=0.2, test_fraction=0.2, seed=0)["train"]  # keeps a train zone
 
 
+def test_zones_of_the_same_name_in_two_domains_are_split_apart():
+    # FLAIR #2 names zones Z1_UU, Z2_AA, ... again in every department.
+    infos = [{"index": 4 * d + z, "patch_id": f"IMG_{4 * d + z}", "zone": f"Z{z}", "domain": f"D00{d}",
+              "has_label": True} for d in range(2) for z in range(4)]
+    zones, _, _ = build._plan(infos, build.BuildOptions(val_fraction=0.25, test_fraction=0.25, seed=0))
+    units = zones["train"] + zones["val"] + zones["test"]
+    assert sorted(units) == sorted(f"D00{d}/Z{z}" for d in range(2) for z in range(4))
+    assert len(zones["val"]) == len(zones["test"]) == 2  # a quarter of 8 units, not of 4 names
+
+
 def test_build_splits_by_zone_and_card_stats_match_numpy(tmp_path, fake):
     patches = fake_patches()
     fake(patches)
