@@ -38,6 +38,8 @@ from typing import Callable, Mapping
 import ml_collections
 from ml_collections import config_dict
 
+from lcssl.errors import UserError
+
 # The seminar's setup (Project Seminar 2024, "Setup"): SGD, learning rate 0.001, batch 8 or 16,
 # 2-layer projection head. Momentum is not stated there, so the seed presets use plain SGD.
 SEED_LEARNING_RATE = 0.001
@@ -171,7 +173,7 @@ def build(*, dataset: str, task: str, arg: str | None,
     available = {"tiny": tiny, **(presets or {})}
     for name in filter(None, (arg or "").split(",")):
         if name not in available:
-            raise ValueError(
+            raise UserError(
                 f"Unknown config preset {name!r}; this config knows {sorted(available)} "
                 f"(use e.g. --config=configs/<experiment>.py:{sorted(available)[0]}).")
         available[name](c)

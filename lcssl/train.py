@@ -24,6 +24,7 @@ from lcssl import checkpoint as ckpt_lib
 from lcssl import flops, models, sharding, tasks
 from lcssl import workdir as workdir_lib
 from lcssl.data import normalize, pipeline
+from lcssl.errors import UserError
 from lcssl.tasks.base import RNG_IMPL
 
 # ------------------------------------------------------------------------------------------------
@@ -49,7 +50,7 @@ def schedule_lengths(config, card, uses_labels: bool) -> tuple[int, int]:
     labels sees config.label_fraction of the split."""
     split = card["splits"].get(config.split)
     if split is None:
-        raise ValueError(f"split={config.split!r} is not in {config.data_dir}/dataset_card.json "
+        raise UserError(f"split={config.split!r} is not in {config.data_dir}/dataset_card.json "
                          f"(splits: {sorted(card['splits'])}); set --config.split")
     fraction = config.label_fraction if uses_labels else 1.0
     examples = max(1, int(round(split["num_examples"] * fraction)))
@@ -66,7 +67,7 @@ def learning_rate_schedule(config, num_steps: int, steps_per_epoch: int) -> opta
     if config.schedule.name == "constant":
         return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup),
                                      optax.constant_schedule(peak)], [warmup])
-    raise ValueError(f"schedule.name must be 'cosine' or 'constant', found {config.schedule.name!r}")
+    raise UserError(f"schedule.name must be 'cosine' or 'constant', found {config.schedule.name!r}")
 
 
 def task_context(config, card, mesh, num_steps: int, steps_per_epoch: int,
@@ -200,7 +201,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         changed = {k: (saved.get(k), v) for k, v in progress.items()
                    if k != "num_steps" and saved.get(k) != v}
         if changed:
-            raise ValueError(f"Cannot resume {workdir} exactly: the data order depends on {changed} "
+            raise UserError(f"Cannot resume {workdir} exactly: the data order depends on {changed} "
                              "(checkpoint, now). Use the checkpoint's values or a new --workdir.")
         logging.info("Resumed from %s at step %d", checkpoints.directory, start_step)
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from lcssl.errors import UserError
 from lcssl.tasks.base import Context, Task, TrainState
 
 # name -> module under lcssl.tasks; imported on first use.
@@ -19,7 +20,7 @@ NAMES = ("supervised", "simclr", "crossmodal", "vicreg", "dense")
 def get(name: str) -> ModuleType:
     """The task module called `name` (a ValueError naming the known ones otherwise)."""
     if name not in NAMES:
-        raise ValueError(f"config.task={name!r} is not a task; known: {', '.join(NAMES)} "
+        raise UserError(f"config.task={name!r} is not a task; known: {', '.join(NAMES)} "
                          "(set --config.task)")
     return importlib.import_module(f"lcssl.tasks.{name}")
 

@@ -26,6 +26,7 @@ import optax
 from clu import metrics
 
 from lcssl import evaluate, models
+from lcssl.errors import UserError
 
 # XLA's RngBitGenerator instead of threefry: the same statistical quality for initialisers, dropout
 # and augmentations, and programs that compile several times faster (threefry unrolls per draw).
@@ -133,7 +134,7 @@ def make_optimizer(config, lr: optax.Schedule, encoder_keys=()) -> optax.Gradien
                               nesterov=opt.nesterov)
         if opt.name == "adamw":
             return optax.adamw(schedule, weight_decay=opt.weight_decay, mask=decay_mask)
-        raise ValueError(f"optimizer.name must be 'sgd', 'lars' or 'adamw', found {opt.name!r}")
+        raise UserError(f"optimizer.name must be 'sgd', 'lars' or 'adamw', found {opt.name!r}")
 
     mode = config.finetune_mode
     if mode == "full" or not encoder_keys:
@@ -147,7 +148,7 @@ def make_optimizer(config, lr: optax.Schedule, encoder_keys=()) -> optax.Gradien
     elif mode == "partial":
         encoder_tx = build(lambda step: config.encoder_lr_scale * lr(step))
     else:
-        raise ValueError(f"finetune_mode must be 'linear', 'partial' or 'full', found {mode!r}")
+        raise UserError(f"finetune_mode must be 'linear', 'partial' or 'full', found {mode!r}")
     return optax.multi_transform({"encoder": encoder_tx, "head": build(lr)}, labels)
 
 

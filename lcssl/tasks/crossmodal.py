@@ -25,6 +25,7 @@ from clu import metrics
 
 from lcssl import losses, models
 from lcssl.data import augment, normalize
+from lcssl.errors import UserError
 from lcssl.tasks import base
 from lcssl.tasks.simclr import interleave
 
@@ -59,7 +60,7 @@ class Metrics(metrics.Collection):
 def model_config(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The run's model config with the per-modality heads on; a clear error for a one-modality model."""
     if model_cfg.variant != "utt":
-        raise ValueError(f"config.task='crossmodal' needs both modalities: set --config.model.variant=utt "
+        raise UserError(f"config.task='crossmodal' needs both modalities: set --config.model.variant=utt "
                          f"(found {model_cfg.variant!r})")
     cfg = ml_collections.ConfigDict(model_cfg.to_dict())
     cfg.projector.per_modality = True
@@ -80,7 +81,7 @@ def train_step(state: base.TrainState, batch, *, model, tx, stats, augment_cfg, 
             return losses.cross_modal_info_nce(a, s, t)
         if task_cfg.loss_impl == "blockwise":
             return losses.cross_modal_info_nce_blockwise(a, s, t, task_cfg.block_size, mesh=mesh)
-        raise ValueError(f"crossmodal.loss_impl must be 'naive' or 'blockwise', "
+        raise UserError(f"crossmodal.loss_impl must be 'naive' or 'blockwise', "
                          f"found {task_cfg.loss_impl!r}")
 
     def intra(z1, z2):

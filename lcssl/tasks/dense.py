@@ -23,6 +23,7 @@ from clu import metrics
 
 from lcssl import losses, models
 from lcssl.data import augment, normalize
+from lcssl.errors import UserError
 from lcssl.tasks import base
 from lcssl.tasks.simclr import interleave
 
@@ -59,10 +60,10 @@ class Metrics(metrics.Collection):
 def model_config(model_cfg: ml_collections.ConfigDict, grid: int) -> ml_collections.ConfigDict:
     """The run's model config with the dense head on the decoder, pooled to grid x grid."""
     if model_cfg.variant not in ("utt", "unet"):
-        raise ValueError(f"config.task='dense' needs the aerial decoder: set --config.model.variant to "
+        raise UserError(f"config.task='dense' needs the aerial decoder: set --config.model.variant to "
                          f"'utt' or 'unet' (found {model_cfg.variant!r})")
     if grid < 1 or model_cfg.aerial_size % grid:
-        raise ValueError(f"config.dense.grid={grid} must be >= 1 and divide the aerial size "
+        raise UserError(f"config.dense.grid={grid} must be >= 1 and divide the aerial size "
                          f"{model_cfg.aerial_size}")
     cfg = ml_collections.ConfigDict(model_cfg.to_dict())
     cfg.projector.dense = True
@@ -99,7 +100,7 @@ def train_step(state: base.TrainState, batch, *, model, tx, stats, augment_cfg, 
             dense_loss = losses.dense_info_nce_blockwise(f1, f2, *pairs, t, task_cfg.block_size, mesh=mesh)
             global_loss = losses.nt_xent_blockwise(z1, z2, t, task_cfg.block_size, mesh=mesh)
         else:
-            raise ValueError(f"dense.loss_impl must be 'naive' or 'blockwise', found {task_cfg.loss_impl!r}")
+            raise UserError(f"dense.loss_impl must be 'naive' or 'blockwise', found {task_cfg.loss_impl!r}")
         w = task_cfg.dense_weight
         loss = (1.0 - w) * global_loss + w * dense_loss
         health = dict(losses.dense_metrics(f1, f2, *pairs), dense_loss=dense_loss,

@@ -16,6 +16,7 @@ from clu import metrics
 
 from lcssl import gradcache, losses, models
 from lcssl.data import augment, normalize
+from lcssl.errors import UserError
 from lcssl.tasks import base
 
 USES_LABELS = False
@@ -81,7 +82,7 @@ def train_step(state: base.TrainState, batch, *, model, tx, stats, augment_cfg, 
             return loss, (health, batch_stats)
         (loss, (health, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     else:
-        raise ValueError(f"simclr.loss_impl must be 'naive', 'blockwise' or 'gradcache', "
+        raise UserError(f"simclr.loss_impl must be 'naive', 'blockwise' or 'gradcache', "
                          f"found {simclr_cfg.loss_impl!r}")
     new_state = base.apply_gradients(state, grads, batch_stats, tx)
     return new_state, Metrics.single_from_model_output(

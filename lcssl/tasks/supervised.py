@@ -20,6 +20,7 @@ from clu import metrics
 from lcssl import checkpoint as ckpt_lib
 from lcssl import evaluate, gradcache, losses, models, sharding
 from lcssl.data import augment, normalize
+from lcssl.errors import UserError
 from lcssl.tasks import base
 
 USES_LABELS = True
@@ -73,12 +74,12 @@ def class_weights_for(config, card) -> np.ndarray | None:
     if spec == "card":
         weights = card.get("class_weights")
         if weights is None:
-            raise ValueError(f"class_weights='card' but {config.data_dir}/dataset_card.json has no "
+            raise UserError(f"class_weights='card' but {config.data_dir}/dataset_card.json has no "
                              "class_weights; rebuild the dataset or set --config.class_weights=none")
     else:
         weights = [float(w) for w in spec.split(",")]
     if len(weights) != k:
-        raise ValueError(f"class_weights has {len(weights)} values but the dataset has {k} classes "
+        raise UserError(f"class_weights has {len(weights)} values but the dataset has {k} classes "
                          f"{card['classes']}")
     return np.asarray(weights, np.float32)
 
@@ -146,7 +147,7 @@ def load_pretrained(state: base.TrainState, init_from: str, keys, card, data_dir
         want = jax.tree.map(lambda x: (x.shape, x.dtype), {k: have.get(k) for k in new})
         found = jax.tree.map(lambda x: (x.shape, x.dtype), new)
         if want != found:
-            raise ValueError(
+            raise UserError(
                 f"init_from={init_from}: the {name} {sorted(new)} in the checkpoint do not fit this "
                 "model (different model config?). Use the same --config.model.* as the pre-training "
                 "run (its model config is in the checkpoint's input_spec).")
