@@ -209,14 +209,14 @@ def test_dense_head_on_the_decoder_pretrains_the_decoder():
         return jnp.sum(out["dense_projection"][:, :3, :5] ** 2), out
 
     grads, out = jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
-    assert out["dense_projection"].shape == (B, cfg.aerial_size, cfg.aerial_size, cfg.projector.dense_out)
+    assert out["dense_projection"].shape == (B, cfg.aerial_size, cfg.aerial_size, cfg.projector.dense_out_dim)
     for key in ("aerial_decoder", "aerial_encoder"):
         assert float(jax.tree.reduce(lambda a, g: a + jnp.sum(jnp.abs(g)), grads["backbone"][key], 0.0)) > 0
     # dense_grid pools the decoder map to grid^2 cells (8 x 8 pixels each here) before the head.
     cfg.projector.dense_grid = 4
     pooled_model = models.build_ssl_model(cfg)
     feats = jax.jit(lambda v, *a: pooled_model.apply(v, *a, train=False))(variables, *inputs)
-    assert feats["dense_projection"].shape == (B, 4, 4, cfg.projector.dense_out)
+    assert feats["dense_projection"].shape == (B, 4, 4, cfg.projector.dense_out_dim)
     with pytest.raises(ValueError, match="dense_grid=5 must divide"):
         cfg.projector.dense_grid = 5
         models.param_shapes(models.build_ssl_model(cfg), cfg)
