@@ -34,9 +34,9 @@ seminar's settings as the `simclr_seed` arm so its SSL-vs-supervised result can 
 import ml_collections
 from ml_collections import config_dict
 
-# The objectives being added by other work (config.task); their arms are listed now and are reported
-# "not available" until the trainer knows the key and the objective.
-FUTURE_OBJECTIVES = ("crossmodal", "vicreg", "dense")
+# The pre-training objectives besides SimCLR (config.task, lcssl/tasks/). An objective a trainer
+# does not know is reported "not available", never run.
+OBJECTIVES = ("crossmodal", "vicreg", "dense")
 
 
 def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batch_overrides=()) -> tuple:
@@ -71,7 +71,7 @@ def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batc
         *pretrained("simclr_large", f"SimCLR, batch {large_batch}",
                     [f"--config.batch_size={large_batch}", *large_batch_overrides]),
     ]
-    for objective in FUTURE_OBJECTIVES:
+    for objective in OBJECTIVES:
         arms += pretrained(objective, {"crossmodal": "cross-modal InfoNCE", "vicreg": "VICReg",
                                        "dense": "dense contrastive"}[objective],
                            [f"--config.task={objective}"])

@@ -46,12 +46,17 @@ BASELINE = "scratch_utt"
 PRETRAIN_PLACEHOLDER = "{pretrain}"
 PLOT_NAME = "results_label_efficiency.png"
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Study config: configs/study_synth.py[:preset]",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the data, every run and its logs go.")
-_RESULTS = flags.DEFINE_string("results", "docs/RESULTS.md",
-                               "The report; the plot, JSON and CSV are written beside it.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _define_flags():
+    """The command's flags, defined when it runs, not on import: tests import this module beside
+    lcssl.main, whose absl flags have the same names."""
+    config_flags.DEFINE_config_file("config", None, "Study config: configs/study_synth.py[:preset]",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where the data, every run and its logs go.")
+    flags.DEFINE_string("results", "docs/RESULTS.md",
+                        "The report; the plot, JSON and CSV are written beside it.")
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -537,7 +542,8 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     command = " ".join(["python -m lcssl.study", *sys.argv[1:]])
     try:
-        run_study(_CONFIG.value, pathlib.Path(_WORKDIR.value), pathlib.Path(_RESULTS.value), command)
+        run_study(flags.FLAGS.config, pathlib.Path(flags.FLAGS.workdir), pathlib.Path(flags.FLAGS.results),
+                  command)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"python -m lcssl.study: {e}", file=sys.stderr)
         return 1
@@ -545,4 +551,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
