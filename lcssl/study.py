@@ -143,18 +143,10 @@ def trainer_config(config_path: str, overrides: Sequence[str]):
 
 
 def _known_tasks() -> set:
-    """Objectives the trainer implements: lcssl.tasks.TASKS (a registry) when it has one, else its
-    modules (one per objective); empty without an lcssl.tasks package."""
-    import importlib
-    import importlib.util
-    import pkgutil
+    """Objectives the trainer implements (the registry of lcssl/tasks/)."""
+    from lcssl import tasks
 
-    if importlib.util.find_spec("lcssl.tasks") is None:
-        return set()
-    tasks = importlib.import_module("lcssl.tasks")
-    if hasattr(tasks, "TASKS"):
-        return set(tasks.TASKS)
-    return {m.name for m in pkgutil.iter_modules(tasks.__path__) if not m.name.startswith("_")}
+    return set(tasks.NAMES)
 
 
 def unavailable_reason(arm: dict, arms_by_name: dict) -> Optional[str]:

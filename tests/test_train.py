@@ -382,7 +382,7 @@ def test_best_checkpoint_is_never_saved_from_a_non_finite_state(data_dir, tmp_pa
     # SITS-only variant without dropout: the smallest supervised programs to compile.
     config = tiny_config("sup_flair2", data_dir, num_steps=3, eval_every_steps=1,
                          log_every_steps=100, checkpoint_every_steps=100,
-                         **{"model.name": "utae", "model.ltae_dropout": 0.0,
+                         **{"model.variant": "utae", "model.ltae_dropout": 0.0,
                             "model.attn_dropout": 0.0})
     with pytest.raises(FloatingPointError, match="at step 2: the parameters"):
         train.run(config, str(tmp_path))

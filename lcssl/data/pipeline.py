@@ -278,8 +278,15 @@ def make_eval_iterator(data_dir, split: str, *, global_batch_size: int, process_
     # stream, hence the same number of global batches, and takes b entries of each.
     padding = tf.data.Dataset.from_tensors((tf.constant(b""), True)).repeat(global_batch_size)
     ds = ds.concatenate(padding).enumerate()
-    ds = ds.take_while(lambda i, x: ~(x[1] & (i % global_batch_size == 0)))
-    ds = ds.filter(lambda i, x: mine(i, x)).map(lambda i, x: x).batch(b)
+
+    def before_padding_batch(i, x):  # named functions: AutoGraph warns about lambdas on one line
+        return ~(x[1] & (i % global_batch_size == 0))
+
+    def record(i, x):
+        return x
+
+    ds = ds.take_while(before_padding_batch)
+    ds = ds.filter(mine).map(record).batch(b)
     ds = ds.map(pad, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
     return ds.as_numpy_iterator()
