@@ -11,12 +11,13 @@
 The numbers say the pipeline runs end to end, not how good the method is: the model is tiny and
 the data synthetic. Rerunning resumes each stage from what is already in DIR.
 """
-import os
 import pathlib
 import subprocess
 import sys
 
 from absl import app, flags, logging
+
+from lcssl import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "demo", "Where data, runs and results go.")
 _STEPS = flags.DEFINE_integer("steps", 40, "Training steps of each stage.")
@@ -35,7 +36,7 @@ def _data_prep(*args: str) -> None:
 
 def main(argv):
     del argv
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    cli.quiet_native_logs()  # before TensorFlow is imported, here and in data_prep's processes
     import jax
 
     workdir = pathlib.Path(_WORKDIR.value).resolve()
