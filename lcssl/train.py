@@ -143,6 +143,22 @@ class _Preempted:
 # The loop
 # ------------------------------------------------------------------------------------------------
 
+def loop_hooks(config, workdir: str, writer, num_steps: int, start_step: int) -> list:
+    """Called after every step: the progress line (steps/s, ETA) and, on process 0 with
+    config.profile_steps, a profiler trace of that many steps from the 10th step of this start
+    (compilation and warm-up done) into the workdir (TensorBoard's profile plugin reads it)."""
+    from clu import periodic_actions
+
+    hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                             every_steps=config.log_every_steps)]
+    if jax.process_index() == 0 and config.profile_steps:
+        # profile_duration_ms=0: the trace ends after exactly profile_steps steps (clu's default
+        # also waits 3 s, so a trace of a few fast steps was never closed nor written).
+        hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
+                                              profile_duration_ms=0, first_profile=start_step + 10))
+    return hooks
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains as `config` says, writing logs, checkpoints and eval_results.json to `workdir`."""
     task_module = tasks.get(config.task)
@@ -150,7 +166,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lock = workdir_lib.lock(workdir)  # one run per workdir; released in the final `finally`
     # Here, not at the top: clu's writers import TensorFlow (TensorBoard summaries), which the step
     # functions must not need (the GPU machine and the benchmarks have no TensorFlow).
-    from clu import metric_writers, periodic_actions
+    from clu import metric_writers
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     mesh = sharding.make_mesh()
@@ -218,11 +234,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_step = jit_train_step(task, abstract_state, mesh)
 
     # --- Loop -----------------------------------------------------------------------------------------
-    hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                             every_steps=config.log_every_steps)]
-    if jax.process_index() == 0 and config.profile_steps:
-        hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=config.profile_steps,
-                                              first_profile=start_step + 10))
+    hooks = loop_hooks(config, workdir, writer, num_steps, start_step)
     preempted = _Preempted()
     batches = train_batches(start_step)
     pending, checked_step, wait_s, interval_t0 = None, start_step, 0.0, time.perf_counter()

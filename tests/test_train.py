@@ -6,6 +6,8 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -389,3 +391,22 @@ def test_best_checkpoint_is_never_saved_from_a_non_finite_state(data_dir, tmp_pa
     assert sorted(p.name for p in (tmp_path / "best").iterdir() if p.name.isdigit()) == ["1"]
     best = saved_state(tmp_path, 1, folder="best")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(best["params"]))
+
+
+def test_profile_steps_write_a_trace_of_the_steps_after_warm_up(tmp_path):
+    from clu import metric_writers
+
+    config = ml_collections.ConfigDict({"log_every_steps": 100, "profile_steps": 2})
+    writer = metric_writers.LoggingWriter()
+    hooks = train.loop_hooks(config, str(tmp_path), writer, num_steps=20, start_step=3)
+    step_fn = jax.jit(lambda x: x * 2.0)
+    x = jnp.ones(4)
+    for step in range(4, 17):
+        x = step_fn(x)
+        for hook in hooks:
+            hook(step)
+        if step < 13:  # the trace starts at start_step + 10
+            assert not list(tmp_path.rglob("*.xplane.pb"))
+    assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
+    config.profile_steps = 0
+    assert len(train.loop_hooks(config, str(tmp_path), writer, 20, 0)) == 1
