@@ -30,6 +30,8 @@ Field reference (units in the names):
   class_weights        'card' (from dataset_card.json) | 'none' | comma-separated floats
   aux_loss_weight      weight of the time-series branch loss on aux_logits
   label_fraction       share of labelled training patches used (few-label experiments)
+  early_stop           metric ('' = the task's best metric), patience (evaluations without an
+                       improvement > min_delta before stopping; 0 = off), min_delta
 """
 from __future__ import annotations
 
@@ -109,6 +111,10 @@ def base(dataset: str, task: str) -> ml_collections.ConfigDict:
     c.encoder_lr_scale = 0.1
     c.class_weights = "card"
     c.aux_loss_weight = 0.5
+
+    # Stop when early_stop.metric ('' = the task's best metric, e.g. val/miou; pre-training:
+    # e.g. probe/accuracy) has not improved by more than min_delta in `patience` evaluations.
+    c.early_stop = ml_collections.ConfigDict(dict(metric="", patience=0, min_delta=0.0))
 
     c.log_every_steps = 50
     c.eval_every_steps = 1000

@@ -78,28 +78,61 @@ def collect_embeddings(step_fn: Callable, variables: Any, batches: Iterable[Mapp
     return np.concatenate(feats).astype(np.float64), np.concatenate(labels)
 
 
+def _ridge_fit(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, ridge: float):
+    """(predict(x) -> class, weights) of a ridge classifier on standardised features (+ bias)."""
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    design = lambda x: np.concatenate([(x - mean) / std, np.ones((len(x), 1))], axis=1)
+    a = design(train_x)
+    reg = ridge * len(a) * np.eye(a.shape[1])
+    reg[-1, -1] = 0.0  # no penalty on the bias
+    w = np.linalg.solve(a.T @ a + reg, a.T @ np.eye(num_classes)[train_y])
+    return lambda x: np.argmax(design(x) @ w, axis=1)
+
+
+def choose_ridge(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, candidates,
+                 folds: int = 5, seed: int = 0) -> tuple[float, dict]:
+    """The ridge of `candidates` with the best k-fold cross-validated accuracy on the training
+    patches alone (the held-out split is never seen), and every candidate's CV accuracy. Ties go to
+    the stronger ridge (the simpler classifier)."""
+    order = np.random.default_rng(seed).permutation(len(train_y))
+    parts = [p for p in np.array_split(order, min(folds, len(train_y))) if len(p)]
+    scores = {}
+    for ridge in sorted(candidates):
+        correct = 0
+        for held in parts:
+            fit = np.setdiff1d(order, held)
+            if len(fit) == 0:
+                continue
+            predict = _ridge_fit(train_x[fit], train_y[fit], num_classes, ridge)
+            correct += int(np.sum(predict(train_x[held]) == train_y[held]))
+        scores[float(ridge)] = correct / len(train_y)
+    best = max(scores.items(), key=lambda kv: (kv[1], kv[0]))[0]
+    return best, scores
+
+
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray, eval_y: np.ndarray,
-                 num_classes: int, ridge: float = 1e-2) -> dict:
+                 num_classes: int, ridge: float = 1e-2, ridge_candidates=()) -> dict:
     """Closed-form ridge classifier: fit on (train_x, train_y), accuracy on (eval_x, eval_y).
 
     Features are standardised with the training mean/std; the ridge term is relative to the mean
-    feature variance (1 after standardising), so `ridge` needs no tuning per embedding size.
+    feature variance (1 after standardising). With `ridge_candidates`, the ridge is chosen among
+    them by cross-validation on the training patches (`choose_ridge`); otherwise `ridge` is used.
     """
     if len(train_y) == 0 or len(eval_y) == 0:
         return {"accuracy": None, "baseline_accuracy": None, "num_train": len(train_y),
                 "num_eval": len(eval_y)}
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    design = lambda x: np.concatenate([(x - mean) / std, np.ones((len(x), 1))], axis=1)
-    a, b = design(train_x), design(eval_x)
-    targets = np.eye(num_classes)[train_y]
-    reg = ridge * len(a) * np.eye(a.shape[1])
-    reg[-1, -1] = 0.0  # no penalty on the bias
-    w = np.linalg.solve(a.T @ a + reg, a.T @ targets)
-    accuracy = float(np.mean(np.argmax(b @ w, axis=1) == eval_y))
+    cv = {}
+    if len(ridge_candidates) and len(train_y) >= 2:
+        ridge, cv = choose_ridge(train_x, train_y, num_classes, ridge_candidates)
+    predict = _ridge_fit(train_x, train_y, num_classes, ridge)
     most_frequent = np.bincount(train_y, minlength=num_classes).argmax()
-    return {"accuracy": accuracy, "baseline_accuracy": float(np.mean(eval_y == most_frequent)),
-            "train_accuracy": float(np.mean(np.argmax(a @ w, axis=1) == train_y)),
-            "num_train": int(len(train_y)), "num_eval": int(len(eval_y))}
+    out = {"accuracy": float(np.mean(predict(eval_x) == eval_y)),
+           "baseline_accuracy": float(np.mean(eval_y == most_frequent)),
+           "train_accuracy": float(np.mean(predict(train_x) == train_y)),
+           "ridge": float(ridge), "num_train": int(len(train_y)), "num_eval": int(len(eval_y))}
+    if cv:
+        out["cv_accuracy"] = cv[ridge]
+    return out
 
 
 def format_scores(scores: Mapping[str, Any], title: str) -> str:

@@ -209,6 +209,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                                best_metric=best_tag)
     progress = {"seed": config.seed, "split": config.split, "global_batch_size": config.batch_size,
                 "label_fraction": config.label_fraction, "num_steps": num_steps}
+    stopper = EarlyStop(config.early_stop.metric or task.best_metric, config.early_stop.patience,
+                        config.early_stop.min_delta)
     start_step = checkpoints.latest_step()
     if start_step is not None:  # resume: any device count; arrays re-laid out on this mesh
         workdir_lib.check_resume(checkpoints, start_step, spec, config.data_dir)  # same data, model
@@ -219,6 +221,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if changed:
             raise UserError(f"Cannot resume {workdir} exactly: the data order depends on {changed} "
                              "(checkpoint, now). Use the checkpoint's values or a new --workdir.")
+        stopper.load(saved.get("early_stop"))
         logging.info("Resumed from %s at step %d", checkpoints.directory, start_step)
     else:
         start_step = 0
@@ -241,8 +244,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = start_step
     step_flops = None  # per device, counted from the step's jaxpr at the first batch
     peak = flops.peak_bf16_flops(jax.devices()[0].device_kind)
+    # Where this start's wall time goes (eval_results.json 'timing'): the first step (compilation),
+    # evaluation, checkpoints, and the rest of the loop (training steps and input).
+    timing = {"first_step_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "loop_s": 0.0}
+    loop_t0 = time.perf_counter()
     try:
-        while step < num_steps:
+        while step < num_steps and not stopper.stopped:
             t0 = time.perf_counter()
             batch = sharding.host_batch_to_global(next(batches), mesh)
             wait_s += time.perf_counter() - t0
@@ -252,12 +259,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              step_flops / 1e12)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, step_metrics = train_step(state, batch)
+            if step == start_step:  # compilation happens here: timed apart from training
+                jax.block_until_ready(state)
+                timing["first_step_s"] = time.perf_counter() - t0
             step += 1
             pending = step_metrics if pending is None else pending.merge(step_metrics)
             for hook in hooks:
                 hook(step)
 
-            last = step == num_steps
+            last = step == num_steps or stopper.stopped
             stop = preempted.check(step)  # every step, on every host (see _Preempted)
             save = last or step % config.checkpoint_every_steps == 0 or stop
             if save or step % config.log_every_steps == 0:
@@ -280,6 +290,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 pending, checked_step, wait_s, interval_t0 = None, step, 0.0, time.perf_counter()
             # --- Eval hooks -----------------------------------------------------------------------------
             if last or (task.eval_every_steps and step % task.eval_every_steps == 0):
+                t0 = time.perf_counter()
                 workdir_lib.check_finite(state, step, checkpoints)  # no best/ from a non-finite state
                 scalars = task.evaluate(state)
                 if scalars:
@@ -287,16 +298,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if best is not None and task.best_metric in scalars:
                     best.save(step, state, spec, {**progress, "next_step": step},
                               metrics={best_tag: scalars[task.best_metric]}, force=True)
+                if stopper.update(scalars) and not last:
+                    logging.info("Early stop at step %d: %s", step, stopper.reason)
+                    last = save = True
+                timing["eval_s"] += time.perf_counter() - t0
             # --- Checkpoint, preemption -----------------------------------------------------------------
             if save:
+                t0 = time.perf_counter()
                 workdir_lib.check_finite(state, step, checkpoints)
-                checkpoints.save(step, state, spec, {**progress, "next_step": step}, force=True)
+                checkpoints.save(step, state, spec,
+                                 {**progress, "next_step": step, "early_stop": stopper.state()},
+                                 force=True)
+                timing["checkpoint_s"] += time.perf_counter() - t0
+            if last:
+                break
             if stop and not last:
                 logging.warning("Preempted at step %d; checkpoint saved in %s.", step,
                                 checkpoints.directory)
                 return {}
         # --- Final evaluation: of the best checkpoint when the task keeps one -------------------------
-        results = {"workdir": os.path.abspath(workdir), "step": step, "task": config.task}
+        timing["loop_s"] = time.perf_counter() - loop_t0
+        timing["steps_this_start"] = step - start_step
+        timing["train_steps_s"] = max(0.0, timing["loop_s"] - timing["first_step_s"]
+                                      - timing["eval_s"] - timing["checkpoint_s"])
+        results = {"workdir": os.path.abspath(workdir), "step": step, "task": config.task,
+                   "num_steps": num_steps, "early_stop": stopper.summary(), "timing": timing}
         final_state = state
         if best is not None:
             best.wait()
@@ -315,6 +341,43 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             best.close()
         writer.flush()
         lock.release()
+
+
+class EarlyStop:
+    """Stops training when `metric` (a tag of task.evaluate's output) has not improved by more than
+    `min_delta` for `patience` evaluations in a row (patience 0: never). Its state is saved with
+    each checkpoint, so a resumed run stops where an uninterrupted one would."""
+
+    def __init__(self, metric: str | None, patience: int, min_delta: float):
+        self.metric, self.patience, self.min_delta = metric, int(patience), float(min_delta)
+        self.best, self.best_step_evals, self.evals, self.stopped, self.reason = None, 0, 0, False, ""
+
+    def update(self, scalars: Mapping[str, float]) -> bool:
+        """Records one evaluation; True when training should stop now."""
+        if not self.patience or not self.metric or self.metric not in scalars:
+            return False
+        value = float(scalars[self.metric])
+        self.evals += 1
+        if self.best is None or value > self.best + self.min_delta:
+            self.best, self.best_step_evals = value, self.evals
+        elif self.evals - self.best_step_evals >= self.patience:
+            self.stopped = True
+            self.reason = (f"{self.metric} has not improved on {self.best:.4f} by more than "
+                           f"{self.min_delta} in {self.patience} evaluations")
+        return self.stopped
+
+    def state(self) -> dict:
+        return {"best": self.best, "best_eval": self.best_step_evals, "evals": self.evals,
+                "stopped": self.stopped, "reason": self.reason}
+
+    def load(self, saved: Mapping[str, Any] | None) -> None:
+        if saved:
+            self.best, self.best_step_evals, self.evals = saved["best"], saved["best_eval"], saved["evals"]
+            self.stopped, self.reason = saved.get("stopped", False), saved.get("reason", "")
+
+    def summary(self) -> dict:
+        return {"metric": self.metric, "patience": self.patience, "stopped": self.stopped,
+                "best": self.best, "reason": self.reason}
 
 
 def _stop_if_not_finite(summary, first_step, step, checkpoints) -> None:

@@ -16,7 +16,7 @@ def test_separable_classes_are_all_found_and_the_baseline_is_the_commonest_train
     out = evaluate.linear_probe(clusters(train_y, rng), train_y, clusters(eval_y, rng), eval_y,
                                 num_classes=3)
     assert out == {"accuracy": 1.0, "baseline_accuracy": 1 / 8, "train_accuracy": 1.0,
-                   "num_train": 20, "num_eval": 8}
+                   "ridge": 1e-2, "num_train": 20, "num_eval": 8}
 
 
 def test_the_probe_is_scored_on_the_eval_labels_not_fitted_to_them():
@@ -41,3 +41,23 @@ def test_no_usable_patch_gives_no_accuracy():
     out = evaluate.linear_probe(np.zeros((0, 4)), np.zeros(0, int), np.ones((3, 4)),
                                 np.zeros(3, int), num_classes=2)
     assert out["accuracy"] is None and out["num_train"] == 0 and out["num_eval"] == 3
+
+
+def test_probe_ridge_chosen_by_cross_validation_does_not_score_below_the_majority_class():
+    # The study's old failure: as many patches as features (32), features that say nothing about
+    # the class, a commonest class of ~50%. A weak fixed ridge interpolates the training patches
+    # (train accuracy 1) and scores below always guessing the commonest class; the ridge chosen by
+    # cross-validation on the training patches alone falls back to that guess.
+    for seed in (1, 2, 3):
+        rng = np.random.default_rng(seed)
+        shares = [0.5, 0.3, 0.2]
+        train_y, eval_y = rng.choice(3, 32, p=shares), rng.choice(3, 400, p=shares)
+        train_x, eval_x = rng.normal(size=(32, 32)), rng.normal(size=(400, 32))
+        weak = evaluate.linear_probe(train_x, train_y, eval_x, eval_y, 3, ridge=1e-2)
+        chosen = evaluate.linear_probe(train_x, train_y, eval_x, eval_y, 3, ridge=1e-2,
+                                       ridge_candidates=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0))
+        assert weak["train_accuracy"] == 1.0
+        assert weak["accuracy"] < weak["baseline_accuracy"] - 0.05
+        assert chosen["ridge"] == 100.0
+        assert chosen["accuracy"] >= chosen["baseline_accuracy"] - 0.01
+        assert 0.0 <= chosen["cv_accuracy"] <= 1.0

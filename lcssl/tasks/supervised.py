@@ -203,12 +203,17 @@ def build(ctx: base.Context) -> base.Task:
         val = scores(state, config.val_split)
         return {"val/miou": val["miou"] or 0.0, "val/oa": val["oa"] or 0.0}
 
+    # The pre-training tasks' linear probe, run on this model's encoder too: on an encoder trained
+    # with labels it shows what the probe can tell apart (the study reports both).
+    probe = base.linear_probe(ctx, model)
+
     def final(state) -> dict:
         results = {}
         for split in (config.val_split, config.test_split):
             if split in card["splits"]:
                 results[split] = scores(state, split)
                 logging.info("%s", evaluate.format_scores(results[split], split))
+        results["probe"] = probe(state)
         return results
 
     return base.Task(
