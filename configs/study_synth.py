@@ -1,6 +1,7 @@
 """The label-efficiency study (issue 14): does pre-training on unlabelled patches pay when labels are few?
 
-    python -m lcssl.study --config=configs/study_synth.py --workdir=runs/study               # 2-core CPU
+    python -m lcssl.study --config=configs/study_synth.py --workdir=runs/study --parallel=2  # 2-core CPU
+    python -m lcssl.study --config=configs/study_synth.py:gpu --workdir=runs/study_gpu --parallel=4
     python -m lcssl.study --config=configs/study_synth.py:tiny --workdir=/tmp/study_tiny     # seconds
     python -m lcssl.study --config=configs/study_synth.py:hameln --workdir=runs/study_hameln # GPUs
     python -m lcssl.study --config=configs/study_synth.py:flair2 --workdir=runs/study_flair2 # GPUs
@@ -25,9 +26,10 @@ the pre-training and the fine-tuning seed vary with the seed. `run_overrides` an
 An arm whose overrides the trainer's config does not know (e.g. `--config.task=vicreg` before that
 objective exists) is reported as not available, never run.
 
-Presets: default (sized for <= ~2 hours on a 2-core CPU, docs/BENCHMARKS.md has the measured
-times); tiny (the test suite: 4 zones of 32 px patches, one seed, one label fraction, 2 steps
-per run); hameln / flair2
+Presets: default = cpu (<= 90 min on a 2-core CPU with --parallel=2, one pre-training per
+method shared by the fine-tuning seeds; docs/BENCHMARKS.md has the measured times); gpu (one
+H200, --parallel=4: a pre-training per seed, a larger budget, the same benchmark); tiny (the test
+suite: 4 zones of 32 px patches, one seed, one label fraction, a few steps per run); hameln / flair2
 (the real datasets, built by `python -m data_prep build`, with the model's default sizes, and the
 seminar's settings as the `simclr_seed` arm so its SSL-vs-supervised result can be reproduced).
 """
@@ -39,7 +41,8 @@ from ml_collections import config_dict
 OBJECTIVES = ("crossmodal", "vicreg", "dense")
 
 
-def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batch_overrides=()) -> tuple:
+def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batch_overrides=(),
+          steps_per_epoch=None) -> tuple:
     """The arm table. ssl / finetune / supervised: config module paths with presets."""
     def scratch(name, label, variant):
         return {"name": name, "label": label, "pretrain": None,
@@ -69,7 +72,10 @@ def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batc
                      "--config.schedule.warmup_epochs=0.0", "--config.simclr.temperature=0.1"]),
         # SimCLR as its paper: LARS, lr 0.3 x batch / 256 (the config's rule), a large batch.
         *pretrained("simclr_large", f"SimCLR, batch {large_batch}",
-                    [f"--config.batch_size={large_batch}", *large_batch_overrides]),
+                    [f"--config.batch_size={large_batch}", *large_batch_overrides,
+                     # the probe (and early stop) once an epoch at this batch size too
+                     *([f"--config.probe.every_steps={steps_per_epoch(large_batch)}"]
+                       if steps_per_epoch else [])]),
     ]
     for objective in OBJECTIVES:
         arms += pretrained(objective, {"crossmodal": "cross-modal InfoNCE", "vicreg": "VICReg",
@@ -97,37 +103,71 @@ def _synth_data() -> ml_collections.ConfigDict:
     return d
 
 
+# The benchmark's unlabelled split (20 zones x 80, of which the 14 training zones') and the
+# pre-training batch of the tiny configs: one epoch of unlabelled patches in steps.
+UNLABELLED_PATCHES = 14 * 80
+PRETRAIN_BATCH = 16
+
+
+def _steps_per_epoch(batch: int) -> int:
+    return max(1, UNLABELLED_PATCHES // batch)
+
+
+def _budget(max_pretrain_epochs: int, finetune_steps: int) -> tuple[list, list]:
+    """(pre-training, fine-tuning) overrides, the same for every arm.
+
+    Pre-training runs until its own health says it has learnt what it can: the online probe (once
+    an epoch) has not improved by more than 0.01 for 4 epochs, or max_pretrain_epochs. Fine-tuning
+    runs until validation mIoU (every 20 steps) has not improved for 4 evaluations, or
+    finetune_steps; the best-validation checkpoint is scored on test, for every arm alike.
+    """
+    pretrain = ["--config.split=unlabelled", f"--config.num_epochs={max_pretrain_epochs}",
+                f"--config.probe.every_steps={_steps_per_epoch(PRETRAIN_BATCH)}",
+                "--config.probe.examples=1024", "--config.early_stop.metric=probe/accuracy",
+                "--config.early_stop.patience=4", "--config.early_stop.min_delta=0.01",
+                "--config.checkpoint_every_steps=100000", "--config.keep_checkpoints=1"]
+    finetune = [f"--config.num_steps={finetune_steps}", "--config.batch_size=8",
+                "--config.eval_every_steps=20", "--config.early_stop.patience=4",
+                "--config.checkpoint_every_steps=100000", "--config.keep_checkpoints=1",
+                "--config.probe.examples=1024"]
+    return pretrain, finetune
+
+
 def get_config(arg=None):
     preset = arg or "default"
-    if preset not in ("default", "tiny", "hameln", "flair2"):
-        raise ValueError(f"Unknown study preset {preset!r}; expected one of default, tiny, hameln, flair2 "
-                         "(e.g. --config=configs/study_synth.py:tiny).")
+    if preset not in ("default", "cpu", "gpu", "tiny", "hameln", "flair2"):
+        raise ValueError(f"Unknown study preset {preset!r}; expected one of default (= cpu), gpu, tiny, "
+                         "hameln, flair2 (e.g. --config=configs/study_synth.py:tiny).")
     c = ml_collections.ConfigDict()
     c.label_fractions = (0.01, 0.1, 1.0)
     c.seeds = (0, 1, 2)
     c.data = _synth_data()
-    c.run_overrides = ["--config.log_every_steps=10"]
-    # Compute budget, the same for every arm (run times measured: docs/BENCHMARKS.md, "study").
-    c.pretrain_overrides = ["--config.num_steps=60", "--config.split=unlabelled",
-                            "--config.probe.every_steps=60", "--config.checkpoint_every_steps=60"]
-    c.finetune_overrides = ["--config.num_steps=40", "--config.batch_size=16",
-                            "--config.eval_every_steps=20", "--config.checkpoint_every_steps=40"]
+    c.run_overrides = ["--config.log_every_steps=20"]
+    # Compute budget, the same for every arm (the cpu preset: <= 90 min on 2 cores with
+    # --parallel=2; docs/BENCHMARKS.md, "study"). One pre-training per method, shared by the
+    # fine-tuning seeds: the 2-core CPU cannot afford one per seed.
+    c.pretrain_per_seed = False
+    c.pretrain_overrides, c.finetune_overrides = _budget(max_pretrain_epochs=16, finetune_steps=300)
     c.arms = _arms("configs/ssl_hameln.py:tiny", "configs/finetune_hameln.py:tiny",
-                   "configs/sup_hameln.py:tiny", large_batch=128)
+                   "configs/sup_hameln.py:tiny", large_batch=128, steps_per_epoch=_steps_per_epoch)
     c.only_arms = ""       # comma-separated arm names to run (others skipped); '' = all
-    c.timeout_s = 3600     # one run's wall-clock limit
-    if preset == "tiny":
+    if preset == "gpu":
+        # One H200 (16 cores): a pre-training per seed, 4x the epochs, 2x the fine-tuning steps,
+        # --parallel=4. The benchmark (data) is the same as the cpu preset's.
+        c.pretrain_per_seed = True
+        c.pretrain_overrides, c.finetune_overrides = _budget(max_pretrain_epochs=64, finetune_steps=600)
+    elif preset == "tiny":
         c.label_fractions = (0.5,)
         c.seeds = (0,)
         c.data.synth.update(num_zones=4, patches_per_zone=2, unlabelled_per_zone=2, num_dates=4)
         c.data.build.update(val_fraction=0.25, test_fraction=0.25, max_dates=4)
         c.pretrain_overrides = ["--config.num_steps=2", "--config.split=unlabelled", "--config.batch_size=8",
                                 "--config.probe.every_steps=2", "--config.checkpoint_every_steps=2"]
-        c.finetune_overrides = ["--config.num_steps=2", "--config.batch_size=8",
-                                "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2"]
+        c.finetune_overrides = ["--config.num_steps=4", "--config.batch_size=8",
+                                "--config.eval_every_steps=2", "--config.checkpoint_every_steps=4",
+                                "--config.early_stop.patience=1"]
         c.arms = _arms("configs/ssl_hameln.py:tiny", "configs/finetune_hameln.py:tiny",
                        "configs/sup_hameln.py:tiny", large_batch=16)
-        c.timeout_s = 600
     elif preset in ("hameln", "flair2"):
         # Real data on GPUs: the configs' own defaults (model sizes, epochs, optimizers); the seed's
         # SimCLR is the configs' seminar preset (ssl2 on Hameln, ssl1 on FLAIR #2).
@@ -136,6 +176,7 @@ def get_config(arg=None):
         c.pretrain_overrides = [] if preset == "flair2" else ["--config.split=unlabelled"]
         c.finetune_overrides = []
         c.run_overrides = []
+        c.pretrain_per_seed = True
         c.arms = _arms(f"configs/ssl_{preset}.py", f"configs/finetune_{preset}.py",
                        f"configs/sup_{preset}.py", large_batch=4096,
                        # README recipe: blockwise loss + gradient caching beyond a device's batch
@@ -146,6 +187,5 @@ def get_config(arg=None):
                 arm["pretrain"] = {"config": f"configs/ssl_{preset}.py:{seed_preset}", "overrides": []}
             if arm["name"] in ("simclr_seed", "simclr_seed_linear"):
                 arm["finetune"]["config"] = f"configs/finetune_{preset}.py:{seed_preset}"
-        c.timeout_s = 48 * 3600
     c.lock()
     return c

@@ -3,17 +3,26 @@
     python -m lcssl.study --config=configs/study_synth.py --workdir=runs/study
     python -m lcssl.study --config=configs/study_synth.py:tiny --workdir=/tmp/study --results=/tmp/R.md
 
-Each run is the real command, `python -m lcssl.main --config=<arm's config> --workdir=<run dir>
-<overrides>`, in a subprocess of its own (JAX state isolated, one log file per run:
-`<run dir>/log.txt`). Layout of --workdir:
+    python -m lcssl.study --config=configs/study_synth.py --workdir=runs/study --parallel=2
+
+Each run is what `python -m lcssl.main --config=<arm's config> --workdir=<run dir> <overrides>`
+does (the same config flags, `lcssl.train.run`), executed inside one of --parallel worker
+processes that each import JAX and TensorFlow once and run one run after another (one log file
+per run: `<run dir>/log.txt`); the workers share the host's cores between them (CPU affinity) and
+the persistent compilation cache, so the study's time goes into training, not start-up. Layout of
+--workdir:
 
     data/                          the benchmark, synthesised and built once (unless data.data_dir)
-    runs/<arm>/seed<S>/pretrain/   one pre-training per arm and seed, shared by the label fractions
+    runs/<arm>/seed<S>/pretrain/   one pre-training per arm and seed (config.pretrain_per_seed), or
+    runs/<arm>/pretrain/           one per arm shared by every fine-tuning seed
     runs/<arm>/seed<S>/frac<F>/    fine-tuning at label fraction F (eval_results.json: test scores)
     jax_cache/                     compiled programs, shared by all runs (same program, no recompile)
 
-A run whose eval_results.json exists is finished and never run again; any other resumes from its
-checkpoints (lcssl.main resumes). An arm whose overrides the trainer's config rejects (a field it
+Every finished run leaves a small record (scores, curves, seconds, command, commit, machine) in
+--records (default: `study_records/` beside --results), meant to be committed: a run with a record
+is never run again, on this machine or another, and the report is made from the records alone
+(checkpoints stay in --workdir, out of git). A pre-training run is run again only when a fine-tuning
+run that needs its checkpoint has no record yet. Any other run resumes from its checkpoints. An arm whose overrides the trainer's config rejects (a field it
 does not have, such as `task` before the objectives exist) is "not available" in the report, with
 the trainer's reason. The report (--results, default docs/RESULTS.md) holds mean +- std over seeds
 (numpy, ddof=1) of test mIoU and OA per arm x label fraction, the paired difference to from-scratch
@@ -56,6 +65,10 @@ def _define_flags():
     flags.DEFINE_string("workdir", None, "Where the data, every run and its logs go.")
     flags.DEFINE_string("results", "docs/RESULTS.md",
                         "The report; the plot, JSON and CSV are written beside it.")
+    flags.DEFINE_string("records", "", "Where finished runs' records go ('' = study_records/ beside "
+                        "--results); commit them to resume the study elsewhere.")
+    flags.DEFINE_integer("parallel", 1, "Runs side by side, each in its own worker process with "
+                         "1/N of the host's cores (and of the GPU's memory).")
     flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -72,10 +85,17 @@ class Run:
     config: str                     # module path with presets, relative to the repository root
     overrides: list
     needs: Optional[pathlib.Path] = None  # the pre-training workdir a fine-tuning run starts from
+    record: Optional[pathlib.Path] = None  # its record (study_records/...), once finished
+
+    @property
+    def trained(self) -> bool:
+        """Its training finished in this workdir (checkpoints and eval_results.json are here)."""
+        return (self.workdir / "eval_results.json").is_file()
 
     @property
     def finished(self) -> bool:
-        return (self.workdir / "eval_results.json").is_file()
+        """Its record exists (here or committed from another machine)."""
+        return self.record is not None and self.record.is_file()
 
     def argv(self, cache_dir: pathlib.Path) -> list:
         module_path, _, presets = self.config.partition(":")
@@ -95,9 +115,15 @@ def _pretrain_of(arm: dict, arms_by_name: dict) -> Optional[dict]:
     return arm if arm.get("pretrain") else None
 
 
-def plan(config, workdir: pathlib.Path, data_dir: pathlib.Path) -> list[Run]:
+def _record_path(records: Optional[pathlib.Path], arm: str, name: str) -> Optional[pathlib.Path]:
+    return None if records is None else records / arm / f"{name}.json"
+
+
+def plan(config, workdir: pathlib.Path, data_dir: pathlib.Path,
+         records: Optional[pathlib.Path] = None) -> list[Run]:
     """Every run of the study, pre-training before the fine-tuning runs that need it; seeds outermost,
-    so a partial study already has every cell at one seed."""
+    so a partial study already has every cell at one seed. Without config.pretrain_per_seed, each
+    arm pre-trains once (with the first seed) and every fine-tuning seed starts from it."""
     arms_by_name = {a["name"]: a for a in config.arms}
     only = [n for n in config.only_arms.split(",") if n]
     unknown = sorted(set(only) - set(arms_by_name))
@@ -112,12 +138,18 @@ def plan(config, workdir: pathlib.Path, data_dir: pathlib.Path) -> list[Run]:
             source = _pretrain_of(arm, arms_by_name)
             pre_dir = None
             if source is not None:
-                pre_dir = workdir / "runs" / source["name"] / f"seed{seed}" / "pretrain"
+                pre_seed = seed if config.pretrain_per_seed else config.seeds[0]
+                pre_name = f"seed{pre_seed}_pretrain" if config.pretrain_per_seed else "pretrain"
+                pre_dir = workdir / "runs" / source["name"] / (
+                    f"seed{pre_seed}/pretrain" if config.pretrain_per_seed else "pretrain")
                 if pre_dir not in pretrains:
-                    pretrains[pre_dir] = Run(source["name"], "pretrain", seed, None, pre_dir,
+                    pre_common = [f"--config.data_dir={data_dir}", f"--config.seed={pre_seed}",
+                                  *config.run_overrides]
+                    pretrains[pre_dir] = Run(source["name"], "pretrain", pre_seed, None, pre_dir,
                                              source["pretrain"]["config"],
-                                             [*common, *config.pretrain_overrides,
-                                              *source["pretrain"]["overrides"]])
+                                             [*pre_common, *config.pretrain_overrides,
+                                              *source["pretrain"]["overrides"]],
+                                             record=_record_path(records, source["name"], pre_name))
                     runs.append(pretrains[pre_dir])
             for fraction in config.label_fractions:
                 ft = arm["finetune"]
@@ -126,7 +158,9 @@ def plan(config, workdir: pathlib.Path, data_dir: pathlib.Path) -> list[Run]:
                                 workdir / "runs" / arm["name"] / f"seed{seed}" / _fraction_dir(fraction),
                                 ft["config"], [*common, *config.finetune_overrides,
                                                f"--config.label_fraction={fraction}", *overrides],
-                                needs=pre_dir))
+                                needs=pre_dir,
+                                record=_record_path(records, arm["name"],
+                                                    f"seed{seed}_{_fraction_dir(fraction)}")))
     return runs
 
 
@@ -178,29 +212,167 @@ def _tail(path: pathlib.Path, lines: int = 1) -> str:
     return " | ".join(text[-lines:])
 
 
-def execute(run: Run, cache_dir: pathlib.Path, timeout_s: float) -> dict:
-    """Runs (or resumes) one run; returns {'status': 'done'|'failed', 'seconds', 'message'}."""
+_CURVE_TAGS = ("train/loss", "train/epoch", "probe/accuracy", "probe/baseline_accuracy", "val/miou")
+
+
+def _curves(workdir: pathlib.Path) -> dict:
+    """{tag: [[step, value], ...]} of the run's TensorBoard scalars in _CURVE_TAGS (TensorFlow is
+    already imported by the input pipeline in a worker)."""
+    import tensorflow as tf
+
+    out = {}
+    for path in sorted(workdir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag in _CURVE_TAGS:
+                    out.setdefault(value.tag, []).append(
+                        [int(event.step), round(float(tf.make_ndarray(value.tensor)), 5)])
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def make_record(run: Run, seconds: float) -> dict:
+    """The committable record of a finished run: what the report needs, nothing of the checkpoints."""
+    results = read_json(run.workdir / "eval_results.json", "eval results")
+    rec = {"arm": run.arm, "kind": run.kind, "seed": run.seed, "label_fraction": run.fraction,
+           "status": "done", "seconds": seconds, "steps": results.get("step"),
+           "num_steps": results.get("num_steps"), "early_stop": results.get("early_stop"),
+           "timing": results.get("timing"), "config": run.config,
+           "overrides": [o for o in run.overrides if not o.startswith(("--config.data_dir=",
+                                                                       "--config.init_from="))],
+           "commit": _git_commit(), "machine": _machine(),
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if run.kind == "pretrain":
+        rec["probe"] = results.get("probe")
+        rec["curves"] = _curves(run.workdir)
+    else:
+        test, val = results.get("test") or {}, results.get("val") or {}
+        rec.update(test_miou=test.get("miou"), test_oa=test.get("oa"), val_miou=val.get("miou"),
+                   best_step=results.get("best_step"), class_names=test.get("class_names"),
+                   test_iou=test.get("iou"), probe=results.get("probe"))
+    return rec
+
+
+def execute(run: Run, cache_dir: str) -> dict:
+    """Runs (or resumes) one run in this process, its logs to <workdir>/log.txt; writes its record.
+    Returns {'status': 'done'|'failed', 'seconds', 'message', 'train_steps_s'}."""
+    import traceback
+
+    from absl import logging as absl_logging
+
     run.workdir.mkdir(parents=True, exist_ok=True)
-    log = run.workdir / "log.txt"
+    log_path = run.workdir / "log.txt"
     t0 = time.perf_counter()
-    with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(run.argv(cache_dir))}\n")
-        f.flush()
+    status, message = "failed", ""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_fds = os.dup(1), os.dup(2)
+    with open(log_path, "a") as log:
+        log.write(f"\n$ python -m lcssl.main --config={run.config} --workdir={run.workdir} "
+                  f"{' '.join(run.overrides)}\n")
+        log.flush()
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
         try:
-            proc = subprocess.run(run.argv(cache_dir), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                  timeout=timeout_s)
-            code = proc.returncode
-        except subprocess.TimeoutExpired:
-            code = None
+            absl_logging.set_verbosity(absl_logging.INFO)
+            from lcssl import train
+
+            if not run.trained:
+                train.run(trainer_config(run.config, run.overrides), str(run.workdir))
+            status = "done" if run.trained else "failed"
+            message = "" if run.trained else "no eval_results.json (preempted?)"
+        except Exception as e:  # noqa: BLE001 - one run's failure is reported, the study goes on
+            traceback.print_exc()
+            message = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved_fds[0], 1)
+            os.dup2(saved_fds[1], 2)
+            for fd in saved_fds:
+                os.close(fd)
     seconds = time.perf_counter() - t0
     previous = read_json(run.workdir / "study_run.json", "study run record") \
         if (run.workdir / "study_run.json").is_file() else {}
-    record = {"seconds": previous.get("seconds", 0.0) + seconds, "argv": run.argv(cache_dir)}
-    write_json(run.workdir / "study_run.json", record)
-    if code == 0 and run.finished:
-        return {"status": "done", "seconds": seconds, "message": ""}
-    why = f"timed out after {timeout_s:.0f} s" if code is None else f"exit code {code}"
-    return {"status": "failed", "seconds": seconds, "message": f"{why}; {log}: {_tail(log)}"}
+    total = previous.get("seconds", 0.0) + seconds
+    write_json(run.workdir / "study_run.json", {"seconds": total})
+    train_steps_s = 0.0
+    if status == "done":
+        rec = make_record(run, total)
+        train_steps_s = (rec.get("timing") or {}).get("train_steps_s", 0.0)
+        if run.record is not None:
+            write_json(run.record, rec)
+    else:
+        message = f"{message}; {log_path}: {_tail(log_path)}"
+    return {"status": status, "seconds": seconds, "message": message, "train_steps_s": train_steps_s}
+
+
+def _init_worker(cpu_sets, cache_dir: str) -> None:
+    """A worker process: its share of the host's cores, the shared compilation cache."""
+    cpus = cpu_sets.get()
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
+    from lcssl import cli
+
+    cli.quiet_native_logs()
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _cpu_sets(parallel: int) -> list:
+    """The host's cores split into `parallel` disjoint sets (one per worker)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if parallel <= 1 or len(cores) < parallel:
+        return [set(cores)] * parallel
+    return [set(part) for part in np.array_split(cores, parallel)]
+
+
+def execute_all(todo: Sequence[Run], parallel: int, cache_dir: pathlib.Path, on_done) -> dict:
+    """Runs `todo` on `parallel` worker processes, a fine-tuning run only once its pre-training is
+    trained; calls on_done(run, outcome) as each ends. Returns {workdir: message} of failed runs."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    cpu_sets = ctx.Queue()
+    for cpus in _cpu_sets(parallel):
+        cpu_sets.put(cpus)
+    if parallel > 1:  # each worker's share of an accelerator's memory (XLA preallocates)
+        os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / parallel:.3f}")
+    pretrain_dirs = {r.workdir for r in todo if r.kind == "pretrain"}
+    failed, waiting, running = {}, list(todo), {}
+    with cf.ProcessPoolExecutor(max_workers=parallel, mp_context=ctx, initializer=_init_worker,
+                                initargs=(cpu_sets, str(cache_dir))) as pool:
+        while waiting or running:
+            for run in list(waiting):
+                if len(running) >= parallel:
+                    break
+                if run.needs is not None and run.needs in failed:
+                    waiting.remove(run)
+                    failed[run.workdir] = f"its pre-training failed ({run.needs})"
+                    on_done(run, {"status": "skipped", "seconds": 0.0, "message": failed[run.workdir]})
+                    continue
+                if run.needs is not None and run.needs in pretrain_dirs and not (
+                        run.needs / "eval_results.json").is_file():
+                    continue  # its pre-training is still to run
+                waiting.remove(run)
+                running[pool.submit(execute, run, str(cache_dir))] = run
+            if not running:
+                break
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                run = running.pop(future)
+                try:
+                    outcome = future.result()
+                except Exception as e:  # noqa: BLE001 - a worker died (e.g. out of memory)
+                    outcome = {"status": "failed", "seconds": 0.0, "message": f"worker died: {e!r}"}
+                if outcome["status"] == "done":
+                    pretrain_dirs.discard(run.workdir)
+                else:
+                    failed[run.workdir] = outcome["message"]
+                on_done(run, outcome)
+    return failed
 
 
 def _prepare_data(config, workdir: pathlib.Path) -> pathlib.Path:
@@ -238,75 +410,75 @@ def _fmt_duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def run_study(config, workdir: pathlib.Path, results_path: pathlib.Path, command: str) -> dict:
-    """Runs what is not finished, then writes the report; returns the results written to JSON."""
+def _todo(runs: Sequence[Run]) -> list[Run]:
+    """Runs without a record, and pre-trainings whose checkpoint a run without a record needs."""
+    needed = {r.needs for r in runs if not r.finished and r.needs is not None}
+    return [r for r in runs if not r.finished or (r.kind == "pretrain" and r.workdir in needed
+                                                   and not r.trained)]
+
+
+def run_study(config, workdir: pathlib.Path, results_path: pathlib.Path, command: str,
+              records_dir: Optional[pathlib.Path] = None, parallel: int = 1) -> dict:
+    """Runs what is not finished, then writes the report from the records; returns the results
+    written to JSON."""
     started = time.perf_counter()
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    records_dir = (records_dir or pathlib.Path(results_path).parent / "study_records").resolve()
     data_dir = _prepare_data(config, workdir)
     arms_by_name = {a["name"]: a for a in config.arms}
     unavailable = {a["name"]: r for a in config.arms if (r := unavailable_reason(a, arms_by_name))}
-    runs = [r for r in plan(config, workdir, data_dir) if r.arm not in unavailable]
-    todo = [r for r in runs if not r.finished]
+    runs = [r for r in plan(config, workdir, data_dir, records_dir) if r.arm not in unavailable]
+    todo = _todo(runs)
     print(f"Study: {len(runs)} runs ({len(runs) - len(todo)} already finished), "
-          f"{len(unavailable)} arm(s) not available: {', '.join(sorted(unavailable)) or 'none'}", flush=True)
-    cache_dir = workdir / "jax_cache"
-    failed, durations = {}, {"pretrain": [], "finetune": []}
-    for index, run in enumerate(todo):
+          f"{len(unavailable)} arm(s) not available: {', '.join(sorted(unavailable)) or 'none'}; "
+          f"{parallel} worker(s)", flush=True)
+    durations, train_steps_s, ended = {"pretrain": [], "finetune": []}, [], [0]  # ended: a counter
+
+    def on_done(run, outcome):
+        ended[0] += 1
         label = f"{run.arm} seed {run.seed} " + ("pre-training" if run.fraction is None
                                                  else f"fine-tuning at {run.fraction:g}")
-        if run.needs is not None and run.needs in failed:
-            failed[run.workdir] = f"its pre-training failed ({run.needs})"
-            print(f"[{index + 1}/{len(todo)}] {label}: skipped, {failed[run.workdir]}", flush=True)
-            continue
-        print(f"[{index + 1}/{len(todo)}] {label} -> {run.workdir}", flush=True)
-        outcome = execute(run, cache_dir, config.timeout_s)
-        durations[run.kind].append(outcome["seconds"])
-        if outcome["status"] == "failed":
-            failed[run.workdir] = outcome["message"]
-        left = todo[index + 1:]
-        mean = {k: np.mean(v) if v else np.mean(sum(durations.values(), [])) for k, v in durations.items()}
-        eta = sum(mean[r.kind] for r in left)
-        print(f"    {outcome['status']} in {_fmt_duration(outcome['seconds'])}"
+        if outcome["status"] == "done":
+            durations[run.kind].append(outcome["seconds"])
+            train_steps_s.append(outcome.get("train_steps_s", 0.0))
+        seconds = sum(durations.values(), [])
+        eta = (len(todo) - ended[0]) * (np.mean(seconds) if seconds else 0.0) / parallel
+        print(f"[{ended[0]}/{len(todo)}] {label}: {outcome['status']} in {_fmt_duration(outcome['seconds'])}"
               + (f" ({outcome['message']})" if outcome["message"] else "")
-              + f"; {len(left)} to go, ETA {_fmt_duration(eta)}", flush=True)
+              + f"; ETA {_fmt_duration(eta)}", flush=True)
+
+    failed = execute_all(todo, parallel, workdir / "jax_cache", on_done) if todo else {}
+    wall = time.perf_counter() - started
     records = collect(runs, failed)
     meta = {"command": command, "commit": _git_commit(), "machine": _machine(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "wall_seconds_this_invocation": time.perf_counter() - started,
-            "run_seconds_total": sum(_run_seconds(r.workdir) for r in runs),
+            "wall_seconds_this_invocation": wall, "parallel": parallel,
+            "runs_this_invocation": len(train_steps_s),
+            "train_steps_seconds_this_invocation": sum(train_steps_s),
+            "run_seconds_total": sum(r.get("seconds", 0.0) for r in records if r["status"] == "done"),
             "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
-            "data_dir": str(data_dir), "workdir": str(workdir),
-            "label_fractions": list(config.label_fractions), "seeds": list(config.seeds)}
+            "records": str(records_dir), "workdir": str(workdir),
+            "label_fractions": list(config.label_fractions), "seeds": list(config.seeds),
+            "pretrain_per_seed": bool(config.pretrain_per_seed),
+            "pretrained_arms": sorted(a["name"] for a in config.arms if _pretrain_of(a, arms_by_name)),
+            "budget": {"pretrain": list(config.pretrain_overrides),
+                       "finetune": list(config.finetune_overrides)}}
     labels = {a["name"]: a["label"] for a in config.arms}
     return write_report(records, labels, unavailable, meta, results_path)
 
 
-def _run_seconds(run_dir: pathlib.Path) -> float:
-    """Seconds spent in a run so far, over all the invocations that ran or resumed it."""
-    path = run_dir / "study_run.json"
-    return read_json(path, "study run record").get("seconds", 0.0) if path.is_file() else 0.0
-
-
 def collect(runs: Sequence[Run], failed: dict) -> list[dict]:
-    """One record per fine-tuning run: its test scores, or its status when it has none."""
+    """One record per run (pre-training and fine-tuning): its saved record, or its status."""
     records = []
     for run in runs:
-        if run.kind != "finetune":
-            continue
-        rec = {"arm": run.arm, "seed": run.seed, "label_fraction": run.fraction, "workdir": str(run.workdir),
-               "seconds": _run_seconds(run.workdir)}
         if run.finished:
-            results = read_json(run.workdir / "eval_results.json", "eval results")
-            test = results.get("test") or {}
-            rec.update(status="done", test_miou=test.get("miou"), test_oa=test.get("oa"),
-                       val_miou=(results.get("val") or {}).get("miou"), best_step=results.get("best_step"),
-                       class_names=test.get("class_names"), test_iou=test.get("iou"))
-            if run.needs is not None:
-                rec["pretrain_seconds"] = _run_seconds(run.needs)
+            rec = read_json(run.record, "study record")
         else:
-            rec.update(status="failed" if run.workdir in failed else "not run",
-                       message=failed.get(run.workdir, ""))
+            rec = {"arm": run.arm, "kind": run.kind, "seed": run.seed, "label_fraction": run.fraction,
+                   "status": "failed" if run.workdir in failed else "not run",
+                   "message": failed.get(run.workdir, "")}
+        rec["workdir"] = str(run.workdir)
         records.append(rec)
     return records
 
@@ -368,10 +540,12 @@ def _pm(stat: tuple, digits: int = 1) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else " (1 seed)")
 
 
-def best_arm(summary: dict, fraction: float) -> Optional[str]:
-    """The arm other than the baseline with the highest mean test mIoU at `fraction`."""
+def best_arm(summary: dict, fraction: float, candidates=None) -> Optional[str]:
+    """The arm other than the baseline (among `candidates`, e.g. the pre-trained ones, when given)
+    with the highest mean test mIoU at `fraction`."""
     cells = [(v["miou"][0], arm) for (arm, f), v in summary.items()
-             if f == fraction and arm != BASELINE and v["miou"][2] > 0]
+             if f == fraction and arm != BASELINE and v["miou"][2] > 0
+             and (candidates is None or arm in candidates)]
     return max(cells)[1] if cells else None
 
 
@@ -448,6 +622,81 @@ def plot(summary: dict, labels: dict, fractions: Sequence[float], path: pathlib.
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _budget_section(records: Sequence[dict], meta: dict) -> list[str]:
+    """The compute budget as configured and as run (steps, epochs, why runs stopped)."""
+    budget = meta.get("budget") or {}
+    lines = ["", "## Budget", "",
+             f"The same for every method. Pre-training: `{' '.join(budget.get('pretrain', []))}` plus "
+             "each method's own flags (batch size, optimizer). Fine-tuning: "
+             f"`{' '.join(budget.get('finetune', []))}`; the checkpoint with the best validation "
+             "mIoU is scored on test.", ""]
+    pre = [r for r in records if r.get("kind") == "pretrain" and r["status"] == "done"]
+    if pre:
+        lines += ["| pre-training | steps | epochs of unlabelled patches | stopped early | why |",
+                  "|---|---|---|---|---|"]
+        for r in pre:
+            epochs = (r.get("curves") or {}).get("train/epoch") or [[0, float("nan")]]
+            stop = r.get("early_stop") or {}
+            lines.append(f"| {r['arm']} | {r.get('steps')} | {epochs[-1][1]:.1f} | "
+                         f"{'yes' if stop.get('stopped') else 'no'} | {stop.get('reason') or 'step budget'} |")
+        lines.append("")
+    ft = [r for r in records if r.get("kind", "finetune") == "finetune" and r["status"] == "done"
+          and r.get("steps") is not None]
+    if ft:
+        by_frac = {}
+        for r in ft:
+            by_frac.setdefault(r["label_fraction"], []).append(r)
+        lines += ["| fine-tuning at | runs | steps run (mean, min-max) | best-validation step (mean) | stopped early |",
+                  "|---|---|---|---|---|"]
+        for f, rows in sorted(by_frac.items()):
+            steps = [r["steps"] for r in rows]
+            best = [r["best_step"] for r in rows if r.get("best_step") is not None]
+            early = sum(bool((r.get("early_stop") or {}).get("stopped")) for r in rows)
+            lines.append(f"| {100 * f:g}% | {len(rows)} | {np.mean(steps):.0f} ({min(steps)}-{max(steps)}) | "
+                         f"{np.mean(best) if best else float('nan'):.0f} | {early} of {len(rows)} |")
+    return lines
+
+
+def _pretraining_section(records: Sequence[dict], labels: dict) -> list[str]:
+    """Each pre-training's health over time (loss, online probe vs the commonest class), and the
+    same probe on encoders trained with labels: what the probe can tell apart."""
+    pre = [r for r in records if r.get("kind") == "pretrain" and r["status"] == "done"]
+    lines = []
+    if pre:
+        lines += ["## Pre-training curves", "",
+                  "Online linear probe: ridge classifier (ridge chosen by 5-fold cross-validation on the "
+                  "labelled training patches) on the frozen pooled embedding, predicting each validation "
+                  "patch's majority class; 'commonest' always guesses the commonest training class.", ""]
+        for r in pre:
+            curves = r.get("curves") or {}
+            loss = dict(map(tuple, curves.get("train/loss", [])))
+            epoch = dict(map(tuple, curves.get("train/epoch", [])))
+            base = dict(map(tuple, curves.get("probe/baseline_accuracy", [])))
+            lines += [f"**{labels.get(r['arm'], r['arm'])}**", "",
+                      "| step | epoch | loss | probe accuracy | commonest class |", "|---|---|---|---|---|"]
+            for step, acc in curves.get("probe/accuracy", []):
+                near = min(loss, key=lambda s: abs(s - step)) if loss else None
+                lines.append(f"| {step} | {epoch.get(near, float('nan')):.1f} | "
+                             f"{loss.get(near, float('nan')):.4f} | {acc:.3f} | {base.get(step, float('nan')):.3f} |")
+            lines.append("")
+    sup = [r for r in records if r.get("kind", "finetune") == "finetune" and r["status"] == "done"
+           and (r.get("probe") or {}).get("accuracy") is not None and not r["arm"].endswith("_linear")
+           and r["arm"].startswith("scratch")]
+    if sup:
+        lines += ["The same probe on the encoders of from-scratch runs (trained with labels), as a "
+                  "check that it can tell a useful encoder from a useless one:", "",
+                  "| encoder | label fraction | runs | probe accuracy | commonest class |", "|---|---|---|---|---|"]
+        cells = {}
+        for r in sup:
+            cells.setdefault((r["arm"], r["label_fraction"]), []).append(r["probe"])
+        for (arm, f), probes in sorted(cells.items()):
+            lines.append(f"| {labels.get(arm, arm)} | {100 * f:g}% | {len(probes)} | "
+                         f"{_pm(_mean_std([100 * p['accuracy'] for p in probes]))} | "
+                         f"{_pm(_mean_std([100 * p['baseline_accuracy'] for p in probes]))} |")
+        lines.append("")
+    return lines
+
+
 def write_report(records: Sequence[dict], labels: dict, unavailable: dict, meta: dict,
                  results_path: pathlib.Path) -> dict:
     """Writes the Markdown report, the plot and the JSON / CSV of every run; returns the JSON content."""
@@ -460,14 +709,23 @@ def write_report(records: Sequence[dict], labels: dict, unavailable: dict, meta:
     def frac(f):
         return f"{100 * f:g}%"
 
+    wall, par = meta["wall_seconds_this_invocation"], meta.get("parallel", 1)
+    steps_s = meta.get("train_steps_seconds_this_invocation")
+    share = ("" if not steps_s or not meta.get("runs_this_invocation") else
+             f" Training steps took {100 * steps_s / (wall * par):.0f}% of this invocation's "
+             f"worker time ({par} worker(s) x wall time); the other "
+             f"{100 - 100 * steps_s / (wall * par):.0f}% went to start-up, compilation, evaluation, "
+             "checkpoints and idle workers.")
+    seeds_note = ("pre-training and fine-tuning seeds both vary" if meta.get("pretrain_per_seed", True)
+                  else f"one pre-training per method (seed {meta['seeds'][0]}), shared by every "
+                       "fine-tuning seed: the std is over fine-tuning seeds only")
     lines = ["# Label-efficiency study", "",
              f"Produced by `{meta['command']}` on {meta['date']}, commit {meta['commit']}, machine "
-             f"{meta['machine']}. Wall time of this invocation {_fmt_duration(meta['wall_seconds_this_invocation'])}; "
+             f"{meta['machine']}. Wall time of this invocation {_fmt_duration(wall)} with {par} worker(s); "
              f"all runs together {_fmt_duration(meta['run_seconds_total'])}; load average at the end "
-             f"{meta.get('load_average_at_end', 'unknown')} (above the core count: the machine was shared). "
-             f"Seeds {meta['seeds']} (pre-training "
-             f"and fine-tuning seeds both vary); test split = held-out zones. Every figure below comes from the "
-             f"runs' eval_results.json under {meta['workdir']}.", "",
+             f"{meta.get('load_average_at_end', 'unknown')}.{share} "
+             f"Seeds {meta['seeds']} ({seeds_note}); test split = held-out zones. Every figure below "
+             f"comes from the runs' records in {meta.get('records', meta['workdir'])}.", "",
              f"## Test mIoU and OA (%), mean ± std over seeds (std with ddof=1)", "",
              "| method | " + " | ".join(f"mIoU {frac(f)} | OA {frac(f)}" for f in fractions) + " |",
              "|---|" + "---|---|" * len(fractions)]
@@ -485,20 +743,27 @@ def write_report(records: Sequence[dict], labels: dict, unavailable: dict, meta:
             continue
         lines.append(f"| {labels[arm]} | " + " | ".join(
             _pm(summary[(arm, f)]["diff"]) if (arm, f) in summary else "-" for f in fractions) + " |")
+    lines += _budget_section(records, meta)
     target = min(fractions, key=lambda f: abs(f - 0.1))
-    best = best_arm(summary, target)
+    best = best_arm(summary, target, meta.get("pretrained_arms"))
     lines += ["", f"## Per-class test IoU (%) at {frac(target)} labels: best method vs from scratch", ""]
     if best is None or (BASELINE, target) not in summary:
         lines.append("Not available: no finished runs of both at this label fraction.")
     else:
         names, best_iou = per_class_iou(records, best, target)
         _, base_iou = per_class_iou(records, BASELINE, target)
-        lines += [f"Best method by mean test mIoU: {labels[best]}. Means over seeds; '-': class absent "
-                  "from the test split.", "", f"| class | {labels[BASELINE]} | {labels[best]} | difference |",
+        ahead = summary[(best, target)]["miou"][0] > summary[(BASELINE, target)]["miou"][0]
+        kind = "pre-trained method" if meta.get("pretrained_arms") else "other method"
+        verdict = (f"The best {kind} by mean test mIoU, {labels[best]}, is ahead of from scratch."
+                   if ahead else f"From scratch (U-T&T) is ahead of every {kind}; the best of them "
+                                 f"is {labels[best]}.")
+        lines += [f"{verdict} Means over seeds; '-': class absent from the test split.", "",
+                  f"| class | {labels[BASELINE]} | {labels[best]} | difference |",
                   "|---|---|---|---|"]
         for name, a, b in zip(names, base_iou, best_iou):
             lines.append(f"| {name} | " + " | ".join("-" if np.isnan(v) else f"{v:.1f}" for v in (a, b, b - a)) + " |")
     lines += ["", f"![test mIoU vs label fraction]({PLOT_NAME})", ""]
+    lines += _pretraining_section(records, labels)
     if unavailable:
         lines += ["## Not available in this trainer", ""]
         lines += [f"- {labels[a]} (`{a}`): {reason}" for a, reason in sorted(unavailable.items())]
@@ -506,7 +771,9 @@ def write_report(records: Sequence[dict], labels: dict, unavailable: dict, meta:
     problems = [r for r in records if r["status"] != "done" and r["arm"] not in unavailable]
     if problems:
         lines += ["## Runs without a result", ""]
-        lines += [f"- {r['arm']} seed {r['seed']} at {frac(r['label_fraction'])}: {r['status']}"
+        lines += [f"- {r['arm']} seed {r['seed']} "
+                  + ("pre-training" if r.get("label_fraction") is None else f"at {frac(r['label_fraction'])}")
+                  + f": {r['status']}"
                   + (f", {r['message']}" if r.get("message") else "") for r in problems]
         lines.append("")
     lines += ["Every run (scores, status, seconds, workdir): `results_label_efficiency.json` and "
@@ -519,8 +786,8 @@ def write_report(records: Sequence[dict], labels: dict, unavailable: dict, meta:
                                                                   for k, v in s.items()}}
                            for (arm, f), s in sorted(summary.items())]}
     write_json(results_path.parent / "results_label_efficiency.json", content)
-    fields = ["arm", "seed", "label_fraction", "status", "test_miou", "test_oa", "val_miou", "best_step",
-              "seconds", "workdir"]
+    fields = ["arm", "kind", "seed", "label_fraction", "status", "test_miou", "test_oa", "val_miou",
+              "best_step", "steps", "seconds", "workdir"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
@@ -535,7 +802,8 @@ def main(argv):
     command = " ".join(["python -m lcssl.study", *sys.argv[1:]])
     try:
         run_study(flags.FLAGS.config, pathlib.Path(flags.FLAGS.workdir), pathlib.Path(flags.FLAGS.results),
-                  command)
+                  command, pathlib.Path(flags.FLAGS.records) if flags.FLAGS.records else None,
+                  flags.FLAGS.parallel)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"python -m lcssl.study: {e}", file=sys.stderr)
         return 1

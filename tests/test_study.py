@@ -1,6 +1,7 @@
 """The label-efficiency study: its plan, the arms the trainer cannot run, the report, and the real command."""
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -53,12 +54,13 @@ def test_report_on_hand_made_results(tmp_path):
     saved = json.loads((tmp_path / "docs" / "results_label_efficiency.json").read_text())
     assert saved["runs"] == json.loads(json.dumps(content["runs"])) and len(saved["runs"]) == 8
     csv_rows = (tmp_path / "docs" / "results_label_efficiency.csv").read_text().strip().splitlines()
-    assert len(csv_rows) == 1 + 8 and csv_rows[0].startswith("arm,seed,label_fraction,status,test_miou")
+    assert len(csv_rows) == 1 + 8 and csv_rows[0].startswith("arm,kind,seed,label_fraction,status,test_miou")
 
 
 def test_plan_shares_one_pretraining_per_arm_and_seed(tmp_path):
-    config = study_synth.get_config()
-    runs = study.plan(config, tmp_path, tmp_path / "data")
+    config = study_synth.get_config("gpu")
+    assert config.pretrain_per_seed
+    runs = study.plan(config, tmp_path, tmp_path / "data", records=tmp_path / "records")
     arms = [a["name"] for a in config.arms]
     finetune = [r for r in runs if r.kind == "finetune"]
     assert len(finetune) == len(arms) * len(config.label_fractions) * len(config.seeds)
@@ -66,6 +68,7 @@ def test_plan_shares_one_pretraining_per_arm_and_seed(tmp_path):
     assert len(pretrain) == len({a["name"] for a in config.arms if a.get("pretrain")}) * len(config.seeds)
     linear = next(r for r in finetune if r.arm == "simclr_seed_linear" and r.seed == 1 and r.fraction == 0.01)
     assert linear.needs == tmp_path / "runs" / "simclr_seed" / "seed1" / "pretrain"
+    assert linear.record == tmp_path / "records" / "simclr_seed_linear" / "seed1_frac0.01.json"
     assert f"--config.init_from={linear.needs}" in linear.overrides
     assert "--config.finetune_mode=linear" in linear.overrides
     assert "--config.seed=1" in linear.overrides and "--config.label_fraction=0.01" in linear.overrides
@@ -75,6 +78,32 @@ def test_plan_shares_one_pretraining_per_arm_and_seed(tmp_path):
         if run.arm in ("scratch_unet", "simclr_large"):
             cfg = study.trainer_config(run.config, run.overrides)
             assert cfg.seed == run.seed and cfg.data_dir == str(tmp_path / "data")
+
+
+def test_cpu_preset_pretrains_once_per_method_for_every_fine_tuning_seed(tmp_path):
+    config = study_synth.get_config()
+    runs = study.plan(config, tmp_path, tmp_path / "data", records=tmp_path / "records")
+    pretrain = [r for r in runs if r.kind == "pretrain"]
+    assert len(pretrain) == len({a["name"] for a in config.arms if a.get("pretrain")})
+    assert all(r.seed == config.seeds[0] for r in pretrain)
+    for seed in config.seeds:
+        ft = next(r for r in runs if r.arm == "crossmodal" and r.seed == seed and r.fraction == 0.1)
+        assert ft.needs == tmp_path / "runs" / "crossmodal" / "pretrain"
+        assert f"--config.seed={seed}" in ft.overrides
+    # A run with a record is finished wherever its checkpoints are; its pre-training is run again
+    # only while a fine-tuning run that needs the checkpoint has no record.
+    cross = [r for r in runs if "crossmodal" in r.arm]
+    for r in cross:
+        if r.kind == "finetune":
+            r.record.parent.mkdir(parents=True, exist_ok=True)
+            r.record.write_text("{}")
+    pre = next(r for r in cross if r.kind == "pretrain")
+    assert [r for r in study._todo(runs) if "crossmodal" in r.arm] == [pre]  # its own record is missing
+    pre.record.write_text("{}")
+    assert not [r for r in study._todo(runs) if "crossmodal" in r.arm]
+    ft = next(r for r in cross if r.kind == "finetune")
+    ft.record.unlink()  # on a machine without the pre-training's checkpoint
+    assert [r for r in study._todo(runs) if "crossmodal" in r.arm] == [pre, ft]
 
 
 def test_arms_the_trainer_does_not_know_are_not_available():
@@ -100,7 +129,8 @@ def test_tiny_study_end_to_end_and_rerun_skips_finished_runs(tmp_path):
     results = tmp_path / "report" / "RESULTS.md"
     arms = ("scratch_utt", "simclr_seed", "simclr_seed_linear", "dense")
     cmd = [sys.executable, "-m", "lcssl.study", "--config=configs/study_synth.py:tiny",
-           f"--config.only_arms={','.join(arms)}", f"--workdir={tmp_path / 'study'}", f"--results={results}"]
+           f"--config.only_arms={','.join(arms)}", f"--workdir={tmp_path / 'study'}", f"--results={results}",
+           "--parallel=2"]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     saved = json.loads((results.parent / "results_label_efficiency.json").read_text())
@@ -119,3 +149,10 @@ def test_tiny_study_end_to_end_and_rerun_skips_finished_runs(tmp_path):
     total = len(arms) * len(config.label_fractions) + 2  # + the simclr_seed and dense pre-trainings
     assert f"Study: {total} runs ({total} already finished)" in second.stdout
     assert {p: p.stat().st_mtime_ns for p in logs} == before
+    # The records alone (committed, checkpoints elsewhere) finish the study on another machine.
+    records = sorted((results.parent / "study_records").rglob("*.json"))
+    assert len(records) == total
+    shutil.rmtree(tmp_path / "study" / "runs")
+    third = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0 and f"({total} already finished)" in third.stdout, third.stderr[-3000:]
+    assert json.loads((results.parent / "results_label_efficiency.json").read_text())["runs"] == saved["runs"]
