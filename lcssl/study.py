@@ -219,10 +219,12 @@ def _curves(workdir: pathlib.Path) -> dict:
     """{tag: [[step, value], ...]} of the run's TensorBoard scalars in _CURVE_TAGS (TensorFlow is
     already imported by the input pipeline in a worker)."""
     import tensorflow as tf
+    from tensorflow.core.util import event_pb2
 
     out = {}
     for path in sorted(workdir.glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
+        for raw in tf.data.TFRecordDataset(str(path)):
+            event = event_pb2.Event.FromString(raw.numpy())
             for value in event.summary.value:
                 if value.tag in _CURVE_TAGS:
                     out.setdefault(value.tag, []).append(
@@ -300,6 +302,7 @@ def execute(run: Run, cache_dir: str) -> dict:
         rec = make_record(run, total)
         train_steps_s = (rec.get("timing") or {}).get("train_steps_s", 0.0)
         if run.record is not None:
+            run.record.parent.mkdir(parents=True, exist_ok=True)
             write_json(run.record, rec)
     else:
         message = f"{message}; {log_path}: {_tail(log_path)}"
@@ -325,7 +328,7 @@ def _cpu_sets(parallel: int) -> list:
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if parallel <= 1 or len(cores) < parallel:
         return [set(cores)] * parallel
-    return [set(part) for part in np.array_split(cores, parallel)]
+    return [set(int(c) for c in part) for part in np.array_split(cores, parallel)]
 
 
 def execute_all(todo: Sequence[Run], parallel: int, cache_dir: pathlib.Path, on_done) -> dict:
