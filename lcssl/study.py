@@ -310,7 +310,14 @@ def execute(run: Run, cache_dir: str) -> dict:
 
 
 def _init_worker(cpu_sets, cache_dir: str) -> None:
-    """A worker process: its share of the host's cores, the shared compilation cache."""
+    """A worker process: its share of the host's cores, the shared compilation cache; on Linux it
+    is killed when the study process dies, however that dies (no orphan keeps training)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     cpus = cpu_sets.get()
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cpus)
