@@ -334,6 +334,7 @@ def test_cli_refuses_with_one_line_and_no_traceback(run_dir, tmp_path):
     assert proc.returncode == 2
     assert "error: --sits=" in proc.stderr and "does not overlap" in proc.stderr
     assert "EPSG:32631" in proc.stderr and "Traceback" not in proc.stderr
+    assert not [line for line in proc.stderr.splitlines() if "WARNING" in line]   # no Orbax noise
     assert not (tmp_path / "map.tif").exists()
 
 

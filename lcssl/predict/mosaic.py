@@ -53,6 +53,19 @@ def predict_mosaic(*args, **kwargs) -> dict:
         return _predict_mosaic(*args, **kwargs)
 
 
+def _check_options(overlap, block_width, tta, without_sits, min_clear_fraction) -> None:
+    if not 0 <= overlap < 1:
+        raise UserError(f"--overlap={overlap}: expected a fraction of the window in [0, 1)")
+    if block_width < 1:
+        raise UserError(f"--block-width={block_width}: expected a positive number of pixels")
+    if tta not in TTA_VIEWS:
+        raise UserError(f"--tta={tta}: expected one of {sorted(TTA_VIEWS)}")
+    if without_sits not in WITHOUT_SITS:
+        raise UserError(f"--without-sits={without_sits}: expected one of {list(WITHOUT_SITS)}")
+    if not 0 < min_clear_fraction <= 1:
+        raise UserError(f"--min-clear-fraction={min_clear_fraction}: expected a fraction in (0, 1]")
+
+
 def check_out_path(out_path: str) -> None:
     """UserError unless `out_path` names a file in an existing folder this process can write to."""
     if os.path.isdir(out_path):
@@ -231,16 +244,7 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
     if jax.process_count() > 1:
         raise UserError("lcssl.predict runs in one process (all its local devices); start it "
                         "without COORDINATOR_ADDRESS / NUM_PROCESSES")
-    if not 0 <= overlap < 1:
-        raise UserError(f"--overlap={overlap}: expected a fraction of the window in [0, 1)")
-    if block_width < 1:
-        raise UserError(f"--block-width={block_width}: expected a positive number of pixels")
-    if tta not in TTA_VIEWS:
-        raise UserError(f"--tta={tta}: expected one of {sorted(TTA_VIEWS)}")
-    if without_sits not in WITHOUT_SITS:
-        raise UserError(f"--without-sits={without_sits}: expected one of {list(WITHOUT_SITS)}")
-    if not 0 < min_clear_fraction <= 1:
-        raise UserError(f"--min-clear-fraction={min_clear_fraction}: expected a fraction in (0, 1]")
+    _check_options(overlap, block_width, tta, without_sits, min_clear_fraction)
     if sits_path and not os.path.exists(sits_path):
         raise UserError(f"--sits={sits_path}: no such file or folder")
     check_out_path(out_path)
