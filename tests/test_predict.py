@@ -496,6 +496,15 @@ def test_windows_without_sentinel2_are_mapped_from_the_aerial_image_and_flagged(
     assert (read(tmp_path / "holes.tif")[0][0][:, 64:] == 255).all()
     assert not (tmp_path / "holes_aerial_only.tif").exists()
 
+    # No series at all: everything from the aerial image for this model, refused for the other.
+    predict.predict_mosaic(with_modality_dropout(loaded), aerial, None, str(tmp_path / "a.tif"),
+                           overlap=0.0, batch_size=8, progress=False)
+    assert (read(tmp_path / "a_aerial_only.tif")[0] == 1).all()
+    assert (read(tmp_path / "a.tif")[0][0][:, 64:] == classes[:, 64:]).all()
+    with pytest.raises(UserError, match=r"--sits is required: .* not trained with modality "
+                                        r"dropout"):
+        predict.predict_mosaic(loaded, aerial, None, str(tmp_path / "b.tif"), progress=False)
+
 
 def test_a_date_counts_when_enough_of_its_crop_has_data(loaded, tmp_path):
     aerial = write_aerial(tmp_path / "mosaic.tif")
