@@ -11,6 +11,7 @@ writes nothing, loads the model, compiles on a warm-up mosaic, then measures
             the training preprocessing of each series, the forward pass, Hann blending, softmax,
             writing the uint8 class map and its COG copy;
   memory    resident memory (RSS, sampled every 10 ms) before and at its peak during predict_mosaic.
+With --tta=flips / d4 predict runs 4 / 8 forward passes per window (its cost: compare the rows).
 The model has random weights (speed does not depend on them): the tiny config's widths with
 `--window` px aerial windows at `--gsd` m (the U-T&T footprint follows), 6 dates of 10 bands.
 Inputs (aerial GeoTIFF mosaic, Sentinel-2 folder, Lambert-93) are written first by this script.
@@ -43,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8, help="windows per step, all devices")
     p.add_argument("--overlap", type=float, default=0.25)
     p.add_argument("--block-width", type=int, default=1024)
+    p.add_argument("--tta", default="none", help="test-time augmentation: none, flips (4 views), "
+                                                 "d4 (8 views); forward win/s stays one view")
     p.add_argument("--forward-repeats", type=int, default=5)
     p.add_argument("--workdir", default=None, help="where inputs are written (default: a temp dir)")
     p.add_argument("--json", default=None, help="write the results here")
@@ -90,13 +93,12 @@ def write_inputs(folder, side, gsd):
 
 def model_and_spec(window, gsd):
     """(logits_fn, spec, class names) as lcssl.predict.load_model returns them, random weights."""
-    import functools
-
     import jax
 
     from lcssl import checkpoint as ckpt_lib
     from lcssl import models, sharding
     from lcssl.data import schema
+    from lcssl.predict.model import Forward
 
     card = {"classes": list(schema.FLAIR2_CLASSES), "ignore_label": 255,
             "aerial": {"bands": list(schema.FLAIR2_AERIAL_BANDS), "size": window, "gsd_m": gsd,
@@ -113,14 +115,8 @@ def model_and_spec(window, gsd):
     mesh = sharding.make_mesh()
     variables = jax.jit(lambda k: model.init(k, *models.dummy_inputs(cfg, num_dates=6), train=False),
                         out_shardings=sharding.replicated(mesh))(jax.random.key(0))
-
-    @jax.jit
-    def forward(variables, batch):
-        return model.apply(variables, batch["aerial"], batch["sits"], batch["dates"],
-                           batch["sits_valid"], train=False)["logits"]
-
     spec = ckpt_lib.input_spec(card, cfg.to_dict())
-    return functools.partial(forward, variables), spec, list(card["classes"]), mesh
+    return Forward(model, variables), spec, list(card["classes"]), mesh
 
 
 class RssSampler:
@@ -167,7 +163,7 @@ def worker(args):
     aerial, s2 = os.path.join(folder, "mosaic.tif"), os.path.join(folder, "s2")
     warm = os.path.join(os.path.dirname(folder), "warmup")
     kw = dict(overlap=args.overlap, batch_size=args.batch, block_width=args.block_width,
-              progress=False, mesh=mesh)
+              tta=args.tta, progress=False, mesh=mesh)
     predict.predict_mosaic(loaded, os.path.join(warm, "mosaic.tif"), os.path.join(warm, "s2"),
                            os.path.join(warm, "map.tif"), **kw)
 
@@ -210,7 +206,7 @@ def main(argv=None):
         write_inputs(folder, side, args.gsd)
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", folder,
                f"--window={args.window}", f"--gsd={args.gsd}", f"--batch={args.batch}",
-               f"--overlap={args.overlap}", f"--block-width={args.block_width}",
+               f"--overlap={args.overlap}", f"--block-width={args.block_width}", f"--tta={args.tta}",
                f"--forward-repeats={args.forward_repeats}"]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode:
@@ -223,7 +219,7 @@ def main(argv=None):
                        f"{os.cpu_count()} CPUs, {jax.devices()[0].platform} x {jax.device_count()}",
             "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
             "window_px": args.window, "gsd_m": args.gsd, "batch": args.batch,
-            "overlap": args.overlap, "block_width": args.block_width}
+            "overlap": args.overlap, "block_width": args.block_width, "tta": args.tta}
     print(f"| mosaic | km2 | windows | forward win/s | predict win/s | predict/forward | km2/h "
           f"| RSS before | RSS peak |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:

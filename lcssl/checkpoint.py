@@ -261,3 +261,39 @@ def write_json(path: str, obj: Any) -> None:
     """Atomic JSON write (process 0 only): the file is either the old or the new version."""
     if jax.process_index() == 0:
         files.write_json(path, obj)
+
+
+def restore_weights(path: str, *, flag: str, advice: str) -> tuple[dict, dict, str, int]:
+    """(variables {'params', 'batch_stats'} as numpy, input_spec, checkpoint folder, step) of the
+    run at `path` for inference: its best/ checkpoint (best validation mIoU) when it has one, else
+    the latest of checkpoints/, or `path` itself as a folder of numbered steps. Only params and
+    batch_stats are read (no optimizer state), on the host, whatever device layout wrote them.
+
+    A path without a checkpoint raises MissingInputError "`flag`=`path`: ... `advice`"; a step
+    folder that is empty or not an lcssl checkpoint a UserError naming it.
+    """
+    candidates = (os.path.join(path, "best"), os.path.join(path, "checkpoints"), path)
+    directory = next((os.path.abspath(c) for c in candidates if os.path.isdir(c)
+                      and any(n.isdigit() for n in os.listdir(c))), None)
+    if directory is None:
+        raise MissingInputError(
+            f"{flag}={path}: no checkpoint there (looked for numbered step folders in {path}/best, "
+            f"{path}/checkpoints and {path}). {advice}")
+    mngr = _manager(directory, keep=None, read_only=True, partial=True)
+    step = mngr.latest_step()
+    try:
+        meta = mngr.item_metadata(step)["state"]
+        wanted = {"params": meta["params"], "batch_stats": meta.get("batch_stats") or {}}
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        out = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(wanted, restore_args=as_numpy, partial_restore=True),
+            input_spec=ocp.args.JsonRestore()))
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        raise UserError(f"{flag}={path}: {directory}/{step} is not a complete lcssl checkpoint "
+                        f"({type(e).__name__}: {str(e)[:200]}); delete that step folder or point "
+                        f"{flag} at another run. {advice}") from None
+    finally:
+        mngr.close()
+    variables = {"params": out["state"]["params"],
+                 "batch_stats": out["state"].get("batch_stats") or {}}
+    return variables, dict(out["input_spec"]), directory, step

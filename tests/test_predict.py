@@ -15,6 +15,7 @@ from rasterio.transform import from_origin
 
 from lcssl import checkpoint as ckpt_lib
 from lcssl import models, predict, sharding, train
+from lcssl.errors import UserError
 from lcssl.tasks.base import TrainState
 from lcssl.data import normalize, schema
 from lcssl.data import sits as sits_lib
@@ -160,9 +161,18 @@ def read(path):
         return src.read(), src.profile, src
 
 
-def patchwise(loaded, x, y):
+def view_np(a, k, flip, axes):
+    """numpy twin of a TTA view: flip the columns, then rotate k x 90 degrees."""
+    if flip:
+        a = np.flip(a, axis=axes[1])
+    return np.rot90(a, k, axes=axes)
+
+
+def patchwise(loaded, x, y, view=None, aerial_only=False):
     """The tiny model on the window at mosaic px (x, y), built as data_prep builds a training
-    example: the 16 px series crop centred on the lattice corner nearest the window centre."""
+    example: the 16 px series crop centred on the lattice corner nearest the window centre.
+    view (k, flip): the window and its crop seen flipped / rotated, the logits turned back.
+    aerial_only: the logits without Sentinel-2 (logits_fn.aerial_only)."""
     logits_fn, spec, _ = loaded
     aerial = aerial_array()[:, y:y + SIZE, x:x + SIZE]
     transform, width, height = s2_grid_l93()
@@ -173,13 +183,21 @@ def patchwise(loaded, x, y):
     crop = sits_lib.crop_centered(superpatch, (round(row), round(col)), SITS_SIZE)
     series, dates, valid = sits_lib.preprocess_series(crop, None, DATES,
                                                       predict.sits_options(spec)[0])
-    batch = {"aerial": np.moveaxis(aerial, 0, -1)[None].astype(np.float32),
+    aerial = np.moveaxis(aerial, 0, -1)
+    if view is not None:
+        aerial, series = view_np(aerial, *view, (0, 1)), view_np(series, *view, (1, 2))
+    batch = {"aerial": aerial[None].astype(np.float32),
              "sits": series[None].astype(np.float32), "dates": dates[None], "sits_valid": valid[None]}
     batch = {k: np.repeat(v, 8, axis=0) for k, v in batch.items()}   # one per device
     mesh = sharding.make_mesh()
     norm = normalize.normalize(sharding.host_batch_to_global(batch, mesh),
                                normalize.stats_from_card(spec))
-    return np.asarray(logits_fn(norm))[0]
+    logits = np.asarray((logits_fn.aerial_only if aerial_only else logits_fn)(norm))[0]
+    if view is not None:
+        k, flip = view
+        logits = np.rot90(logits, -k, axes=(0, 1))
+        logits = np.flip(logits, axis=1) if flip else logits
+    return logits
 
 
 def softmax(z):
@@ -273,6 +291,7 @@ def test_nodata_and_partial_sentinel2_coverage_are_kept(loaded, tmp_path, caplog
     assert (classes[:, -20:] == 255).all()                  # east: no series, no prediction
     assert 0 < summary["windows_without_sits"] < summary["windows"]
     assert "too few clear Sentinel-2 dates" in caplog.text
+    assert "trained without modality dropout" in caplog.text      # says why: holes, not guesses
 
     data = aerial_array()
     data[:, 24:100] = 0               # two whole rows of windows have no valid pixel: skipped
@@ -288,17 +307,17 @@ def test_nodata_and_partial_sentinel2_coverage_are_kept(loaded, tmp_path, caplog
 def test_contract_mismatches_and_no_overlap_are_refused(loaded, tmp_path):
     s2 = write_s2_folder(tmp_path / "s2")
     four = write_aerial(tmp_path / "four.tif", aerial_array()[:4])
-    with pytest.raises(predict.PredictError, match=r"expects the bands \['R', 'G', 'B', 'NIR', "
+    with pytest.raises(UserError, match=r"expects the bands \['R', 'G', 'B', 'NIR', "
                                                    r"'elevation'\] in this order, the file has"):
         predict.predict_mosaic(loaded, four, s2, str(tmp_path / "m.tif"), progress=False)
     swapped = write_aerial(tmp_path / "swapped.tif")
     with rasterio.open(swapped, "r+") as dst:
         dst.set_band_description(1, "G")
         dst.set_band_description(2, "R")
-    with pytest.raises(predict.PredictError, match="--aerial-bands=2,1,3,4,5"):
+    with pytest.raises(UserError, match="--aerial-bands=2,1,3,4,5"):
         predict.predict_mosaic(loaded, swapped, s2, str(tmp_path / "m.tif"), progress=False)
     far = write_s2_folder(tmp_path / "far", shift_m=(50_000.0, 0.0))
-    with pytest.raises(predict.PredictError, match=r"does not overlap the mosaic: the mosaic covers "
+    with pytest.raises(UserError, match=r"does not overlap the mosaic: the mosaic covers "
                                                    r"\(650000.0, .*EPSG:2154.*EPSG:2154"):
         predict.predict_mosaic(loaded, write_aerial(tmp_path / "ok.tif"), far,
                                str(tmp_path / "m.tif"), progress=False)
@@ -315,6 +334,7 @@ def test_cli_refuses_with_one_line_and_no_traceback(run_dir, tmp_path):
     assert proc.returncode == 2
     assert "error: --sits=" in proc.stderr and "does not overlap" in proc.stderr
     assert "EPSG:32631" in proc.stderr and "Traceback" not in proc.stderr
+    assert not [line for line in proc.stderr.splitlines() if "WARNING" in line]   # no Orbax noise
     assert not (tmp_path / "map.tif").exists()
 
 
@@ -396,7 +416,7 @@ def test_a_multi_date_file_is_read_by_its_band_descriptions(tmp_path):
     found = predict.find_sits(str(path), S2_BANDS)
     assert [d.date for d in found] == [datetime.date(2021, 3, 1), datetime.date(2021, 4, 15)]
     assert found[0].band_indexes == list(range(20, 10, -1))   # checkpoint order, 1-based
-    with pytest.raises(predict.PredictError, match=r"2021-03-01 lacks the bands \['B13'\]"):
+    with pytest.raises(UserError, match=r"2021-03-01 lacks the bands \['B13'\]"):
         predict.find_sits(str(path), S2_BANDS[:-1] + ["B13"])
 
 
@@ -412,3 +432,174 @@ def test_cloudy_dates_of_a_window_are_dropped_as_in_data_prep():
     assert dates[:2].tolist() == [d.timetuple().tm_yday for d in (DATES[0], DATES[2])]
     usable[2] = False
     assert predict.window_series(series, usable, masks, DATES, opts, None) is None
+
+
+# --- Features of the package: aerial-only fallback, TTA, partial dates, one multi-date file ---------
+
+def with_modality_dropout(loaded, p=0.3):
+    """The same weights, as if fine-tuned with model.modality_dropout = p (it only acts in
+    training, so the forward pass is the same)."""
+    logits_fn, spec, names = loaded
+    return logits_fn, dict(spec, model=dict(spec["model"], modality_dropout=p)), names
+
+
+def test_aerial_only_is_the_path_modality_dropout_trains(loaded):
+    """logits_fn.aerial_only equals the model with its Fusion returning the aerial levels
+    unchanged, which is what modality dropout does to a sample in training."""
+    import flax.linen as nn
+
+    from lcssl.models.fusion import Fusion
+
+    logits_fn = loaded[0]
+    rng = np.random.default_rng(1)
+    batch = {"aerial": rng.normal(size=(8, SIZE, SIZE, 5)).astype(np.float32),
+             "sits": rng.normal(size=(8, 6, SITS_SIZE, SITS_SIZE, 10)).astype(np.float32),
+             "dates": np.tile(np.arange(1, 7, dtype=np.int32) * 40, (8, 1)),
+             "sits_valid": np.ones((8, 6), bool)}
+
+    def drop_series(next_fun, args, kwargs, context):
+        if isinstance(context.module, Fusion) and context.method_name == "__call__":
+            return args[0]
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(drop_series):
+        want = logits_fn.model.apply(logits_fn.variables, batch["aerial"], batch["sits"],
+                                     batch["dates"], batch["sits_valid"], train=False)["logits"]
+    fused = np.asarray(logits_fn(batch))
+    got = np.asarray(logits_fn.aerial_only(batch))
+    np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
+    assert np.abs(got - fused).max() > 1e-2            # the series did contribute before
+
+
+def test_windows_without_sentinel2_are_mapped_from_the_aerial_image_and_flagged(loaded, tmp_path,
+                                                                                caplog):
+    aerial = write_aerial(tmp_path / "mosaic.tif")
+    s2 = write_s2_folder(tmp_path / "s2", cover=0.5)    # crops of windows x >= 64 px lack data
+    caplog.set_level("INFO", logger="lcssl.predict")
+    summary = predict.predict_mosaic(with_modality_dropout(loaded), aerial, s2,
+                                     str(tmp_path / "map.tif"), overlap=0.0, batch_size=8,
+                                     probabilities=True, progress=False)
+    assert summary["windows_aerial_only"] == summary["windows_without_sits"] == 12
+    classes = read(tmp_path / "map.tif")[0][0]
+    flag = read(tmp_path / "map_aerial_only.tif")[0][0]
+    probs = read(tmp_path / "map_probabilities.tif")[0].astype(int)
+    assert (classes != 255).all()
+    assert (flag[:, :64] == 0).all() and (flag[:, 64:] == 1).all()
+    assert "predicted from the aerial image alone" in caplog.text
+    for x, y, alone in ((128, 32, True), (32, 64, False)):
+        p = softmax(patchwise(loaded, x, y, aerial_only=alone).astype(np.float64))
+        got = np.moveaxis(probs[:, y:y + SIZE, x:x + SIZE], 0, -1)
+        np.testing.assert_allclose(got, np.rint(p * 254), atol=1)
+
+    predict.predict_mosaic(with_modality_dropout(loaded), aerial, s2, str(tmp_path / "holes.tif"),
+                           overlap=0.0, batch_size=8, without_sits="nodata", progress=False)
+    assert (read(tmp_path / "holes.tif")[0][0][:, 64:] == 255).all()
+    assert not (tmp_path / "holes_aerial_only.tif").exists()
+
+    # No series at all: everything from the aerial image for this model, refused for the other.
+    predict.predict_mosaic(with_modality_dropout(loaded), aerial, None, str(tmp_path / "a.tif"),
+                           overlap=0.0, batch_size=8, progress=False)
+    assert (read(tmp_path / "a_aerial_only.tif")[0] == 1).all()
+    assert (read(tmp_path / "a.tif")[0][0][:, 64:] == classes[:, 64:]).all()
+    with pytest.raises(UserError, match=r"--sits is required: .* not trained with modality "
+                                        r"dropout"):
+        predict.predict_mosaic(loaded, aerial, None, str(tmp_path / "b.tif"), progress=False)
+
+
+def test_a_date_counts_when_enough_of_its_crop_has_data(loaded, tmp_path):
+    aerial = write_aerial(tmp_path / "mosaic.tif")
+    s2 = write_s2_folder(tmp_path / "s2", cover=0.5)
+    kw = dict(overlap=0.0, batch_size=8, progress=False)
+    strict = predict.predict_mosaic(loaded, aerial, s2, str(tmp_path / "a.tif"), **kw)
+    half = predict.predict_mosaic(loaded, aerial, s2, str(tmp_path / "b.tif"),
+                                  min_clear_fraction=0.4, **kw)
+    # The crops of the windows at x = 64 px have data over 70 m of their 160 m: 0.44.
+    assert strict["windows_without_sits"] == 12 and half["windows_without_sits"] == 8
+    assert (read(tmp_path / "a.tif")[0][0][:, 64:96] == 255).all()
+    assert (read(tmp_path / "b.tif")[0][0][:, 64:96] != 255).all()
+
+
+def test_test_time_augmentation_averages_flipped_windows(loaded, tmp_path):
+    aerial = write_aerial(tmp_path / "mosaic.tif")
+    s2 = write_s2_folder(tmp_path / "s2")
+    summary = predict.predict_mosaic(loaded, aerial, s2, str(tmp_path / "map.tif"), overlap=0.0,
+                                     batch_size=8, probabilities=True, tta="flips",
+                                     progress=False)
+    assert summary["tta_views"] == 4
+    probs = read(tmp_path / "map_probabilities.tif")[0].astype(int)
+    for x, y in ((0, 0), (96, 64)):
+        logits = np.mean([patchwise(loaded, x, y, view).astype(np.float64)
+                          for view in ((0, False), (0, True), (2, True), (2, False))], axis=0)
+        got = np.moveaxis(probs[:, y:y + SIZE, x:x + SIZE], 0, -1)
+        np.testing.assert_allclose(got, np.rint(softmax(logits) * 254), atol=1)
+        plain = softmax(patchwise(loaded, x, y).astype(np.float64))
+        assert np.abs(got - np.rint(plain * 254)).max() > 2      # TTA changed the map
+
+
+def write_s2_stack(path, dates=DATES):
+    """The series of write_s2_folder as one multi-date GeoTIFF, bands 'YYYYMMDD_<band>'."""
+    folder = write_s2_folder(os.path.dirname(path) + "/s2_for_stack")
+    data, descriptions = [], []
+    for date in dates:
+        with rasterio.open(os.path.join(folder, f"S2_{date:%Y%m%d}.tif")) as src:
+            data.append(src.read())
+            profile = src.profile
+    profile.update(count=len(dates) * len(S2_BANDS))
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.concatenate(data))
+        for i, (d, b) in enumerate([(d, b) for d in dates for b in S2_BANDS], start=1):
+            dst.set_band_description(i, f"{d:%Y%m%d}_{b}")
+    return str(path), folder
+
+
+def test_a_single_multi_date_file_gives_the_map_of_the_folder(loaded, tmp_path):
+    aerial = write_aerial(tmp_path / "mosaic.tif")
+    stack, folder = write_s2_stack(tmp_path / "s2_stack.tif")
+    kw = dict(overlap=0.25, batch_size=8, probabilities=True, progress=False)
+    one = predict.predict_mosaic(loaded, aerial, stack, str(tmp_path / "a.tif"), **kw)
+    predict.predict_mosaic(loaded, aerial, folder, str(tmp_path / "b.tif"), **kw)
+    assert one["windows_without_sits"] == 0
+    assert (read(tmp_path / "a_probabilities.tif")[0] == read(tmp_path / "b_probabilities.tif")[0]).all()
+    assert (read(tmp_path / "a.tif")[0] == read(tmp_path / "b.tif")[0]).all()
+
+
+def run_main(argv, capsys):
+    from lcssl.predict.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return exit_info.value.code, err
+
+
+def test_cli_checks_inputs_before_the_checkpoint_and_gives_its_own_advice(tmp_path, capsys):
+    not_raster = tmp_path / "mosaic.tif"
+    not_raster.write_text("not a raster")
+    missing = str(tmp_path / "no_run")
+    code, err = run_main([f"--checkpoint={missing}", f"--aerial={not_raster}",
+                          f"--out={tmp_path / 'map.tif'}", "--no-progress"], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: --aerial={not_raster}: ")
+    aerial = write_aerial(tmp_path / "ok.tif")
+    code, err = run_main([f"--checkpoint={missing}", f"--aerial={aerial}",
+                          f"--out={tmp_path / 'nowhere' / 'map.tif'}"], capsys)
+    assert code == 2 and err == [f"error: --out={tmp_path / 'nowhere' / 'map.tif'}: the folder "
+                                 f"{tmp_path / 'nowhere'} does not exist"]
+    code, err = run_main([f"--checkpoint={missing}", f"--aerial={aerial}",
+                          f"--out={tmp_path / 'map.tif'}"], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: --checkpoint={missing}: ")
+    assert "Point --checkpoint at the workdir of a supervised or fine-tuning run" in err[0]
+    assert "init_from" not in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mosaic.tif", "ok.tif"]
+
+
+def test_cli_names_an_empty_step_folder(run_dir, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "checkpoints" / "7").mkdir()
+    aerial = write_aerial(tmp_path / "mosaic.tif")
+    code, err = run_main([f"--checkpoint={run}", f"--aerial={aerial}",
+                          f"--out={tmp_path / 'map.tif'}", "--no-progress"], capsys)
+    assert code == 2 and len(err) == 1 and "error: --checkpoint=" in err[0]
+    assert "checkpoints/7" in err[0]

@@ -1,0 +1,73 @@
+"""Output sinks: finished rows -> uint8 rasters with nodata, a new format is one class, and a
+failure leaves no file behind."""
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+from lcssl.predict import sinks
+from lcssl.predict.__main__ import _parser
+from lcssl.predict.blend import Rows
+
+NAMES = ["a", "b", "c"]
+PROFILE = dict(width=6, height=4, crs="EPSG:2154", transform=from_origin(650_000, 6_860_000, 1, 1))
+
+
+def rows(x0=0, y0=0):
+    logits = np.zeros((4, 3, 3), np.float32)
+    logits[..., 1] = 2.0                      # class 1, p = e^2 / (e^2 + 2)
+    valid = np.ones((4, 3), bool)
+    valid[0, 0] = False
+    return Rows(x0, y0, logits, valid.copy(), np.zeros((4, 3), bool), valid)
+
+
+class Entropy(sinks.Sink):
+    """A new format: the softmax entropy in bits x 100."""
+    name, suffix = "entropy", "_entropy"
+
+    def pixels(self, r):
+        p = r.probabilities
+        return np.where(r.valid, np.rint(-100 * (p * np.log2(p)).sum(-1)), 255).astype(np.uint8)[None]
+
+
+def test_sinks_write_rows_with_nodata_and_a_new_one_is_a_class(tmp_path):
+    out = str(tmp_path / "map.tif")
+    written = [kind(out, NAMES) for kind in (sinks.ClassMap, sinks.Confidence,
+                                             sinks.Probabilities, Entropy)]
+    for s in written:
+        s.open(PROFILE)
+        s.write(rows(0))
+        s.write(rows(3))
+        s.finish()
+        s.commit()
+    p1 = np.exp(2.0) / (np.exp(2.0) + 2)
+    with rasterio.open(tmp_path / "map.tif") as m:
+        cls = m.read(1)
+        assert m.colormap(1)[1][:3] == sinks.class_colours(NAMES)[1]
+    assert cls[0, 0] == 255 and (cls.ravel()[1:3] == 1).all() and cls[0, 3] == 255
+    with rasterio.open(tmp_path / "map_confidence.tif") as m:
+        assert m.read(1)[1, 1] == round(p1 * 254)
+    with rasterio.open(tmp_path / "map_probabilities.tif") as m:
+        assert m.count == 3 and m.descriptions == tuple(NAMES)
+    with rasterio.open(tmp_path / "map_entropy.tif") as m:
+        q = (1 - p1) / 2
+        want = -(p1 * np.log2(p1) + 2 * q * np.log2(q))
+        assert m.read(1)[2, 2] == round(100 * want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "map.tif", "map_confidence.tif", "map_entropy.tif", "map_probabilities.tif"]
+
+
+def test_an_aborted_sink_leaves_nothing(tmp_path):
+    s = sinks.Probabilities(str(tmp_path / "map.tif"), NAMES)
+    s.open(PROFILE)
+    s.write(rows())
+    s.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_each_optional_sink_is_a_flag():
+    args = _parser().parse_args(["--checkpoint=r", "--out=m.tif", "--confidence"])
+    assert {s.name for s in sinks.OPTIONAL} == {"confidence", "probabilities"}
+    assert args.confidence and not args.probabilities
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--checkpoint=r", "--out=m.tif", "--entropy"])
