@@ -121,7 +121,9 @@ def _budget(max_pretrain_epochs: int, finetune_steps: int) -> tuple[list, list]:
     runs until validation mIoU (every 20 steps) has not improved for 4 evaluations, or
     finetune_steps; the best-validation checkpoint is scored on test, for every arm alike.
     """
-    pretrain = ["--config.split=unlabelled", f"--config.num_epochs={max_pretrain_epochs}",
+    # num_steps=0: the epochs decide (the tiny configs set num_steps, which would win).
+    pretrain = ["--config.split=unlabelled", "--config.num_steps=0",
+                f"--config.num_epochs={max_pretrain_epochs}",
                 f"--config.probe.every_steps={_steps_per_epoch(PRETRAIN_BATCH)}",
                 "--config.probe.examples=1024", "--config.early_stop.metric=probe/accuracy",
                 "--config.early_stop.patience=4", "--config.early_stop.min_delta=0.01",

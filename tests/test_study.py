@@ -81,8 +81,18 @@ def test_plan_shares_one_pretraining_per_arm_and_seed(tmp_path):
 
 
 def test_cpu_preset_pretrains_once_per_method_for_every_fine_tuning_seed(tmp_path):
+    from lcssl import train
+
     config = study_synth.get_config()
     runs = study.plan(config, tmp_path, tmp_path / "data", records=tmp_path / "records")
+    # The budget as the trainer reads it: pre-training for 16 epochs of the 1120 unlabelled patches
+    # (whatever the configs' presets set num_steps to), fine-tuning for at most 300 steps.
+    card = {"splits": {"unlabelled": {"num_examples": 1120}, "train": {"num_examples": 112}}}
+    for run in runs:
+        if run.arm in ("crossmodal", "simclr_large", "scratch_utt"):
+            cfg = study.trainer_config(run.config, run.overrides)
+            steps, per_epoch = train.schedule_lengths(cfg, card, uses_labels=run.kind == "finetune")
+            assert steps == (16 * per_epoch if run.kind == "pretrain" else 300), run.arm
     pretrain = [r for r in runs if r.kind == "pretrain"]
     assert len(pretrain) == len({a["name"] for a in config.arms if a.get("pretrain")})
     assert all(r.seed == config.seeds[0] for r in pretrain)
