@@ -101,7 +101,7 @@ def test_tensorflow_native_logs_are_quieted_unless_the_user_set_them():
     (PermissionError(errno.EACCES, "Permission denied", "/data/out"),
      "/data/out: permission denied: check the file's and its folder's permissions, or use another path"),
     (FileNotFoundError("/data/x: no dataset_card.json"), "/data/x: no dataset_card.json"),  # our own message
-    (OSError(errno.EXDEV, "Invalid cross-device link", "/a", "/b"), "/a -> /b: Invalid cross-device link"),
+    (OSError(errno.EXDEV, "Invalid cross-device link", "/a", None, "/b"), "/a -> /b: Invalid cross-device link"),
 ])
 def test_errors_of_the_machine_that_name_their_file_are_one_line(capsys, error, line):
     def fails():

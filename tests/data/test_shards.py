@@ -208,18 +208,25 @@ def record_offsets(path):
 
 def test_a_flipped_length_header_is_a_corrupt_record_not_a_truncation(dataset, capsys):
     shard, _ = first_train_shard(dataset)
-    second = record_offsets(shard)[1]
-    flip(shard, second + 1)  # the length grows by 256: the walk would otherwise end "inside a record"
+    flip(shard, 1)  # the first record's length grows by 256: the walk would end "inside a record"
     assert data_prep_main(["verify", str(dataset)]) == 1
     out = capsys.readouterr().out
-    assert f"{shard}: corrupt record 1 (counting from 0; its length header fails its CRC)" in out
+    assert f"{shard}: corrupt record 0 (counting from 0; its length header fails its CRC)" in out
     assert "truncated inside a record" not in out
 
 
 def test_a_flipped_data_byte_names_its_record(dataset, capsys):
     shard, _ = first_train_shard(dataset)
-    third = record_offsets(shard)[2]
-    flip(shard, third + 12 + 100)
+    second = record_offsets(shard)[1]
+    flip(shard, second + 12 + 100)
     pipeline.load_card(dataset)  # same size: the start-up stat cannot see it ...
     assert data_prep_main(["verify", str(dataset)]) == 1  # ... verify's data CRCs do
-    assert f"{shard}: corrupt record 2 (counting from 0; its data fails its CRC)" in capsys.readouterr().out
+    assert f"{shard}: corrupt record 1 (counting from 0; its data fails its CRC)" in capsys.readouterr().out
+
+
+def test_a_shard_of_the_same_record_count_but_another_size_is_named_rewritten(dataset):
+    shard, card = first_train_shard(dataset)
+    rewrite_records(shard, lambda recs: [recs[0] + b"\0", *recs[1:]])  # one record a byte longer
+    with pytest.raises(records.ShardError, match=rf"{shard.name}: {card['splits']['train']['shard_bytes'][0] + 1} "
+                                                 r"bytes, the card records \d+: rewritten with other content"):
+        pipeline.load_card(dataset)
