@@ -2,7 +2,7 @@
 
     python -m data_prep synth --layout=flair2 --out=/tmp/flair2_raw --patch-size=64
     python -m data_prep build --layout=flair2 --src=/tmp/flair2_raw --out=/tmp/flair2_tfr --expect-size=64
-    python -m data_prep verify /tmp/flair2_tfr      # every shard's record count, size and sha256
+    python -m data_prep verify /tmp/flair2_tfr      # the card's checksum; every shard's records, CRCs, size, sha256
     python -m data_prep build --help
 """
 from __future__ import annotations
@@ -147,7 +147,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(fn=_build)
 
-    v = sub.add_parser("verify", help="check every shard against the dataset card (records, bytes, sha256)",
+    v = sub.add_parser("verify", help="check the dataset card (its checksum) and every shard against it (records "
+                                      "and their CRCs, bytes, sha256)",
                        formatter_class=fmt)
     v.add_argument("data_dir", help="folder written by `build` (dataset_card.json and the shards)")
     v.set_defaults(fn=_verify)
