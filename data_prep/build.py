@@ -15,7 +15,12 @@ Two passes over the patches, both parallel over `workers` processes:
    temp files, so an interrupted or damaged build resumes and yields identical shards.
 
 A worker process that dies (killed, out of memory) fails the build with a BuildError instead of
-hanging it; re-running the command resumes.
+hanging it; re-running the command resumes. Workers die with the build, whatever ends it (kill -9
+included: `_die_with_parent`). A build holds `<out>/build.lock` (lcssl.files.FolderLock) so that a
+second build into the same --out refuses instead of sweeping the first one's temp files. A shard
+or file that cannot be written (disk full, permission) raises an OSError naming it (one line,
+exit 2 on the command line). The card carries a checksum of its own content (`schema.seal_card`);
+`verify` also checks it and every record's CRCs.
 
 Arrays are kept out of the scan result: a 512 px FLAIR patch is ~2 MB, the dataset ~80k patches.
 """
