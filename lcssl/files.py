@@ -167,7 +167,7 @@ class FolderLock:
                     pass
                 continue
             if not holder:
-                who = "cannot be read, so its run cannot be checked"
+                who = f"cannot be read, so its {self.what} cannot be checked"
             elif same_host:
                 who = (f"names process {pid} on {holder.get('host')} (started "
                        f"{holder.get('started')}), which is still running")
