@@ -2,7 +2,7 @@
 
     python -m data_prep synth --layout=flair2 --out=/tmp/flair2_raw --patch-size=64
     python -m data_prep build --layout=flair2 --src=/tmp/flair2_raw --out=/tmp/flair2_tfr --expect-size=64
-    python -m data_prep verify /tmp/flair2_tfr      # every shard's record count, size and sha256
+    python -m data_prep verify /tmp/flair2_tfr      # the card's checksum; every shard's records, CRCs, size, sha256
     python -m data_prep build --help
 """
 from __future__ import annotations
@@ -59,19 +59,23 @@ def _build(args) -> int:
 
 def _verify(args) -> int:
     from data_prep import build
+    from lcssl.data.schema import CARD_NAME
 
     try:
         checked, problems = build.verify(args.data_dir)
     except (FileNotFoundError, ValueError) as e:  # no card, unreadable card, unknown format version
         print(f"verify failed: {e}", file=sys.stderr)
         return 1
-    for shard, problem in problems:
-        print(f"{shard}: {problem}")
+    for path, problem in problems:
+        print(f"{path}: {problem}")
+    damaged = len({path for path, _ in problems if not path.endswith(CARD_NAME)})
     if problems:
-        print(f"verify: {len(problems)} of {checked} shards damaged in {args.data_dir}; re-run the "
+        print(f"verify: {damaged} of {checked} shards damaged in {args.data_dir}"
+              f"{', and its ' + CARD_NAME + ' was edited' if damaged < len(problems) else ''}; re-run the "
               "`python -m data_prep build` command that made it to rewrite them", file=sys.stderr)
         return 1
-    print(f"verify: all {checked} shards in {args.data_dir} match the dataset card (records, bytes, sha256)")
+    print(f"verify: {CARD_NAME} and all {checked} shards in {args.data_dir} match (checksum, records and "
+          "their CRCs, bytes, sha256)")
     return 0
 
 
@@ -143,7 +147,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(fn=_build)
 
-    v = sub.add_parser("verify", help="check every shard against the dataset card (records, bytes, sha256)",
+    v = sub.add_parser("verify", help="check the dataset card (its checksum) and every shard against it (records "
+                                      "and their CRCs, bytes, sha256)",
                        formatter_class=fmt)
     v.add_argument("data_dir", help="folder written by `build` (dataset_card.json and the shards)")
     v.set_defaults(fn=_verify)

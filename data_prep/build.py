@@ -15,7 +15,12 @@ Two passes over the patches, both parallel over `workers` processes:
    temp files, so an interrupted or damaged build resumes and yields identical shards.
 
 A worker process that dies (killed, out of memory) fails the build with a BuildError instead of
-hanging it; re-running the command resumes.
+hanging it; re-running the command resumes. Workers die with the build, whatever ends it (kill -9
+included: `_die_with_parent`). A build holds `<out>/build.lock` (lcssl.files.FolderLock) so that a
+second build into the same --out refuses instead of sweeping the first one's temp files. A shard
+or file that cannot be written (disk full, permission) raises an OSError naming it (one line,
+exit 2 on the command line). The card carries a checksum of its own content (`schema.seal_card`);
+`verify` also checks it and every record's CRCs.
 
 Arrays are kept out of the scan result: a 512 px FLAIR patch is ~2 MB, the dataset ~80k patches.
 """
@@ -37,11 +42,12 @@ from typing import Optional
 import numpy as np
 
 from data_prep.patch import REASONS, BadPatch, RawPatch
-from lcssl.data.schema import CARD_NAME, FORMAT_VERSION, PLAN_NAME, SHARD_INDEX_NAME, SUMMARY_NAME
-from lcssl.files import read_json, write_json
+from lcssl.data.schema import CARD_NAME, FORMAT_VERSION, PLAN_NAME, SHARD_INDEX_NAME, SUMMARY_NAME, seal_card
+from lcssl.files import FolderLock, read_json, to_json, write_json
 
 SPLITS = ("train", "val", "test", "unlabelled")
 SCAN_CACHE = ".scan-cache.json"
+LOCK_NAME = "build.lock"  # one build at a time in an --out (lcssl.files.FolderLock)
 # Two patches of one dataset have the same ground resolution up to the rounding of the GeoTIFF pixel
 # scale (float64, or float32 in some writers: relative 6e-8); 1e-6 leaves a margin and still tells
 # 0.2 m from 0.2002 m.
@@ -253,6 +259,16 @@ def _write_shard(args):
                     sits_valid=p.valid, dates=p.dates, shapes=card_shapes))
         entry = _shard_entry(tmp, len(refs))
         _fsync_rename(tmp, path)
+    except tf.errors.OpError as e:  # TFRecordWriter: disk full / size limit is a bare OutOfRangeError
+        tmp.unlink(missing_ok=True)
+        raise OSError(None, f"cannot write this shard: TensorFlow's TFRecordWriter failed ({type(e).__name__}"
+                            f"{': ' + e.message if e.message else ''}); is the disk full? Free space and re-run "
+                            "the same command (it resumes)", str(path)) from None
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -327,6 +343,34 @@ def _plan(infos: list, options: BuildOptions) -> tuple:
 # --- the build -----------------------------------------------------------------------------------
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Runs first in every worker: the worker ends when the build process does, whatever ends it
+    (kill -9 included), instead of writing shards for nobody. On Linux the kernel kills the worker
+    when its parent dies (prctl PR_SET_PDEATHSIG); everywhere, a daemon thread also checks every
+    second that the parent is still the build (a dead parent's children are handed to another)."""
+    import signal
+    import threading
+
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux
+        pass
+    if os.getppid() != parent_pid:  # the build died before prctl took effect
+        os._exit(1)
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-build", daemon=True).start()
+
+
 def _pool_map(fn, tasks, workers: int, ordered: bool = True):
     """fn over tasks in `workers` processes; a worker that dies raises BuildError (no hang)."""
     if workers <= 1 or len(tasks) <= 1:
@@ -335,7 +379,8 @@ def _pool_map(fn, tasks, workers: int, ordered: bool = True):
     # concurrent.futures, not multiprocessing.Pool: Pool silently replaces a dead worker and waits
     # forever for its task, the executor marks itself broken and fails every pending future.
     ctx = multiprocessing.get_context("spawn")  # TensorFlow is not fork-safe
-    pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx)
+    pool = concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx,
+                                                  initializer=_die_with_parent, initargs=(os.getpid(),))
     try:
         futures = [pool.submit(fn, t) for t in tasks]
         done = futures if ordered else concurrent.futures.as_completed(futures)
@@ -479,7 +524,17 @@ def build(src, out, *, layout: str, options: Optional[BuildOptions] = None) -> d
     t0 = time.time()
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp.*"):  # partial files of an interrupted run
+    lock = FolderLock(str(out), LOCK_NAME, flag="--out", what="build",
+                      clash="Two builds into one --out delete each other's temporary files and overwrite each "
+                            "other's shards").acquire()
+    try:
+        return _build(src, out, layout, options, t0)
+    finally:
+        lock.release()
+
+
+def _build(src, out: pathlib.Path, layout: str, options: BuildOptions, t0: float) -> dict:
+    for stale in out.glob(".*.tmp.*"):  # partial files of an interrupted run (the lock says it is over)
         stale.unlink()
     meta = _layout_meta(layout, src)
     num_classes = len(meta["classes"])
@@ -576,6 +631,7 @@ def build(src, out, *, layout: str, options: Optional[BuildOptions] = None) -> d
         "class_weights_formula": CLASS_WEIGHTS_FORMULA,
         "build_options": _options_json(options),
     }
+    card = seal_card(json.loads(to_json(card)))  # sealed as it reads back (numbers as JSON has them)
     _atomic_json(out / CARD_NAME, card)
     if options.tfds_metadata:
         write_tfds_metadata(out, card)
@@ -598,12 +654,23 @@ def build(src, out, *, layout: str, options: Optional[BuildOptions] = None) -> d
 
 
 def verify(data_dir) -> tuple[int, list]:
-    """(number of shards, [(shard path, problem)]) of every shard of `data_dir` checked against its
-    dataset card: present, complete records, byte size and sha256 (reads every byte)."""
+    """(number of shards, [(file, problem)]) of `data_dir` checked against its dataset card: the
+    card's own checksum and its per-split totals, then every shard: present, complete records whose
+    length and data CRCs hold, byte size and sha256 (reads every byte)."""
     from lcssl.data import pipeline
 
-    card = pipeline.load_card(data_dir, check_shards=False)
-    problems = pipeline.check_shard_files(data_dir, card, check_sha256=True)
+    card = pipeline.load_card(data_dir, check_shards=False, check_content=False)
+    card_path = str(pathlib.Path(data_dir) / CARD_NAME)
+    problems = []
+    content = pipeline.card_checksum_problem(card)
+    if content:
+        problems.append((card_path, content))
+    for s, info in card["splits"].items():
+        total = sum(info["shard_examples"])
+        if info["num_examples"] != total:
+            problems.append((card_path, f"splits.{s}.num_examples is {info['num_examples']}, its "
+                                        f"shard_examples add up to {total}: the card was edited"))
+    problems += pipeline.check_shard_files(data_dir, card, check_sha256=True)
     return sum(len(info["files"]) for info in card["splits"].values()), problems
 
 

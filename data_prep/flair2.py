@@ -165,14 +165,26 @@ def read_raster(path, *, bands: int, size: int, dtype, need_georef: bool, expect
     return np.ascontiguousarray(np.moveaxis(data, 0, -1)), crs, tuple(transform)[:6]
 
 
+NPY_MAGIC = b"\x93NUMPY"  # numpy/lib/format.py: every .npy file starts with it
+
+
 def load_npy(path, *, what: str):
-    """Memory-mapped .npy; a missing file is 'no_sits', an unparseable one 'unreadable'."""
+    """Memory-mapped .npy; a missing file is 'no_sits', an unparseable one 'unreadable'.
+
+    A file without the .npy magic string is named as such before numpy reads it: numpy would take
+    it for a pickle and advise `allow_pickle=True`, which would run whatever the file holds."""
     if not os.path.exists(path):
         raise BadPatch(path, "no_sits", f"{what} file missing")
     try:
+        with open(path, "rb") as f:
+            magic = f.read(len(NPY_MAGIC))
+        if magic != NPY_MAGIC:
+            raise BadPatch(path, "unreadable", f"{what} is not a .npy array file (it does not start with the "
+                                               f"NumPy header {NPY_MAGIC!r}); restore the dataset's original file")
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as e:
-        raise BadPatch(path, "unreadable", f"cannot read {what} .npy ({e})") from None
+        detail = str(e) if "pickle" not in str(e) else "its .npy header cannot be parsed"
+        raise BadPatch(path, "unreadable", f"cannot read {what} .npy ({detail})") from None
 
 
 def check_superpatch(path, data: np.ndarray, *, what: str = "super-patch"):

@@ -77,6 +77,7 @@ class Checkpoints:
 
     def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None):
         self.directory = os.path.abspath(directory)
+        check_step_folders(self.directory)
         self._mngr = _manager(directory, keep=keep, best_metric=best_metric)
 
     def latest_step(self) -> int | None:
@@ -208,10 +209,35 @@ def read_input_spec(directory: str, step: int | None = None) -> dict:
     return dict(out["input_spec"])
 
 
+STEP_ITEMS = ("state", "input_spec")  # what every step folder Checkpoints.save writes holds (and progress)
+
+
+def check_step_folders(directory: str) -> None:
+    """UserError naming a numbered step folder of `directory` that holds no complete checkpoint
+    (empty, or missing an item): Orbax would take it for the latest step and fail on it with a
+    KeyError. Orbax writes a step under a temporary name and renames it when complete, so such a
+    folder was made or cut short by something else (a copy, a hand-made folder)."""
+    if "://" in directory or not os.path.isdir(directory):
+        return
+    for name in sorted(os.listdir(directory), key=lambda n: (len(n), n)):
+        step_dir = os.path.join(directory, name)
+        if not (name.isdigit() and os.path.isdir(step_dir)):
+            continue
+        missing = [item for item in STEP_ITEMS if not os.path.isdir(os.path.join(step_dir, item))]
+        if missing:
+            what = "is empty" if not os.listdir(step_dir) else f"lacks {', '.join(missing)}"
+            raise UserError(
+                f"{step_dir}: this numbered step folder {what}, so it holds no checkpoint (not written by "
+                f"a run, or a copy cut short). Move it out of {directory} (the other steps stay usable) "
+                "and re-run the command.")
+
+
 def resolve_checkpoint_dir(path: str) -> str:
-    """A workdir or its checkpoints/ folder -> the folder with numbered steps; clear error if none."""
+    """A workdir or its checkpoints/ folder -> the folder with numbered steps; clear error if none,
+    or if a numbered step folder holds no checkpoint (`check_step_folders`)."""
     for candidate in (os.path.join(path, "checkpoints"), path):
         if os.path.isdir(candidate) and any(n.isdigit() for n in os.listdir(candidate)):
+            check_step_folders(candidate)
             return os.path.abspath(candidate)
     raise MissingInputError(
         f"No checkpoint found under {path!r} (looked for numbered step folders in {path}/checkpoints "

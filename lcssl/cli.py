@@ -4,8 +4,10 @@
     sys.exit(cli.user_errors(main)())   # argparse entry point
 
 A `lcssl.errors.UserError` (missing dataset, wrong flag value, unreadable file, checkpoint that
-does not fit) prints `error: <message>` on stderr and exits with status 2; any other exception is a
-bug and keeps its traceback.
+does not fit) prints `error: <message>` on stderr and exits with status 2. So does an error of the
+machine rather than of the code that `explain` can put in one line naming the file: an OSError
+(disk full, permission denied, missing file, read-only filesystem), TensorFlow's data-loss / disk
+errors while reading or writing shards. Any other exception is a bug and keeps its traceback.
 
 Logs at the default verbosity (absl's `--verbosity=0`): INFO lines of lcssl and data_prep, clu's
 progress (steps/s, ETA) and metric lines, and every warning or error of any library. Orbax's
@@ -14,6 +16,7 @@ with `-v 1` (`--verbosity=1`); `--verbosity=-1` keeps warnings only.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -63,17 +66,58 @@ def quiet_logging(verbosity: int) -> None:
         handler.addFilter(_FILTER)
 
 
+# What to do, by errno, for an OSError that names its file.
+_OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free space (or point the command at another disk) and re-run it",
+    errno.EDQUOT: "the disk quota is used up: free space and re-run the command",
+    errno.EACCES: "permission denied: check the file's and its folder's permissions, or use another path",
+    errno.EPERM: "operation not permitted: check the file's and its folder's permissions, or use another path",
+    errno.EROFS: "the filesystem is read-only: use a writable path",
+    errno.ENOENT: "no such file or directory: check the path",
+    errno.ENOTDIR: "a part of the path is not a directory: check the path",
+    errno.EISDIR: "is a directory, a file was expected: check the path",
+    errno.EFBIG: "file too large for the file size limit (ulimit -f) or the filesystem: use another disk",
+    errno.EIO: "input/output error: the disk or network filesystem failed; check it and re-run",
+}
+
+
+def explain(e: BaseException) -> str | None:
+    """One line for an error of the machine (not of the code) that names its file, else None."""
+    if isinstance(e, OSError) and e.errno is None and e.filename is None:
+        # lcssl's own FileNotFoundError("<path>: no such ...") and the like: the message names the file
+        return str(e) if len(e.args) == 1 and isinstance(e.args[0], str) else None
+    if isinstance(e, OSError) and (e.filename is not None or e.errno in (errno.ENOSPC, errno.EDQUOT)):
+        where = f"{e.filename}: " if e.filename is not None else ""
+        if e.filename2 is not None:
+            where = f"{e.filename} -> {e.filename2}: "
+        return where + _OS_ADVICE.get(e.errno, e.strerror or str(e))
+    tf = sys.modules.get("tensorflow")
+    errors = getattr(tf, "errors", None)
+    if errors is not None and isinstance(e, errors.OpError):
+        text = _last_line(e.message).split(" [Op:")[0]
+        if isinstance(e, errors.DataLossError):
+            return (f"a TFRecord shard is damaged (TensorFlow: {text}); `python -m data_prep verify DATA_DIR` "
+                    "names the shard and the record, and re-running the build that made it rewrites it")
+        if isinstance(e, (errors.ResourceExhaustedError, errors.PermissionDeniedError, errors.NotFoundError)):
+            return f"TensorFlow could not read or write a file: {text}"
+    return None
+
+
 def user_errors(main: Callable) -> Callable:
-    """`main` with UserError turned into one line on stderr and exit status 2."""
+    """`main` with UserError, and the errors `explain` can name, turned into one line on stderr
+    and exit status 2."""
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            sys.stderr.flush()
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(EXIT_USER_ERROR)
+            _fail(str(e))
+        except Exception as e:  # noqa: BLE001 -- re-raised unless explained
+            line = explain(e)
+            if line is None:
+                raise
+            _fail(line)
 
     return wrapped
 
@@ -106,6 +150,7 @@ def require_dataset(data_dir: str, layout: str, flag: str = "--config.data_dir")
 
 
 def _fail(message: str) -> None:
+    sys.stderr.flush()
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
 

@@ -259,6 +259,19 @@ def ndvi_svg(dates: Sequence[int], ndvi: Sequence[float], encoding: str) -> str:
     return curve_svg(f"NDVI ({encoding})", [("ndvi", list(zip(dates, ndvi)))])
 
 
+def _inside(folder: str, name, listed_in: str) -> str:
+    """`folder/name` for a plain relative path that stays inside `folder` (names read from a file
+    must not reach /etc/... or ../...), else a ReportError naming the file that listed it."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or "\0" in name:
+        raise ReportError(f"{listed_in}: {name!r} is not a relative path inside {folder}")
+    root = os.path.realpath(folder)
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root:
+        raise ReportError(f"{listed_in}: {name!r} points outside {folder}; a predict summary lists files "
+                          "inside its own folder")
+    return path
+
+
 def sample_panels(maps_dir: str) -> list[str]:
     """Rows of panels for the patches `python -m lcssl.predict --records` saved samples of:
     aerial RGB, NDVI over time, label, prediction, errors (red: wrong, grey: no label)."""
@@ -270,18 +283,25 @@ def sample_panels(maps_dir: str) -> list[str]:
     if not os.path.exists(summary_path):
         raise ReportError(f"--maps={maps_dir}: no summary.json; expected the --out folder of "
                           "`python -m lcssl.predict --records=DATA --split=...`")
-    summary = files.read_json(summary_path)
-    colours = np.array(class_colours(summary["scores"]["class_names"]) + [(0, 0, 0)] * 256,
-                       np.uint8)
+    try:
+        summary = files.read_json(summary_path, "predict summary")
+        colours = np.array(class_colours(summary["scores"]["class_names"]) + [(0, 0, 0)] * 256,
+                           np.uint8)
+        patches = [p for p in summary["patches"] if "sample" in p]
+        paths = [(_inside(maps_dir, p["sample"], summary_path), _inside(maps_dir, p["file"], summary_path))
+                 for p in patches]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ReportError(f"{summary_path}: not a summary written by `python -m lcssl.predict --records` "
+                          f"(missing or malformed {e}); re-run that command into --maps") from None
+    except (FileNotFoundError, ValueError) as e:
+        raise ReportError(str(e)) from None
     rows = []
-    for patch in summary["patches"]:
-        if "sample" not in patch:
-            continue
-        with np.load(os.path.join(maps_dir, patch["sample"])) as z:
+    for patch, (sample_path, map_path) in zip(patches, paths):
+        with np.load(sample_path) as z:
             sample = {k: z[k] for k in z.files}
         with warnings.catch_warnings():   # patches carry no georeferencing, by design
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            with rasterio.open(os.path.join(maps_dir, patch["file"])) as src:
+            with rasterio.open(map_path) as src:
                 pred, label = src.read()
         lut = colours.copy()
         lut[NODATA] = (128, 128, 128)
@@ -394,4 +414,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from lcssl import cli
+
+    sys.exit(cli.user_errors(main)())

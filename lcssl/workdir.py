@@ -13,19 +13,16 @@ refuses with a message naming it. Workdirs on object stores (gs://...) are not l
 """
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import socket
-import time
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 
 from lcssl import files
 from lcssl.errors import UserError
+from lcssl.files import _alive, _process_start  # noqa: F401 -- the lock's helpers, tested here
 
 LOCK_NAME = "run.lock"
 # Model fields that change how the step computes, not the parameters it trains: a resume may
@@ -35,95 +32,12 @@ COMPUTE_ONLY_MODEL_FIELDS = ("dtype", "remat")
 
 # --- One run at a time ----------------------------------------------------------------------------
 
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of `pid` (Linux), to tell a reused pid from the run that locked."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return start is None or _process_start(pid) in (None, start)
-
-
-class WorkdirLock:
+class WorkdirLock(files.FolderLock):
     """`<workdir>/run.lock`; `release()` removes it (only if it is still this process's)."""
 
     def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, LOCK_NAME)
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(),
-                      "pid_start": _process_start(os.getpid()),
-                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        self.held = False
-
-    def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(files.to_json(self.owner))
-        return True
-
-    def _holder(self) -> dict | None:
-        try:
-            with open(self.path) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}  # half-written or damaged: treated as another host's, never taken silently
-
-    def acquire(self) -> "WorkdirLock":
-        for _ in range(3):  # a lock released or taken over between our calls: look again
-            if self._create():
-                self.held = True
-                atexit.register(self.release)  # also when the run ends in an exception
-                return self
-            holder = self._holder()
-            if holder is None:
-                continue
-            same_host = holder.get("host") == self.owner["host"]
-            pid = holder.get("pid")
-            ours = same_host and pid == self.owner["pid"]  # an earlier run of this process
-            if same_host and isinstance(pid, int) and (ours or not _alive(pid, holder.get("pid_start"))):
-                if not ours:
-                    logging.warning("%s: stale lock of process %d on %s (started %s), which is no "
-                                    "longer running; taking it over.", self.path, pid,
-                                    holder.get("host"), holder.get("started"))
-                try:
-                    os.remove(self.path)
-                except FileNotFoundError:
-                    pass
-                continue
-            if not holder:
-                who = "cannot be read, so its run cannot be checked"
-            elif same_host:
-                who = (f"names process {pid} on {holder.get('host')} (started "
-                       f"{holder.get('started')}), which is still running")
-            else:
-                who = (f"names process {pid} on {holder.get('host')} (started "
-                       f"{holder.get('started')}), which may still be running (another host: its "
-                       "process cannot be checked from here)")
-            raise UserError(
-                f"--workdir={os.path.dirname(self.path)} is in use: {self.path} {who}. Two runs in "
-                f"one workdir overwrite each other's checkpoints. Wait for it, use another "
-                f"--workdir, or delete {self.path} if no run uses it.")
-        raise UserError(f"{self.path}: could not take the workdir lock (other runs keep taking it); "
-                        "make sure only one run uses this --workdir.")
-
-    def release(self) -> None:
-        if self.held and (self._holder() or {}).get("pid") == self.owner["pid"]:
-            os.remove(self.path)
-        self.held = False
+        super().__init__(workdir, LOCK_NAME, flag="--workdir", what="run",
+                         clash="Two runs in one workdir overwrite each other's checkpoints")
 
 
 class _NoLock:

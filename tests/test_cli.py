@@ -1,5 +1,7 @@
 """The real command line on user errors: one message naming the flag or file and what to do, exit
 status 2, no Python traceback; bugs keep theirs (lcssl/cli.py)."""
+import errno
+import json
 import subprocess
 
 import pytest
@@ -31,13 +33,20 @@ def run_main(*args):
     (["--config=configs/ssl_hameln.py", "--config.data_dir={tmp}/broken"],
      ["--config.data_dir={tmp}/broken: {tmp}/broken/dataset_card.json: this dataset card is not "
       "valid JSON"]),
+    (["--config=configs/ssl_hameln.py", "--config.data_dir={tmp}/edited"],  # a key deleted by hand
+     ["--config.data_dir={tmp}/edited: {tmp}/edited/dataset_card.json: its content differs from what "
+      "`data_prep build` wrote"]),
 ])
 def test_a_user_error_is_one_message_without_a_traceback(tmp_path, args, expected):
     (tmp_path / "minimal").mkdir()  # a card that reads: the run gets as far as the mesh
     (tmp_path / "minimal" / "dataset_card.json").write_text(
-        f'{{"format_version": {schema.FORMAT_VERSION}, "splits": {{}}}}')
+        json.dumps(schema.seal_card({"format_version": schema.FORMAT_VERSION, "splits": {}})))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "dataset_card.json").write_text('{"format_version": 2,')  # cut short
+    (tmp_path / "edited").mkdir()
+    card = schema.seal_card({"format_version": schema.FORMAT_VERSION, "splits": {}, "classes": ["a"]})
+    del card["classes"]
+    (tmp_path / "edited" / "dataset_card.json").write_text(json.dumps(card))
     proc = run_main(*(a.format(tmp=tmp_path) for a in args), f"--workdir={tmp_path}/run")
     assert proc.returncode == cli.EXIT_USER_ERROR, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -83,3 +92,31 @@ def test_tensorflow_native_logs_are_quieted_unless_the_user_set_them():
     env = {"TF_CPP_MIN_LOG_LEVEL": "0"}
     cli.quiet_native_logs(env)
     assert env == {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_ENABLE_ONEDNN_OPTS": "0"}
+
+
+@pytest.mark.parametrize("error, line", [
+    (OSError(errno.ENOSPC, "No space left on device", "/data/out/train-00003-of-00009.tfrecord"),
+     "/data/out/train-00003-of-00009.tfrecord: the disk is full: free space (or point the command at "
+     "another disk) and re-run it"),
+    (PermissionError(errno.EACCES, "Permission denied", "/data/out"),
+     "/data/out: permission denied: check the file's and its folder's permissions, or use another path"),
+    (FileNotFoundError("/data/x: no dataset_card.json"), "/data/x: no dataset_card.json"),  # our own message
+    (OSError(errno.EXDEV, "Invalid cross-device link", "/a", None, "/b"), "/a -> /b: Invalid cross-device link"),
+])
+def test_errors_of_the_machine_that_name_their_file_are_one_line(capsys, error, line):
+    def fails():
+        raise error
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.user_errors(fails)()
+    assert exit_info.value.code == cli.EXIT_USER_ERROR
+    assert capsys.readouterr().err == f"error: {line}\n"
+
+
+def test_a_damaged_record_met_by_tensorflow_points_at_verify_and_other_errors_keep_their_traceback():
+    import tensorflow as tf
+
+    assert "data_prep verify DATA_DIR" in cli.explain(tf.errors.DataLossError(None, None, "corrupted record at 12"))
+    assert cli.explain(OSError("no file named")) == "no file named"
+    assert cli.explain(OSError(errno.EBADF, "Bad file descriptor")) is None  # no file named: a bug
+    assert cli.explain(RuntimeError("a bug")) is None

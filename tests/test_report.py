@@ -1,6 +1,7 @@
 """lcssl.report on two tiny runs' workdirs, written as lcssl.train writes them: scalars through
 clu's TensorBoard writer and eval_results.json from lcssl.metrics."""
 import json
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -94,3 +95,14 @@ def test_png_writer_round_trips_the_pixels():
     rows = np.frombuffer(zlib.decompress(png[41:41 + length]), np.uint8).reshape(5, 1 + 7 * 3)
     assert (rows[:, 0] == 0).all()                         # filter byte: none
     np.testing.assert_array_equal(rows[:, 1:].reshape(5, 7, 3), rgb)
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../outside.npz", "a/../../outside.npz"])
+def test_paths_read_from_a_predict_summary_must_stay_in_its_folder(tmp_path, name):
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    files.write_json(maps / "summary.json", {"scores": {"class_names": ["a", "b"]},
+                                             "patches": [{"file": "p.tif", "sample": name}]})
+    with pytest.raises(report.ReportError, match=rf"summary.json: {re.escape(repr(name))} (points outside|is not a "
+                                                 "relative path inside)"):
+        report.sample_panels(str(maps))

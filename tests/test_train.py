@@ -13,7 +13,7 @@ import pytest
 
 from lcssl import checkpoint as ckpt_lib
 from lcssl import models, sharding, tasks, train
-from lcssl.data import pipeline
+from lcssl.data import pipeline, schema
 from lcssl.tasks import supervised
 from tests._train_helpers import build_task, compilation_cache, saved_state, tiny_config, tiny_dataset
 
@@ -368,7 +368,7 @@ def test_resume_refuses_another_model_or_dataset_naming_what_differs(ssl_run, da
     shutil.copytree(data_dir, rebuilt)
     card = json.loads((rebuilt / "dataset_card.json").read_text())
     card["build_options"]["seed"] = card["build_options"].get("seed", 0) + 1  # another zone split
-    (rebuilt / "dataset_card.json").write_text(json.dumps(card))
+    (rebuilt / "dataset_card.json").write_text(json.dumps(schema.seal_card(card)))  # as a rebuild seals it
     with pytest.raises(UserError, match=r"\n  dataset card \(dataset_card.json"):
         train.run(tiny_config("ssl_flair2", str(rebuilt), num_steps=8), str(workdir))
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]

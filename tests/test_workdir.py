@@ -142,3 +142,19 @@ def test_an_unreadable_lock_is_refused_not_taken(tmp_path):
     (tmp_path / workdir.LOCK_NAME).write_text('{"host": ')
     with pytest.raises(UserError, match="cannot be read.*delete"):
         workdir.lock(str(tmp_path))
+
+
+def test_a_numbered_step_folder_without_a_checkpoint_is_named(tmp_path, capsys):
+    from lcssl import cli
+
+    (tmp_path / "checkpoints" / "7").mkdir(parents=True)
+    with pytest.raises(UserError, match=rf"{tmp_path}/checkpoints/7: this numbered step folder is empty.*Move "
+                                        rf"it out of {tmp_path}/checkpoints"):
+        ckpt_lib.Checkpoints(str(tmp_path / "checkpoints"))  # what a resume opens
+    (tmp_path / "checkpoints" / "7" / "state").mkdir()
+    with pytest.raises(UserError, match=r"checkpoints/7: this numbered step folder lacks input_spec"):
+        ckpt_lib.read_input_spec(str(tmp_path))  # what fine-tuning and predict read
+    with pytest.raises(SystemExit):
+        cli.user_errors(ckpt_lib.load_encoder)(str(tmp_path), ["aerial"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1

@@ -46,11 +46,12 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from lcssl.data.schema import CARD_NAME, FORMAT_VERSIONS, PLAN_NAME
+from lcssl.data.schema import CARD_CHECKSUM, CARD_NAME, FORMAT_VERSIONS, PLAN_NAME, card_checksum
 from lcssl.files import read_json
 
 HOST_KEYS = ("aerial", "sits", "dates", "sits_valid", "label")
 _SEED_STRIDE = 1_000_003
+SPLIT_FIELDS = ("num_examples", "files", "shard_examples", "shard_bytes", "shard_sha256")
 
 
 def _tf():
@@ -63,8 +64,10 @@ def _tf():
     return tf
 
 
-def load_card(data_dir, check_shards: bool = True) -> dict:
-    """The dataset card of `data_dir`, checked for a known format version and, by default, for
+def load_card(data_dir, check_shards: bool = True, check_content: bool = True) -> dict:
+    """The dataset card of `data_dir`, checked for a known format version, for content that its
+    checksum still covers (a hand edit or damage is named; `check_content=False` leaves that to the
+    caller: `data_prep verify`), for shard names inside `data_dir` and, by default, for
     shards that are missing or whose size differs from the card (`records.ShardError`, naming the
     shard and what to do): a damaged dataset fails at start-up, not hours into training."""
     path = pathlib.Path(data_dir) / CARD_NAME
@@ -72,16 +75,67 @@ def load_card(data_dir, check_shards: bool = True) -> dict:
         raise FileNotFoundError(f"{data_dir}: no {CARD_NAME}; expected a directory written by "
                                 "`python -m data_prep build`")
     card = read_json(path, "dataset card")
+    if not isinstance(card, dict):
+        raise ValueError(f"{path}: a dataset card is a JSON object, this one is a {type(card).__name__}; "
+                         "re-run the `python -m data_prep build` command that made it")
     version = card.get("format_version")
-    if version == 1:
-        raise ValueError(f"{path}: format_version 1 records no shard sizes or hashes, so its shards cannot be "
-                         "checked; re-run the `python -m data_prep build` command that made it (same --src, "
-                         "--out and options): it rewrites the shards and writes a version 2 card")
+    if version in (1, 2):
+        what = "no shard sizes or hashes, so its shards" if version == 1 else "no checksum of its own, so edits"
+        raise ValueError(f"{path}: format_version {version} records {what} cannot be checked; re-run the "
+                         "`python -m data_prep build` command that made it (same --src, --out and options): it "
+                         f"{'rewrites the shards and ' if version == 1 else 'keeps the shards and '}writes a "
+                         f"version {FORMAT_VERSIONS[-1]} card")
     if version not in FORMAT_VERSIONS:
         raise ValueError(f"{path}: format_version {version!r} is unknown; this code reads {FORMAT_VERSIONS}")
+    problem = card_structure_problem(card)
+    if problem is None and check_content:
+        problem = card_checksum_problem(card)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     if check_shards:
         check_shard_files(data_dir, card)
     return card
+
+
+_REBUILD = ("re-run the `python -m data_prep build` command that made it (it keeps the shards that match and "
+            "rewrites the card); `python -m data_prep verify` names what disagrees with the shards")
+
+
+def card_checksum_problem(card: dict) -> Optional[str]:
+    """None when the card's CARD_CHECKSUM matches its content, else what is wrong and what to do."""
+    stored = card.get(CARD_CHECKSUM)
+    if stored is None:
+        return f"no {CARD_CHECKSUM} (the checksum `data_prep build` writes); {_REBUILD}"
+    if stored != card_checksum(card):
+        return (f"its content differs from what `data_prep build` wrote ({CARD_CHECKSUM} does not match): edited "
+                f"by hand or damaged, so its counts and statistics cannot be trusted; {_REBUILD}")
+    return None
+
+
+def card_structure_problem(card: dict) -> Optional[str]:
+    """None when every split has the fields the reader needs, one entry per shard, and shard names
+    that stay inside the dataset folder (plain file names: no '/', no '..'), else what is wrong."""
+    splits = card.get("splits")
+    if not isinstance(splits, dict):
+        return f"no 'splits' object; {_REBUILD}"
+    for split, info in splits.items():
+        missing = [k for k in SPLIT_FIELDS if not isinstance(info, dict) or k not in info]
+        if missing:
+            return f"split {split!r} lacks {missing}; {_REBUILD}"
+        if not all(isinstance(info[k], list) for k in SPLIT_FIELDS[1:]) or len(
+                {len(info[k]) for k in SPLIT_FIELDS[1:]}) != 1:
+            return f"split {split!r}: {', '.join(SPLIT_FIELDS[1:])} are not lists of one entry per shard; {_REBUILD}"
+        for name in info["files"]:
+            if not _plain_file_name(name):
+                return (f"split {split!r} names the shard {name!r}, which is not a plain file name inside the "
+                        f"dataset folder; shard names are written by `data_prep build` (e.g. "
+                        f"{split}-00000-of-00001.tfrecord); {_REBUILD}")
+    return None
+
+
+def _plain_file_name(name) -> bool:
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and pathlib.PurePath(name).name == name)
 
 
 def check_shard_files(data_dir, card: dict, splits=None, check_sha256: bool = False) -> list:

@@ -1,9 +1,19 @@
-"""Build faults: the scan cache (JSON, per-file stamps), a worker that dies, one-line CLI errors for
-a raw dataset that cannot be read as a whole, and georeferencing through a real build."""
+"""Build faults: the scan cache (JSON, per-file stamps), a worker that dies, workers that die with
+their build, one build per --out, a full disk, one-line CLI errors for a raw dataset that cannot be
+read as a whole, and georeferencing through a real build."""
+import contextlib
+import dataclasses
 import json
 import os
+import pathlib
 import pickle
+import resource
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +22,9 @@ import rasterio.transform
 
 from data_prep import build, flair2, synth
 from data_prep.__main__ import main as data_prep_main
+from data_prep.patch import BadPatch
+from lcssl import cli
+from tests.data.test_build import fake_patches, fake_reader, options
 
 SIZE = synth.TINY["patch_size"]
 SITS = {"max_dates": 6, "min_clear_dates": 1}
@@ -107,12 +120,16 @@ def test_a_worker_that_dies_fails_the_build_instead_of_hanging():
 
 @pytest.mark.parametrize("damage,expect", [
     ("centroids_json", "the centroid table is not valid UTF-8 JSON"),
+    ("centroids_list", "expected an object {'IMG_<id>.tif': [row, col]}"),
     ("no_aerial", "expected the aerial folder"),
 ])
 def test_a_raw_dataset_that_cannot_be_read_fails_with_one_line(raw, tmp_path, capsys, damage, expect):
     if damage == "centroids_json":
         bad = raw / flair2.CENTROIDS
         bad.write_text('{"IMG_000001.tif": [20, 20]')
+    elif damage == "centroids_list":  # valid JSON, but not the object the table is
+        bad = raw / flair2.CENTROIDS
+        bad.write_text('[["IMG_000001.tif", [20, 20]]]')
     else:
         bad = raw / flair2.AERIAL_DIR
         os.rename(bad, raw / "elsewhere")
@@ -134,3 +151,166 @@ def test_build_reports_a_patch_in_another_crs_and_keeps_the_card_resolution(raw,
     assert [(b["file"], b["reason"]) for b in summary["bad_patches"]] == [(ref.aerial_path, "wrong_crs")]
     card = json.loads((tmp_path / "out" / "dataset_card.json").read_text())
     assert np.isclose(card["aerial"]["gsd_m"], 102.4 / SIZE)
+
+
+def test_a_rotated_grid_or_another_pixel_size_is_a_resolution_bad_patch():
+    north_up = (1.6, 0.0, 100.0, 0.0, -1.6, 200.0)
+    flair2.check_georef("p.tif", None, north_up, expect_crs=None, expect_gsd_m=1.6)  # passes
+    for transform in [(1.6, 0.01, 100.0, 0.0, -1.6, 200.0), (1.6, 0.0, 100.0, -0.01, -1.6, 200.0),
+                      (1.7, 0.0, 100.0, 0.0, -1.7, 200.0)]:
+        with pytest.raises(BadPatch, match="expected a north-up grid of 1.6 m pixels") as info:
+            flair2.check_georef("p.tif", None, transform, expect_crs=None, expect_gsd_m=1.6)
+        assert info.value.reason == "resolution"
+
+
+def test_build_skips_a_patch_whose_pixel_size_differs_from_the_first(tmp_path, monkeypatch):
+    patches = fake_patches(num_zones=3, per_zone=2, unlabelled_per_zone=0)
+    odd = sorted(patches)[-1]
+    patches[odd] = dataclasses.replace(patches[odd], aerial_transform=(1.6 * 1.001, 0.0, 0.0, 0.0, -1.6 * 1.001, 0.0))
+    monkeypatch.setattr(build, "_reader", lambda layout: fake_reader(patches))
+    summary = build.build("/raw", tmp_path / "out", layout="flair2", options=options())
+    assert [(b["file"], b["reason"]) for b in summary["bad_patches"]] == [(f"/raw/{odd}.tif", "resolution")]
+    assert "expected 1.6 m as in the first patch" in summary["bad_patches"][0]["detail"]
+    assert sum(summary["written"].values()) == len(patches) - 1
+
+
+def test_sentinel2_file_of_random_bytes_is_named_without_numpys_pickle_advice(raw, tmp_path):
+    ref = flair2.list_patches(raw)[0]
+    with open(ref.sen_data_path, "wb") as f:
+        f.write(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(BadPatch) as info:
+        flair2.load_npy(ref.sen_data_path, what="super-patch data")
+    assert info.value.reason == "unreadable" and info.value.path == ref.sen_data_path
+    assert "is not a .npy array file" in str(info.value) and "pickle" not in str(info.value)
+
+
+# --- Workers die with their build; one build per --out; a full disk ---------------------------------
+
+
+def _sleep_in_worker(pid_file):
+    with open(pid_file, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+    return pid_file
+
+
+def _running(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+def test_build_workers_die_with_the_build_even_on_kill_9(tmp_path):
+    pid_files = [str(tmp_path / f"worker{i}.pid") for i in range(2)]
+    code = ("import sys; from data_prep import build; from tests.data.test_build_faults import _sleep_in_worker; "
+            f"list(build._pool_map(_sleep_in_worker, {pid_files!r}, workers=2))")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parents[2])
+    workers = []
+    try:
+        deadline = time.time() + 120
+        while len(workers) < 2 and time.time() < deadline and parent.poll() is None:
+            workers = [int(open(f).read()) for f in pid_files if os.path.exists(f) and open(f).read()]
+            time.sleep(0.2)
+        assert len(workers) == 2, "the workers did not start"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 20
+        while any(_running(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(_running(w) for w in workers), "build workers outlived their build"
+    finally:
+        parent.kill()
+        parent.wait()
+        for w in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)
+
+
+def test_a_second_build_into_the_same_out_is_refused_and_touches_nothing(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # the first build
+    try:
+        (out / build.LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid,
+                                                       "pid_start": None, "started": "now"}))
+        its_temp = out / ".train-00000-of-00002.tfrecord.tmp.12345"  # the first build's shard in progress
+        its_temp.write_bytes(b"partial")
+        monkeypatch.setattr(build, "_reader", lambda layout: fake_reader(fake_patches()))
+        with pytest.raises(SystemExit) as exit_info:
+            cli.user_errors(data_prep_main)(["build", "--layout=flair2", "--src=/raw", f"--out={out}",
+                                             "--workers=1", "--no-progress"])
+        assert exit_info.value.code == cli.EXIT_USER_ERROR
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out={out} is in use: ") and f"process {other.pid}" in err
+        assert "Two builds into one --out" in err
+        assert its_temp.read_bytes() == b"partial" and sorted(p.name for p in out.iterdir()) == sorted(
+            [build.LOCK_NAME, its_temp.name])
+    finally:
+        other.kill()
+        other.wait()
+
+
+@contextlib.contextmanager
+def file_size_limit(num_bytes):
+    """Writes past `num_bytes` fail with EFBIG, as on a full disk (SIGXFSZ ignored)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (num_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def build_cli(out):
+    return cli.user_errors(data_prep_main)(["build", "--layout=flair2", "--src=/raw", f"--out={out}", "--workers=1",
+                                            "--no-progress", "--no-tfds-metadata", "--shard-size=3"])
+
+
+def test_a_full_disk_while_writing_a_shard_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(build, "_reader", lambda layout: fake_reader(fake_patches()))
+    out = tmp_path / "out"
+    assert build_cli(out) == 0  # then all but the plan and the scan cache are lost: shards to write again
+    for path in [*out.glob("*.tfrecord"), out / "shard_index.json", out / "dataset_card.json"]:
+        path.unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info, file_size_limit(4096):  # a shard is ~13 kB
+        build_cli(out)
+    assert exit_info.value.code == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {out}/") and ".tfrecord: cannot write this shard" in err[0]
+    assert "is the disk full?" in err[0] and "Traceback" not in err[0]
+    assert not list(out.glob("*.tfrecord")) and not list(out.glob(".*tmp*"))
+    assert build_cli(out) == 0  # space again: the same command resumes
+
+
+def test_a_crash_while_writing_the_card_keeps_the_old_card_whole(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(build, "_reader", lambda layout: fake_reader(fake_patches()))
+    out = tmp_path / "out"
+    assert build_cli(out) == 0
+    card = (out / "dataset_card.json").read_bytes()
+    assert len(card) > 2048
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info, file_size_limit(1024):  # the shards are kept, the card fails
+        build_cli(out)
+    assert exit_info.value.code == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {out / 'dataset_card.json'}: file too large for the file size limit (ulimit -f) or the "
+                   "filesystem: use another disk"]
+    assert (out / "dataset_card.json").read_bytes() == card  # never half a card under its final name
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_a_killed_builds_partial_files_are_removed_when_the_next_build_starts(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "_reader", lambda layout: fake_reader(fake_patches()))
+    out = tmp_path / "out"
+    build.build("/raw", out, layout="flair2", options=options())
+    left = [out / ".train-00000-of-00004.tfrecord.tmp.4242", out / ".dataset_card.json.tmp.4242"]
+    for path in left:  # what kill -9 leaves (no finally ran)
+        path.write_bytes(b"partial")
+    with pytest.raises(build.BuildError, match="different inputs or options"):  # stops before writing
+        build.build("/raw", out, layout="flair2", options=options(seed=1))
+    assert not any(path.exists() for path in left)
