@@ -48,6 +48,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from lcssl.errors import UserError
 from lcssl.files import atomic_write_bytes, read_json, write_json
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -119,16 +120,23 @@ def _record_path(records: Optional[pathlib.Path], arm: str, name: str) -> Option
     return None if records is None else records / arm / f"{name}.json"
 
 
+def selected_arms(config) -> list[str]:
+    """The arm names of --config.only_arms ([] = all); a ValueError naming an unknown one."""
+    only = [n for n in config.only_arms.split(",") if n]
+    unknown = sorted(set(only) - {a["name"] for a in config.arms})
+    if unknown:
+        raise ValueError(f"--config.only_arms: unknown arm(s) {unknown}; arms are "
+                         f"{sorted(a['name'] for a in config.arms)}")
+    return only
+
+
 def plan(config, workdir: pathlib.Path, data_dir: pathlib.Path,
          records: Optional[pathlib.Path] = None) -> list[Run]:
     """Every run of the study, pre-training before the fine-tuning runs that need it; seeds outermost,
     so a partial study already has every cell at one seed. Without config.pretrain_per_seed, each
     arm pre-trains once (with the first seed) and every fine-tuning seed starts from it."""
     arms_by_name = {a["name"]: a for a in config.arms}
-    only = [n for n in config.only_arms.split(",") if n]
-    unknown = sorted(set(only) - set(arms_by_name))
-    if unknown:
-        raise ValueError(f"--config.only_arms: unknown arm(s) {unknown}; arms are {sorted(arms_by_name)}")
+    only = selected_arms(config)
     runs, pretrains = [], {}
     for seed in config.seeds:
         common = [f"--config.data_dir={data_dir}", f"--config.seed={seed}", *config.run_overrides]
@@ -435,6 +443,7 @@ def run_study(config, workdir: pathlib.Path, results_path: pathlib.Path, command
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     records_dir = (records_dir or pathlib.Path(results_path).parent / "study_records").resolve()
+    selected_arms(config)  # a typo fails before the data is made
     data_dir = _prepare_data(config, workdir)
     arms_by_name = {a["name"]: a for a in config.arms}
     unavailable = {a["name"]: r for a in config.arms if (r := unavailable_reason(a, arms_by_name))}
@@ -810,16 +819,19 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     command = " ".join(["python -m lcssl.study", *sys.argv[1:]])
+    if flags.FLAGS.parallel < 1:
+        raise UserError(f"--parallel={flags.FLAGS.parallel}: at least 1 worker")
     try:
         run_study(flags.FLAGS.config, pathlib.Path(flags.FLAGS.workdir), pathlib.Path(flags.FLAGS.results),
                   command, pathlib.Path(flags.FLAGS.records) if flags.FLAGS.records else None,
                   flags.FLAGS.parallel)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"python -m lcssl.study: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, RuntimeError) as e:  # the plan's and the data preparation's own errors
+        raise UserError(f"python -m lcssl.study: {e}") from e
     return 0
 
 
 if __name__ == "__main__":
+    from lcssl import cli
+
     _define_flags()
-    app.run(main)
+    app.run(cli.user_errors(main), flags_parser=cli.parse_flags)
