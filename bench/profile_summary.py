@@ -280,7 +280,7 @@ def capture(args) -> tuple[str, str]:
     if times:
         step_s = statistics.median(times)
         kind = jax.devices()[0].device_kind
-        bound = roofline.step_bound(step, *state, batch, device_kind=kind)
+        bound = roofline.step_bound(step, *state, batch, device_kind=kind, dtype=args.dtype)
         args.timing = (f"step {step_s * 1e3:.2f} ms (median of {len(times)}), "
                        f"{args.batch / step_s:.2f} samples/s on {kind}"
                        + (f"; {step_s / bound['bound_s']:.2f}x the {bound['chip']} roofline bound "

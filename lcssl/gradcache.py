@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lcssl import flops
 from lcssl.sharding import DATA_AXIS, num_data_shards
 
 PyTree = Any
@@ -117,7 +118,9 @@ def grad_cached_value_and_grad(
 
     def backprop_chunk(grads, xs):
         chunk, dz = xs
-        _, pullback = jax.vjp(lambda p: embed_fn(p, chunk)[0], params)
+        # The forward of pass 1 again: lcssl.flops counts it as recomputation, not model FLOPs.
+        with jax.named_scope(flops.RECOMPUTE_SCOPE):
+            _, pullback = jax.vjp(lambda p: embed_fn(p, chunk)[0], params)
         (chunk_grads,) = pullback(dz)
         return jax.tree.map(jnp.add, grads, chunk_grads), None
 
