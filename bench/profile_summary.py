@@ -342,6 +342,30 @@ def summarize(events: list, hlo: dict, top: int = 15) -> tuple[str, dict]:
         "category_flops": dict(flops_by_cat), "ops": rows}
 
 
+# The profile's categories as the roofline model (bench/roofline.py) names them.
+TO_ROOFLINE = {"elementwise fusion": "elementwise", "other": "pooling / gather / other"}
+
+
+def compare_with_roofline(measured_s: dict, bound_s: dict, steps: int) -> str:
+    """Measured time per step by category beside the roofline model's bound for it: where the
+    model's picture of the step (what is memory-bound, what runs on the matrix units) is wrong,
+    the ratio shows it. measured_s: summarize()'s categories_s over `steps` traced steps."""
+    merge = lambda c: TO_ROOFLINE.get(c, c)
+    bound = collections.defaultdict(float)
+    for c, v in bound_s.items():
+        bound["pooling / gather / other" if c in ("pooling", "gather/scatter") else c] += v
+    measured = collections.defaultdict(float)
+    for c, v in measured_s.items():
+        if c != "container":
+            measured[merge(c)] += v / steps
+    lines = [f"{'category vs roofline':<24} {'ms/step':>9} {'bound ms':>9} {'x bound':>8}"]
+    for c in sorted(set(bound) | set(measured), key=lambda c: -measured.get(c, 0.0)):
+        m, b = measured.get(c, 0.0), bound.get(c, 0.0)
+        lines.append(f"{c:<24} {m * 1e3:>9.3f} {b * 1e3:>9.3f} "
+                     f"{m / b if b else float('inf'):>8.2f}")
+    return "\n".join(lines)
+
+
 def capture(args) -> tuple[str, str]:
     """Trace args.steps supervised steps; returns (trace dir, hlo path)."""
     import jax
@@ -396,6 +420,7 @@ def capture(args) -> tuple[str, str]:
                        f"{args.batch / step_s:.2f} samples/s on {kind}"
                        + (f"; {step_s / bound['bound_s']:.2f}x the {bound['chip']} roofline bound "
                           f"({bound['bound_s'] * 1e3:.2f} ms)" if bound else ""))
+        args.bound_categories = bound["categories_s"] if bound else None
     trace_dir = os.path.join(args.out, "trace")
     with jax.profiler.trace(trace_dir):
         for _ in range(args.steps):
@@ -435,6 +460,9 @@ def main():
     if not args.trace:
         text = (f"supervised step, {args.preset}, batch {args.batch}, {args.dtype}, "
                 f"{args.steps} steps traced\n" + (getattr(args, "timing", "") + "\n") + text)
+        if getattr(args, "bound_categories", None):
+            text += "\n" + compare_with_roofline(data["categories_s"], args.bound_categories,
+                                                 args.steps)
     print(text)
     if args.summary:
         with open(args.summary, "w") as f:

@@ -390,7 +390,8 @@ def step_bound(fn, *args, device_kind: str, dtype: str = "bfloat16") -> dict | N
         return None
     summary = summarize(analyze(fn, *args), chip_peak(chip, dtype), CHIPS[chip][1])
     return {"chip": chip, "bound_s": summary["total"]["bound_s"],
-            "bytes": summary["total"]["bytes"], "flops": summary["total"]["flops"]}
+            "bytes": summary["total"]["bytes"], "flops": summary["total"]["flops"],
+            "categories_s": {c: r["bound_s"] for c, r in summary["categories"].items()}}
 
 
 # The opt-in faster forms of lcssl.models.ops (UTT fields, default off).

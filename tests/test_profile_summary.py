@@ -133,3 +133,14 @@ def test_summary_from_a_trace_directory(tmp_path):
     assert text.startswith("module jit_step:") and "conv wgrad" in text
     with pytest.raises(FileNotFoundError, match="no \\*.trace.json.gz"):
         profile_summary.load_trace(str(tmp_path / "plugins" / "none"))
+
+
+def test_categories_beside_the_roofline_bound():
+    """Measured ms per step (over the traced steps) beside the bound, in the roofline's names."""
+    text = profile_summary.compare_with_roofline(
+        {"conv wgrad": 6e-3, "elementwise fusion": 3e-3, "container": 1.0},
+        {"conv wgrad": 1e-3, "elementwise": 2e-3, "pooling": 1e-3}, steps=3)
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[1:]}
+    assert rows["conv"] == ["wgrad", "2.000", "1.000", "2.00"]
+    assert rows["elementwise"] == ["1.000", "2.000", "0.50"]
+    assert rows["pooling"][-3:] == ["0.000", "1.000", "0.00"]
