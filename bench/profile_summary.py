@@ -121,12 +121,12 @@ def _dot_flops(ins, comp):
 # the kernels XLA:GPU records into one CUDA graph), loops, branches, async wrappers. Their
 # instructions are launched and traced under their own names, like the entry's.
 CONTAINERS = {"call", "while", "conditional", "async-start", "async-update", "async-done"}
-_CALLED = re.compile(r"(?:to_apply|calls|body|condition|branch_computations)=\{?([%\w.\-, ]+)\}?")
+_CALLED = re.compile(r"(?:to_apply|calls|body|condition)=(%[\w.\-]+)|branch_computations=\{([^}]*)\}")
 _SKIP = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
 
 
 def _called(ins) -> list:
-    return [n for m in _CALLED.findall(ins["rest"]) for n in re.findall(r"%([\w.\-]+)", m)]
+    return [n for m in _CALLED.findall(ins["rest"]) for n in re.findall(r"%([\w.\-]+)", "".join(m))]
 
 
 def op_table(hlo: dict) -> dict:
@@ -253,10 +253,15 @@ def summarize(events: list, hlo: dict, top: int = 15) -> tuple[str, dict]:
     an instruction of the HLO or counted as unmatched with its reason (its name not in the HLO; no
     hlo_op at all on a device line: copies, memsets, library kernels); events of other modules
     (another jitted program) are counted apart. A container's own event (a command buffer launch)
-    overlaps its kernels': left out of op time where the kernels inside it were traced."""
+    overlaps its kernels': left out of op time where the kernels inside it were traced; so are
+    events of instructions inside a fusion (XLA:CPU's library fusions trace them), which their
+    fusion's event covers."""
     table = op_table(hlo)
     chosen, on_device = _device_events(events)
     matched, unmatched, other_modules = [], collections.defaultdict(list), collections.Counter()
+    # Instructions of fusion bodies: inside an op of the table, whose own event covers them.
+    nested = {n for comp in hlo["computations"].values() for n in comp} - set(table)
+    inside_fusions = [0, 0.0]
     for e in chosen:
         args = e.get("args") or {}
         name = args.get("hlo_op") or e.get("name", "")
@@ -265,6 +270,9 @@ def summarize(events: list, hlo: dict, top: int = 15) -> tuple[str, dict]:
             other_modules[module] += float(e["dur"])
         elif name in table:
             matched.append((float(e["ts"]), float(e["dur"]), name))
+        elif name in nested:  # e.g. XLA:CPU's library fusions trace their inner ops too
+            inside_fusions[0] += 1
+            inside_fusions[1] += float(e["dur"])
         elif args.get("hlo_op"):
             unmatched["its name is not an instruction of the HLO"].append(e)
         elif on_device:
@@ -304,6 +312,9 @@ def summarize(events: list, hlo: dict, top: int = 15) -> tuple[str, dict]:
             names[(e.get("args") or {}).get("hlo_op") or e.get("name", "?")] += float(e["dur"])
         lines.append(f"  unmatched: {why}: {unmatched_s[why] / 1e3:.2f} ms, {len(evs)} events, "
                      f"most time: " + ", ".join(n for n, _ in names.most_common(5)))
+    if inside_fusions[0]:
+        lines.append(f"  {inside_fusions[0]} events of instructions inside fusions "
+                     f"({inside_fusions[1] / 1e3:.2f} ms) left out: their fusion's event covers them")
     if hidden:
         lines.append(f"  {len(hidden)} container op(s) (command buffers, loops) left out of op "
                      f"time: the kernels inside them were traced one by one")
@@ -338,6 +349,7 @@ def summarize(events: list, hlo: dict, top: int = 15) -> tuple[str, dict]:
         "unmatched_s": missing / 1e6, "unmatched_share": share,
         "unmatched_by_reason_s": {w: v / 1e6 for w, v in unmatched_s.items()},
         "other_modules_s": {m: v / 1e6 for m, v in other_modules.items()},
+        "inside_fusions_s": inside_fusions[1] / 1e6,
         "categories_s": {c: v / 1e6 for c, v in cats.items()},
         "category_flops": dict(flops_by_cat), "ops": rows}
 

@@ -81,6 +81,7 @@ def trace_events(with_unknown=True):
              "args": {}}]
     if with_unknown:
         step.append(kernel(112, 3, "input_reduce_fusion.9"))
+        step.append(kernel(36, 1, "multiply.1"))  # inside loop_multiply_fusion's event
     return meta + step
 
 
@@ -105,6 +106,7 @@ def test_gpu_like_trace_every_op_matched_or_explained():
         "no hlo_op (copy, memset or library kernel)": 2e-6})
     assert data["unmatched_share"] == pytest.approx(5 / 114)
     assert data["other_modules_s"] == pytest.approx({"jit_other": 50e-6})
+    assert data["inside_fusions_s"] == pytest.approx(1e-6)
     # busy covers every op of the program, matched or not; the derived line is not an op
     assert data["busy_s"] == pytest.approx(114e-6) and data["wall_s"] == pytest.approx(115e-6)
     wgrad = next(r for r in data["ops"] if r["op"] == "cudnn-conv-bw-filter.1")
@@ -144,3 +146,12 @@ def test_categories_beside_the_roofline_bound():
     assert rows["conv"] == ["wgrad", "2.000", "1.000", "2.00"]
     assert rows["elementwise"] == ["1.000", "2.000", "0.50"]
     assert rows["pooling"][-3:] == ["0.000", "1.000", "0.00"]
+
+
+def test_loop_bodies_and_branches_are_launched_computations():
+    """A while loop's condition and body (threefry's loops on the CPU) and a conditional's branches
+    run their instructions as ops of their own."""
+    called = profile_summary._called
+    assert called({"rest": "%t.1), condition=%cond.2, body=%body.3, metadata={op_name=\"x\"}"}) == [
+        "cond.2", "body.3"]
+    assert called({"rest": "%p), branch_computations={%a.1, %b.2}, metadata={}"}) == ["a.1", "b.2"]
