@@ -165,7 +165,7 @@ for part in "${PARTS[@]}"; do
 done
 
 {
-  for f in "$OUT"/prof_*.txt; do [ -f "$f" ] && sed -n 1,3p "$f"; done
+  for f in "$OUT/prof_32.txt" "$OUT/prof_128.txt"; do [ -f "$f" ] && sed -n 1,3p "$f"; done
   [ -f "$OUT/prof_128.txt" ] && echo "(prof_128 autotuned at xla_gpu_autotune_level=$AUTOTUNE_128)"
   [ -f "$OUT/ref.txt" ] && grep "samples/s" "$OUT/ref.txt"
   [ -f "$OUT/sup_bf16_32.json" ] && "$PY" -c "import json, sys; d = json.load(open(sys.argv[1])); \
