@@ -70,11 +70,11 @@ def chip_for(device_kind: str) -> Chip | None:
 
 def peak_flops(device_kind: str, dtype: str = "bfloat16") -> float | None:
     """The chip's dense peak for convolutions / matmuls in `dtype` ('bfloat16' | 'float32'), or
-    None when unknown."""
-    if dtype not in ("bfloat16", "float32"):
-        raise ValueError(f"dtype must be 'bfloat16' or 'float32', found {dtype!r}")
+    None when unknown (another chip or dtype: no MFU is better than a wrong one)."""
     chip = chip_for(device_kind)
-    return None if chip is None else getattr(chip, f"{dtype}_flops")
+    if chip is None or dtype not in ("bfloat16", "float32"):
+        return None
+    return getattr(chip, f"{dtype}_flops")
 
 
 @dataclasses.dataclass

@@ -111,8 +111,7 @@ def test_peak_of_the_dtype_run_and_the_form_factor():
     assert flops.peak_flops("NVIDIA H200", "bfloat16") == 989e12
     assert flops.peak_flops("TPU v4", "float32") is None
     assert flops.peak_flops("cpu") is None
-    with pytest.raises(ValueError, match="dtype"):
-        flops.peak_flops("NVIDIA H200", "float16")
+    assert flops.peak_flops("NVIDIA H200", "float16") is None  # no table entry: no MFU claimed
 
 
 def test_sharded_blockwise_loss_counts_the_global_work():
