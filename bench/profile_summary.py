@@ -7,13 +7,18 @@ that ran the step (the trace itself is too big to bring back from a lent GPU).
     python bench/profile_summary.py --trace /tmp/prof/trace --hlo /tmp/prof/hlo.txt
         # summarize an existing trace of the program whose compiled HLO is in --hlo
 
-The summary: device busy time (union of op intervals) against wall time (first op start to last op
-end), time by category (convolution forward / input gradient / weight gradient, matmul,
-reductions, elementwise fusions, copies / transposes, other) and the top ops with their calls,
-time, TFLOP/s and GB/s. FLOPs and bytes per op are read off the compiled HLO (`compiled.as_text()`):
-2 x multiply-adds of each convolution / dot (inside fusions too), bytes = operands + result of the
-top-level instruction (cuDNN scratch buffers left out). Trace events are matched to HLO
-instructions through their `hlo_op` / `hlo_module` args; on a GPU only the device's events count.
+The summary: device busy time (union of all op intervals of the program) against wall time (first
+op start to last op end); every op event matched to an HLO instruction, or named as unmatched with
+its reason and share of op time (target: under 5%); time and TFLOP/s by category (convolution
+forward / input gradient / weight gradient, matmul, reductions, elementwise fusions, copies /
+transposes, other) and the top ops with their calls, time, TFLOP/s and GB/s. FLOPs and bytes per op
+are read off the compiled HLO (`compiled.as_text()`): 2 x multiply-adds of each convolution / dot
+(inside fusions too; each convolution direction counts its forward convolution's, as lcssl.flops
+does), bytes = operands + result of the instruction (cuDNN scratch buffers left out). The ops are
+those of the entry computation and of the computations it runs as containers: XLA:GPU records
+runs of kernels into command buffers (`call`s of a computation), whose kernels the trace names by
+their own instructions. Trace events are matched through their `hlo_op` / `hlo_module` args; on a
+GPU only the device's kernel lines count (the derived "XLA Ops" line alone where the trace has one).
 No TensorFlow.
 """
 import argparse
@@ -71,18 +76,35 @@ def parse_hlo(text: str) -> dict:
 
 
 def _conv_flops(ins, comp):
-    out = ins["shapes"][0][1] if ins["shapes"] else ()
-    window = re.search(r"window=\{size=([\dx]+)", ins["rest"])
-    labels = re.search(r"dim_labels=\w+_(\w+)->", ins["rest"])
-    if not (out and labels and len(ins["operands"]) >= 2):
+    """2 x the multiply-adds of the forward convolution an instruction computes a direction of:
+    2 x forward output elements x (window taps x input features per group), read off the kernel
+    (its size over its output-feature dimension). XLA's own convolutions (CPU) compute what they
+    say: an input gradient is a convolution over the output gradient dilated by the stride, whose
+    inserted zeros are not counted (lhs_dilate), a weight gradient one whose 'kernel' is the output
+    gradient. cuDNN custom calls keep the forward convolution's window and dim_labels (input_kernel
+    ->output) and read / write its tensors: forward (input, kernel) -> output, BackwardInput
+    (output, kernel) -> input, BackwardFilter (input, output) -> kernel. The same count as
+    lcssl.flops' for each direction."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins["rest"])
+    if not labels or len(ins["operands"]) < 2 or not ins["shapes"]:
         return 0.0
-    kernel = comp.get(ins["operands"][1])
-    if kernel is None or not kernel["shapes"]:
+    shape = lambda name: (comp[name]["shapes"][0][1] if name in comp and comp[name]["shapes"]
+                          else None)
+    result = ins["shapes"][0][1]
+    target = re.search(r'custom_call_target="([^"]+)"', ins["rest"])
+    target = target.group(1) if target else ""
+    if "BackwardFilter" in target:
+        out, kernel = shape(ins["operands"][1]), result
+    elif "BackwardInput" in target:
+        out, kernel = shape(ins["operands"][0]), shape(ins["operands"][1])
+    else:
+        out, kernel = result, shape(ins["operands"][1])
+    rhs = labels.group(2)
+    if not out or not kernel or "o" not in rhs or len(rhs) != len(kernel):
         return 0.0
-    kdims = kernel["shapes"][0][1]
-    cin = kdims[labels.group(1).index("i")] if "i" in labels.group(1) else 1
-    taps = math.prod(int(s) for s in window.group(1).split("x")) if window else 1
-    return 2.0 * math.prod(out) * taps * cin
+    dilation = re.search(r"lhs_dilate=([\dx]+)", ins["rest"]) if not target else None
+    zeros = math.prod(int(v) for v in dilation.group(1).split("x")) if dilation else 1
+    return 2.0 * math.prod(out) * math.prod(kernel) / kernel[rhs.index("o")] / zeros
 
 
 def _dot_flops(ins, comp):
@@ -95,33 +117,61 @@ def _dot_flops(ins, comp):
     return 2.0 * math.prod(out) * math.prod(dims[int(d)] for d in contract.group(1).split(",") if d)
 
 
+# Ops that run other computations' instructions as ops of their own: a command buffer (a `call` of
+# the kernels XLA:GPU records into one CUDA graph), loops, branches, async wrappers. Their
+# instructions are launched and traced under their own names, like the entry's.
+CONTAINERS = {"call", "while", "conditional", "async-start", "async-update", "async-done"}
+_CALLED = re.compile(r"(?:to_apply|calls|body|condition)=(%[\w.\-]+)|branch_computations=\{([^}]*)\}")
+_SKIP = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast"}
+
+
+def _called(ins) -> list:
+    return [n for m in _CALLED.findall(ins["rest"]) for n in re.findall(r"%([\w.\-]+)", "".join(m))]
+
+
 def op_table(hlo: dict) -> dict:
-    """{entry instruction: {'category', 'flops', 'bytes'}} for the entry computation."""
+    """{instruction: {'category', 'flops', 'bytes', 'inside'}} for every instruction that runs as an
+    op: those of the entry computation and of the computations its containers run (command buffers,
+    loop bodies, branches), not those inside fusions or reducers. 'inside': for a container, the
+    instructions it runs (a trace may show them, the container, or both)."""
     comps = hlo["computations"]
-    entry = comps.get(hlo["entry"], {})
+    launched, todo = [], [hlo["entry"]]
+    while todo:
+        name = todo.pop()
+        if name in comps and name not in launched:
+            launched.append(name)
+            todo.extend(c for ins in comps[name].values() if ins["opcode"] in CONTAINERS
+                        for c in _called(ins))
     table = {}
-    for name, ins in entry.items():
-        op = ins["opcode"]
-        called = re.search(r"calls=%([\w.\-]+)", ins["rest"])
-        body = comps.get(called.group(1), {}) if called else {}
-        inner = [(i, body) for i in body.values()] if body else [(ins, entry)]
-        flops, conv = 0.0, None
-        for i, c in inner:
-            if i["opcode"] == "convolution" or (i["opcode"] == "custom-call"
-                                               and "conv" in i["rest"].lower()):
-                flops += _conv_flops(i, c)
-                conv = i
-            elif i["opcode"] == "dot" or (i["opcode"] == "custom-call"
-                                          and re.search(r"gemm|matmul", i["rest"], re.I)):
-                flops += _dot_flops(i, c)
-                conv = conv or ("dot", i)
-        operand_bytes = sum(_nbytes(entry[o]["shapes"], True) for o in ins["operands"]
-                            if o in entry)
-        nbytes = operand_bytes + _nbytes(ins["shapes"], skip_u8=True)
-        if op in ("parameter", "constant", "tuple", "get-tuple-element", "bitcast"):
-            continue
-        table[name] = {"category": _category(ins, body, conv, comps, entry), "flops": flops,
-                       "bytes": float(nbytes)}
+    for comp_name in launched:
+        scope = comps[comp_name]
+        for name, ins in scope.items():
+            if ins["opcode"] in _SKIP:
+                continue
+            called = _called(ins)
+            if ins["opcode"] in CONTAINERS:
+                inside = [n for c in called if c in launched for n in comps[c]
+                          if comps[c][n]["opcode"] not in _SKIP]
+                table[name] = {"category": "container", "flops": 0.0, "bytes": 0.0,
+                               "inside": inside}
+                continue
+            body = comps.get(called[0], {}) if called and ins["opcode"] == "fusion" else {}
+            inner = [(i, body) for i in body.values()] if body else [(ins, scope)]
+            flops, conv = 0.0, None
+            for i, c in inner:
+                if i["opcode"] == "convolution" or (i["opcode"] == "custom-call"
+                                                   and "conv" in i["rest"].lower()):
+                    flops += _conv_flops(i, c)
+                    conv = i
+                elif i["opcode"] == "dot" or (i["opcode"] == "custom-call"
+                                              and re.search(r"gemm|matmul", i["rest"], re.I)):
+                    flops += _dot_flops(i, c)
+                    conv = conv or ("dot", i)
+            operand_bytes = sum(_nbytes(scope[o]["shapes"], True) for o in ins["operands"]
+                                if o in scope)
+            table[name] = {"category": _category(ins, body, conv, comps, scope), "flops": flops,
+                           "bytes": float(operand_bytes + _nbytes(ins["shapes"], skip_u8=True)),
+                           "inside": []}
     return table
 
 
@@ -173,33 +223,72 @@ def load_trace(path: str) -> list:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
-def summarize(events: list, hlo: dict, top: int = 15) -> tuple[str, dict]:
-    table = op_table(hlo)
+# Trace-viewer lines of a device that are not kernels: derived from them ("XLA Modules", "Steps")
+# or host-side annotations. "XLA Ops", where present, has one event per HLO op and is used alone.
+DERIVED_LINES = {"XLA Modules", "Steps", "Framework Name Scope", "Framework Ops", "Source code",
+                 "TensorFlow Name Scope", "TensorFlow Ops", "XLA TraceMe", "Launch Stats"}
+
+
+def _device_events(events: list) -> tuple[list, bool]:
+    """(the op events to read, whether they are a device's). On a GPU: the events of its
+    '/device:' processes, from the 'XLA Ops' line if there is one, else from every line but the
+    derived ones. Without device processes (CPU): every complete event."""
     procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
              if e.get("ph") == "M" and e.get("name") == "process_name"}
     device_pids = {p for p, n in procs.items() if "/device:" in n}
-    ops = []
-    unmatched = 0.0
-    for e in events:
-        if e.get("ph") != "X" or "dur" not in e:
-            continue
-        if device_pids and e["pid"] not in device_pids:
-            continue
+    threads = {(e["pid"], e.get("tid")): e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    if not device_pids:
+        return complete, False
+    line = lambda e: threads.get((e["pid"], e.get("tid")), "")
+    on_device = [e for e in complete if e["pid"] in device_pids]
+    if any(line(e) == "XLA Ops" for e in on_device):
+        return [e for e in on_device if line(e) == "XLA Ops"], True
+    return [e for e in on_device if line(e) not in DERIVED_LINES], True
+
+
+def summarize(events: list, hlo: dict, top: int = 15) -> tuple[str, dict]:
+    """The summary text and its figures. Every op event of the traced module is either matched to
+    an instruction of the HLO or counted as unmatched with its reason (its name not in the HLO; no
+    hlo_op at all on a device line: copies, memsets, library kernels); events of other modules
+    (another jitted program) are counted apart. A container's own event (a command buffer launch)
+    overlaps its kernels': left out of op time where the kernels inside it were traced; so are
+    events of instructions inside a fusion (XLA:CPU's library fusions trace them), which their
+    fusion's event covers."""
+    table = op_table(hlo)
+    chosen, on_device = _device_events(events)
+    matched, unmatched, other_modules = [], collections.defaultdict(list), collections.Counter()
+    # Instructions of fusion bodies: inside an op of the table, whose own event covers them.
+    nested = {n for comp in hlo["computations"].values() for n in comp} - set(table)
+    inside_fusions = [0, 0.0]
+    for e in chosen:
         args = e.get("args") or {}
         name = args.get("hlo_op") or e.get("name", "")
         module = args.get("hlo_module")
         if module and hlo["module"] and module != hlo["module"]:
-            continue
-        if name in table:
-            ops.append((float(e["ts"]), float(e["dur"]), name))
+            other_modules[module] += float(e["dur"])
+        elif name in table:
+            matched.append((float(e["ts"]), float(e["dur"]), name))
+        elif name in nested:  # e.g. XLA:CPU's library fusions trace their inner ops too
+            inside_fusions[0] += 1
+            inside_fusions[1] += float(e["dur"])
         elif args.get("hlo_op"):
-            unmatched += float(e["dur"])
-    if not ops:
+            unmatched["its name is not an instruction of the HLO"].append(e)
+        elif on_device:
+            unmatched["no hlo_op (copy, memset or library kernel)"].append(e)
+    if not matched:
         raise ValueError("no trace event matches an instruction of the HLO: wrong --hlo file?")
-    ops.sort()
-    wall = max(t + d for t, d, _ in ops) - ops[0][0]
+    seen = {name for _, _, name in matched}
+    hidden = {n for n, info in table.items() if info["category"] == "container"
+              and any(i in seen for i in info["inside"])}
+    ops = sorted((t, d, n) for t, d, n in matched if n not in hidden)
+    unmatched_s = {why: sum(float(e["dur"]) for e in evs) for why, evs in unmatched.items()}
+    intervals = sorted(ops + [(float(e["ts"]), float(e["dur"]), "") for evs in unmatched.values()
+                              for e in evs])
+    wall = max(t + d for t, d, _ in intervals) - intervals[0][0]
     busy, end = 0.0, -math.inf
-    for t, d, _ in ops:  # union of the intervals
+    for t, d, _ in intervals:  # union of the intervals, unmatched ops included
         if t + d > end:
             busy += t + d - max(t, end)
             end = t + d
@@ -211,13 +300,35 @@ def summarize(events: list, hlo: dict, top: int = 15) -> tuple[str, dict]:
     for name, (_, d) in per_op.items():
         cats[table[name]["category"]] += d
     op_time = sum(cats.values())
+    missing = sum(unmatched_s.values())
+    share = missing / (op_time + missing)
     lines = [f"module {hlo['module']}: {len(ops)} op executions, wall {wall / 1e3:.2f} ms, "
-             f"busy {busy / 1e3:.2f} ms ({busy / wall:.0%}), op time {op_time / 1e3:.2f} ms"
-             + (f", unmatched op time {unmatched / 1e3:.2f} ms" if unmatched else ""),
-             f"{'category':<20} {'ms':>9} {'share':>6}"]
-    for c in CATEGORIES:
+             f"busy {busy / 1e3:.2f} ms ({busy / wall:.0%}, unmatched ops included), "
+             f"matched op time {op_time / 1e3:.2f} ms, unmatched {missing / 1e3:.2f} ms "
+             f"({share:.1%} of all op time)"]
+    for why, evs in sorted(unmatched.items(), key=lambda kv: -unmatched_s[kv[0]]):
+        names = collections.Counter()
+        for e in evs:
+            names[(e.get("args") or {}).get("hlo_op") or e.get("name", "?")] += float(e["dur"])
+        lines.append(f"  unmatched: {why}: {unmatched_s[why] / 1e3:.2f} ms, {len(evs)} events, "
+                     f"most time: " + ", ".join(n for n, _ in names.most_common(5)))
+    if inside_fusions[0]:
+        lines.append(f"  {inside_fusions[0]} events of instructions inside fusions "
+                     f"({inside_fusions[1] / 1e3:.2f} ms) left out: their fusion's event covers them")
+    if hidden:
+        lines.append(f"  {len(hidden)} container op(s) (command buffers, loops) left out of op "
+                     f"time: the kernels inside them were traced one by one")
+    if other_modules:
+        lines.append("  other modules (not this program): " + ", ".join(
+            f"{m} {d / 1e3:.2f} ms" for m, d in other_modules.most_common(3)))
+    lines.append(f"{'category':<20} {'ms':>9} {'share':>6} {'TFLOP/s':>8}")
+    flops_by_cat = collections.defaultdict(float)
+    for name, (n, _) in per_op.items():
+        flops_by_cat[table[name]["category"]] += table[name]["flops"] * n
+    for c in CATEGORIES + ("container",):
         if c in cats:
-            lines.append(f"{c:<20} {cats[c] / 1e3:>9.2f} {cats[c] / op_time:>6.1%}")
+            rate = flops_by_cat[c] / (cats[c] / 1e6) / 1e12 if cats[c] else 0.0
+            lines.append(f"{c:<20} {cats[c] / 1e3:>9.2f} {cats[c] / op_time:>6.1%} {rate:>8.3f}")
     lines.append(f"top {top} ops: {'op':<34} {'category':<18} {'calls':>5} {'ms':>8} "
                  f"{'TFLOP/s':>8} {'GB/s':>8}")
     rows = []
@@ -225,6 +336,7 @@ def summarize(events: list, hlo: dict, top: int = 15) -> tuple[str, dict]:
         info = table[name]
         secs = d / 1e6
         row = {"op": name, "category": info["category"], "calls": n, "time_s": secs,
+               "flops": info["flops"] * n,
                "tflops_per_s": info["flops"] * n / secs / 1e12 if secs else None,
                "gb_per_s": info["bytes"] * n / secs / 1e9 if secs else None}
         rows.append(row)
@@ -232,9 +344,38 @@ def summarize(events: list, hlo: dict, top: int = 15) -> tuple[str, dict]:
             lines.append(f"          {name[:34]:<34} {info['category']:<18} {n:>5} "
                          f"{d / 1e3:>8.3f} {row['tflops_per_s'] or 0:>8.3f} "
                          f"{row['gb_per_s'] or 0:>8.1f}")
-    return "\n".join(lines), {"wall_s": wall / 1e6, "busy_s": busy / 1e6, "op_time_s": op_time / 1e6,
-                              "unmatched_s": unmatched / 1e6,
-                              "categories_s": {c: v / 1e6 for c, v in cats.items()}, "ops": rows}
+    return "\n".join(lines), {
+        "wall_s": wall / 1e6, "busy_s": busy / 1e6, "op_time_s": op_time / 1e6,
+        "unmatched_s": missing / 1e6, "unmatched_share": share,
+        "unmatched_by_reason_s": {w: v / 1e6 for w, v in unmatched_s.items()},
+        "other_modules_s": {m: v / 1e6 for m, v in other_modules.items()},
+        "inside_fusions_s": inside_fusions[1] / 1e6,
+        "categories_s": {c: v / 1e6 for c, v in cats.items()},
+        "category_flops": dict(flops_by_cat), "ops": rows}
+
+
+# The profile's categories as the roofline model (bench/roofline.py) names them.
+TO_ROOFLINE = {"elementwise fusion": "elementwise", "other": "pooling / gather / other"}
+
+
+def compare_with_roofline(measured_s: dict, bound_s: dict, steps: int) -> str:
+    """Measured time per step by category beside the roofline model's bound for it: where the
+    model's picture of the step (what is memory-bound, what runs on the matrix units) is wrong,
+    the ratio shows it. measured_s: summarize()'s categories_s over `steps` traced steps."""
+    merge = lambda c: TO_ROOFLINE.get(c, c)
+    bound = collections.defaultdict(float)
+    for c, v in bound_s.items():
+        bound["pooling / gather / other" if c in ("pooling", "gather/scatter") else c] += v
+    measured = collections.defaultdict(float)
+    for c, v in measured_s.items():
+        if c != "container":
+            measured[merge(c)] += v / steps
+    lines = [f"{'category vs roofline':<24} {'ms/step':>9} {'bound ms':>9} {'x bound':>8}"]
+    for c in sorted(set(bound) | set(measured), key=lambda c: -measured.get(c, 0.0)):
+        m, b = measured.get(c, 0.0), bound.get(c, 0.0)
+        lines.append(f"{c:<24} {m * 1e3:>9.3f} {b * 1e3:>9.3f} "
+                     f"{m / b if b else float('inf'):>8.2f}")
+    return "\n".join(lines)
 
 
 def capture(args) -> tuple[str, str]:
@@ -262,7 +403,11 @@ def capture(args) -> tuple[str, str]:
                             rng.integers(1, cfg.num_classes, s.shape) if s.dtype == jnp.int32
                             else rng.normal(size=s.shape), s.dtype) for k, s in shapes.items()}
     del abstract_state
-    compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*state, batch).compile()
+    t0 = time.perf_counter()
+    lowered = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()  # on a GPU mostly autotuning (XLA_FLAGS' xla_gpu_autotune_level)
+    compile_s = (t1 - t0, time.perf_counter() - t1)
     os.makedirs(args.out, exist_ok=True)
     hlo_path = os.path.join(args.out, "hlo.txt")
     with open(hlo_path, "w") as f:
@@ -280,11 +425,14 @@ def capture(args) -> tuple[str, str]:
     if times:
         step_s = statistics.median(times)
         kind = jax.devices()[0].device_kind
-        bound = roofline.step_bound(step, *state, batch, device_kind=kind)
-        args.timing = (f"step {step_s * 1e3:.2f} ms (median of {len(times)}), "
+        bound = roofline.step_bound(step, *state, batch, device_kind=kind, dtype=args.dtype)
+        args.timing = (f"trace + lower {compile_s[0]:.1f} s, compile {compile_s[1]:.1f} s "
+                       f"(persistent cache: {jax.config.jax_compilation_cache_dir or 'off'}); "
+                       f"step {step_s * 1e3:.2f} ms (median of {len(times)}), "
                        f"{args.batch / step_s:.2f} samples/s on {kind}"
                        + (f"; {step_s / bound['bound_s']:.2f}x the {bound['chip']} roofline bound "
                           f"({bound['bound_s'] * 1e3:.2f} ms)" if bound else ""))
+        args.bound_categories = bound["categories_s"] if bound else None
     trace_dir = os.path.join(args.out, "trace")
     with jax.profiler.trace(trace_dir):
         for _ in range(args.steps):
@@ -324,6 +472,9 @@ def main():
     if not args.trace:
         text = (f"supervised step, {args.preset}, batch {args.batch}, {args.dtype}, "
                 f"{args.steps} steps traced\n" + (getattr(args, "timing", "") + "\n") + text)
+        if getattr(args, "bound_categories", None):
+            text += "\n" + compare_with_roofline(data["categories_s"], args.bound_categories,
+                                                 args.steps)
     print(text)
     if args.summary:
         with open(args.summary, "w") as f:

@@ -42,11 +42,16 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lcssl import flops as flops_lib  # noqa: E402
 
-# Dense bf16 peak (no sparsity) and HBM bandwidth of the SXM parts: H100 SXM 989 TFLOP/s bf16 dense
-# (the datasheet's 1,979 is "with sparsity"), 3.35 TB/s HBM3; H200 SXM the same GH100 compute with
-# 4.8 TB/s HBM3e (NVIDIA's H100 / H200 datasheets, "Technical Specifications"; the dense figures
-# side by side: itkb.uw.cz/2026/06/nvidia-h200-vs-b300-precisions-cores.html). TB = 1e12 bytes.
-CHIPS = {"h100": (989e12, 3.35e12), "h200": (989e12, 4.8e12)}
+# Dense bf16 peak (no sparsity) and HBM bandwidth of the chips lcssl.flops knows both of (one table,
+# lcssl.flops.CHIPS, with the datasheets it comes from): e.g. H100 SXM 989 TFLOP/s and 3.35 TB/s,
+# H100 PCIe 756 TFLOP/s and 2.0 TB/s, H200 SXM 989 TFLOP/s and 4.8 TB/s. TB = 1e12 bytes.
+CHIPS = {c.name: (c.bfloat16_flops, c.hbm_bytes_per_s) for c in flops_lib.CHIPS
+         if c.hbm_bytes_per_s}
+
+
+def chip_peak(chip: str, dtype: str) -> float:
+    """The peak FLOP/s of a CHIPS preset for convolutions / matmuls in dtype (float32: TF32)."""
+    return flops_lib.peak_flops(next(c.match for c in flops_lib.CHIPS if c.name == chip), dtype)
 
 MATMUL = {"conv_general_dilated", "dot_general"}
 # Kernels of their own that fuse with nothing here (XLA emits them alone or as library calls).
@@ -346,8 +351,10 @@ def analyze(fn, *args, **kwargs) -> list[Kernel]:
 
 
 def chip_for(device_kind: str) -> str | None:
-    """The CHIPS preset of a jax device_kind ('NVIDIA H100 80GB HBM3' -> 'h100'), or None."""
-    return next((name for name in CHIPS if name in device_kind.lower()), None)
+    """The CHIPS preset of a jax device_kind ('NVIDIA H100 80GB HBM3' -> 'h100', 'NVIDIA H100
+    PCIe' -> 'h100-pcie'), or None."""
+    chip = flops_lib.chip_for(device_kind)
+    return chip.name if chip is not None and chip.name in CHIPS else None
 
 
 def summarize(kernels: list[Kernel], peak: float, bandwidth: float, depth: int = 0) -> dict:
@@ -375,15 +382,16 @@ def summarize(kernels: list[Kernel], peak: float, bandwidth: float, depth: int =
             "layers": dict(sorted(layers.items(), key=lambda kv: -kv[1]["bound_s"]))}
 
 
-def step_bound(fn, *args, device_kind: str) -> dict | None:
-    """For bench/train_step.py: the roofline bound of fn(*args) on the chip of device_kind, or
-    None on a chip without a preset (CPUs: the multiple would mean nothing there)."""
+def step_bound(fn, *args, device_kind: str, dtype: str = "bfloat16") -> dict | None:
+    """For bench/train_step.py: the roofline bound of fn(*args) on the chip of device_kind at the
+    peak of `dtype`, or None on a chip without a preset (CPUs: the multiple would mean nothing)."""
     chip = chip_for(device_kind)
-    if chip is None:
+    if chip is None or chip_peak(chip, dtype) is None:
         return None
-    summary = summarize(analyze(fn, *args), *CHIPS[chip])
+    summary = summarize(analyze(fn, *args), chip_peak(chip, dtype), CHIPS[chip][1])
     return {"chip": chip, "bound_s": summary["total"]["bound_s"],
-            "bytes": summary["total"]["bytes"], "flops": summary["total"]["flops"]}
+            "bytes": summary["total"]["bytes"], "flops": summary["total"]["flops"],
+            "categories_s": {c: r["bound_s"] for c, r in summary["categories"].items()}}
 
 
 # The opt-in faster forms of lcssl.models.ops (UTT fields, default off).
@@ -481,7 +489,7 @@ def main():
     args = p.parse_args()
     if args.batch < 1:
         p.error(f"--batch must be >= 1, found {args.batch}")
-    peak, bandwidth = CHIPS[args.chip]
+    peak, bandwidth = chip_peak(args.chip, args.dtype), CHIPS[args.chip][1]
     peak = args.peak_tflops * 1e12 if args.peak_tflops else peak
     bandwidth = args.bandwidth_tbs * 1e12 if args.bandwidth_tbs else bandwidth
     if peak <= 0 or bandwidth <= 0:

@@ -290,12 +290,12 @@ def main():
     # Model FLOPs from the program (lcssl.flops: backend-independent, loops x trips), per device;
     # XLA's own figure beside it (on GPU it leaves out the cuDNN convolutions).
     count = flops_lib.count_flops(jitted, state, batch)
-    flops = count.total / jax.device_count()
+    flops = count.model / jax.device_count()  # useful work: recomputation left out
     extra["xla_cost_analysis_flops"] = cost_flops(compiled)
     extra["conv_flops_share"] = count.conv / count.total if count.total else None
     # GradCache's second encoder forward and remat's recomputation are work the hardware does, but
-    # not model FLOPs: with either, 'mfu' is a hardware-FLOPs utilisation (say so in the table).
-    extra["recomputation_counted"] = (extra.get("ssl_impl") == "gradcache" or args.remat != "none")
+    # not model FLOPs: MFU leaves them out, the hardware figure has them.
+    extra["hardware_flops_per_step"] = count.total / jax.device_count()
     mem = compiled.memory_analysis()
     peak_bytes = None
     if mem is not None:
@@ -313,11 +313,12 @@ def main():
     loss = loss_of(out)
 
     device = jax.devices()[0]
-    peak = flops_lib.peak_bf16_flops(device.device_kind)
+    peak = flops_lib.peak_flops(device.device_kind, args.dtype)  # of the dtype run
     # The step's time as a multiple of its roofline bound on this chip (bench/roofline.py; None
     # where the chip has no preset). The bound covers the whole global program: per device here.
     import roofline
-    bound = roofline.step_bound(jitted, state, batch, device_kind=device.device_kind)
+    bound = roofline.step_bound(jitted, state, batch, device_kind=device.device_kind,
+                                dtype=args.dtype)
     if bound is not None:
         bound["bound_s"] /= jax.device_count()
         extra.update(roofline_chip=bound["chip"], roofline_bound_s=bound["bound_s"],
@@ -333,7 +334,7 @@ def main():
         "model_flops_per_step": flops, "achieved_flops_per_s": flops / step_s,
         "xla_peak_bytes": peak_bytes,
         "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "mfu_vs_bf16_peak": flops / step_s / peak if peak else None,
+        "mfu": flops / step_s / peak if peak else None, "peak_flops": peak,
         "loss": float(loss), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(sys.argv), "model_fields": args.model_fields, **extra,
     }
@@ -344,9 +345,9 @@ def main():
             ("achieved GFLOP/s", f"{flops / step_s / 1e9:.1f}"),
             ("XLA peak memory", f"{peak_bytes / 2**30:.2f} GiB" if peak_bytes else "n/a"),
             ("max RSS", f"{result['max_rss_bytes'] / 2**30:.2f} GiB"),
-            ("MFU (bf16 peak)", (f"{result['mfu_vs_bf16_peak']:.1%}"
-                                 + (" (recomputation counted)" if extra["recomputation_counted"]
-                                    else "")) if peak else "n/a (no GPU)"),
+            ("hardware GFLOP/step", f"{extra['hardware_flops_per_step'] / 1e9:.1f}"),
+            (f"MFU ({args.dtype} peak)", f"{result['mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s"
+                                         if peak else "n/a (no chip preset)"),
             ("step / roofline", f"{extra['step_over_bound']:.2f}x the {extra['roofline_chip']} "
                                 f"bound ({extra['roofline_bound_s'] * 1e3:.1f} ms)"
                                 if bound else "n/a (no chip preset)")]

@@ -20,10 +20,14 @@ chunks its own shard, every chunk spans all devices, and no rows move between de
 
 Batch norm: in the chunked path train-mode statistics are those of one chunk of the global batch
 (B / num_chunks samples, still reduced across all devices, as SimCLR's global BN), not of the whole
-batch, so results differ from the full-batch step by that amount. `aux` (e.g. updated batch_stats)
-is the mean over chunks of each chunk's aux (integer leaves: the last chunk's). For a Flax BatchNorm
-running mean that is exactly the full-batch update; the running variance gets the mean of the
-per-chunk variances (slightly below the full-batch variance: the between-chunk spread is missing).
+batch. The result is then the exact gradient of that chunked objective (tests/test_gradcache.py),
+not of the full-batch one, and the two differ a lot at small chunks: on the tiny U-T&T SimCLR
+model, 32 views, the gradient's relative error is 1.0 with 2 chunks (cosine 0.46) and 2.6 with 8
+(bench/gradcache_bn.py; docs/BENCHMARKS.md, 2026-12-04). `aux` (e.g. updated batch_stats) is the
+mean over chunks of each chunk's aux (integer leaves: the last chunk's). For the first batch norm
+layer's running mean that is exactly the full-batch update; the running variance gets the mean of
+the per-chunk variances (below the full-batch variance by the spread of the chunk means), and deeper
+layers see inputs normalized per chunk, so their statistics differ too.
 `accumulate_gradients` treats aux the same way.
 """
 from __future__ import annotations
@@ -34,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lcssl import flops
 from lcssl.sharding import DATA_AXIS, num_data_shards
 
 PyTree = Any
@@ -117,7 +122,9 @@ def grad_cached_value_and_grad(
 
     def backprop_chunk(grads, xs):
         chunk, dz = xs
-        _, pullback = jax.vjp(lambda p: embed_fn(p, chunk)[0], params)
+        # The forward of pass 1 again: lcssl.flops counts it as recomputation, not model FLOPs.
+        with jax.named_scope(flops.RECOMPUTE_SCOPE):
+            _, pullback = jax.vjp(lambda p: embed_fn(p, chunk)[0], params)
         (chunk_grads,) = pullback(dz)
         return jax.tree.map(jnp.add, grads, chunk_grads), None
 

@@ -242,8 +242,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     batches = train_batches(start_step)
     pending, checked_step, wait_s, interval_t0 = None, start_step, 0.0, time.perf_counter()
     step = start_step
-    step_flops = None  # per device, counted from the step's jaxpr at the first batch
-    peak = flops.peak_bf16_flops(jax.devices()[0].device_kind)
+    step_flops = None  # model FLOPs per device, counted from the step's jaxpr at the first batch
+    peak = flops.peak_flops(jax.devices()[0].device_kind, config.dtype)  # of the dtype run
     # Where this start's wall time goes (eval_results.json 'timing'): the first step (compilation),
     # evaluation, checkpoints, and the rest of the loop (training steps and input).
     timing = {"first_step_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "loop_s": 0.0}
@@ -254,7 +254,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             batch = sharding.host_batch_to_global(next(batches), mesh)
             wait_s += time.perf_counter() - t0
             if step_flops is None:  # an abstract trace: no compile, no device memory
-                step_flops = flops.count_flops(train_step, state, batch).total / jax.device_count()
+                step_flops = flops.count_flops(train_step, state, batch).model / jax.device_count()
                 logging.info("Train step: %.4g TFLOP per device (convolutions and matmuls).",
                              step_flops / 1e12)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -276,8 +276,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 _stop_if_not_finite(summary, checked_step, step, checkpoints)
                 elapsed = time.perf_counter() - interval_t0
                 summary["input_wait_fraction"] = wait_s / max(elapsed, 1e-9)
-                # Achieved throughput of the interval, pauses for eval included; recomputation
-                # (GradCache's second forward, remat) counts as work done.
+                # Achieved model throughput of the interval, pauses for eval included;
+                # recomputation (GradCache's second forward, remat) is not model work.
                 summary["tflops_per_device"] = (step_flops * (step - checked_step)
                                                 / max(elapsed, 1e-9) / 1e12)
                 if peak:

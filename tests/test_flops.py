@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcssl import flops, losses, sharding
+from lcssl import flops, gradcache, losses, sharding
 
 
 def conv(x, w, stride=1):
@@ -73,13 +73,45 @@ def test_while_loop_is_flagged_not_guessed():
     assert count.unknown_trip_loops == 1 and count.total == 2 * 4 * 4 * 4
 
 
-def test_remat_counts_the_recomputation():
+def test_remat_counts_the_recomputation_apart_from_model_flops():
     w = jnp.ones((16, 16))
     block = lambda x: jnp.tanh(x @ w)
     plain = jax.grad(lambda x: jnp.sum(block(x)))
     remat = jax.grad(lambda x: jnp.sum(jax.checkpoint(block)(x)))
     x = jnp.ones((8, 16))
-    assert flops.count_flops(remat, x).total == flops.count_flops(plain, x).total + 2 * 8 * 16 * 16
+    count, reference = flops.count_flops(remat, x), flops.count_flops(plain, x)
+    assert count.total == reference.total + 2 * 8 * 16 * 16
+    assert count.recomputed == 2 * 8 * 16 * 16 and reference.recomputed == 0
+    assert count.model == reference.model == reference.total
+
+
+def test_gradcache_second_forward_is_recomputation_not_model_flops():
+    """GradCache runs the encoder forward twice; the model FLOPs are those of plain
+    value_and_grad on the whole batch, the hardware's one forward more."""
+    w1, w2 = jnp.ones((6, 16)), jnp.ones((16, 4))
+    params = {"w1": w1, "w2": w2}
+    embed = lambda p, x: (jnp.tanh(x @ p["w1"]) @ p["w2"], None)
+    loss = lambda z: (jnp.sum(z ** 2), None)
+    x = jnp.ones((8, 6))
+    cached = flops.count_flops(
+        lambda p: gradcache.grad_cached_value_and_grad(embed, p, x, loss, num_chunks=4), params)
+    plain = flops.count_flops(jax.value_and_grad(lambda p: loss(embed(p, x)[0])[0]), params)
+    forward = 2 * 8 * 6 * 16 + 2 * 8 * 16 * 4
+    assert cached.total == plain.total + forward
+    assert cached.recomputed == forward and cached.model == plain.model == plain.total
+
+
+def test_peak_of_the_dtype_run_and_the_form_factor():
+    """Device kinds as jax reports them (the CUDA device name): the PCIe H100 is not the SXM one,
+    and a float32 step (TF32 on the tensor cores) has half the bf16 peak."""
+    sxm, pcie = flops.peak_flops("NVIDIA H100 80GB HBM3"), flops.peak_flops("NVIDIA H100 PCIe")
+    assert sxm == 989e12 and pcie == 756e12
+    assert flops.peak_flops("NVIDIA H100 80GB HBM3", "float32") == sxm / 2
+    assert flops.peak_flops("NVIDIA H100 NVL") == 835e12
+    assert flops.peak_flops("NVIDIA H200", "bfloat16") == 989e12
+    assert flops.peak_flops("TPU v4", "float32") is None
+    assert flops.peak_flops("cpu") is None
+    assert flops.peak_flops("NVIDIA H200", "float16") is None  # no table entry: no MFU claimed
 
 
 def test_sharded_blockwise_loss_counts_the_global_work():

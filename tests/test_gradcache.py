@@ -103,6 +103,60 @@ def test_chunks_take_a_slice_of_every_shard():
         gradcache.split_chunks(np.zeros((BATCH, 2)), 3, mesh)
 
 
+class BNEncoder(nn.Module):
+    """Dense -> batch norm -> Dense: each sample's embedding depends on the batch's statistics."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.BatchNorm(use_running_average=False, momentum=0.0)(nn.Dense(16)(x))
+        return nn.Dense(8)(jnp.tanh(h))
+
+
+def test_gradcache_with_batch_norm_is_the_exact_gradient_of_per_chunk_statistics():
+    """With batch norm, GradCache returns the gradient of the chunked objective (each chunk
+    normalized by its own statistics), exactly; the full-batch gradient is another one. Running
+    averages: the chunks' mean of means is the batch mean, their mean of variances is below the
+    batch variance (by the variance of the chunk means)."""
+    model = BNEncoder()
+    x = np.random.default_rng(5).normal(size=(BATCH, 5)).astype(np.float32)
+    variables = model.init(jax.random.key(3), x)
+    num_chunks = 4
+
+    def embed(params, chunk):
+        z, mutated = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, chunk,
+                                 mutable=["batch_stats"])
+        return z, mutated["batch_stats"]
+
+    def chunked_objective(params):  # plain autodiff through per-chunk batch norm
+        z, _ = jax.lax.map(lambda c: embed(params, c), x.reshape(num_chunks, -1, 5))
+        return loss_fn(z.reshape(BATCH, -1))[0]
+
+    (loss, _, stats), grads = jax.jit(functools.partial(
+        gradcache.grad_cached_value_and_grad, embed, loss_fn=loss_fn,
+        num_chunks=num_chunks))(variables["params"], x)
+    want_loss, want_grads = jax.jit(jax.value_and_grad(chunked_objective))(variables["params"])
+    np.testing.assert_allclose(loss, want_loss, rtol=RTOL)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL),
+                 grads, want_grads)
+
+    full_loss, full_grads = jax.jit(jax.value_and_grad(
+        lambda p: loss_fn(embed(p, x)[0])[0]))(variables["params"])
+    full, cached = (np.concatenate([np.ravel(g) for g in jax.tree.leaves(t)])
+                    for t in (full_grads, grads))
+    assert abs(float(loss) - float(full_loss)) > 1e-3  # not the full-batch objective
+    assert np.linalg.norm(cached - full) > 0.05 * np.linalg.norm(full)
+
+    # momentum 0: the running averages are the step's statistics; float64 reference.
+    params = variables["params"]
+    h = np.asarray(x, np.float64) @ np.asarray(params["Dense_0"]["kernel"], np.float64) \
+        + np.asarray(params["Dense_0"]["bias"], np.float64)
+    chunks = h.reshape(num_chunks, -1, h.shape[-1])
+    bn = stats["BatchNorm_0"]
+    np.testing.assert_allclose(bn["mean"], h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn["var"], chunks.var(1).mean(0), rtol=1e-4, atol=1e-6)
+    assert np.all(bn["var"] < h.var(0))
+
+
 # -- accumulate_gradients ------------------------------------------------------------------------
 
 K = 4

@@ -91,6 +91,9 @@ def test_model_totals_agree_with_lcssl_flops():
 def test_chip_presets_follow_the_device_kind():
     assert roofline.chip_for("NVIDIA H100 80GB HBM3") == "h100"
     assert roofline.chip_for("NVIDIA H200") == "h200"
+    assert roofline.chip_for("NVIDIA H100 PCIe") == "h100-pcie"
+    assert roofline.CHIPS["h100-pcie"] == (756e12, 2.0e12)
+    assert roofline.chip_peak("h200", "float32") == 494.5e12
     assert roofline.chip_for("cpu") is None
 
 
