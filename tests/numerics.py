@@ -13,8 +13,10 @@ inputs' dtype). A computed value's rounding error is then bounded by ~n x 1.1e-1
 it sums, not of the value (a gradient that cancels to 0 keeps ~1e-17 of noise), and the terms
 of an entry are of the size of the large entries of the same quantity (the other gradients, the
 other outputs). So each array may differ by RTOL64 = 1e-9 of the largest |entry| of the tree it is
-compared in, whatever the CPU; a real error (per-device batch statistics, a per-device loss,
-missing negatives) changes values at their own scale. Quantities of very different size (a loss,
+compared in, whatever the CPU. Measured (2026-12-04, x86 CPU): at most 5e-14 of the scale for
+the tiny U-T&T's gradients sharded vs not, 3e-16 for the losses, GradCache and accumulation;
+real errors (per-device batch statistics and loss, a wrong self-mask, a per-device loss mean,
+chunk gradients averaged) changed values by 0.05 to 5. Quantities of very different size (a loss,
 the outputs, batch statistics, a deep network's gradients) are compared as separate trees.
 """
 import contextlib
