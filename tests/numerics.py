@@ -25,6 +25,8 @@ import jax
 import numpy as np
 
 RTOL64 = 1e-9
+# For bounds on a few float32 roundings (e.g. one update of float32 weights), not on sums.
+F32_EPS = float(np.finfo(np.float32).eps)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from lcssl import gradcache, losses, sharding
 from lcssl.data.schema import IGNORE_LABEL
 from tests import numerics
 
+RTOL, ATOL = 1e-5, 1e-6  # float32 against float64 references
 BATCH, HALF = 64, 32  # 32 pairs: rows [0, 32) are view 1, rows [32, 64) view 2
 
 
