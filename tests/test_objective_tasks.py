@@ -3,9 +3,10 @@ devices: each one's loss falls over a few steps on a fixed batch, each logs its 
 fine-tuning from each one's checkpoint loads exactly the subtrees the task declares.
 
 Compile time dominates on 2 cores: one fixed-batch run per task uses the tiny SSL config unchanged,
-so that the `train.run` that follows hits the persistent compilation cache; fine-tuning is checked
-by its warm start and one step in-process (the whole fine-tuning command runs in tests/test_e2e.py).
+so that the `train.run` that follows hits the persistent compilation cache.
 """
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -72,25 +73,22 @@ def test_run_checkpoints_declare_the_transfer_and_probe(objective_run):
     assert 0 <= results["probe"]["accuracy"] <= 1
 
 
-def test_finetuning_loads_exactly_the_declared_subtrees(objective_run, data_dir):
+def test_finetuning_loads_exactly_the_declared_subtrees(objective_run, data_dir, tmp_path):
     name, _, workdir, _ = objective_run
-    card = pipeline.load_card(data_dir)
-    mesh = sharding.make_mesh()
-    config = tiny_config("finetune_flair2", data_dir, init_from=str(workdir), finetune_mode="linear")
-    task, _ = build_task(config, card, mesh)
-    state = sharding.init_sharded(task.init, mesh, jax.random.key(0, impl=train.RNG_IMPL))
-    state, report = task.warm_start(state)  # what train.run does on a fresh fine-tuning workdir
-    batch = sharding.host_batch_to_global(random_host_batch(card, 16, with_label=True), mesh)
-    state, _ = train.jit_train_step(task, state, mesh)(state, batch)
-    tuned, pretrained = jax.tree.map(np.asarray, state.params), saved_state(workdir)
+    config = tiny_config("finetune_flair2", data_dir, init_from=str(workdir), num_steps=1,
+                         finetune_mode="linear")
+    ft_dir = tmp_path / "ft"
+    train.run(config, str(ft_dir))
+    report = json.loads((ft_dir / "loaded_weights.json").read_text())
+    pretrained, tuned = saved_state(workdir), saved_state(ft_dir)
     # The linear mode freezes the loaded subtrees: after a step they still hold the checkpoint's
     # parameters, exactly; every other subtree is new.
     for key in TRANSFER[name]:
-        loaded = jax.tree.leaves(tuned[key])
+        loaded = jax.tree.leaves(tuned["params"][key])
         expected = jax.tree.leaves(pretrained["params"]["backbone"][key])
         assert len(loaded) == len(expected) > 0
         for x, y in zip(loaded, expected):
             np.testing.assert_array_equal(x, y)
-    assert sorted(report["new"]) == sorted(set(tuned) - set(TRANSFER[name]))
+    assert sorted(report["new"]) == sorted(set(tuned["params"]) - set(TRANSFER[name]))
     loaded_keys = {p.split("]")[1].strip("['") for p in report["loaded"]}
     assert loaded_keys == set(TRANSFER[name])
