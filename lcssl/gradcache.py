@@ -152,15 +152,17 @@ def accumulate_gradients(
     Returns ((loss, total_weight, aux averaged over microbatches), grads).
     """
     microbatches = split_chunks(batch, num_microbatches, mesh)
+    # Sums in float32 (float64 for float64 params: the tests' exact comparisons).
+    acc_dtype = jnp.result_type(jnp.float32, *jax.tree.leaves(params))
 
     def step(carry, microbatch):
         numerator, total_weight, grad_sum = carry
         (loss, (weight, aux)), grads = loss_and_grad_fn(params, microbatch)
-        weight = jnp.asarray(weight, jnp.float32)
+        weight = jnp.asarray(weight, acc_dtype)
         grad_sum = jax.tree.map(lambda acc, g: acc + weight * g, grad_sum, grads)
         return (numerator + weight * loss, total_weight + weight, grad_sum), aux
 
-    init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    init = (jnp.zeros((), acc_dtype), jnp.zeros((), acc_dtype), jax.tree.map(jnp.zeros_like, params))
     (numerator, total_weight, grad_sum), aux = jax.lax.scan(step, init, microbatches)
     safe_weight = jnp.where(total_weight > 0, total_weight, 1.0)
     grads = jax.tree.map(lambda g: (g / safe_weight).astype(g.dtype), grad_sum)

@@ -7,7 +7,8 @@ all devices, and the gradient is that of the global loss (no per-device loss, no
 
 Supervised: `weighted_cross_entropy` with the ignore label skipped.
 
-Shapes: z1, z2 [N, D] (any float dtype; maths in float32); logits [..., K]; labels [...] int.
+Shapes: z1, z2 [N, D] (any float dtype; maths in float32, or in float64 for float64 inputs in
+jax's x64 mode, where the tests compare code paths); logits [..., K]; labels [...] int.
 """
 from __future__ import annotations
 
@@ -30,9 +31,15 @@ _MASKED = -1e30
 _PRECISION = jax.lax.Precision.HIGHEST
 
 
+def _float(x) -> jnp.dtype:
+    """The dtype the maths runs in: float32 for bf16 / fp32 inputs, float64 for float64 ones."""
+    return jnp.promote_types(jnp.result_type(x), jnp.float32)
+
+
 def l2_normalize(z: jax.Array) -> jax.Array:
-    """Float32 unit rows; rows with norm below NORM_EPS are scaled by 1 / NORM_EPS instead."""
-    z = z.astype(jnp.float32)
+    """Unit rows (float32; float64 for float64 z); rows with norm below NORM_EPS are scaled by
+    1 / NORM_EPS instead."""
+    z = z.astype(_float(z))
     norm = jnp.sqrt(jnp.sum(z * z, axis=-1, keepdims=True))
     return z / jnp.maximum(norm, NORM_EPS)
 
@@ -170,7 +177,7 @@ _sum_lse.defvjp(_sum_lse_fwd, _sum_lse_bwd)
 def _blockwise_terms(z1, z2, temperature, block_size, axis_name):
     """sum over the given anchors of (lse_i - positive logit_i); z1[i], z2[i] on the same device."""
     zn = _views(z1, z2)
-    inv_sqrt_t = jax.lax.rsqrt(jnp.asarray(temperature, jnp.float32))
+    inv_sqrt_t = jax.lax.rsqrt(jnp.asarray(temperature, zn.dtype))
     sum_lse = _sum_lse(zn * inv_sqrt_t, min(block_size, zn.shape[0]), axis_name)
     return sum_lse - jnp.sum(_positive_logits(zn, temperature))
 
@@ -200,7 +207,7 @@ def nt_xent_blockwise(z1: jax.Array, z2: jax.Array, temperature, block_size: int
         return jax.lax.psum(_blockwise_terms(a, b, t, block_size, DATA_AXIS), DATA_AXIS) / two_n
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()), out_specs=P())(
-        z1, z2, jnp.asarray(temperature, jnp.float32))
+        z1, z2, jnp.asarray(temperature, _float(z1)))
 
 
 def contrastive_metrics(z1: jax.Array, z2: jax.Array, temperature, block_size: int = 512) -> dict:
@@ -231,7 +238,7 @@ def contrastive_metrics(z1: jax.Array, z2: jax.Array, temperature, block_size: i
             excluded = _tile_mask(ir, ic, two_n) | (partner[:, None] == ic[None, :])
             return jnp.maximum(best, jnp.max(jnp.where(excluded, _MASKED, t), axis=1)), None
 
-        best, _ = jax.lax.scan(col_block, jnp.full((block_size,), _MASKED, jnp.float32), (ub, idx))
+        best, _ = jax.lax.scan(col_block, jnp.full((block_size,), _MASKED, zn.dtype), (ub, idx))
         return None, best
 
     _, best_negative = jax.lax.scan(row_block, None, (ub, idx))
@@ -259,14 +266,14 @@ def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, class_weights: 
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {logits.shape} must be labels {labels.shape} + [K].")
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    log_probs = jax.nn.log_softmax(logits.astype(_float(logits)), axis=-1)
     valid = labels != ignore_label
     safe_labels = jnp.where(valid, labels, 0).astype(jnp.int32)
     ce = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
     if class_weights is None:
-        weights = valid.astype(jnp.float32)
+        weights = valid.astype(log_probs.dtype)
     else:
-        weights = jnp.where(valid, jnp.asarray(class_weights, jnp.float32)[safe_labels], 0.0)
+        weights = jnp.where(valid, jnp.asarray(class_weights, log_probs.dtype)[safe_labels], 0.0)
     weight_sum = jnp.sum(weights)
     numerator = jnp.sum(weights * ce)
     loss = jnp.where(weight_sum > 0, numerator / jnp.where(weight_sum > 0, weight_sum, 1.0), 0.0)
@@ -353,7 +360,7 @@ def _sum_weighted_lse_bwd(block_size, axis_name, residuals, g):
     qb, _ = _tiles(q, block_size)
     kb, kid = _tiles(keys, block_size)
     nb = qb.shape[0]
-    weight = jnp.pad(w.astype(jnp.float32) * g, (0, nb * block_size - num_rows)).reshape(nb, block_size)
+    weight = jnp.pad(w.astype(g.dtype) * g, (0, nb * block_size - num_rows)).reshape(nb, block_size)
 
     def row_block(dk, row):
         ur, lr, wr = row
@@ -398,12 +405,12 @@ def cross_modal_info_nce_blockwise(a: jax.Array, s: jax.Array, temperature, bloc
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}.")
     n = a.shape[0]
-    inv_sqrt_t = jax.lax.rsqrt(jnp.asarray(temperature, jnp.float32))
+    inv_sqrt_t = jax.lax.rsqrt(jnp.asarray(temperature, _float(a)))
 
     def local(a, s, axis_name):
         an, sn = _pair(a, s, "cross_modal_info_nce_blockwise")
         ua, us = an * inv_sqrt_t, sn * inv_sqrt_t
-        ones = jnp.ones(ua.shape[0], jnp.float32)
+        ones = jnp.ones(ua.shape[0], ua.dtype)
         block = min(block_size, n)
         lse = (_sum_weighted_lse(ua, us, ones, block, axis_name)
                + _sum_weighted_lse(us, ua, ones, block, axis_name))
@@ -428,7 +435,7 @@ def _best_other(q: jax.Array, keys: jax.Array, positive: jax.Array, block_size: 
             excluded = (ic[None, :] >= num_keys) | (ic[None, :] == pr[:, None])
             return jnp.maximum(best, jnp.max(jnp.where(excluded, _MASKED, t), axis=1)), None
 
-        best, _ = jax.lax.scan(col_block, jnp.full((block_size,), _MASKED, jnp.float32), (kb, kid))
+        best, _ = jax.lax.scan(col_block, jnp.full((block_size,), _MASKED, q.dtype), (kb, kid))
         return None, best
 
     _, best = jax.lax.scan(row_block, None, (qb, pos))
@@ -492,7 +499,7 @@ def vicreg_terms(z1: jax.Array, z2: jax.Array) -> dict:
     if z1.shape != z2.shape or z1.ndim != 2 or z1.shape[0] < 2:
         raise ValueError(f"vicreg: z1 and z2 must both be [N, D] with N >= 2; got {z1.shape} and "
                          f"{z2.shape}.")
-    z1, z2 = z1.astype(jnp.float32), z2.astype(jnp.float32)
+    z1, z2 = z1.astype(_float(z1)), z2.astype(_float(z2))
     return {"invariance": jnp.mean(jnp.square(z1 - z2)),
             "variance": 0.5 * (_variance_term(z1) + _variance_term(z2)),
             "covariance": _covariance_term(z1) + _covariance_term(z2)}
@@ -512,7 +519,7 @@ def vicreg_metrics(z1: jax.Array, z2: jax.Array) -> dict:
     embeddings of both branches (-> 0 on collapse; ~1/sqrt(D) when spread), and raw_std, the mean
     per-dim std of the raw embeddings that the variance hinge pushes to 1."""
     z1, z2 = jax.lax.stop_gradient((z1, z2))
-    z = jnp.concatenate([z1, z2]).astype(jnp.float32)
+    z = jnp.concatenate([z1, z2]).astype(_float(z1))
     return {**vicreg_terms(z1, z2), "embedding_std": embedding_std(z),
             "raw_std": jnp.mean(jnp.std(z, axis=0))}
 
@@ -571,15 +578,15 @@ def dense_info_nce_blockwise(f1, f2, match12, valid12, match21, valid21, tempera
     sharded on 'data'; a sample's two views and its matches are on one device)."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}.")
-    inv_sqrt_t = jax.lax.rsqrt(jnp.asarray(temperature, jnp.float32))
+    inv_sqrt_t = jax.lax.rsqrt(jnp.asarray(temperature, _float(f1)))
     _dense_inputs(f1, f2, match12, valid12, match21, valid21)  # shape checks on the global arrays
 
     def local(f1, f2, match12, valid12, match21, valid21, axis_name):
         u1, u2 = _dense_inputs(f1, f2, match12, valid12, match21, valid21)
         c = u1.shape[-1]
         q1, q2 = (u1 * inv_sqrt_t).reshape(-1, c), (u2 * inv_sqrt_t).reshape(-1, c)
-        w12 = valid12.reshape(-1).astype(jnp.float32)
-        w21 = valid21.reshape(-1).astype(jnp.float32)
+        w12 = valid12.reshape(-1).astype(q1.dtype)
+        w21 = valid21.reshape(-1).astype(q1.dtype)
         block = min(block_size, q1.shape[0])
         lse = _sum_weighted_lse(q1, q2, w12, block, axis_name) + _sum_weighted_lse(q2, q1, w21, block, axis_name)
         pos = (jnp.sum(jnp.where(valid12, _dense_positive_logits(u1, u2, match12), 0.0))

@@ -22,11 +22,11 @@ def session_dir(tmp_path_factory, name: str) -> pathlib.Path:
 
 
 def compilation_cache(tmp_path_factory) -> str:
-    """One persistent XLA cache per session: in-process runs and CLI subprocesses compile the same
-    tiny programs, and every one after the first is a cache hit (minutes saved on 2 cores)."""
-    path = str(session_dir(tmp_path_factory, "jax_cache"))
+    """The session's persistent XLA cache (set up by tests/conftest.py for every test and every
+    subprocess): in-process runs and CLI subprocesses compile the same tiny programs, and every one
+    after the first is a cache hit (minutes saved on 2 cores)."""
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(session_dir(tmp_path_factory, "jax_cache"))
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return path
 
 
@@ -41,8 +41,11 @@ def tiny_dataset(tmp_path_factory) -> str:
 
 
 def cli_env(cache_dir: str | None = None, devices: int = 8) -> dict:
+    """The tests' environment (XLA flags of tests/conftest.py included) with `devices` CPU devices."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
     env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
                PYTHONPATH=str(ROOT))
     if cache_dir:
         env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")

@@ -7,7 +7,11 @@ import socket
 import subprocess
 import time
 
+import pytest
+
 from tests._train_helpers import PYTHON, ROOT, cli_env, compilation_cache, tiny_dataset
+
+pytestmark = pytest.mark.slow
 
 
 def free_port() -> int:

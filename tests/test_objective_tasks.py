@@ -26,6 +26,7 @@ TRANSFER = {"crossmodal": ["aerial_encoder", "utae"],
             "vicreg": list(models.ENCODER_KEYS),
             "dense": list(models.ENCODER_KEYS) + ["aerial_decoder"]}
 STEPS = 8
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,8 @@ ENCODER_KEYS = ENCODER_SUBTREES["utt"]
 INPUT_KERNELS = {"aerial": ("aerial_encoder", "stem_conv", "kernel"),
                  "sits": ("utae", "in_conv", "conv1", "conv", "kernel")}
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# float64 only in jax's x64 mode: the tests compare sharded and single-device runs in it.
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 # Fields of the input data, not of a module: dummy_inputs and the footprint read them, and

@@ -36,11 +36,12 @@ def footprint_resize(x, footprint_px: float, out_hw: Sequence[int]):
     """
     _, h, w, _ = x.shape
     out_h, out_w = out_hw
-    scale = jnp.array([out_h / footprint_px, out_w / footprint_px], jnp.float32)
+    x32 = ops.upcast(x)
+    scale = jnp.array([out_h / footprint_px, out_w / footprint_px], x32.dtype)
     # Output coordinate u maps to input (u - translation) / scale; u = 0 must land on the
     # footprint's top-left edge, (h - footprint_px) / 2.
-    translation = -scale * jnp.array([(h - footprint_px) / 2, (w - footprint_px) / 2], jnp.float32)
-    out = jax.image.scale_and_translate(x.astype(jnp.float32), (x.shape[0], out_h, out_w, x.shape[3]),
+    translation = -scale * jnp.array([(h - footprint_px) / 2, (w - footprint_px) / 2], x32.dtype)
+    out = jax.image.scale_and_translate(x32, (x.shape[0], out_h, out_w, x.shape[3]),
                                         (1, 2), scale, translation, "linear", antialias=True)
     return out.astype(x.dtype)
 
@@ -90,7 +91,7 @@ class LevelFusion(nn.Module):
             else:
                 terms.append(footprint_resize(y, self.footprint_px, (hh, ww)))
         if "collapsed" in self.branches:
-            pooled = jnp.mean(sits_map.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+            pooled = jnp.mean(ops.upcast(sits_map), axis=(1, 2)).astype(self.dtype)
             y = CollapsedMLP(c, self.dropout, self.dtype, name="collapsed_mlp")(pooled, train)
             terms.append(jnp.broadcast_to(y[:, None, None, :], (b, hh, ww, c)))
         if not terms:
@@ -102,7 +103,7 @@ class LevelFusion(nn.Module):
         term = sum(terms).astype(x.dtype)
         if self.mode == "add":
             return x + term
-        gate = jax.nn.sigmoid(term.astype(jnp.float32)).astype(x.dtype)
+        gate = jax.nn.sigmoid(ops.upcast(term)).astype(x.dtype)
         if self.mode == "se":
             return x * gate
         if self.mode == "residual_excite":

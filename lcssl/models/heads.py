@@ -30,6 +30,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from lcssl.models import ops
 from lcssl.models.unet import batch_norm
 
 
@@ -58,7 +59,7 @@ class ProjectionHead(nn.Module):
                 x = batch_norm(train, self.dtype, f"bn{i}")(x)
             if not last:
                 x = nn.relu(x)
-        return x.astype(jnp.float32)
+        return ops.upcast(x)
 
 
 class PredictionHead(ProjectionHead):
@@ -93,8 +94,8 @@ def _pool_to_grid(fmap, grid: int):
     if h % grid or w % grid:
         raise ValueError(f"model.projector.dense_grid={grid} must divide the dense map's size "
                          f"{h} x {w}")
-    return fmap.reshape(b, grid, h // grid, grid, w // grid, c).mean(axis=(2, 4), dtype=jnp.float32
-                                                                     ).astype(fmap.dtype)
+    return ops.upcast(fmap.reshape(b, grid, h // grid, grid, w // grid, c)).mean(axis=(2, 4)
+                                                                             ).astype(fmap.dtype)
 
 
 class SimCLRModel(nn.Module):

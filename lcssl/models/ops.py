@@ -80,8 +80,14 @@ class UpsampleConcatConv(nn.Module):
 
 
 def _acc(x):
-    """Statistics and normalization run in fp32 for bf16 / fp32 inputs (as in Flax's BatchNorm)."""
+    """Statistics and normalization run in fp32 for bf16 / fp32 inputs (as in Flax's BatchNorm);
+    float64 stays float64 (model dtype 'float64', for the tests' exact comparisons in x64 mode)."""
     return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def upcast(x):
+    """x in at least fp32: for softmaxes, means and outputs that must not be bf16."""
+    return x.astype(_acc(x))
 
 
 def _stats(x32, axes):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcssl.models import ops
 from lcssl.models.unet import batch_norm, maybe_remat
 
 # PyTorch GroupNorm eps (the reference implementation), not Flax's 1e-6.
@@ -144,7 +145,7 @@ class LTAE(nn.Module):
                         name="key_proj")(out).reshape(b, t, h, w, self.n_head, self.d_k)
         # Attention logits and softmax in fp32. Padded dates get -1e9 (finite, so a sample whose dates
         # are all padded stays NaN-free); exp underflows to exactly 0 when any date is valid.
-        logits = jnp.einsum("bthwnk,nk->bhwnt", keys.astype(jnp.float32), query) / np.sqrt(self.d_k)
+        logits = jnp.einsum("bthwnk,nk->bhwnt", ops.upcast(keys), query) / np.sqrt(self.d_k)
         logits = jnp.where(valid[:, None, None, None, :], logits, -1e9)
         attn = jax.nn.softmax(logits, axis=-1)
         attn_used = nn.Dropout(self.attn_dropout, deterministic=not train)(attn)

@@ -28,7 +28,7 @@ ENCODER_SUBTREES = {
 
 
 def _pool(x):
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return jnp.mean(ops.upcast(x), axis=(1, 2))
 
 
 class UTT(nn.Module):
@@ -114,13 +114,13 @@ class UTT(nn.Module):
             if self.low_precision_resample:
                 aux = ops.footprint_resize_lowp(aux, self.footprint_px, out_hw, self.dtype)
             else:
-                aux = footprint_resize(aux.astype(jnp.float32), self.footprint_px, out_hw)
-            aux = aux.astype(jnp.float32)
+                aux = footprint_resize(ops.upcast(aux), self.footprint_px, out_hw)
+            aux = ops.upcast(aux)
             out["logits" if self.variant == "utae" else "aux_logits"] = aux
         if "levels" in features:
             dense = self.aerial_decoder(features["levels"], train)
             features["decoder"] = dense
-            out["logits"] = self.seg_head(dense).astype(jnp.float32)
+            out["logits"] = ops.upcast(self.seg_head(dense))
         if return_features:
             out["features"] = features
         return out

@@ -15,12 +15,6 @@ from lcssl.models import fusion, ops
 RTOL64 = 1e-10
 
 
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 def _close(a, b, rtol=RTOL64):
     a, b = np.asarray(a), np.asarray(b)
     scale = max(np.abs(b).max(), 1e-30)
