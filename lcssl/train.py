@@ -85,6 +85,7 @@ def task_context(config, card, mesh, num_steps: int, steps_per_epoch: int,
     return tasks.Context(config=config, card=card, mesh=mesh, model_cfg=model_cfg,
                          stats=normalize.stats_from_card(card), augment_cfg=augment_cfg,
                          lr=learning_rate_schedule(config, num_steps, steps_per_epoch),
+                         num_steps=num_steps,
                          eval_batches=eval_batches or no_eval_data)
 
 

@@ -10,9 +10,10 @@ import sys
 sys.modules['tensorflow'] = None  # any `import tensorflow` now raises ImportError
 import jax.numpy as jnp
 from lcssl import evaluate, gradcache, losses, metrics, models, sharding, tasks, train
-from lcssl.tasks import simclr, supervised
+from lcssl.tasks import byol, pretraining, simclr, supervised
 from lcssl.data import augment, normalize, pipeline, sits
-assert callable(simclr.train_step) and callable(supervised.train_step)
+assert callable(pretraining.train_step) and callable(supervised.train_step)
+assert callable(simclr.build) and callable(byol.build)
 print(float(losses.nt_xent(jnp.eye(4), jnp.eye(4), 0.1)))
 print('ok without tensorflow')
 """

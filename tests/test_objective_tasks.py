@@ -1,4 +1,4 @@
-"""The cross-modal, VICReg and dense pre-training tasks with the real tiny U-T&T on 8 virtual CPU
+"""The cross-modal, VICReg, dense and BYOL pre-training tasks with the real tiny U-T&T on 8 virtual CPU
 devices: each one's loss falls over a few steps on a fixed batch, each logs its health, and
 fine-tuning from each one's checkpoint loads exactly the subtrees the task declares.
 
@@ -15,16 +15,19 @@ from lcssl import checkpoint as ckpt_lib
 from lcssl import models, sharding, train
 from lcssl.data import pipeline
 from tests._train_helpers import build_task, compilation_cache, saved_state, tiny_config, tiny_dataset
-from tests.test_train import random_host_batch
+from tests.numerics import F32_EPS
+from tests.test_train import Interrupted, random_host_batch, tamper_with_batches
 
-OBJECTIVES = ("crossmodal", "vicreg", "dense")
+OBJECTIVES = ("crossmodal", "vicreg", "dense", "byol")
 HEALTH = {"crossmodal": ("pos_accuracy", "aerial_embedding_std", "sits_embedding_std", "cross_loss"),
           "vicreg": ("invariance", "variance", "covariance", "embedding_std", "raw_std"),
           "dense": ("pos_accuracy", "pos_cosine", "valid_fraction", "embedding_std", "dense_loss",
-                    "global_loss")}
+                    "global_loss"),
+          "byol": ("pos_cosine", "embedding_std", "target_momentum")}
 TRANSFER = {"crossmodal": ["aerial_encoder", "utae"],
             "vicreg": list(models.ENCODER_KEYS),
-            "dense": list(models.ENCODER_KEYS) + ["aerial_decoder"]}
+            "dense": list(models.ENCODER_KEYS) + ["aerial_decoder"],
+            "byol": list(models.ENCODER_KEYS)}
 STEPS = 8
 pytestmark = pytest.mark.slow
 
@@ -53,6 +56,19 @@ def objective_run(request, data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp(f"{name}_run")
     results = train.run(config, str(workdir))
     return name, history, workdir, results
+
+
+@pytest.fixture(scope="module")
+def byol_step(data_dir):
+    """BYOL's task, its fresh state on 8 devices and the state after one step."""
+    card = pipeline.load_card(data_dir)
+    mesh = sharding.make_mesh()
+    task, ctx = build_task(tiny_config("ssl_flair2", data_dir, task="byol"), card, mesh)
+    state = sharding.init_sharded(task.init, mesh, jax.random.key(0, impl=train.RNG_IMPL))
+    fresh = jax.tree.map(np.asarray, state)
+    batch = sharding.host_batch_to_global(random_host_batch(card, 16, with_label=False), mesh)
+    new_state, _ = train.jit_train_step(task, state, mesh)(state, batch)
+    return task, ctx, fresh, new_state
 
 
 def test_loss_falls_and_health_is_logged(objective_run):
@@ -92,3 +108,49 @@ def test_finetuning_loads_exactly_the_declared_subtrees(objective_run, data_dir,
     assert sorted(report["new"]) == sorted(set(tuned["params"]) - set(TRANSFER[name]))
     loaded_keys = {p.split("]")[1].strip("['") for p in report["loaded"]}
     assert loaded_keys == set(TRANSFER[name])
+
+
+def test_byol_target_starts_as_the_online_network_and_follows_it_by_the_ema(byol_step):
+    from lcssl.tasks import byol
+
+    task, ctx, fresh, new_state = byol_step
+    target0 = fresh.task_state["target"]
+    assert sorted(target0) == sorted(set(fresh.params) - {"predictor"}) == ["backbone", "projector"]
+    for t, o in zip(jax.tree.leaves(target0), jax.tree.leaves(byol.target_params(fresh.params))):
+        np.testing.assert_array_equal(t, o)
+    # The task state is laid out on the mesh like the parameters.
+    leaf = jax.tree.leaves(new_state.task_state)[0]
+    assert len(leaf.sharding.device_set) == 8
+    # After one update: target = target0 + (1 - tau(0)) (online_1 - target0), tau(0) = 0.996,
+    # in float64; the float32 result differs by rounding of values of the weights' magnitude.
+    tau = ctx.config.byol.base_momentum
+    online = byol.target_params(jax.tree.map(np.asarray, new_state.params))
+    moved = 0.0
+    for t0, t1, o in zip(jax.tree.leaves(target0), jax.tree.leaves(new_state.task_state["target"]),
+                         jax.tree.leaves(online)):
+        t0, o = np.asarray(t0, np.float64), np.asarray(o, np.float64)
+        want = t0 + (1 - tau) * (o - t0)
+        np.testing.assert_allclose(np.asarray(t1), want, rtol=0, atol=4 * F32_EPS * max(1.0, np.abs(t0).max()))
+        moved = max(moved, np.abs(o - t0).max())
+    assert moved > 1e-4  # the online network did move, so the test can tell the EMA apart
+
+
+@pytest.mark.parametrize("objective_run", ["byol"], indirect=True)
+def test_byol_resumes_to_exactly_the_same_weights_and_target(objective_run, data_dir, tmp_path,
+                                                              monkeypatch):
+    _, _, workdir, _ = objective_run
+
+    def crash(batch):
+        raise Interrupted
+
+    tamper_with_batches(monkeypatch, at_step=4, action=crash)  # dies after the step-3 checkpoint
+    config = tiny_config("ssl_flair2", data_dir, task="byol")
+    with pytest.raises(Interrupted):
+        train.run(config, str(tmp_path))
+    monkeypatch.undo()
+    train.run(config, str(tmp_path))
+    a, b = saved_state(workdir), saved_state(tmp_path)
+    assert int(a["step"]) == int(b["step"]) == 6
+    assert sorted(a["task_state"]["target"]) == ["backbone", "projector"]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)

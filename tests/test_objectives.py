@@ -294,3 +294,51 @@ def test_dense_metrics_on_matching_and_collapsed_pixels():
     collapsed = losses.dense_metrics(flat, flat, match, valid, match, valid)
     np.testing.assert_allclose(collapsed["pos_accuracy"], 0.0)
     np.testing.assert_allclose(collapsed["embedding_std"], 0.0, atol=ATOL)
+
+
+# -- BYOL -------------------------------------------------------------------------------------------
+
+def numpy_byol(p1, p2, t1, t2):
+    """Float64, Grill et al. 2020 eq. 2 symmetrised: per patch ||p/|p| - t'/|t'|||^2 both ways."""
+    return np.mean(np.sum((normalize(p1) - normalize(t2)) ** 2, -1)
+                   + np.sum((normalize(p2) - normalize(t1)) ** 2, -1))
+
+
+def numpy_byol_grad(p, t):
+    """d/dp of sum_rows ||p/|p| - t/|t|||^2 = -2 (I - u u^T) t_hat / |p|, u = p/|p|."""
+    p, t = np.asarray(p, np.float64), normalize(t)
+    norm = np.linalg.norm(p, axis=-1, keepdims=True)
+    u = p / norm
+    return -2 * (t - u * np.sum(u * t, -1, keepdims=True)) / norm
+
+
+def test_byol_loss_and_gradients_match_float64_on_1_2_4_8_devices():
+    from lcssl.tasks import byol
+
+    rng = np.random.default_rng(9)
+    p1, p2, t1, t2 = (rng.normal(size=(16, 6)).astype(np.float32) for _ in range(4))
+    t2 = t2 + p1  # targets that agree in part with the predictions, as after some training
+    want = numpy_byol(p1, p2, t1, t2)
+    want_grads = (numpy_byol_grad(p1, t2) / 16, numpy_byol_grad(p2, t1) / 16,
+                  np.zeros_like(t1), np.zeros_like(t2))  # no gradient reaches the target
+
+    def value_and_grads(mesh, *arrays):
+        return jax.value_and_grad(byol.byol_loss, argnums=(0, 1, 2, 3))(*arrays)
+
+    for k in DEVICE_COUNTS:
+        loss, grads = on_devices(value_and_grads, (p1, p2, t1, t2), k)
+        np.testing.assert_allclose(loss, want, rtol=RTOL)
+        assert_trees_close(grads, want_grads)
+    # Identical directions: loss 0 whatever the norms; opposite: 4 per term.
+    np.testing.assert_allclose(byol.byol_loss(p1, p2, 3 * p2, 0.5 * p1), 0.0, atol=ATOL)
+    np.testing.assert_allclose(byol.byol_loss(p1, p2, -p2, -p1), 8.0, rtol=RTOL)
+
+
+def test_byol_target_momentum_goes_from_the_base_to_one_along_a_cosine():
+    from lcssl.tasks import byol
+
+    steps, base_momentum = 100, 0.996
+    taus = np.asarray([byol.target_momentum(k, steps, base_momentum) for k in (0, 25, 50, 100, 150)])
+    want = [1 - (1 - base_momentum) * (np.cos(np.pi * k / steps) + 1) / 2 for k in (0, 25, 50, 100, 100)]
+    np.testing.assert_allclose(taus, want, rtol=0, atol=1e-7)  # float32 of numbers near 1
+    assert taus[0] == np.float32(base_momentum) and taus[3] == 1.0

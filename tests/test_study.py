@@ -125,8 +125,8 @@ def test_arms_the_trainer_does_not_know_are_not_available():
                "finetune": {"config": "configs/sup_hameln.py:tiny", "overrides": ["--config.no_such_field=1"]}}
     assert "no_such_field" in study.unavailable_reason(made_up, arms)
     unknown = {**arms["vicreg"], "name": "x",
-               "pretrain": {**arms["vicreg"]["pretrain"], "overrides": ["--config.task=byol"]}}
-    assert "no task 'byol'" in study.unavailable_reason(unknown, {**arms, "x": unknown})
+               "pretrain": {**arms["vicreg"]["pretrain"], "overrides": ["--config.task=mae"]}}
+    assert "no task 'mae'" in study.unavailable_reason(unknown, {**arms, "x": unknown})
     # Every arm of the study is one the trainer runs (the end-to-end test runs a few of them).
     assert [a["name"] for a in config.arms if study.unavailable_reason(a, arms)] == []
 

@@ -1,6 +1,6 @@
-"""SimCLR augmentations for the aerial + Sentinel-2 patch, pure JAX, on the device.
+"""Augmentations for the aerial + Sentinel-2 patch (SimCLR's, Chen et al. 2020), pure JAX, on the device.
 
-    simclr_views(key, batch, cfg)       -> (view1, view2)   two random views of a normalised batch
+    two_views(key, batch, cfg)          -> (view1, view2)   two random views of a normalised batch
     view_geometry(key, batch, cfg)      -> (geom1, geom2)   where those views' pixels come from
     map_view_points(points, geom_a, geom_b) -> (points_b, valid)   view a -> view b coordinates
     view_correspondence(geom1, geom2, (h, w)) -> matches of an h x w grid between the two views
@@ -87,7 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
 # ---------------------------------------------------------------------------------------------
 
 
-def simclr_views(key: jax.Array, batch: Mapping[str, Any], cfg: ml_collections.ConfigDict
+def two_views(key: jax.Array, batch: Mapping[str, Any], cfg: ml_collections.ConfigDict
                  ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Two independently augmented views of a normalised batch, same keys and shapes as `batch`.
 
@@ -95,13 +95,13 @@ def simclr_views(key: jax.Array, batch: Mapping[str, Any], cfg: ml_collections.C
     untouched by photometric ops, so it stays aligned with its view's aerial patch.
     """
     _check_batch(batch, cfg)
-    return _simclr_views(key, dict(batch), ml_collections.FrozenConfigDict(cfg))
+    return _two_views(key, dict(batch), ml_collections.FrozenConfigDict(cfg))
 
 
 # Jitted with the (hashable, frozen) config static: inside the train step's jit this is inlined;
 # called eagerly it compiles once instead of dispatching hundreds of small ops.
 @functools.partial(jax.jit, static_argnums=2)
-def _simclr_views(key, batch, cfg):
+def _two_views(key, batch, cfg):
     key1, key2 = jax.random.split(key)
     return _augment_batch(key1, batch, cfg), _augment_batch(key2, batch, cfg)
 
@@ -147,7 +147,7 @@ def _supervised_augment(key, batch, cfg):
 
 def view_geometry(key: jax.Array, batch: Mapping[str, Any], cfg: ml_collections.ConfigDict
                   ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """The geometry of the two views `simclr_views(key, batch, cfg)` returns, from the same draws
+    """The geometry of the two views `two_views(key, batch, cfg)` returns, from the same draws
     (it does not change them): per view {'origin': [B, 2] crop corner (row, col) and 'keep': [B]
     crop side, fractions of the patch side; 'transpose', 'flip0', 'flip1': [B] bool}."""
     _check_batch(batch, cfg)
@@ -167,7 +167,7 @@ def _view_geometry(key, aerial_shape, sits_shape, cfg):
         return {"origin": u["crop_pos"] * (1.0 - keep)[:, None], "keep": keep,
                 "transpose": transpose & square, "flip0": flip0, "flip1": flip1}
 
-    key1, key2 = jax.random.split(key)  # as _simclr_views splits it
+    key1, key2 = jax.random.split(key)  # as _two_views splits it
     return one(key1), one(key2)
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lcssl.models.heads import DenseProjectionHead, PredictionHead, ProjectionHead, SimCLRModel
+from lcssl.models.heads import DenseProjectionHead, PredictionHead, ProjectionHead, PretrainModel
 from lcssl.models.utt import ENCODER_SUBTREES, UTT, VARIANTS
 
 # The model's inputs, in the order of UTT.__call__ (batch fields of the same names).
@@ -59,7 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
     """The FLAIR #2 U-T&T baseline (~27 M parameters): smp Unet-resnet34 + U-TAE.
 
     Keys are UTT's field names with UTT's defaults (lcssl/models/utt.py), `dtype` as a name
-    ('float32' | 'bfloat16'), the DATA_KEYS, and `projector`: SimCLRModel's fields
+    ('float32' | 'bfloat16'), the DATA_KEYS, and `projector`: PretrainModel's fields
     (lcssl/models/heads.py). build_model(cfg) is UTT(**cfg) on those fields.
     """
     cfg = ml_collections.ConfigDict(_field_defaults(UTT, skip=("dtype", "footprint_px")))
@@ -73,7 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
     # of the three fields it is made of unless set itself.
     cfg.footprint_px = (cfg.get_ref("aerial_size") * cfg.get_ref("aerial_gsd_m")
                         / cfg.get_ref("sits_gsd_m"))
-    cfg.projector = ml_collections.ConfigDict(_field_defaults(SimCLRModel, skip=("backbone", "dtype")))
+    cfg.projector = ml_collections.ConfigDict(_field_defaults(PretrainModel, skip=("backbone", "dtype")))
     # SimCLR's hidden width equals the embedding width (2048 for its ResNet-50; 512 here, widths[-1]).
     cfg.projector.hidden_dim = 512
     cfg.projector.dense_hidden_dim = 512
@@ -139,12 +139,12 @@ def build_model(cfg) -> UTT:
     return UTT(**_module_kwargs(UTT, d, skip=("dtype",)), dtype=_dtype(d))
 
 
-def build_ssl_model(cfg) -> SimCLRModel:
-    """SimCLRModel(backbone=build_model(cfg), **cfg.projector). A projector config without the
+def build_ssl_model(cfg) -> PretrainModel:
+    """PretrainModel(backbone=build_model(cfg), **cfg.projector). A projector config without the
     predictor / dense fields (saved before they existed) builds what it was trained with: both off."""
     d = _as_dict(cfg)
-    return SimCLRModel(backbone=build_model(d), dtype=_dtype(d),
-                       **_module_kwargs(SimCLRModel, d.get("projector", {}),
+    return PretrainModel(backbone=build_model(d), dtype=_dtype(d),
+                       **_module_kwargs(PretrainModel, d.get("projector", {}),
                                         skip=("backbone", "dtype")))
 
 
@@ -165,7 +165,7 @@ def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["ENCODER_KEYS", "INPUT_KEYS", "DATA_KEYS", "VARIANTS", "UTT", "SimCLRModel", "ProjectionHead", "PredictionHead",
+__all__ = ["ENCODER_KEYS", "INPUT_KEYS", "DATA_KEYS", "VARIANTS", "UTT", "PretrainModel", "ProjectionHead", "PredictionHead",
            "DenseProjectionHead", "default_config",
            "tiny_config", "encoder_keys", "build_model", "build_ssl_model", "dummy_inputs",
            "param_shapes", "count_params"]

@@ -5,19 +5,19 @@ after every dense layer as in SimCLR v2 (Chen et al. 2020b), the last one withou
 batch_norm_output=False, batch norm after the hidden layers only (BYOL's MLPs).
 
 PredictionHead, the BYOL predictor (Grill et al. 2020): ProjectionHead with BYOL's layout,
-projection [B, P] -> Dense(hidden, 4096 in BYOL) -> BN -> ReLU -> Dense(P) -> [B, P]. The BYOL
-objective (EMA target network, regression loss) is not implemented; the predictor is ready for it.
+projection [B, P] -> Dense(hidden, 4096 in BYOL) -> BN -> ReLU -> Dense(P) -> [B, P]; the BYOL task
+(lcssl/tasks/byol.py) switches it on.
 
 DenseProjectionHead, pixel level (DenseCL, Wang et al. 2021; PixPro, Xie et al. 2021): 1x1 conv
 -> [BN] -> ReLU -> 1x1 conv on a feature map [B, h, w, C] -> [B, h, w, out]. A 1x1 conv is a Dense
 on the channel axis, and nn.Dense contracts the last axis, so this is ProjectionHead applied per
-pixel; its BN, when on, reduces over B, h, w like BatchNorm2d. SimCLRModel feeds it the map that
+pixel; its BN, when on, reduces over B, h, w like BatchNorm2d. PretrainModel feeds it the map that
 'embedding' pools: the deepest fused aerial level encode()['levels'][-1] (stride 32, 16x16 for
 512 px) for 'utt' and 'unet', encode()['sits_map'] for 'utae'; with dense_source='decoder' ('utt',
 'unet'), the aerial decoder's full-resolution map [B, H, W, decoder_channels[-1]] instead, so that a
 pixel-level objective trains the decoder too (lcssl.losses.dense_info_nce).
 
-SimCLRModel holds the backbone under the attribute name 'backbone', so params['backbone'] has
+PretrainModel holds the backbone under the attribute name 'backbone', so params['backbone'] has
 exactly the encoder subtrees of the segmentation model's params (lcssl.models.encoder_keys) and
 fine-tuning copies them over. The other heads sit beside 'projector' as optional submodules reading
 the same encode() dict: 'aerial_projector'/'sits_projector' (per_modality), 'predictor' (on
@@ -64,8 +64,7 @@ class ProjectionHead(nn.Module):
 
 class PredictionHead(ProjectionHead):
     """BYOL predictor: [B, P] -> Dense(hidden_dim) -> BN -> ReLU -> Dense(out_dim) -> [B, out_dim]
-    float32, out_dim = P, the projection dim it reads. Only the head: the BYOL objective is not
-    implemented.
+    float32, out_dim = P, the projection dim it reads (lcssl/tasks/byol.py).
     """
     hidden_dim: int = 4096
     out_dim: int = 256                   # BYOL's projection dim
@@ -98,8 +97,8 @@ def _pool_to_grid(fmap, grid: int):
                                                                              ).astype(fmap.dtype)
 
 
-class SimCLRModel(nn.Module):
-    """Backbone encoder + projection head(s).
+class PretrainModel(nn.Module):
+    """Backbone encoder + the heads of the pre-training objectives (lcssl/tasks).
 
     Same inputs as the segmentation model. Returns {'embedding' [B, D], 'projection' [B, out_dim]},
     plus with per_modality (cross-modal contrast, 'utt' only) 'aerial_embedding'/'sits_embedding'
@@ -108,7 +107,7 @@ class SimCLRModel(nn.Module):
     [B, h, w, dense_out_dim] (DenseProjectionHead on the map 'embedding' pools: levels[-1], or
     sits_map for 'utae'; with dense_source='decoder', on the aerial decoder's output
     [B, H, W, decoder_channels[-1]]; with dense_grid > 0, that map average-pooled to dense_grid^2
-    cells first); all float32. The SimCLR loss reads only 'projection'.
+    cells first); all float32. Each objective reads the outputs it needs.
     """
     backbone: nn.Module
     hidden_dim: int = 2048

@@ -7,7 +7,7 @@ variants (aerial-only U-Net, SITS-only U-TAE), as one Linen module.
 
 Top-level param subtrees (stable names): 'aerial_encoder', 'utae', 'fusion' (the encoder, what SSL
 pre-training trains and fine-tuning loads) and 'aerial_decoder', 'seg_head', 'aux_head' (new at
-fine-tuning). `encode` runs only the encoder part; SimCLRModel calls it.
+fine-tuning). `encode` runs only the encoder part; PretrainModel calls it.
 """
 from typing import Any, Sequence
 

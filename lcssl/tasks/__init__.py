@@ -3,7 +3,9 @@
     task = tasks.get(config.task).build(ctx)    # -> tasks.base.Task; see base.py and docs/DESIGN.md
 
 Adding an objective: a module here with USES_LABELS, default_config() and build(ctx), and its name
-in NAMES. Its hyperparameters become `config.<name>.*` in every experiment config.
+in NAMES. Its hyperparameters become `config.<name>.*` in every experiment config. A pre-training
+objective is its loss, health and config on top of pretraining.build_task (byol.py is the example;
+docs/DESIGN.md, "Tasks").
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from lcssl.errors import UserError
 from lcssl.tasks.base import Context, Task, TrainState
 
 # name -> module under lcssl.tasks; imported on first use.
-NAMES = ("supervised", "simclr", "crossmodal", "vicreg", "dense")
+NAMES = ("supervised", "simclr", "crossmodal", "vicreg", "dense", "byol")
 
 
 def get(name: str) -> ModuleType:

@@ -40,6 +40,9 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jax.Array          # uint32 raw data of the base key (RNG_IMPL); see step_key
+    # Arrays a task owns beside the model (BYOL's EMA target network); {} for most. Sharded,
+    # checkpointed and resumed like the rest of the state.
+    task_state: Any = flax.struct.field(default_factory=dict)
 
 
 def step_key(state: TrainState) -> jax.Array:
@@ -57,6 +60,7 @@ class Context:
     stats: Any                             # normalize.NormStats from the card
     augment_cfg: ml_collections.ConfigDict  # config.augment with the card's footprint and bands
     lr: optax.Schedule
+    num_steps: int                         # optimizer updates of the whole run (schedules)
     eval_batches: Callable[[str], Iterable[Mapping[str, Any]]]  # split -> host batches (eval order)
 
     @property
@@ -152,16 +156,18 @@ def make_optimizer(config, lr: optax.Schedule, encoder_keys=()) -> optax.Gradien
     return optax.multi_transform({"encoder": encoder_tx, "head": build(lr)}, labels)
 
 
-def state_init(model, model_cfg, num_dates: int, tx: optax.GradientTransformation,
-               seed: int) -> Callable[[jax.Array], TrainState]:
-    """init(rng) -> a fresh TrainState of `model` (variables from zero inputs of the model's shapes)."""
+def state_init(model, model_cfg, num_dates: int, tx: optax.GradientTransformation, seed: int,
+               task_state: Callable[[Any], Any] | None = None) -> Callable[[jax.Array], TrainState]:
+    """init(rng) -> a fresh TrainState of `model` (variables from zero inputs of the model's shapes);
+    `task_state(params)`, if given, makes the state the task owns from the fresh params."""
     def init(rng):
         dummy = models.dummy_inputs(model_cfg, batch=2, num_dates=num_dates)
         variables = model.init({"params": rng, "dropout": rng}, *dummy, train=False)
         params = variables["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                          rng=jax.random.key_data(jax.random.key(seed, impl=RNG_IMPL)))
+                          rng=jax.random.key_data(jax.random.key(seed, impl=RNG_IMPL)),
+                          task_state=task_state(params) if task_state else {})
 
     return init
 

@@ -2,7 +2,7 @@
 2021) style, with the correspondence known from the augmentation: it pre-trains the aerial decoder
 as well as the encoder, and fine-tuning loads both.
 
-Two augmented views of each patch go through the SimCLR model with its dense head on the aerial
+Two augmented views of each patch (lcssl/tasks/pretraining.py) go through the pre-training model with its dense head on the aerial
 decoder's output (model.projector.dense, dense_source='decoder', forced on here; 'utt' or 'unet'),
 average-pooled to a dense.grid x dense.grid grid first (the loss resolution). The geometry of the
 two views (lcssl.data.augment.view_geometry: crop box, flips, rot90, from the step's augmentation
@@ -15,19 +15,18 @@ partner, pixel embedding std (-> 0 on collapse), and the global term's embedding
 """
 import functools
 
-import flax
 import jax
 import ml_collections
-import optax
-from clu import metrics
 
 from lcssl import losses, models
-from lcssl.data import augment, normalize
+from lcssl.data import augment
 from lcssl.errors import UserError
-from lcssl.tasks import base
-from lcssl.tasks.simclr import interleave
+from lcssl.tasks import base, pretraining
 
 USES_LABELS = False
+# embedding_std: of the pixels, -> 0 on collapse.
+HEALTH = ("dense_loss", "global_loss", "pos_accuracy", "pos_cosine", "valid_fraction", "embedding_std",
+          "global_embedding_std")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -41,20 +40,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.grid = 8
     c.dense_weight = 0.5
     return c
-
-
-@flax.struct.dataclass
-class Metrics(metrics.Collection):
-    loss: metrics.Average.from_output("loss")
-    dense_loss: metrics.Average.from_output("dense_loss")
-    global_loss: metrics.Average.from_output("global_loss")
-    pos_accuracy: metrics.Average.from_output("pos_accuracy")
-    pos_cosine: metrics.Average.from_output("pos_cosine")
-    valid_fraction: metrics.Average.from_output("valid_fraction")
-    embedding_std: metrics.Average.from_output("embedding_std")  # pixels; -> 0 on collapse
-    global_embedding_std: metrics.Average.from_output("global_embedding_std")
-    grad_norm: metrics.Average.from_output("grad_norm")
-    learning_rate: metrics.LastValue.from_output("learning_rate")
 
 
 def model_config(model_cfg: ml_collections.ConfigDict, grid: int) -> ml_collections.ConfigDict:
@@ -72,64 +57,35 @@ def model_config(model_cfg: ml_collections.ConfigDict, grid: int) -> ml_collecti
     return cfg
 
 
-def train_step(state: base.TrainState, batch, *, model, tx, stats, augment_cfg, task_cfg, lr,
-               mesh=None) -> tuple[base.TrainState, Metrics]:
-    """One dense update on a global batch of B patches (2B views)."""
-    aug_key, drop_key = jax.random.split(base.step_key(state))
-    normalized = normalize.normalize(batch, stats)
-    view1, view2 = augment.simclr_views(aug_key, normalized, augment_cfg)
-    geom1, geom2 = augment.view_geometry(aug_key, normalized, augment_cfg)
-    match = augment.view_correspondence(geom1, geom2, (task_cfg.grid, task_cfg.grid))
+def objective_loss(out, views, state, *, cfg, augment_cfg, mesh=None):
+    """(1 - dense_weight) NT-Xent + dense_weight pixel InfoNCE between the cells of the two views
+    that see the same ground (their correspondence from the views' geometry)."""
+    geom1, geom2 = augment.view_geometry(views.key, views.batch, augment_cfg)
+    match = augment.view_correspondence(geom1, geom2, (cfg.grid, cfg.grid))
     pairs = (match["match12"], match["valid12"], match["match21"], match["valid21"])
-    inputs = {k: interleave(view1[k], view2[k]) for k in models.INPUT_KEYS}
-    inputs["dropout_key"] = jax.random.split(drop_key, inputs["aerial"].shape[0])
-    t = task_cfg.temperature
-
-    def views(z):  # [2B, ...] interleaved -> view 1, view 2 [B, ...]
-        z = z.reshape((-1, 2) + z.shape[1:])
-        return z[:, 0], z[:, 1]
-
-    def loss_fn(params):
-        out, mutated = base.apply_model(model, params, state.batch_stats, inputs, train=True)
-        f1, f2 = views(out["dense_projection"])
-        z1, z2 = views(out["projection"])
-        if task_cfg.loss_impl == "naive":
-            dense_loss = losses.dense_info_nce(f1, f2, *pairs, t)
-            global_loss = losses.nt_xent(z1, z2, t)
-        elif task_cfg.loss_impl == "blockwise":
-            dense_loss = losses.dense_info_nce_blockwise(f1, f2, *pairs, t, task_cfg.block_size, mesh=mesh)
-            global_loss = losses.nt_xent_blockwise(z1, z2, t, task_cfg.block_size, mesh=mesh)
-        else:
-            raise UserError(f"dense.loss_impl must be 'naive' or 'blockwise', found {task_cfg.loss_impl!r}")
-        w = task_cfg.dense_weight
-        loss = (1.0 - w) * global_loss + w * dense_loss
-        health = dict(losses.dense_metrics(f1, f2, *pairs), dense_loss=dense_loss,
+    f1, f2 = pretraining.split_views(out["dense_projection"])
+    z1, z2 = pretraining.split_views(out["projection"])
+    t = cfg.temperature
+    if cfg.loss_impl == "naive":
+        dense_loss = losses.dense_info_nce(f1, f2, *pairs, t)
+        global_loss = losses.nt_xent(z1, z2, t)
+    else:
+        dense_loss = losses.dense_info_nce_blockwise(f1, f2, *pairs, t, cfg.block_size, mesh=mesh)
+        global_loss = losses.nt_xent_blockwise(z1, z2, t, cfg.block_size, mesh=mesh)
+    loss = (1.0 - cfg.dense_weight) * global_loss + cfg.dense_weight * dense_loss
+    return loss, dict(losses.dense_metrics(f1, f2, *pairs), dense_loss=dense_loss,
                       global_loss=global_loss,
                       global_embedding_std=losses.embedding_std(jax.numpy.concatenate([z1, z2])))
-        return loss, (health, mutated["batch_stats"])
-
-    (loss, (health, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new_state = base.apply_gradients(state, grads, batch_stats, tx)
-    return new_state, Metrics.single_from_model_output(
-        loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=lr(state.step), **health)
 
 
 def build(ctx: base.Context) -> base.Task:
-    config = ctx.config
-    model_cfg = model_config(ctx.model_cfg, config.dense.grid)
-    model = models.build_ssl_model(model_cfg)
-    tx = base.make_optimizer(config, ctx.lr)
-    probe = base.linear_probe(ctx, model)
-    return base.Task(
-        name="dense", model=model,
-        init=base.state_init(model, model_cfg, ctx.num_dates, tx, config.seed),
-        train_step=functools.partial(train_step, model=model, tx=tx, stats=ctx.stats,
-                                     augment_cfg=ctx.augment_cfg, task_cfg=config.dense,
-                                     lr=ctx.lr, mesh=ctx.mesh),
-        metrics=Metrics,
-        batch_keys=models.INPUT_KEYS,
+    cfg = ctx.config.dense
+    if cfg.loss_impl not in ("naive", "blockwise"):
+        raise UserError(f"dense.loss_impl must be 'naive' or 'blockwise', found {cfg.loss_impl!r}")
+    model_cfg = model_config(ctx.model_cfg, cfg.grid)
+    return pretraining.build_task(
+        ctx, "dense", functools.partial(objective_loss, cfg=cfg, augment_cfg=ctx.augment_cfg,
+                                        mesh=ctx.mesh), HEALTH,
+        model_cfg=model_cfg,
         # The decoder too: it is what this objective adds over the image-level ones.
-        transfer_keys=models.encoder_keys(model_cfg) + ("aerial_decoder",), transfer_prefix="backbone",
-        evaluate=lambda state: base.probe_scalars(probe(state)),
-        eval_every_steps=config.probe.every_steps,
-        final=lambda state: {"probe": probe(state)})
+        transfer_keys=models.encoder_keys(model_cfg) + ("aerial_decoder",))

@@ -37,7 +37,7 @@ def _geometry_only(**overrides):
 
 def test_views_keep_shapes_dtypes_and_differ():
     batch = _batch()
-    v1, v2 = augment.simclr_views(jax.random.key(0), batch, augment.default_config())
+    v1, v2 = augment.two_views(jax.random.key(0), batch, augment.default_config())
     for view in (v1, v2):
         assert set(view) == set(batch)
         for name, value in batch.items():
@@ -50,9 +50,9 @@ def test_views_keep_shapes_dtypes_and_differ():
 def test_deterministic_given_key():
     batch = _batch()
     cfg = augment.default_config()
-    a1, _ = augment.simclr_views(jax.random.key(3), batch, cfg)
-    b1, _ = augment.simclr_views(jax.random.key(3), batch, cfg)
-    c1, _ = augment.simclr_views(jax.random.key(4), batch, cfg)
+    a1, _ = augment.two_views(jax.random.key(3), batch, cfg)
+    b1, _ = augment.two_views(jax.random.key(3), batch, cfg)
+    c1, _ = augment.two_views(jax.random.key(4), batch, cfg)
     for name in batch:
         np.testing.assert_array_equal(a1[name], b1[name])
     assert not np.allclose(a1["aerial"], c1["aerial"])
@@ -63,7 +63,7 @@ def test_elevation_band_untouched_by_photometric_ops():
     # Every photometric op always on; geometry and erasing (an occlusion of all bands) off.
     cfg = _geometry_only(crop_prob=0.0, flip=False, rot90=False, color_prob=1.0, lighting_prob=1.0,
                          shadow_prob=1.0, blur_prob=1.0)
-    v1, v2 = augment.simclr_views(jax.random.key(1), batch, cfg)
+    v1, v2 = augment.two_views(jax.random.key(1), batch, cfg)
     for view in (v1, v2):
         np.testing.assert_array_equal(view["aerial"][..., 4], batch["aerial"][..., 4])
         assert not np.allclose(view["aerial"][..., :4], batch["aerial"][..., :4])
@@ -73,7 +73,7 @@ def test_photometric_changes_are_not_clipped():
     batch = _batch()
     batch["aerial"] = batch["aerial"] * 3.0  # standardised data well outside [0, 1]
     cfg = _geometry_only(crop_prob=0.0, flip=False, rot90=False, color_prob=1.0)
-    v1, _ = augment.simclr_views(jax.random.key(2), batch, cfg)
+    v1, _ = augment.two_views(jax.random.key(2), batch, cfg)
     assert float(v1["aerial"].min()) < -3.0 and float(v1["aerial"].max()) > 3.0
 
 
@@ -84,7 +84,7 @@ def test_brightness_is_a_gain_on_radiance():
     d = 2.5
     cfg = _geometry_only(crop_prob=0.0, flip=False, rot90=False, color_prob=1.0, contrast=0.0,
                          band_gain=0.0, dark_level_z=d)
-    v1, _ = augment.simclr_views(jax.random.key(4), batch, cfg)
+    v1, _ = augment.two_views(jax.random.key(4), batch, cfg)
     radiance_in = batch["aerial"][..., :4] + d
     radiance_out = np.asarray(v1["aerial"][..., :4]) + d
     gain = np.median(radiance_out / radiance_in, axis=(1, 2, 3), keepdims=True)
@@ -149,7 +149,7 @@ ALIGN_TOL_M = 1.0  # = 0.1 S2 pixel = 0.27 aerial pixel
 def test_geometry_keeps_aerial_and_sits_aligned():
     # Random crop-resize, flips and rot90: the marker must sit at the same place in both views.
     cfg = _geometry_only(footprint_px=MARKER_FOOTPRINT_PX)
-    v1, v2 = augment.simclr_views(jax.random.key(7), _marker_batch(), cfg)
+    v1, v2 = augment.two_views(jax.random.key(7), _marker_batch(), cfg)
     moved = 0
     for view in (v1, v2):
         for i, (a_c, s_c) in enumerate(_marker_centroids(view)):
@@ -162,7 +162,7 @@ def test_alignment_check_catches_a_wrong_footprint():
     # The check above has teeth: telling the augmentation a wrong footprint (36 instead of 24 S2 px)
     # converts the crop into the wrong SITS zoom and translation, and the markers drift apart.
     cfg = _geometry_only(footprint_px=1.5 * MARKER_FOOTPRINT_PX)
-    v1, _ = augment.simclr_views(jax.random.key(7), _marker_batch(), cfg)
+    v1, _ = augment.two_views(jax.random.key(7), _marker_batch(), cfg)
     worst = max(np.abs(a_c - s_c).max() for a_c, s_c in _marker_centroids(v1))
     assert worst > ALIGN_TOL_M
 
@@ -180,7 +180,7 @@ def test_simclr_label_follows_crop_and_flips():
     batch = {"aerial": np.repeat(aerial[..., None], 4, -1), "sits": np.zeros((b, 2, 8, 8, 2), np.float32),
              "dates": np.ones((b, 2), np.int32), "sits_valid": np.ones((b, 2), bool),
              "label": classes.astype(np.int32)}
-    v1, _ = augment.simclr_views(jax.random.key(0), batch, _geometry_only())
+    v1, _ = augment.two_views(jax.random.key(0), batch, _geometry_only())
     label = np.asarray(v1["label"])
     value = np.asarray(v1["aerial"][..., 0])
     windows = np.lib.stride_tricks.sliding_window_view(label, (5, 5), axis=(1, 2))
@@ -210,7 +210,7 @@ def test_supervised_augment_keeps_label_aligned_and_exact():
 def test_date_dropout_keeps_one_date_and_padding():
     batch = _batch()
     cfg = _geometry_only(date_dropout_prob=1.0, date_dropout_rate=0.9)
-    v1, v2 = augment.simclr_views(jax.random.key(11), batch, cfg)
+    v1, v2 = augment.two_views(jax.random.key(11), batch, cfg)
     for view in (v1, v2):
         valid = np.asarray(view["sits_valid"])
         assert np.all(valid.sum(1) >= 1)
@@ -225,9 +225,9 @@ def test_jit_on_batch_sharded_over_8_devices_matches_unsharded():
     batch = _batch()
     cfg = augment.default_config()
     sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
-    views = jax.jit(lambda k, b: augment.simclr_views(k, b, cfg))(jax.random.key(2), sharded)
+    views = jax.jit(lambda k, b: augment.two_views(k, b, cfg))(jax.random.key(2), sharded)
     assert views[0]["aerial"].sharding.spec[0] == "data"
-    reference = augment.simclr_views(jax.random.key(2), batch, cfg)
+    reference = augment.two_views(jax.random.key(2), batch, cfg)
     for got, want in zip(views, reference):
         for name in batch:
             np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
@@ -237,7 +237,7 @@ def test_bad_photometric_band_is_reported():
     cfg = augment.default_config()
     cfg.photometric_bands = (0, 1, 7)
     with pytest.raises(ValueError, match="outside the 5 aerial bands"):
-        augment.simclr_views(jax.random.key(0), _batch(), cfg)
+        augment.two_views(jax.random.key(0), _batch(), cfg)
 
 
 def test_supervised_augment_keeps_sits_aligned():
@@ -324,7 +324,7 @@ def test_elevation_is_never_photometrically_changed_but_is_erased():
     cfg = _cfg(crop_prob=0.0, flip=False, rot90=False, color_prob=1.0, lighting_prob=1.0,
                blur_prob=1.0, erase_prob=1.0, erase_area=(0.25, 0.25), date_dropout_prob=0.0,
                sits_noise_prob=0.0)
-    view, _ = augment.simclr_views(jax.random.key(3), batch, cfg)
+    view, _ = augment.two_views(jax.random.key(3), batch, cfg)
     elevation, out = batch["aerial"][..., 4], np.asarray(view["aerial"][..., 4])
     erased = out == 0.0
     assert erased.any(axis=(1, 2)).all()  # every example lost a rectangle of elevation

@@ -77,7 +77,7 @@ def coordinate_batch(b=4, size=32):
             "dates": np.ones((b, t), np.int32), "sits_valid": np.ones((b, t), bool)}
 
 
-def test_geometry_describes_the_views_simclr_views_returns():
+def test_geometry_describes_the_views_two_views_returns():
     cfg = augment.default_config()
     cfg.color_prob = cfg.lighting_prob = cfg.blur_prob = cfg.erase_prob = 0.0
     cfg.date_dropout_prob = cfg.sits_noise_prob = 0.0
@@ -85,7 +85,7 @@ def test_geometry_describes_the_views_simclr_views_returns():
     cfg.crop_min_keep = 0.5
     batch, size = coordinate_batch(), 32
     key = jax.random.key(7)
-    views = augment.simclr_views(key, batch, cfg)
+    views = augment.two_views(key, batch, cfg)
     geoms = augment.view_geometry(key, batch, cfg)
     assert any(bool(np.any(g[k])) for g in geoms for k in ("transpose", "flip0", "flip1"))
     assert float(jnp.min(geoms[0]["keep"])) < 0.9

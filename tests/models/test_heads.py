@@ -93,7 +93,7 @@ def test_heads_compute_in_bfloat16_and_return_float32():
 
 
 # ------------------------------------------------------------------------------------------------
-# In SimCLRModel
+# In PretrainModel
 # ------------------------------------------------------------------------------------------------
 
 def test_heads_off_by_default_leave_the_simclr_param_tree_unchanged():
