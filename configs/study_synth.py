@@ -38,7 +38,7 @@ from ml_collections import config_dict
 
 # The pre-training objectives besides SimCLR (config.task, lcssl/tasks/). An objective a trainer
 # does not know is reported "not available", never run.
-OBJECTIVES = ("crossmodal", "vicreg", "dense")
+OBJECTIVES = ("crossmodal", "vicreg", "dense", "byol")
 
 
 def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batch_overrides=(),
@@ -79,7 +79,7 @@ def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batc
     ]
     for objective in OBJECTIVES:
         arms += pretrained(objective, {"crossmodal": "cross-modal InfoNCE", "vicreg": "VICReg",
-                                       "dense": "dense contrastive"}[objective],
+                                       "dense": "dense contrastive", "byol": "BYOL"}[objective],
                            [f"--config.task={objective}"])
     return tuple(arms)
 

@@ -312,11 +312,11 @@ def numpy_byol_grad(p, t):
     return -2 * (t - u * np.sum(u * t, -1, keepdims=True)) / norm
 
 
-def test_byol_loss_and_gradients_match_float64_on_1_2_4_8_devices():
+def test_byol_loss_and_gradients_match_float64_on_1_2_4_8_devices(x64):
     from lcssl.tasks import byol
 
     rng = np.random.default_rng(9)
-    p1, p2, t1, t2 = (rng.normal(size=(16, 6)).astype(np.float32) for _ in range(4))
+    p1, p2, t1, t2 = (rng.normal(size=(16, 6)) for _ in range(4))  # float64 (x64)
     t2 = t2 + p1  # targets that agree in part with the predictions, as after some training
     want = numpy_byol(p1, p2, t1, t2)
     want_grads = (numpy_byol_grad(p1, t2) / 16, numpy_byol_grad(p2, t1) / 16,
@@ -327,8 +327,8 @@ def test_byol_loss_and_gradients_match_float64_on_1_2_4_8_devices():
 
     for k in DEVICE_COUNTS:
         loss, grads = on_devices(value_and_grads, (p1, p2, t1, t2), k)
-        np.testing.assert_allclose(loss, want, rtol=RTOL)
-        assert_trees_close(grads, want_grads)
+        numerics.assert_trees_close(loss, np.float64(want), f"loss on {k} devices")
+        numerics.assert_trees_close(grads, want_grads, f"gradients on {k} devices")
     # Identical directions: loss 0 whatever the norms; opposite: 4 per term.
     np.testing.assert_allclose(byol.byol_loss(p1, p2, 3 * p2, 0.5 * p1), 0.0, atol=ATOL)
     np.testing.assert_allclose(byol.byol_loss(p1, p2, -p2, -p1), 8.0, rtol=RTOL)
