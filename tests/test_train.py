@@ -410,3 +410,19 @@ def test_profile_steps_write_a_trace_of_the_steps_after_warm_up(tmp_path):
     assert list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
     config.profile_steps = 0
     assert len(train.loop_hooks(config, str(tmp_path), writer, 20, 0)) == 1
+
+
+def test_early_stop_counts_evaluations_without_improvement_and_survives_a_resume():
+    from lcssl.train import EarlyStop
+
+    stop = EarlyStop("val/miou", patience=2, min_delta=0.01)
+    assert not stop.update({"val/miou": 0.30})
+    assert not stop.update({"val/miou": 0.305})     # not better by more than min_delta
+    assert not stop.update({"other": 1.0})           # evaluations without the metric don't count
+    resumed = EarlyStop("val/miou", patience=2, min_delta=0.01)
+    resumed.load(json.loads(json.dumps(stop.state())))  # as the checkpoint's JSON holds it
+    assert resumed.update({"val/miou": 0.31}) and resumed.stopped  # 2nd evaluation without a gain
+    assert "0.3000" in resumed.reason and resumed.summary()["stopped"]
+    assert not EarlyStop("val/miou", patience=0, min_delta=0.0).update({"val/miou": 0.0})
+    keeps_going = EarlyStop("val/miou", patience=2, min_delta=0.0)
+    assert not any(keeps_going.update({"val/miou": v}) for v in (0.1, 0.2, 0.15, 0.3, 0.25))
