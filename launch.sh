@@ -15,9 +15,10 @@
 #
 #   TPU VM pod: run the same command on every worker (jax.distributed.initialize() auto-detects):
 #     gcloud compute tpus tpu-vm ssh NAME --worker=all --command="cd lcssl && \
-#       ./launch.sh --tpu --config=configs/ssl_hameln.py --workdir=gs://bucket/runs/ssl_hameln"
+#       ./launch.sh --tpu --config=configs/ssl_hameln.py --workdir=/shared/runs/ssl_hameln"
 #
-# The workdir must be shared by all hosts (NFS, GCS). Rerunning the same command resumes from the
+# The workdir must be a local path shared by all hosts (NFS, Filestore). gs:// URLs are not
+# supported yet: lcssl writes its files with local open/os.makedirs (docs/DESIGN.md, "Remote paths"). Rerunning the same command resumes from the
 # latest checkpoint; a SIGTERM (preemption, scancel) to any one host makes every host save the same
 # step and exit (JAX's preemption service; tested with two processes). Compiled programs are
 # cached in $JAX_COMPILATION_CACHE_DIR (default ~/.cache/lcssl/jax) so restarts start fast.
