@@ -1,7 +1,7 @@
-"""The online linear probe (lcssl.evaluate.linear_probe) on features with known answers."""
+"""The online linear probe (lcssl.evaluate.linear_probe) on features with known answers; the score table."""
 import numpy as np
 
-from lcssl import evaluate
+from lcssl import evaluate, metrics
 
 
 def clusters(labels, rng, spread=0.05, dim=4):
@@ -41,3 +41,13 @@ def test_no_usable_patch_gives_no_accuracy():
     out = evaluate.linear_probe(np.zeros((0, 4)), np.zeros(0, int), np.ones((3, 4)),
                                 np.zeros(3, int), num_classes=2)
     assert out["accuracy"] is None and out["num_train"] == 0 and out["num_eval"] == 3
+
+
+def test_score_table_prints_the_official_miou_only_where_the_dataset_has_one():
+    cm = np.array([[5, 1, 0], [1, 3, 0], [2, 0, 4]])
+    scores = metrics.scores_from_confusion(cm, ["building", "water", "other"])
+    plain = evaluate.format_scores(scores, "test")
+    assert "official" not in plain and plain.splitlines()[-2].split() == ["mIoU", f"{100 * scores['miou']:.2f}"]
+    scores.update(metrics.official_miou(scores, {"exclude_classes": ["other"]}))
+    official = [line for line in evaluate.format_scores(scores, "test").splitlines() if "official" in line]
+    assert official == [f"  mIoU official (2 cl.) {100 * (5 / 9 + 3 / 5) / 2:6.2f}"]

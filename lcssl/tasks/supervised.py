@@ -21,6 +21,7 @@ from lcssl import checkpoint as ckpt_lib
 from lcssl import evaluate, gradcache, losses, models, sharding
 from lcssl.data import augment, normalize
 from lcssl.errors import UserError
+from lcssl.metrics import official_miou
 from lcssl.tasks import base
 
 USES_LABELS = True
@@ -189,8 +190,9 @@ def build(ctx: base.Context) -> base.Task:
                                                stats=ctx.stats, num_classes=len(ctx.class_names)))
 
     def scores(state, split) -> dict:
-        return evaluate.evaluate_split(confusion_step, base.variables(state), ctx.eval_batches(split),
-                                       mesh, ctx.class_names)
+        split_scores = evaluate.evaluate_split(confusion_step, base.variables(state),
+                                               ctx.eval_batches(split), mesh, ctx.class_names)
+        return {**split_scores, **official_miou(split_scores, card.get("official_miou"))}
 
     has_val = config.val_split in card["splits"]
     if not has_val:
