@@ -18,7 +18,7 @@ from absl import logging
 from clu import metrics
 
 from lcssl import checkpoint as ckpt_lib
-from lcssl import evaluate, gradcache, losses, models, sharding
+from lcssl import evaluate, gradcache, losses, models, pretrained, sharding
 from lcssl.data import augment, normalize
 from lcssl.errors import UserError
 from lcssl.metrics import official_miou
@@ -174,15 +174,22 @@ def build(ctx: base.Context) -> base.Task:
     model = models.build_model(ctx.model_cfg)
     encoder_keys = models.encoder_keys(ctx.model_cfg)
     transfer, prefix = encoder_keys, "backbone"
+    if config.init_from and config.init_encoder_from:
+        raise UserError("set one of --config.init_from (an lcssl checkpoint) and --config.init_encoder_from "
+                        "(published ResNet34 weights), not both")
     if config.init_from:
         transfer, prefix = declared_transfer(config.init_from, encoder_keys)
-    fine_tuning = bool(config.init_from)
+    elif config.init_encoder_from:
+        transfer = (pretrained.ENCODER_KEY,)
+    fine_tuning = bool(config.init_from or config.init_encoder_from)
     tx = base.make_optimizer(config, ctx.lr, transfer if fine_tuning else ())
     frozen = transfer if fine_tuning and config.finetune_mode == "linear" else ()
 
     def warm_start(state):
         if not fine_tuning:
             return state, None
+        if config.init_encoder_from:
+            return pretrained.warm_start(state, config.init_encoder_from, card, ctx.model_cfg)
         return load_pretrained(state, config.init_from, transfer, card, config.data_dir, mesh,
                                config.adapt_bands, prefix)
 
