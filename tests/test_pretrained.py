@@ -1,6 +1,9 @@
 """Published ResNet34 weights (lcssl.pretrained): a torchvision state dict saved to .safetensors gives,
 through lcssl's encoder, the features of torchvision's ResNet34 forward (written here in float64
 numpy with torchvision's key names: conv, eval-mode batch norm, ReLU, max-pool, BasicBlock)."""
+import json
+import subprocess
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -12,6 +15,7 @@ from safetensors.numpy import save_file
 from lcssl import models, pretrained
 from lcssl.errors import UserError
 from lcssl.models.unet import ResNetEncoder
+from tests._train_helpers import PYTHON, ROOT, cli_env, compilation_cache, run_cli, tiny_dataset
 
 STAGES, WIDTHS = (3, 4, 6, 3), (64, 128, 256, 512)
 
@@ -212,3 +216,26 @@ def test_warm_start_replaces_only_the_aerial_encoder(weights):
     assert len(report["sha256"]) == 64
     with pytest.raises(UserError, match="no 'aerial_encoder'"):
         pretrained.warm_start(_State(params={"utae": {}}, batch_stats={}), path, card, cfg)
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_a_resnet34_file_with_the_real_command(weights, tmp_path_factory, tmp_path):
+    sd, path = weights
+    env = cli_env(compilation_cache(tmp_path_factory))
+    data_dir = tiny_dataset(tmp_path_factory)
+    command = ["-m", "lcssl.main", "--config=configs/sup_flair2.py:tiny", f"--workdir={tmp_path / 'ft'}",
+               f"--config.data_dir={data_dir}", f"--config.init_encoder_from={path}", "--config.num_steps=2",
+               "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2"]
+    # The tiny model is no ResNet34: refused in one line before anything trains.
+    tiny = subprocess.run([PYTHON, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert tiny.returncode == 2 and "Traceback" not in tiny.stderr, tiny.stderr[-3000:]
+    assert f"error: init_encoder_from={path}: a ResNet34 needs model.stage_sizes" in tiny.stderr
+    run_cli([*command, "--config.model.stage_sizes=(3, 4, 6, 3)", "--config.model.widths=(64, 128, 256, 512)",
+             "--config.model.stem_width=64"], env=env)
+    loaded = json.loads((tmp_path / "ft" / "loaded_weights.json").read_text())
+    assert loaded["init_encoder_from"] == path and loaded["into"] == "aerial_encoder"
+    assert loaded["bands"] == {"copied": ["R", "G", "B"], "new_zero": ["NIR", "elevation"]}
+    assert "conv1.weight" in loaded["loaded"] and "aerial_decoder" in loaded["new"]
+    test = json.loads((tmp_path / "ft" / "eval_results.json").read_text())["test"]
+    assert len(test["official_classes"]) == 12 and "other" not in test["official_classes"]
+    assert 0.0 <= test["miou_official"] <= 1.0
