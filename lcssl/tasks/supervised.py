@@ -1,4 +1,5 @@
-"""Supervised segmentation, from scratch or fine-tuning a pre-trained checkpoint (`init_from`).
+"""Supervised segmentation, from scratch or fine-tuning a pre-trained checkpoint (`init_from`) or
+published ResNet34 weights (`init_encoder_from`, lcssl/pretrained.py).
 
 Flips / rot90, class-weighted cross-entropy on the segmentation logits plus `aux_loss_weight` x the
 time-series branch's, optional exact gradient accumulation (`grad_accum_steps`). Fine-tuning copies
