@@ -15,14 +15,15 @@
 #
 #   TPU VM pod: run the same command on every worker (jax.distributed.initialize() auto-detects):
 #     gcloud compute tpus tpu-vm ssh NAME --worker=all --command="cd lcssl && \
-#       ./launch.sh --tpu --config=configs/ssl_hameln.py --workdir=gs://bucket/runs/ssl_hameln"
+#       ./launch.sh --tpu --config=configs/ssl_hameln.py --workdir=/shared/runs/ssl_hameln"
 #
-# The workdir must be shared by all hosts (NFS, GCS). Rerunning the same command resumes from the
+# The workdir must be a local path shared by all hosts (NFS, Filestore). gs:// URLs are not
+# supported yet: lcssl writes its files with local open/os.makedirs (docs/DESIGN.md, "Remote paths"). Rerunning the same command resumes from the
 # latest checkpoint; a SIGTERM (preemption, scancel) to any one host makes every host save the same
 # step and exit (JAX's preemption service; tested with two processes). Compiled programs are
 # cached in $JAX_COMPILATION_CACHE_DIR (default ~/.cache/lcssl/jax) so restarts start fast.
 #
-# Relative paths in --workdir, --config.data_dir and --config.init_from are taken from the
+# Relative paths in --workdir, --config.data_dir, --config.init_from and init_encoder_from are taken from the
 # directory you call launch.sh from; a relative --config too, unless it exists only in the
 # repository (configs/...). LCSSL_DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
@@ -99,10 +100,10 @@ config_path() {  # configs/x.py[:presets]: the caller's file, else the repositor
 user_args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --workdir=*|--config.data_dir=*|--config.init_from=*)
+    --workdir=*|--config.data_dir=*|--config.init_from=*|--config.init_encoder_from=*)
       user_args+=("${1%%=*}=$(absolute "${1#*=}")") ;;
     --config=*) user_args+=("--config=$(config_path "${1#*=}")") ;;
-    --workdir|--config.data_dir|--config.init_from)
+    --workdir|--config.data_dir|--config.init_from|--config.init_encoder_from)
       user_args+=("$1=$(absolute "${2:-}")"); shift ;;
     --config) user_args+=("--config=$(config_path "${2:-}")"); shift ;;
     *) user_args+=("$1") ;;

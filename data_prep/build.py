@@ -100,7 +100,8 @@ def _layout_meta(layout: str, src) -> dict:
 
     if layout == "flair2":
         return {"classes": list(schema.FLAIR2_CLASSES), "aerial_bands": list(schema.FLAIR2_AERIAL_BANDS),
-                "sits_gsd_m": float(schema.S2_GSD_M)}
+                "sits_gsd_m": float(schema.S2_GSD_M),
+                "official_miou": importlib.import_module(LAYOUTS[layout]).OFFICIAL_MIOU}
     manifest = _reader(layout).read_manifest(src)
     return {"classes": list(manifest["classes"]), "aerial_bands": list(manifest["aerial_bands"]),
             "sits_gsd_m": float(manifest["sits_gsd_m"])}
@@ -188,6 +189,7 @@ def _scan_one(args):
     info = {
         "index": index, "patch_id": patch.patch_id, "zone": str(patch.zone), "domain": str(patch.domain),
         "file": _patch_file(patch), "has_label": patch.label is not None,
+        "split": getattr(ref, "fixed_split", None),  # FLAIR #2's released test folders: 'test'
         "aerial_shape": tuple(patch.aerial.shape), "sits_shape": tuple(p.sits.shape[1:]),
         "gsd_m": abs(float(patch.aerial_transform[0])),
         "aerial_moments": _moments(patch.aerial.reshape(-1, patch.aerial.shape[-1])),
@@ -313,10 +315,17 @@ def _split_unit(info: dict) -> str:
 
 def _plan(infos: list, options: BuildOptions) -> tuple:
     """-> (split_zones, {split: [[(scan index, patch_id, drop_label), ...] per shard]}, held_out)."""
-    labelled = [i for i in infos if i["has_label"]]
+    # Zones whose split the layout fixes (FLAIR #2's released test folders) are not drawn; with a
+    # fixed test set the draw makes no test zones of its own (--test-fraction is not used).
+    fixed = {_split_unit(i): i["split"] for i in infos if i.get("split")}
+    labelled = [i for i in infos if i["has_label"] and _split_unit(i) not in fixed]
     zones = split_zones([_split_unit(i) for i in labelled], val_fraction=options.val_fraction,
-                        test_fraction=options.test_fraction, seed=options.seed)
-    zone_split = {z: s for s, zs in zones.items() for z in zs}
+                        test_fraction=0.0 if "test" in fixed.values() else options.test_fraction,
+                        seed=options.seed)
+    for split in set(fixed.values()):
+        zones[split] = sorted({*zones[split], *(_split_unit(i) for i in infos
+                                                 if i["has_label"] and fixed.get(_split_unit(i)) == split)})
+    zone_split = {**{z: s for s, zs in zones.items() for z in zs}, **fixed}
     members = {s: [] for s in SPLITS}
     held_out = 0
     for i in infos:
@@ -620,6 +629,7 @@ def _build(src, out: pathlib.Path, layout: str, options: BuildOptions, t0: float
                    for s in SPLITS},
         "classes": meta["classes"],
         "ignore_label": 255,
+        **({"official_miou": meta["official_miou"]} if "official_miou" in meta else {}),
         "aerial": {"bands": meta["aerial_bands"], "size": shapes.aerial[0], "gsd_m": good[0]["gsd_m"],
                    "mean": _mean(aerial_m), "std": _std(aerial_m)},
         "sits": {"bands": _sits_bands(), "size": shapes.sits[1], "gsd_m": meta["sits_gsd_m"],

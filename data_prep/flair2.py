@@ -7,6 +7,8 @@
                                          ..._products.txt  T Sentinel-2 product names
     <root>/<centroids>   {"IMG_<id>.tif": [row, col]} patch centre in its zone's super-patch
 
+The folders are the released training ones (flair_aerial_train, ...) and, where present, the released
+test ones (flair_2_aerial_test, ...): their patches are the official test set (PatchRef.fixed_split 'test').
 `list_patches` only lists paths (cheap, so build can parallelise `read_patch`). A patch whose MSK file
 is missing (or the whole labels folder) is unlabelled. The raster helpers here are shared with
 data_prep/hameln.py.
@@ -35,6 +37,14 @@ AERIAL_DIR = "flair_aerial_train"
 LABELS_DIR = "flair_labels_train"
 SEN_DIR = "flair_sen_train"
 CENTROIDS = "flair-2_centroids_sp_to_patch.json"
+# The released test set (IGN's FLAIR #2 download page): the official test split when present.
+TEST_AERIAL_DIR = "flair_2_aerial_test"
+TEST_LABELS_DIR = "flair_2_labels_test"
+TEST_SEN_DIR = "flair_2_sen_test"
+# The challenge's score (Garioud et al. 2023; IGN's metric code averages ious[:-1]): mIoU over the
+# first 12 classes, 'other' left out. Written to the dataset card; lcssl.metrics reads it from there.
+OFFICIAL_MIOU = {"exclude_classes": [FLAIR2_CLASSES[-1]],
+                 "protocol": "FLAIR #2 challenge: mIoU over the 12 classes without 'other'"}
 AERIAL_SIZE = 512        # FLAIR #2 patches: 512 x 512 px at 0.2 m
 AERIAL_GSD_M = 0.2
 CRS = "EPSG:2154"        # RGF93 / Lambert-93, the CRS of every FLAIR #2 raster
@@ -72,6 +82,7 @@ class PatchRef:
     centroids_path: str
     centroid: Optional[tuple]
     centroid_error: Optional[str] = None
+    fixed_split: Optional[str] = None  # 'test' for the released test folders; None: build draws it
 
     @property
     def has_label(self) -> bool:
@@ -242,12 +253,16 @@ def _load_zone(ref: PatchRef):
 # ----------------------------------------------------------------------------- listing and reading
 
 def list_patches(root, *, aerial_dir: str = AERIAL_DIR, labels_dir: str = LABELS_DIR,
-                 sen_dir: str = SEN_DIR, centroids: str = CENTROIDS) -> list[PatchRef]:
-    """All IMG_*.tif under <root>/<aerial_dir>/<domain>/<zone>/img, sorted by domain, zone, id."""
+                 sen_dir: str = SEN_DIR, centroids: str = CENTROIDS, test_aerial_dir: str = TEST_AERIAL_DIR,
+                 test_labels_dir: str = TEST_LABELS_DIR, test_sen_dir: str = TEST_SEN_DIR) -> list[PatchRef]:
+    """All IMG_*.tif under <root>/<aerial_dir>/<domain>/<zone>/img, sorted by domain, zone, id, then
+    those of <root>/<test_aerial_dir> (split 'test') when that folder exists; at least one must."""
     root = pathlib.Path(root)
-    aerial_root = root / aerial_dir
-    if not aerial_root.is_dir():
-        raise MissingSource(f"FLAIR #2 root {root}: expected the aerial folder {aerial_root}, found none")
+    folders = [(aerial_dir, labels_dir, sen_dir, None), (test_aerial_dir, test_labels_dir, test_sen_dir, "test")]
+    folders = [f for f in folders if (root / f[0]).is_dir()]
+    if not folders:
+        raise MissingSource(f"FLAIR #2 root {root}: expected the aerial folder {root / aerial_dir} "
+                            f"(or the released test folder {root / test_aerial_dir}), found neither")
     centroids_path = root / centroids
     table = {}
     if centroids_path.exists():
@@ -260,19 +275,20 @@ def list_patches(root, *, aerial_dir: str = AERIAL_DIR, labels_dir: str = LABELS
             raise SourceError(f"{centroids_path}: expected an object {{'IMG_<id>.tif': [row, col]}}, "
                               f"found {type(table).__name__}")
     refs = []
-    for aerial_path in sorted(aerial_root.glob("*/*/img/IMG_*.tif")):
-        zone_dir = aerial_path.parent.parent
-        zone, domain = zone_dir.name, zone_dir.parent.name
-        number = aerial_path.stem[len("IMG_"):]
-        label_path = root / labels_dir / domain / zone / "msk" / f"MSK_{number}.tif"
-        sen = root / sen_dir / domain / zone / "sen" / f"SEN2_sp_{domain}-{zone}"
-        centroid, centroid_error = _centroid(table.get(aerial_path.name))
-        refs.append(PatchRef(
-            patch_id=aerial_path.stem, zone=zone, domain=domain, aerial_path=str(aerial_path),
-            label_path=str(label_path) if label_path.exists() else None,
-            sen_data_path=f"{sen}_data.npy", sen_masks_path=f"{sen}_masks.npy",
-            sen_products_path=f"{sen}_products.txt", centroids_path=str(centroids_path),
-            centroid=centroid, centroid_error=centroid_error))
+    for aerial_folder, labels_folder, sen_folder, split in folders:
+        for aerial_path in sorted((root / aerial_folder).glob("*/*/img/IMG_*.tif")):
+            zone_dir = aerial_path.parent.parent
+            zone, domain = zone_dir.name, zone_dir.parent.name
+            number = aerial_path.stem[len("IMG_"):]
+            label_path = root / labels_folder / domain / zone / "msk" / f"MSK_{number}.tif"
+            sen = root / sen_folder / domain / zone / "sen" / f"SEN2_sp_{domain}-{zone}"
+            centroid, centroid_error = _centroid(table.get(aerial_path.name))
+            refs.append(PatchRef(
+                patch_id=aerial_path.stem, zone=zone, domain=domain, aerial_path=str(aerial_path),
+                label_path=str(label_path) if label_path.exists() else None,
+                sen_data_path=f"{sen}_data.npy", sen_masks_path=f"{sen}_masks.npy",
+                sen_products_path=f"{sen}_products.txt", centroids_path=str(centroids_path),
+                centroid=centroid, centroid_error=centroid_error, fixed_split=split))
     return refs
 
 

@@ -24,6 +24,9 @@ Field reference (units in the names):
   grad_accum_steps     supervised only: the global batch is split into this many micro-batches
   init_from            a pre-training workdir (or its checkpoints/ dir); finetune_mode 'linear' (frozen
                        encoder) | 'partial' (encoder at encoder_lr_scale x lr) | 'full'
+  init_encoder_from    published weights instead: a torchvision/timm ResNet34 state dict (.safetensors;
+                       .pth with torch installed) into the aerial encoder, R/G/B by band name, other
+                       bands zero (lcssl/pretrained.py); not with init_from
   adapt_bands          fine-tuning from a checkpoint of other bands (e.g. Hameln's 4 -> FLAIR #2's
                        5): map the first convolutions' input channels by band name, new bands
                        zero-initialised (False: refuse, naming both band lists)
@@ -106,6 +109,7 @@ def base(dataset: str, task: str) -> ml_collections.ConfigDict:
     c.augment = augment.default_config()
 
     c.init_from = config_dict.placeholder(str)
+    c.init_encoder_from = config_dict.placeholder(str)
     c.finetune_mode = "full"
     c.adapt_bands = False
     c.encoder_lr_scale = 0.1

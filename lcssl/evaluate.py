@@ -136,12 +136,16 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray, e
 
 
 def format_scores(scores: Mapping[str, Any], title: str) -> str:
-    """A plain-text table: per-class IoU and F1, then mIoU and OA (percent)."""
+    """A plain-text table: per-class IoU and F1, then mIoU, the dataset's official mIoU where it
+    has one (metrics.official_miou) and OA (percent)."""
     pct = lambda v: "   n/a" if v is None else f"{100 * v:6.2f}"
-    width = max(len(n) for n in scores["class_names"])
+    totals = [("mIoU", scores["miou"])]
+    if "miou_official" in scores:
+        totals.append((f"mIoU official ({len(scores['official_classes'])} cl.)", scores["miou_official"]))
+    totals.append(("OA", scores["oa"]))
+    width = max(len(n) for n in [*scores["class_names"], *(name for name, _ in totals)])
     lines = [title, f"  {'class'.ljust(width)}    IoU     F1"]
     for name, iou, f1 in zip(scores["class_names"], scores["iou"], scores["f1"]):
         lines.append(f"  {name.ljust(width)} {pct(iou)} {pct(f1)}")
-    lines.append(f"  {'mIoU'.ljust(width)} {pct(scores['miou'])}")
-    lines.append(f"  {'OA'.ljust(width)} {pct(scores['oa'])}")
+    lines += [f"  {name.ljust(width)} {pct(value)}" for name, value in totals]
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
     confusion_matrix(pred, label, K) -> [K, K]   rows = true class, cols = predicted class
     scores_from_confusion(cm)        -> dict     IoU, mIoU, OA, precision, recall, F1 (JSON-ready)
+    official_miou(scores, protocol)  -> dict     the dataset's published score (FLAIR #2: 12 classes)
     ConfusionMatrix                  -> clu metric, sums matrices over steps for a metrics.Collection
 
 Pixels labelled `IGNORE_LABEL` and examples masked out (`example_valid` False on padded eval
@@ -9,7 +10,7 @@ batches) never count. Absent classes are handled as documented in `scores_from_c
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax
 import jax
@@ -124,6 +125,32 @@ def scores_from_confusion(cm: Any, class_names: Sequence[str] | None = None) -> 
         "num_pixels": float(total),
         "num_classes_scored": int(scored.sum()),
     }
+
+
+def official_miou(scores: Mapping[str, Any], protocol: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The score a dataset's benchmark publishes, from `scores_from_confusion` output; {} if none.
+
+    `protocol` is the dataset card's `official_miou` entry (written by the layout; FLAIR #2:
+    {'exclude_classes': ['other'], 'protocol': ...}). The FLAIR challenges average the IoU of the
+    first 12 classes and leave 'other' out (IGN's metric code: nanmean(ious[:-1])); its pixels still
+    count as false positives / negatives of the other classes, as there. Classes with an undefined
+    IoU (absent from truth and prediction) are left out as in `miou`, which is also what nanmean does.
+
+    Returns {'miou_official': float or None, 'official_classes': [names averaged],
+    'official_protocol': text}. Raises ValueError for an excluded class the scores do not have.
+    """
+    if not protocol:
+        return {}
+    names = list(scores["class_names"])
+    excluded = list(protocol["exclude_classes"])
+    unknown = [n for n in excluded if n not in names]
+    if unknown:
+        raise ValueError(f"official_miou: the protocol excludes {unknown}, which are not among the classes {names}")
+    kept = [(n, iou) for n, iou in zip(names, scores["iou"]) if n not in excluded]
+    defined = [iou for _, iou in kept if iou is not None]
+    return {"miou_official": float(np.mean(defined)) if defined else None,
+            "official_classes": [n for n, _ in kept],
+            "official_protocol": str(protocol.get("protocol", f"mIoU without {excluded}"))}
 
 
 @flax.struct.dataclass

@@ -363,6 +363,7 @@ def write_report(workdir: str, out_dir: str, compare: Sequence[str] = (),
     rows = "".join(
         f"<tr><td>{html.escape(r['name'])}</td><td>{html.escape(r['workdir'])}</td>"
         f"<td>{r['split'] or '-'}</td><td>{_pct(r['scores'], 'miou')}</td>"
+        f"<td>{_pct(r['scores'], 'miou_official')}</td>"
         f"<td>{_pct(r['scores'], 'oa')}</td></tr>" for r in runs)
     sections, current = [], None
     for section, name, svg in figures:
@@ -378,7 +379,7 @@ def write_report(workdir: str, out_dir: str, compare: Sequence[str] = (),
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px}}
 .sample figure{{vertical-align:top}} figcaption{{font-size:11px}}</style></head>
 <body><h1>lcssl report: {html.escape(runs[0]['name'])}</h1>
-<table><tr><th>run</th><th>workdir</th><th>split</th><th>mIoU</th><th>OA</th></tr>{rows}</table>
+<table><tr><th>run</th><th>workdir</th><th>split</th><th>mIoU</th><th>official mIoU</th><th>OA</th></tr>{rows}</table>
 {''.join(sections)}
 </body></html>
 """

@@ -46,6 +46,8 @@ def test_pretrain_then_finetune_with_the_real_commands(tmp_path_factory, tmp_pat
     test = results["test"]
     assert len(test["iou"]) == len(test["class_names"]) == 13
     assert 0.0 <= test["miou"] <= 1.0 and 0.0 <= test["oa"] <= 1.0
+    # FLAIR #2's challenge score beside it: the 12 classes without 'other' (its dataset card says so).
+    assert test["official_classes"] == test["class_names"][:12] and 0.0 <= test["miou_official"] <= 1.0
     assert sum(map(sum, test["confusion_matrix"])) == test["num_pixels"] > 0
     assert results["best_step"] in (3, 6)
 

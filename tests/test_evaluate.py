@@ -1,7 +1,7 @@
-"""The online linear probe (lcssl.evaluate.linear_probe) on features with known answers."""
+"""The online linear probe (lcssl.evaluate.linear_probe) on features with known answers; the score table."""
 import numpy as np
 
-from lcssl import evaluate
+from lcssl import evaluate, metrics
 
 
 def clusters(labels, rng, spread=0.05, dim=4):
@@ -61,3 +61,13 @@ def test_probe_ridge_chosen_by_cross_validation_does_not_score_below_the_majorit
         assert chosen["ridge"] == 100.0
         assert chosen["accuracy"] >= chosen["baseline_accuracy"] - 0.01
         assert 0.0 <= chosen["cv_accuracy"] <= 1.0
+
+
+def test_score_table_prints_the_official_miou_only_where_the_dataset_has_one():
+    cm = np.array([[5, 1, 0], [1, 3, 0], [2, 0, 4]])
+    scores = metrics.scores_from_confusion(cm, ["building", "water", "other"])
+    plain = evaluate.format_scores(scores, "test")
+    assert "official" not in plain and plain.splitlines()[-2].split() == ["mIoU", f"{100 * scores['miou']:.2f}"]
+    scores.update(metrics.official_miou(scores, {"exclude_classes": ["other"]}))
+    official = [line for line in evaluate.format_scores(scores, "test").splitlines() if "official" in line]
+    assert official == [f"  mIoU official (2 cl.) {100 * (5 / 9 + 3 / 5) / 2:6.2f}"]

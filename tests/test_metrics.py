@@ -132,3 +132,22 @@ def test_metric_without_fixed_classes_infers_k_and_merges_from_empty():
     np.testing.assert_array_equal(m.compute(), [[0, 0, 0], [0, 0, 1], [0, 0, 2]])
     with pytest.raises(ValueError, match="for_classes"):
         metrics.ConfusionMatrix.from_model_output(pred=jnp.zeros((1, 2, 2), jnp.int32), label=label)
+
+
+def test_official_miou_leaves_other_out_as_igns_metric_does():
+    # IGN's FLAIR metric: per-class IoU of the whole K x K matrix, mean of ious[:-1] ('other' last);
+    # 'other' pixels still count as errors of the classes they are confused with.
+    rng = np.random.default_rng(0)
+    cm = rng.integers(0, 40, (4, 4)) + np.diag([90, 80, 70, 60])
+    cm[2, :], cm[:, 2] = 0, 0                     # class 'c' absent: undefined, left out as nanmean does
+    names = ["a", "b", "c", "other"]
+    s = metrics.scores_from_confusion(cm, names)
+    with np.errstate(invalid="ignore"):
+        ious = np.diag(cm) / (cm.sum(0) + cm.sum(1) - np.diag(cm)).astype(np.float64)
+    official = metrics.official_miou(s, {"exclude_classes": ["other"], "protocol": "FLAIR #2"})
+    np.testing.assert_allclose(official["miou_official"], np.nanmean(ious[:-1]), rtol=1e-12)
+    assert official["official_classes"] == ["a", "b", "c"] and official["official_protocol"] == "FLAIR #2"
+    assert official["miou_official"] != pytest.approx(s["miou"])   # 'other' moved the all-class mean
+    assert metrics.official_miou(s, None) == {}                     # a dataset without a protocol
+    with pytest.raises(ValueError, match="'unknown'"):
+        metrics.official_miou(s, {"exclude_classes": ["unknown"]})

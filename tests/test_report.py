@@ -28,6 +28,8 @@ def fake_run(path, seed: int, steps=(2, 4, 6)) -> str:
     cm[2], cm[:, 2] = 0, 0                      # 'crop' neither in the reference nor predicted: n/a
     scores = metrics.scores_from_confusion(cm, CLASSES)
     scores["confusion_matrix"] = cm.tolist()
+    if seed:  # the second run's dataset has an official protocol (FLAIR #2 leaves 'other' out)
+        scores.update(metrics.official_miou(scores, {"exclude_classes": ["water"]}))
     files.write_json(path / "eval_results.json", {"step": steps[-1], "test": scores, "val": scores})
     return str(path)
 
@@ -72,6 +74,9 @@ def test_report_files_are_written_for_a_run_and_its_comparison(runs, tmp_path):
     assert text.count("<svg") == len([n for n in names if n.endswith(".svg")])
     scores = files.read_json(f"{ssl}/eval_results.json")["test"]
     assert f"{100 * scores['miou']:.1f}%" in text
+    official = files.read_json(f"{scratch}/eval_results.json")["test"]["miou_official"]
+    assert "<th>official mIoU</th>" in text and f"<td>{100 * official:.1f}%</td>" in text
+    assert text.count("<td>-</td>") == 1  # the first run's dataset has no official protocol
 
 
 def test_cli_refuses_a_folder_that_is_not_a_run(tmp_path):

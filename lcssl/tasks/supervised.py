@@ -1,4 +1,5 @@
-"""Supervised segmentation, from scratch or fine-tuning a pre-trained checkpoint (`init_from`).
+"""Supervised segmentation, from scratch or fine-tuning a pre-trained checkpoint (`init_from`) or
+published ResNet34 weights (`init_encoder_from`, lcssl/pretrained.py).
 
 Flips / rot90, class-weighted cross-entropy on the segmentation logits plus `aux_loss_weight` x the
 time-series branch's, optional exact gradient accumulation (`grad_accum_steps`). Fine-tuning copies
@@ -18,9 +19,10 @@ from absl import logging
 from clu import metrics
 
 from lcssl import checkpoint as ckpt_lib
-from lcssl import evaluate, gradcache, losses, models, sharding
+from lcssl import evaluate, gradcache, losses, models, pretrained, sharding
 from lcssl.data import augment, normalize
 from lcssl.errors import UserError
+from lcssl.metrics import official_miou
 from lcssl.tasks import base
 
 USES_LABELS = True
@@ -173,15 +175,22 @@ def build(ctx: base.Context) -> base.Task:
     model = models.build_model(ctx.model_cfg)
     encoder_keys = models.encoder_keys(ctx.model_cfg)
     transfer, prefix = encoder_keys, "backbone"
+    if config.init_from and config.init_encoder_from:
+        raise UserError("set one of --config.init_from (an lcssl checkpoint) and --config.init_encoder_from "
+                        "(published ResNet34 weights), not both")
     if config.init_from:
         transfer, prefix = declared_transfer(config.init_from, encoder_keys)
-    fine_tuning = bool(config.init_from)
+    elif config.init_encoder_from:
+        transfer = (pretrained.ENCODER_KEY,)
+    fine_tuning = bool(config.init_from or config.init_encoder_from)
     tx = base.make_optimizer(config, ctx.lr, transfer if fine_tuning else ())
     frozen = transfer if fine_tuning and config.finetune_mode == "linear" else ()
 
     def warm_start(state):
         if not fine_tuning:
             return state, None
+        if config.init_encoder_from:
+            return pretrained.warm_start(state, config.init_encoder_from, card, ctx.model_cfg)
         return load_pretrained(state, config.init_from, transfer, card, config.data_dir, mesh,
                                config.adapt_bands, prefix)
 
@@ -189,8 +198,9 @@ def build(ctx: base.Context) -> base.Task:
                                                stats=ctx.stats, num_classes=len(ctx.class_names)))
 
     def scores(state, split) -> dict:
-        return evaluate.evaluate_split(confusion_step, base.variables(state), ctx.eval_batches(split),
-                                       mesh, ctx.class_names)
+        split_scores = evaluate.evaluate_split(confusion_step, base.variables(state),
+                                               ctx.eval_batches(split), mesh, ctx.class_names)
+        return {**split_scores, **official_miou(split_scores, card.get("official_miou"))}
 
     has_val = config.val_split in card["splits"]
     if not has_val:

@@ -98,6 +98,20 @@ def test_zones_of_the_same_name_in_two_domains_are_split_apart():
     assert len(zones["val"]) == len(zones["test"]) == 2  # a quarter of 8 units, not of 4 names
 
 
+def test_a_split_fixed_by_the_layout_is_kept_and_no_test_zone_is_drawn():
+    # FLAIR #2 with its released test folders: their zones are the test split, whatever the fractions.
+    infos = [{"index": 5 * z + k, "patch_id": f"IMG_{5 * z + k}", "zone": f"Z{z}", "domain": "D013",
+              "has_label": k < 4, "split": None} for z in range(6) for k in range(5)]
+    infos += [{"index": 100 + k, "patch_id": f"IMG_{100 + k}", "zone": "Z1", "domain": "D099",
+               "has_label": k < 3, "split": "test"} for k in range(4)]
+    zones, shards, held_out = build._plan(infos, build.BuildOptions(val_fraction=0.2, test_fraction=0.5,
+                                                                    shard_size=4, seed=0))
+    ids = {s: sorted(m[1] for shard in shards[s] for m in shard) for s in build.SPLITS}
+    assert zones["test"] == ["D099/Z1"] and ids["test"] == [f"IMG_{100 + k}" for k in range(3)]
+    assert len(zones["val"]) == 1 and len(zones["train"]) == 5      # the draw covers D013 only
+    assert held_out == 1 + 1 and "IMG_103" not in ids["unlabelled"]  # test imagery kept out of pre-training
+
+
 def test_build_splits_by_zone_and_card_stats_match_numpy(tmp_path, fake):
     patches = fake_patches()
     fake(patches)
@@ -131,6 +145,7 @@ def test_build_splits_by_zone_and_card_stats_match_numpy(tmp_path, fake):
     np.testing.assert_allclose(card["sits"]["mean"], series.mean(0), rtol=1e-9)
     np.testing.assert_allclose(card["sits"]["std"], series.std(0), rtol=1e-9)
     assert card["sits"]["max_dates"] == 8 and card["aerial"]["size"] == 16 and card["aerial"]["gsd_m"] == 1.6
+    assert card["official_miou"]["exclude_classes"] == ["other"]  # the FLAIR #2 challenge's score
 
     labels = np.concatenate([patches[i].label.ravel() for i in ids["train"]])
     hist = np.bincount(labels[labels != 255], minlength=13)

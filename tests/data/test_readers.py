@@ -404,3 +404,23 @@ def test_hameln_declared_unlabelled_value_and_bad_manifest(hameln_copy):
     os.remove(path)
     with pytest.raises(FileNotFoundError, match="hameln.json"):
         hameln.list_patches(hameln_copy)
+
+
+def test_flair2_released_test_folders_are_the_test_split(flair_copy):
+    # Move one zone from the released training folders into the released test folders.
+    zone = sorted((flair_copy / flair2.AERIAL_DIR).glob("*/*"))[0]
+    domain = zone.parent.name
+    for train_dir, test_dir in ((flair2.AERIAL_DIR, flair2.TEST_AERIAL_DIR),
+                                (flair2.LABELS_DIR, flair2.TEST_LABELS_DIR), (flair2.SEN_DIR, flair2.TEST_SEN_DIR)):
+        (flair_copy / test_dir / domain).mkdir(parents=True)
+        shutil.move(flair_copy / train_dir / domain / zone.name, flair_copy / test_dir / domain / zone.name)
+    refs = flair2.list_patches(flair_copy)
+    assert len(refs) == 6
+    test = [r for r in refs if r.fixed_split == "test"]
+    assert test and {(r.domain, r.zone) for r in test} == {(domain, zone.name)}
+    assert all(r.fixed_split is None and flair2.TEST_AERIAL_DIR not in r.aerial_path for r in refs if r not in test)
+    patch = flair2.read_patch(next(r for r in test if r.has_label), expect_size=SIZE)
+    assert patch.label is not None and patch.source["sits"].count(flair2.TEST_SEN_DIR) == 1
+    # The test folders alone are a dataset too (e.g. to evaluate a trained model on them).
+    shutil.rmtree(flair_copy / flair2.AERIAL_DIR)
+    assert [r.patch_id for r in flair2.list_patches(flair_copy)] == [r.patch_id for r in test]

@@ -1,0 +1,241 @@
+"""Published ResNet34 weights (lcssl.pretrained): a torchvision state dict saved to .safetensors gives,
+through lcssl's encoder, the features of torchvision's ResNet34 forward (written here in float64
+numpy with torchvision's key names: conv, eval-mode batch norm, ReLU, max-pool, BasicBlock)."""
+import json
+import subprocess
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+from safetensors.numpy import save_file
+
+from lcssl import models, pretrained
+from lcssl.errors import UserError
+from lcssl.models.unet import ResNetEncoder
+from tests._train_helpers import PYTHON, ROOT, cli_env, compilation_cache, run_cli, tiny_dataset
+
+STAGES, WIDTHS = (3, 4, 6, 3), (64, 128, 256, 512)
+
+
+def random_resnet34_state_dict(seed=0) -> dict:
+    """torchvision.models.resnet34()'s keys and shapes, random values (BN stats included), float32."""
+    rng = np.random.default_rng(seed)
+    sd = {}
+
+    def conv(name, out, inp, k):
+        sd[f"{name}.weight"] = rng.normal(0, np.sqrt(2 / (inp * k * k)), (out, inp, k, k))
+
+    def bn(name, c):
+        sd[f"{name}.weight"] = rng.uniform(0.5, 1.5, c)
+        sd[f"{name}.bias"] = rng.normal(0, 0.1, c)
+        sd[f"{name}.running_mean"] = rng.normal(0, 0.2, c)
+        sd[f"{name}.running_var"] = rng.uniform(0.5, 2.0, c)
+        sd[f"{name}.num_batches_tracked"] = np.array(7)
+
+    conv("conv1", 64, 3, 7)
+    bn("bn1", 64)
+    inp = 64
+    for s, (n, w) in enumerate(zip(STAGES, WIDTHS), start=1):
+        for b in range(n):
+            conv(f"layer{s}.{b}.conv1", w, inp if b == 0 else w, 3)
+            bn(f"layer{s}.{b}.bn1", w)
+            conv(f"layer{s}.{b}.conv2", w, w, 3)
+            bn(f"layer{s}.{b}.bn2", w)
+            if b == 0 and s > 1:
+                conv(f"layer{s}.{b}.downsample.0", w, inp, 1)
+                bn(f"layer{s}.{b}.downsample.1", w)
+        inp = w
+    sd["fc.weight"], sd["fc.bias"] = rng.normal(0, 0.01, (1000, 512)), np.zeros(1000)
+    return {k: v.astype(np.int64 if k.endswith("tracked") else np.float32) for k, v in sd.items()}
+
+
+# --- torchvision's ResNet34 forward, float64 numpy, NCHW, torchvision's key names ----------------
+
+def conv2d(x, w, stride, pad):
+    x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    k = w.shape[-1]
+    windows = sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::stride, ::stride]  # [N, I, H', W', k, k]
+    return np.einsum("nihwab,oiab->nohw", windows, w)
+
+
+def batch_norm(x, sd, name, eps=1e-5):  # eval mode: running statistics
+    shape = (1, -1, 1, 1)
+    scale = sd[f"{name}.weight"] / np.sqrt(sd[f"{name}.running_var"] + eps)
+    return (x - sd[f"{name}.running_mean"].reshape(shape)) * scale.reshape(shape) + sd[f"{name}.bias"].reshape(shape)
+
+
+def max_pool_3x3_s2_p1(x):
+    x = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    return sliding_window_view(x, (3, 3), axis=(2, 3))[:, :, ::2, ::2].max(axis=(-1, -2))
+
+
+def torchvision_resnet34_features(sd, x):
+    """x [N, 3, H, W] -> [relu(bn1(conv1)), layer1, layer2, layer3, layer4] as torchvision computes them."""
+    sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+    relu = lambda v: np.maximum(v, 0)
+    x = relu(batch_norm(conv2d(x, sd["conv1.weight"], 2, 3), sd, "bn1"))
+    feats = [x]
+    x = max_pool_3x3_s2_p1(x)
+    for s, n in enumerate(STAGES, start=1):
+        for b in range(n):
+            p = f"layer{s}.{b}"
+            stride = 2 if (b == 0 and s > 1) else 1
+            y = relu(batch_norm(conv2d(x, sd[f"{p}.conv1.weight"], stride, 1), sd, f"{p}.bn1"))
+            y = batch_norm(conv2d(y, sd[f"{p}.conv2.weight"], 1, 1), sd, f"{p}.bn2")
+            if f"{p}.downsample.0.weight" in sd:
+                x = batch_norm(conv2d(x, sd[f"{p}.downsample.0.weight"], stride, 0), sd, f"{p}.downsample.1")
+            x = relu(x + y)
+        feats.append(x)
+    return feats
+
+
+# --- lcssl -----------------------------------------------------------------------------------------
+
+def lcssl_features(params, batch_stats, x_nhwc):
+    """lcssl's ResNetEncoder in float64 (the mapping is then checked to float64 rounding)."""
+    with jax.enable_x64(True):
+        as64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
+        levels = ResNetEncoder(dtype=jnp.float64).apply(
+            {"params": as64(params), "batch_stats": as64(batch_stats)}, jnp.asarray(x_nhwc, jnp.float64))
+        return [np.asarray(level, np.float64) for level in levels]
+
+
+def assert_same_features(got_nhwc, want_nchw):
+    assert len(got_nhwc) == len(want_nchw) == 5
+    for level, (g, w) in enumerate(zip(got_nhwc, want_nchw)):
+        w = w.transpose(0, 2, 3, 1)
+        assert g.shape == w.shape, level
+        # Both in float64 from the same float32 weights: only the summation order differs (~1e-15
+        # relative per operation, a few hundred operations deep).
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-10 * np.abs(w).max(), err_msg=f"level {level}")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    sd = random_resnet34_state_dict()
+    path = tmp_path_factory.mktemp("weights") / "resnet34.safetensors"
+    save_file(sd, str(path))
+    return sd, str(path)
+
+
+def test_torchvision_resnet34_file_gives_torchvisions_features(weights):
+    sd, path = weights
+    params, stats, report = pretrained.resnet34_to_encoder(pretrained.read_state_dict(path), source=path,
+                                                           bands=["R", "G", "B"])
+    x = np.random.default_rng(1).normal(size=(2, 3, 64, 64))
+    assert_same_features(lcssl_features(params, stats, x.transpose(0, 2, 3, 1)),
+                         torchvision_resnet34_features(sd, x))
+    assert report["not_used"] == sorted(["fc.bias", "fc.weight", *(k for k in sd if k.endswith("tracked"))])
+    assert len(report["loaded"]) == len(sd) - len(report["not_used"])
+    assert report["bands"] == {"copied": ["R", "G", "B"], "new_zero": []}
+    # The params have exactly the structure and shapes of lcssl's ResNet34 encoder.
+    want = ResNetEncoder().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    shapes = lambda t: jax.tree.map(lambda a: a.shape, t)
+    assert shapes({"params": params, "batch_stats": stats}) == shapes(dict(want))
+
+
+def test_bands_are_matched_by_name_and_the_others_start_at_zero(weights):
+    sd, path = weights
+    bands = ["NIR", "B", "R", "elevation", "G"]
+    params, stats, report = pretrained.resnet34_to_encoder(pretrained.read_state_dict(path), source=path,
+                                                           bands=bands)
+    assert report["bands"] == {"copied": ["B", "R", "G"], "new_zero": ["NIR", "elevation"]}
+    x5 = np.random.default_rng(2).normal(size=(1, 5, 32, 32))
+    rgb = x5[:, [bands.index("R"), bands.index("G"), bands.index("B")]]
+    # NIR and elevation do not change the features at the start: the pretrained RGB ones come out.
+    assert_same_features(lcssl_features(params, stats, x5.transpose(0, 2, 3, 1)),
+                         torchvision_resnet34_features(sd, rgb))
+
+
+def test_prefixed_keys_of_smp_or_dataparallel_load(weights, tmp_path):
+    sd, _ = weights
+    path = str(tmp_path / "smp.safetensors")
+    save_file({f"module.encoder.{k}": v for k, v in sd.items()}, path)
+    params, _, _ = pretrained.resnet34_to_encoder(pretrained.read_state_dict(path), source=path,
+                                                  bands=["R", "G", "B"])
+    np.testing.assert_array_equal(params["stage4_block2"]["conv2"]["kernel"],
+                                  sd["layer4.2.conv2.weight"].transpose(2, 3, 1, 0))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda sd: sd.pop("layer3.1.bn2.running_var"), "missing key 'layer3.1.bn2.running_var'"),
+    (lambda sd: sd.update({"layer1.0.conv3.weight": np.zeros((256, 64, 1, 1), np.float32)}),
+     "unexpected key 'layer1.0.conv3.weight'"),
+    (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("layer1.2.")], "missing key 'layer1.2.conv1.weight'"),
+    (lambda sd: sd.update({"layer2.0.conv1.weight": np.zeros((96, 64, 3, 3), np.float32)}),
+     r"layer2.0.conv1.weight has shape \(96, 64, 3, 3\), a ResNet34's is \(128, 64, 3, 3\)"),
+    (lambda sd: sd.update({"conv1.weight": np.zeros((64, 4, 7, 7), np.float32)}), "4 input channels"),
+])
+def test_a_file_that_is_not_a_resnet34_is_refused_naming_file_and_key(weights, tmp_path, edit, message):
+    sd = dict(weights[0])
+    edit(sd)
+    path = str(tmp_path / "bad.safetensors")
+    save_file(sd, path)
+    with pytest.raises(UserError, match=message) as e:
+        pretrained.resnet34_to_encoder(pretrained.read_state_dict(path), source=path, bands=["R", "G", "B"])
+    assert path in str(e.value) and "\n" not in str(e.value)
+
+
+def test_other_inputs_are_refused_in_one_line(weights, tmp_path):
+    _, path = weights
+    with pytest.raises(UserError, match="lack \\['B'\\]"):
+        pretrained.resnet34_to_encoder(pretrained.read_state_dict(path), source=path, bands=["R", "G", "IR"])
+    with pytest.raises(UserError, match="model.stage_sizes"):
+        pretrained.resnet34_to_encoder({}, source=path, bands=["R", "G", "B"], model_cfg=models.tiny_config())
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="junk.safetensors: not a readable"):
+        pretrained.read_state_dict(str(tmp_path / "junk.safetensors"))
+    with pytest.raises(UserError, match="no such file"):
+        pretrained.read_state_dict(str(tmp_path / "absent.safetensors"))
+
+
+@flax.struct.dataclass
+class _State:
+    params: dict
+    batch_stats: dict
+
+
+def test_warm_start_replaces_only_the_aerial_encoder(weights):
+    sd, path = weights
+    cfg = models.default_config()
+    encoder = ResNetEncoder().init(jax.random.key(0), jnp.zeros((1, 32, 32, 4)))
+    head = {"kernel": jnp.ones((3, 3))}
+    state = _State(params={"aerial_encoder": encoder["params"], "seg_head": head},
+                   batch_stats={"aerial_encoder": encoder["batch_stats"]})
+    card = {"aerial": {"bands": ["R", "G", "B", "IR"]}}
+    new, report = pretrained.warm_start(state, path, card, cfg)
+    assert new.params["seg_head"] is head and report["new"] == ["seg_head"]
+    np.testing.assert_array_equal(new.batch_stats["aerial_encoder"]["stage2_block0"]["downsample_bn"]["var"],
+                                  sd["layer2.0.downsample.1.running_var"])
+    kernel = np.asarray(new.params["aerial_encoder"]["stem_conv"]["kernel"])
+    np.testing.assert_array_equal(kernel[:, :, :3], sd["conv1.weight"].transpose(2, 3, 1, 0))
+    assert not kernel[:, :, 3].any() and report["bands"]["new_zero"] == ["IR"]
+    assert len(report["sha256"]) == 64
+    with pytest.raises(UserError, match="no 'aerial_encoder'"):
+        pretrained.warm_start(_State(params={"utae": {}}, batch_stats={}), path, card, cfg)
+
+
+@pytest.mark.slow
+def test_fine_tuning_from_a_resnet34_file_with_the_real_command(weights, tmp_path_factory, tmp_path):
+    sd, path = weights
+    env = cli_env(compilation_cache(tmp_path_factory))
+    data_dir = tiny_dataset(tmp_path_factory)
+    command = ["-m", "lcssl.main", "--config=configs/sup_flair2.py:tiny", f"--workdir={tmp_path / 'ft'}",
+               f"--config.data_dir={data_dir}", f"--config.init_encoder_from={path}", "--config.num_steps=2",
+               "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2"]
+    # The tiny model is no ResNet34: refused in one line before anything trains.
+    tiny = subprocess.run([PYTHON, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert tiny.returncode == 2 and "Traceback" not in tiny.stderr, tiny.stderr[-3000:]
+    assert f"error: init_encoder_from={path}: a ResNet34 needs model.stage_sizes" in tiny.stderr
+    run_cli([*command, "--config.model.stage_sizes=(3, 4, 6, 3)", "--config.model.widths=(64, 128, 256, 512)",
+             "--config.model.stem_width=64"], env=env)
+    loaded = json.loads((tmp_path / "ft" / "loaded_weights.json").read_text())
+    assert loaded["init_encoder_from"] == path and loaded["into"] == "aerial_encoder"
+    assert loaded["bands"] == {"copied": ["R", "G", "B"], "new_zero": ["NIR", "elevation"]}
+    assert "conv1.weight" in loaded["loaded"] and "aerial_decoder" in loaded["new"]
+    test = json.loads((tmp_path / "ft" / "eval_results.json").read_text())["test"]
+    assert len(test["official_classes"]) == 12 and "other" not in test["official_classes"]
+    assert 0.0 <= test["miou_official"] <= 1.0
