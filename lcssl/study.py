@@ -70,6 +70,8 @@ def _define_flags():
                         "--results); commit them to resume the study elsewhere.")
     flags.DEFINE_integer("parallel", 1, "Runs side by side, each in its own worker process with "
                          "1/N of the host's cores (and of the GPU's memory).")
+    flags.DEFINE_bool("report_only", False, "Write the report from the records as they are, "
+                      "running nothing (runs without a record show as 'not run').")
     flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -257,6 +259,7 @@ def make_record(run: Run, seconds: float) -> dict:
     else:
         test, val = results.get("test") or {}, results.get("val") or {}
         rec.update(test_miou=test.get("miou"), test_oa=test.get("oa"), val_miou=val.get("miou"),
+                   test_miou_official=test.get("miou_official"),
                    best_step=results.get("best_step"), class_names=test.get("class_names"),
                    test_iou=test.get("iou"), probe=results.get("probe"))
     return rec
@@ -436,7 +439,8 @@ def _todo(runs: Sequence[Run]) -> list[Run]:
 
 
 def run_study(config, workdir: pathlib.Path, results_path: pathlib.Path, command: str,
-              records_dir: Optional[pathlib.Path] = None, parallel: int = 1) -> dict:
+              records_dir: Optional[pathlib.Path] = None, parallel: int = 1,
+              report_only: bool = False) -> dict:
     """Runs what is not finished, then writes the report from the records; returns the results
     written to JSON."""
     started = time.perf_counter()
@@ -444,12 +448,12 @@ def run_study(config, workdir: pathlib.Path, results_path: pathlib.Path, command
     workdir.mkdir(parents=True, exist_ok=True)
     records_dir = (records_dir or pathlib.Path(results_path).parent / "study_records").resolve()
     selected_arms(config)  # a typo fails before the data is made
-    data_dir = _prepare_data(config, workdir)
+    data_dir = workdir / "data" / "built" if report_only else _prepare_data(config, workdir)
     arms_by_name = {a["name"]: a for a in config.arms}
     unavailable = {a["name"]: r for a in config.arms if (r := unavailable_reason(a, arms_by_name))}
     runs = [r for r in plan(config, workdir, data_dir, records_dir) if r.arm not in unavailable]
-    todo = _todo(runs)
-    print(f"Study: {len(runs)} runs ({len(runs) - len(todo)} already finished), "
+    todo = [] if report_only else _todo(runs)
+    print(f"Study: {len(runs)} runs ({sum(r.finished for r in runs)} already finished), "
           f"{len(unavailable)} arm(s) not available: {', '.join(sorted(unavailable)) or 'none'}; "
           f"{parallel} worker(s)", flush=True)
     durations, train_steps_s, ended = {"pretrain": [], "finetune": []}, [], [0]  # ended: a counter
@@ -479,11 +483,14 @@ def run_study(config, workdir: pathlib.Path, results_path: pathlib.Path, command
             "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
             "records": str(records_dir), "workdir": str(workdir),
             "label_fractions": list(config.label_fractions), "seeds": list(config.seeds),
+            "only_arms": selected_arms(config),
             "pretrain_per_seed": bool(config.pretrain_per_seed),
             "pretrained_arms": sorted(a["name"] for a in config.arms if _pretrain_of(a, arms_by_name)),
             "budget": {"pretrain": list(config.pretrain_overrides),
                        "finetune": list(config.finetune_overrides)}}
-    labels = {a["name"]: a["label"] for a in config.arms}
+    only = selected_arms(config)
+    labels = {a["name"]: a["label"] for a in config.arms if not only or a["name"] in only}
+    unavailable = {a: r for a, r in unavailable.items() if a in labels}
     return write_report(records, labels, unavailable, meta, results_path)
 
 
@@ -805,7 +812,7 @@ def write_report(records: Sequence[dict], labels: dict, unavailable: dict, meta:
                                                                   for k, v in s.items()}}
                            for (arm, f), s in sorted(summary.items())]}
     write_json(results_path.parent / "results_label_efficiency.json", content)
-    fields = ["arm", "kind", "seed", "label_fraction", "status", "test_miou", "test_oa", "val_miou",
+    fields = ["arm", "kind", "seed", "label_fraction", "status", "test_miou", "test_miou_official", "test_oa", "val_miou",
               "best_step", "steps", "seconds", "workdir"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
@@ -824,7 +831,7 @@ def main(argv):
     try:
         run_study(flags.FLAGS.config, pathlib.Path(flags.FLAGS.workdir), pathlib.Path(flags.FLAGS.results),
                   command, pathlib.Path(flags.FLAGS.records) if flags.FLAGS.records else None,
-                  flags.FLAGS.parallel)
+                  flags.FLAGS.parallel, flags.FLAGS.report_only)
     except (ValueError, RuntimeError) as e:  # the plan's and the data preparation's own errors
         raise UserError(f"python -m lcssl.study: {e}") from e
     return 0
