@@ -148,7 +148,11 @@ def test_tiny_study_end_to_end_and_rerun_skips_finished_runs(tmp_path):
     assert saved["not_available"] == {}
     done = {r["arm"] for r in saved["runs"] if r["status"] == "done"}
     assert done == set(arms), [r for r in saved["runs"] if r["status"] != "done"]
-    assert all(0.0 <= r["test_miou"] <= 1.0 for r in saved["runs"])
+    finetuned = [r for r in saved["runs"] if r["kind"] == "finetune"]
+    assert len(finetuned) == len(arms) and all(0.0 <= r["test_miou"] <= 1.0 for r in finetuned)
+    pretrained = [r for r in saved["runs"] if r["kind"] == "pretrain"]
+    assert {r["arm"] for r in pretrained} == {"simclr_seed", "dense"}
+    assert all(r["curves"]["train/loss"] and r["timing"]["train_steps_s"] > 0 for r in pretrained)
     text = results.read_text()
     assert "from scratch, U-T&T (fused)" in text and (results.parent / study.PLOT_NAME).is_file()
     logs = sorted((tmp_path / "study" / "runs").rglob("log.txt"))
