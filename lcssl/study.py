@@ -794,7 +794,14 @@ def write_report(records: Sequence[dict], labels: dict, unavailable: dict, meta:
         lines += ["## Not available in this trainer", ""]
         lines += [f"- {labels[a]} (`{a}`): {reason}" for a, reason in sorted(unavailable.items())]
         lines.append("")
-    problems = [r for r in records if r["status"] != "done" and r["arm"] not in unavailable]
+    problems = [r for r in records if r["status"] not in ("done", "not run") and r["arm"] not in unavailable]
+    not_run = {}
+    for r in records:
+        if r["status"] == "not run" and r["arm"] not in unavailable:
+            not_run[r["arm"]] = not_run.get(r["arm"], 0) + 1
+    if not_run:
+        lines += ["## Not run yet", "", "Runs without a record (the same command runs them, and only them):",
+                  ", ".join(f"{labels.get(a, a)}: {n}" for a, n in not_run.items()) + ".", ""]
     if problems:
         lines += ["## Runs without a result", ""]
         lines += [f"- {r['arm']} seed {r['seed']} "
