@@ -809,6 +809,9 @@ def write_report(records: Sequence[dict], labels: dict, unavailable: dict, meta:
                   + f": {r['status']}"
                   + (f", {r['message']}" if r.get("message") else "") for r in problems]
         lines.append("")
+    notes = pathlib.Path(meta.get("records", "")) / "NOTES.md"
+    if meta.get("records") and notes.is_file():  # hand-written, committed with the records
+        lines += ["## What was tried, and what the figures say", "", notes.read_text().strip(), ""]
     lines += ["Every run (scores, status, seconds, workdir): `results_label_efficiency.json` and "
               "`results_label_efficiency.csv` beside this file.", ""]
     atomic_write_bytes(results_path, "\n".join(lines).encode())
