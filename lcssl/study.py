@@ -22,7 +22,9 @@ Every finished run leaves a small record (scores, curves, seconds, command, comm
 --records (default: `study_records/` beside --results), meant to be committed: a run with a record
 is never run again, on this machine or another, and the report is made from the records alone
 (checkpoints stay in --workdir, out of git). A pre-training run is run again only when a fine-tuning
-run that needs its checkpoint has no record yet. Any other run resumes from its checkpoints. An arm whose overrides the trainer's config rejects (a field it
+run that needs its checkpoint has no record yet. Any other run resumes from its checkpoints.
+`--report_only` writes the report from the records as they are; a hand-written `NOTES.md` beside
+them becomes the report's "What was tried". An arm whose overrides the trainer's config rejects (a field it
 does not have, such as `task` before the objectives exist) is "not available" in the report, with
 the trainer's reason. The report (--results, default docs/RESULTS.md) holds mean +- std over seeds
 (numpy, ddof=1) of test mIoU and OA per arm x label fraction, the paired difference to from-scratch
