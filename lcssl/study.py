@@ -228,20 +228,11 @@ _CURVE_TAGS = ("train/loss", "train/epoch", "probe/accuracy", "probe/baseline_ac
 
 
 def _curves(workdir: pathlib.Path) -> dict:
-    """{tag: [[step, value], ...]} of the run's TensorBoard scalars in _CURVE_TAGS (TensorFlow is
-    already imported by the input pipeline in a worker)."""
-    import tensorflow as tf
-    from tensorflow.core.util import event_pb2
+    """{tag: [[step, value], ...]} of the run's TensorBoard scalars in _CURVE_TAGS."""
+    from lcssl import report
 
-    out = {}
-    for path in sorted(workdir.glob("events.out.tfevents.*")):
-        for raw in tf.data.TFRecordDataset(str(path)):
-            event = event_pb2.Event.FromString(raw.numpy())
-            for value in event.summary.value:
-                if value.tag in _CURVE_TAGS:
-                    out.setdefault(value.tag, []).append(
-                        [int(event.step), round(float(tf.make_ndarray(value.tensor)), 5)])
-    return {k: sorted(v) for k, v in out.items()}
+    return {tag: [[step, round(v, 5)] for step, v in points]
+            for tag, points in report.read_scalars(str(workdir)).items() if tag in _CURVE_TAGS}
 
 
 def make_record(run: Run, seconds: float) -> dict:
@@ -376,9 +367,8 @@ def execute_all(todo: Sequence[Run], parallel: int, cache_dir: pathlib.Path, on_
                     failed[run.workdir] = f"its pre-training failed ({run.needs})"
                     on_done(run, {"status": "skipped", "seconds": 0.0, "message": failed[run.workdir]})
                     continue
-                if run.needs is not None and run.needs in pretrain_dirs and not (
-                        run.needs / "eval_results.json").is_file():
-                    continue  # its pre-training is still to run
+                if run.needs in pretrain_dirs:
+                    continue  # its pre-training is still to run (discarded from the set when done)
                 waiting.remove(run)
                 running[pool.submit(execute, run, str(cache_dir))] = run
             if not running:
@@ -403,7 +393,7 @@ def _prepare_data(config, workdir: pathlib.Path) -> pathlib.Path:
     if config.data.data_dir:
         data = pathlib.Path(config.data.data_dir)
         if not (data / "dataset_card.json").is_file():
-            raise FileNotFoundError(f"--config.data.data_dir={data}: no dataset_card.json there; build it first "
+            raise UserError(f"--config.data.data_dir={data}: no dataset_card.json there; build it first "
                                     "with python -m data_prep build (README, 'Preparing data')")
         return data.resolve()
     data, raw = workdir / "data" / "built", workdir / "data" / "raw"

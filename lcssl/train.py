@@ -268,7 +268,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             for hook in hooks:
                 hook(step)
 
-            last = step == num_steps or stopper.stopped
+            last = step == num_steps
             stop = preempted.check(step)  # every step, on every host (see _Preempted)
             save = last or step % config.checkpoint_every_steps == 0 or stop
             if save or step % config.log_every_steps == 0:
@@ -313,7 +313,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 timing["checkpoint_s"] += time.perf_counter() - t0
             if last:
                 break
-            if stop and not last:
+            if stop:
                 logging.warning("Preempted at step %d; checkpoint saved in %s.", step,
                                 checkpoints.directory)
                 return {}
@@ -351,7 +351,7 @@ class EarlyStop:
 
     def __init__(self, metric: str | None, patience: int, min_delta: float):
         self.metric, self.patience, self.min_delta = metric, int(patience), float(min_delta)
-        self.best, self.best_step_evals, self.evals, self.stopped, self.reason = None, 0, 0, False, ""
+        self.best, self.best_eval, self.evals, self.stopped, self.reason = None, 0, 0, False, ""
 
     def update(self, scalars: Mapping[str, float]) -> bool:
         """Records one evaluation; True when training should stop now."""
@@ -360,25 +360,24 @@ class EarlyStop:
         value = float(scalars[self.metric])
         self.evals += 1
         if self.best is None or value > self.best + self.min_delta:
-            self.best, self.best_step_evals = value, self.evals
-        elif self.evals - self.best_step_evals >= self.patience:
+            self.best, self.best_eval = value, self.evals
+        elif self.evals - self.best_eval >= self.patience:
             self.stopped = True
             self.reason = (f"{self.metric} has not improved on {self.best:.4f} by more than "
                            f"{self.min_delta} in {self.patience} evaluations")
         return self.stopped
 
     def state(self) -> dict:
-        return {"best": self.best, "best_eval": self.best_step_evals, "evals": self.evals,
+        return {"best": self.best, "best_eval": self.best_eval, "evals": self.evals,
                 "stopped": self.stopped, "reason": self.reason}
 
     def load(self, saved: Mapping[str, Any] | None) -> None:
         if saved:
-            self.best, self.best_step_evals, self.evals = saved["best"], saved["best_eval"], saved["evals"]
+            self.best, self.best_eval, self.evals = saved["best"], saved["best_eval"], saved["evals"]
             self.stopped, self.reason = saved.get("stopped", False), saved.get("reason", "")
 
     def summary(self) -> dict:
-        return {"metric": self.metric, "patience": self.patience, "stopped": self.stopped,
-                "best": self.best, "reason": self.reason}
+        return {"metric": self.metric, "patience": self.patience, **self.state()}
 
 
 def _stop_if_not_finite(summary, first_step, step, checkpoints) -> None:
