@@ -57,6 +57,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASELINE = "scratch_utt"
 PRETRAIN_PLACEHOLDER = "{pretrain}"
 PLOT_NAME = "results_label_efficiency.png"
+# A learning-quality figure in the report is a mean +- std over at least this many seeds; cells
+# with fewer show as pending (every run is still in the JSON / CSV).
+MIN_SEEDS = 3
 
 
 
@@ -552,10 +555,13 @@ def summarize(records: Sequence[dict]) -> dict:
 
 
 def _pm(stat: tuple, digits: int = 1) -> str:
+    """'mean ± std' over >= MIN_SEEDS values; fewer: pending, without a figure."""
     mean, std, n = stat
     if n == 0:
         return "-"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else " (1 seed)")
+    if n < MIN_SEEDS:
+        return f"pending ({n} of {MIN_SEEDS} seeds)"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def best_arm(summary: dict, fraction: float, candidates=None) -> Optional[str]:
@@ -763,14 +769,16 @@ def write_report(records: Sequence[dict], labels: dict, unavailable: dict, meta:
             _pm(summary[(arm, f)]["diff"]) if (arm, f) in summary else "-" for f in fractions) + " |")
     lines += _budget_section(records, meta)
     target = min(fractions, key=lambda f: abs(f - 0.1))
-    best = best_arm(summary, target, meta.get("pretrained_arms"))
+    shown = {k: v for k, v in summary.items() if v["miou"][2] >= MIN_SEEDS}  # cells with a figure
+    best = best_arm(shown, target, meta.get("pretrained_arms"))
     lines += ["", f"## Per-class test IoU (%) at {frac(target)} labels: best method vs from scratch", ""]
-    if best is None or (BASELINE, target) not in summary:
-        lines.append("Not available: no finished runs of both at this label fraction.")
+    if best is None or (BASELINE, target) not in shown:
+        lines.append(f"Not available: no method has {MIN_SEEDS} finished seeds beside from scratch at "
+                     "this label fraction.")
     else:
         names, best_iou = per_class_iou(records, best, target)
         _, base_iou = per_class_iou(records, BASELINE, target)
-        ahead = summary[(best, target)]["miou"][0] > summary[(BASELINE, target)]["miou"][0]
+        ahead = shown[(best, target)]["miou"][0] > shown[(BASELINE, target)]["miou"][0]
         kind = "pre-trained method" if meta.get("pretrained_arms") else "other method"
         verdict = (f"The best {kind} by mean test mIoU, {labels[best]}, is ahead of from scratch."
                    if ahead else f"From scratch (U-T&T) is ahead of every {kind}; the best of them "
@@ -808,7 +816,7 @@ def write_report(records: Sequence[dict], labels: dict, unavailable: dict, meta:
               "`results_label_efficiency.csv` beside this file.", ""]
     atomic_write_bytes(results_path, "\n".join(lines).encode())
 
-    plot(summary, {a: labels[a] for a in arms}, fractions, results_path.parent / PLOT_NAME)
+    plot(shown, {a: labels[a] for a in arms}, fractions, results_path.parent / PLOT_NAME)
     content = {"meta": meta, "labels": labels, "not_available": unavailable, "runs": list(records),
                "summary": [{"arm": arm, "label_fraction": f, **{k: dict(zip(("mean", "std", "n"), v))
                                                                   for k, v in s.items()}}
