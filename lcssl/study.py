@@ -780,9 +780,12 @@ def write_report(records: Sequence[dict], labels: dict, unavailable: dict, meta:
         _, base_iou = per_class_iou(records, BASELINE, target)
         ahead = shown[(best, target)]["miou"][0] > shown[(BASELINE, target)]["miou"][0]
         kind = "pre-trained method" if meta.get("pretrained_arms") else "other method"
-        verdict = (f"The best {kind} by mean test mIoU, {labels[best]}, is ahead of from scratch."
-                   if ahead else f"From scratch (U-T&T) is ahead of every {kind}; the best of them "
-                                 f"is {labels[best]}.")
+        diff_mean, diff_std, _ = shown[(best, target)]["diff"]
+        noise = ("more than" if abs(diff_mean) > 2 * diff_std else "within noise: not more than")
+        verdict = ((f"The best {kind} by mean test mIoU, {labels[best]}, is ahead of from scratch"
+                    if ahead else f"From scratch (U-T&T) is ahead of every {kind}; the best of them "
+                                  f"is {labels[best]}")
+                   + f" (paired difference {diff_mean:+.1f} ± {diff_std:.1f} points, {noise} twice its std).")
         lines += [f"{verdict} Means over seeds; '-': class absent from the test split.", "",
                   f"| class | {labels[BASELINE]} | {labels[best]} | difference |",
                   "|---|---|---|---|"]
