@@ -1,86 +1,102 @@
-"""The label-efficiency study (issue 14): does pre-training on unlabelled patches pay when labels are few?
+"""The label-efficiency study: does pre-training on unlabelled patches pay when labels are few?
 
-    python -m lcssl.study --config=configs/study_synth.py --workdir=runs/study --parallel=2  # 2-core CPU
+    python -m lcssl.study --config=configs/study_synth.py --workdir=runs/study               # 2-core CPU
+    python -m lcssl.study --config=configs/study_synth.py --workdir=runs/study \
+        --config.only_arms=scratch_utt,oracle                         # the floor and the ceiling first
     python -m lcssl.study --config=configs/study_synth.py:gpu --workdir=runs/study_gpu --parallel=4
     python -m lcssl.study --config=configs/study_synth.py:tiny --workdir=/tmp/study_tiny     # seconds
     python -m lcssl.study --config=configs/study_synth.py:hameln --workdir=runs/study_hameln # GPUs
     python -m lcssl.study --config=configs/study_synth.py:flair2 --workdir=runs/study_flair2 # GPUs
 
-THE BENCHMARK (fixed before any result was seen; change it only with a rerun of everything and a
-note in docs/RESULTS.md saying why) is `data` below: the synthetic generator in the Hameln layout
-(unique zone names, so the build splits by zone), with label noise and a domain shift between zones
-(data_prep.synth.Realism), split by zone into train / val / test (held-out zones, other radiometry
-and phenology), and the unlabelled patches of the training zones for pre-training (10x the labelled
-training patches). Its classes need both modalities: grass / crop / deciduous look alike from the
-air and differ only in their Sentinel-2 phenology; buildings and roads share a spectrum and differ
-only in aerial shape and texture.
+THE BENCHMARK, protocol 2 (`PROTOCOL`; fixed from from-scratch and oracle runs alone, before any
+pre-trained arm ran on it; docs/RESULTS.md says why it replaced protocol 1): `data` and the
+fine-tuning budget below. The synthetic generator in the Hameln layout with label noise and a
+domain shift between zones (data_prep.synth.Realism), 20 zones of 80 patches, split by zone:
+14 training zones (1,120 patches), 3 validation and 3 test zones (240 patches each, held out: other
+radiometry and phenology). As in SimCLR's protocol, the labelled pool is the pre-training pool:
+every training patch carries a label, pre-training ignores them, fine-tuning sees a label_fraction
+of them (1% = 11 patches, 10% = 112, 100% = 1,120), a subset drawn with the seed (label_seed), so
+the spread over seeds includes the choice of the labelled patches. Classes need both modalities:
+grass / crop / deciduous look alike from the air and differ in their Sentinel-2 phenology;
+buildings and roads share a spectrum and differ in aerial shape and texture.
 
-THE STUDY: every arm x label fraction x seed. An arm is data: the config module (with presets) and
-the `--config.x=y` overrides of its pre-training run (or None: from scratch) and of its fine-tuning
-run; when the trainer's config keys change, only this table changes. The runner adds to every run
-`--config.data_dir=<the benchmark>` and `--config.seed=<seed>`, and to every fine-tuning run
-`--config.label_fraction=<fraction>`; `{pretrain}` in an override is the workdir of the arm's
-pre-training run of the same seed (one per arm and seed, shared by all label fractions). So both
-the pre-training and the fine-tuning seed vary with the seed. `run_overrides` and
-`pretrain_overrides` / `finetune_overrides` (the presets' compute budget) come before the arm's own.
-An arm whose overrides the trainer's config does not know (e.g. `--config.task=vicreg` before that
-objective exists) is reported as not available, never run.
+Fine-tuning (every arm alike): batch 8, 20 warm-up steps then cosine, validation mIoU every 20 steps
+(and before the first step), stop after 5 evaluations without improvement or at 400 steps, the
+best-validation checkpoint scored on test.
 
-Presets: default = cpu (<= 90 min on a 2-core CPU with --parallel=2, one pre-training per
-method shared by the fine-tuning seeds; docs/BENCHMARKS.md has the measured times); gpu (one
-H200, --parallel=4: a pre-training per seed, a larger budget, the same benchmark); tiny (the test
-suite: 4 zones of 32 px patches, one seed, one label fraction, a few steps per run); hameln / flair2
-(the real datasets, built by `python -m data_prep build`, with the model's default sizes, and the
-seminar's settings as the `simclr_seed` arm so its SSL-vs-supervised result can be reproduced).
+THE ARMS: from scratch (the floor), the oracle (the ceiling: the encoder of the from-scratch run
+with every label, of the same seed, fine-tuned like any pre-trained encoder), and one arm per
+pre-training method. An arm is data: the config module (with presets) and the `--config.x=y`
+overrides of its pre-training run (or None) and of its fine-tuning run. The runner adds to every
+run `--config.data_dir=<the benchmark>` and `--config.seed=<seed>`, and to every fine-tuning run
+`--config.label_fraction=<fraction>` and `--config.label_seed=<seed>`; `{pretrain}` in an override
+is the workdir of the arm's pre-training run of that seed, `{source}` that of the run an arm starts
+from (`init_run`: another arm's fine-tuning run at a label fraction, same seed). Pre-training is
+not stopped early: every method gets the same number of epochs (the online probe and the loss are
+diagnostics, plotted in the report: on this benchmark the probe did not predict transfer).
+An arm whose overrides the trainer's config does not know is reported as not available, never run.
+
+Presets: default = cpu (a pre-training per seed; several sittings on a 2-core CPU, resumed from the
+committed records); gpu (the same protocol on one GPU, --parallel=4); tiny (the test suite: 4 zones
+of 32 px patches, one seed, one label fraction, a few steps per run); hameln / flair2 (the real
+datasets, built by `python -m data_prep build`, with the model's default sizes, and the seminar's
+settings as the `simclr_seed` arm so its SSL-vs-supervised result can be reproduced).
 """
 import ml_collections
 from ml_collections import config_dict
 
+# The version of the benchmark and budget that records are made under; records of another version
+# are never mixed into a report (they stay in their own folder, docs/study_records/protocol<N>/).
+PROTOCOL = 2
+
 # The pre-training objectives besides SimCLR (config.task, lcssl/tasks/). An objective a trainer
 # does not know is reported "not available", never run.
 OBJECTIVES = ("crossmodal", "vicreg", "dense", "byol")
+OBJECTIVE_LABELS = {"crossmodal": "cross-modal InfoNCE", "vicreg": "VICReg", "dense": "dense contrastive",
+                    "byol": "BYOL"}
 
 
-def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batch_overrides=(),
-          steps_per_epoch=None) -> tuple:
-    """The arm table. ssl / finetune / supervised: config module paths with presets."""
+def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batch_overrides=()) -> tuple:
+    """The arm table. ssl / finetune / supervised: config module paths with presets. Every
+    pre-training method but the seminar's runs at batch `large_batch` under the config's rule
+    (LARS, lr 0.3 x batch / 256, warm-up then cosine)."""
     def scratch(name, label, variant):
         return {"name": name, "label": label, "pretrain": None,
                 "finetune": {"config": supervised, "overrides": [f"--config.model.variant={variant}"]}}
 
-    def pretrained(name, label, pretrain_overrides, finetune_overrides=()):
+    def pretrained(name, label, pretrain_overrides, note=""):
         return [
-            {"name": name, "label": label,
-             "pretrain": {"config": ssl, "overrides": list(pretrain_overrides)},
-             "finetune": {"config": finetune,
-                          "overrides": ["--config.init_from={pretrain}", *finetune_overrides]}},
+            {"name": name, "label": label, "note": note,
+             "pretrain": {"config": ssl, "overrides": [f"--config.batch_size={large_batch}",
+                                                      *large_batch_overrides, *pretrain_overrides]},
+             "finetune": {"config": finetune, "overrides": ["--config.init_from={pretrain}"]}},
             {"name": f"{name}_linear", "label": f"{label}, linear", "pretrain_of": name,
              "finetune": {"config": finetune,
-                          "overrides": ["--config.init_from={pretrain}", "--config.finetune_mode=linear",
-                                        *finetune_overrides]}},
+                          "overrides": ["--config.init_from={pretrain}", "--config.finetune_mode=linear"]}},
         ]
 
     arms = [
         scratch("scratch_utt", "from scratch, U-T&T (fused)", "utt"),
+        # The ceiling: what an encoder that already knows the task gives through the same path.
+        {"name": "oracle", "label": "oracle (encoder trained with every label)", "pretrain": None,
+         "init_run": {"arm": "scratch_utt", "label_fraction": 1.0}, "label_fractions": (0.01, 0.1),
+         "finetune": {"config": finetune, "overrides": ["--config.init_from={source}/best"]}},
         scratch("scratch_unet", "from scratch, aerial only", "unet"),
         scratch("scratch_utae", "from scratch, Sentinel-2 only", "utae"),
-        # The seminar's SimCLR: batch 16, plain SGD at lr 0.001, constant schedule, tau 0.1.
+        # SimCLR as its paper: LARS, lr 0.3 x batch / 256 (the config's rule), a large batch.
+        *pretrained("simclr_large", f"SimCLR, batch {large_batch}", []),
+        *[arm for objective in OBJECTIVES
+          for arm in pretrained(objective, OBJECTIVE_LABELS[objective], [f"--config.task={objective}"])],
+        # The seminar's SimCLR: batch 16, plain SGD at lr 0.001, constant schedule, tau 0.1. Kept as
+        # its recipe: at this budget it barely moves its weights (the report says so).
         *pretrained("simclr_seed", "SimCLR as the seed (batch 16, SGD 1e-3)",
                     ["--config.batch_size=16", "--config.optimizer.name=sgd",
                      "--config.optimizer.learning_rate=0.001", "--config.optimizer.momentum=0.0",
                      "--config.optimizer.weight_decay=0.0", "--config.schedule.name=constant",
-                     "--config.schedule.warmup_epochs=0.0", "--config.simclr.temperature=0.1"]),
-        # SimCLR as its paper: LARS, lr 0.3 x batch / 256 (the config's rule), a large batch.
-        *pretrained("simclr_large", f"SimCLR, batch {large_batch}",
-                    [f"--config.batch_size={large_batch}", *large_batch_overrides,
-                     # the probe (and early stop) once an epoch at this batch size too
-                     *([f"--config.probe.every_steps={steps_per_epoch(large_batch)}"]
-                       if steps_per_epoch else [])]),
+                     "--config.schedule.warmup_epochs=0.0", "--config.simclr.temperature=0.1"],
+                    note="the seminar's recipe (plain SGD at lr 0.001): at this budget its weights "
+                         "barely move, so it measures the recipe, not SimCLR"),
     ]
-    for objective in OBJECTIVES:
-        arms += pretrained(objective, {"crossmodal": "cross-modal InfoNCE", "vicreg": "VICReg",
-                                       "dense": "dense contrastive", "byol": "BYOL"}[objective],
-                           [f"--config.task={objective}"])
     return tuple(arms)
 
 
@@ -88,14 +104,14 @@ def _synth_data() -> ml_collections.ConfigDict:
     """The benchmark: `python -m data_prep synth` + `build` flags (names as the CLI's, '_' for '-')."""
     d = ml_collections.ConfigDict()
     d.synth = ml_collections.ConfigDict(dict(
-        layout="hameln", num_zones=20, patches_per_zone=8, unlabelled_per_zone=80, patch_size=32,
+        layout="hameln", num_zones=20, patches_per_zone=80, unlabelled_per_zone=0, patch_size=32,
         sits_size=16, num_dates=8, seed=14,
         # label noise: boundaries off by up to 1 px (0.2 m at 512 px would be 3 px: a 32 px patch
         # has 3.2 m pixels), 5% of regions mislabelled; domain shift between zones and regions.
         boundary_jitter_px=1, wrong_region_share=0.05, zone_gain=0.1, zone_offset=0.03, date_gain=0.05,
         phenology_shift_days=15.0))
-    # 20 zones: 3 val, 3 test (held out), 14 train -> 112 labelled training patches (1% = 1 patch,
-    # 10% = 11) and 1120 unlabelled ones from the training zones (10x) for pre-training.
+    # 20 zones: 3 val, 3 test (held out), 14 train -> 1,120 training patches, all labelled, which
+    # pre-training reads without their labels.
     d.build = ml_collections.ConfigDict(dict(
         layout="hameln", expect_size=32, sits_size=16, val_fraction=0.15, test_fraction=0.15, seed=14,
         max_dates=8))
@@ -103,35 +119,32 @@ def _synth_data() -> ml_collections.ConfigDict:
     return d
 
 
-# The benchmark's unlabelled split (20 zones x 80, of which the 14 training zones') and the
-# pre-training batch of the tiny configs: one epoch of unlabelled patches in steps.
-UNLABELLED_PATCHES = 14 * 80
-PRETRAIN_BATCH = 16
+TRAINING_PATCHES = 14 * 80   # the benchmark's training split (labelled pool = pre-training pool)
+PRETRAIN_BATCH = 128
 
 
 def _steps_per_epoch(batch: int) -> int:
-    return max(1, UNLABELLED_PATCHES // batch)
+    return max(1, TRAINING_PATCHES // batch)
 
 
-def _budget(max_pretrain_epochs: int, finetune_steps: int) -> tuple[list, list]:
-    """(pre-training, fine-tuning) overrides, the same for every arm.
+def _budget(pretrain_epochs: int, finetune_steps: int) -> tuple[list, list]:
+    """(pre-training, fine-tuning) overrides, the same for every arm (an arm's own flags come after).
 
-    Pre-training runs until its own health says it has learnt what it can: the online probe (once
-    an epoch) has not improved by more than 0.01 for 4 epochs, or max_pretrain_epochs. Fine-tuning
-    runs until validation mIoU (every 20 steps) has not improved for 4 evaluations, or
-    finetune_steps; the best-validation checkpoint is scored on test, for every arm alike.
+    Pre-training: `pretrain_epochs` epochs of the training patches, 4 of them warm-up, no early stop;
+    the online probe every 5 epochs (a diagnostic). Fine-tuning: at most `finetune_steps` steps,
+    stopped when validation mIoU (every 20 steps) has not improved for 5 evaluations; the
+    best-validation checkpoint is scored on test.
     """
     # num_steps=0: the epochs decide (the tiny configs set num_steps, which would win).
-    pretrain = ["--config.split=unlabelled", "--config.num_steps=0",
-                f"--config.num_epochs={max_pretrain_epochs}",
-                f"--config.probe.every_steps={_steps_per_epoch(PRETRAIN_BATCH)}",
-                "--config.probe.examples=1024", "--config.early_stop.metric=probe/accuracy",
-                "--config.early_stop.patience=4", "--config.early_stop.min_delta=0.01",
+    pretrain = ["--config.split=train", "--config.num_steps=0", f"--config.num_epochs={pretrain_epochs}",
+                "--config.schedule.warmup_epochs=4.0",
+                f"--config.probe.every_steps={5 * _steps_per_epoch(PRETRAIN_BATCH)}",
+                "--config.probe.examples=1024", "--config.early_stop.patience=0",
                 "--config.checkpoint_every_steps=100000", "--config.keep_checkpoints=1"]
     finetune = [f"--config.num_steps={finetune_steps}", "--config.batch_size=8",
-                "--config.eval_every_steps=20", "--config.early_stop.patience=4",
-                "--config.checkpoint_every_steps=100000", "--config.keep_checkpoints=1",
-                "--config.probe.examples=1024"]
+                "--config.schedule.warmup_steps=20", "--config.eval_every_steps=20",
+                "--config.early_stop.patience=5", "--config.checkpoint_every_steps=100000",
+                "--config.keep_checkpoints=1", "--config.probe.examples=1024"]
     return pretrain, finetune
 
 
@@ -141,35 +154,36 @@ def get_config(arg=None):
         raise ValueError(f"Unknown study preset {preset!r}; expected one of default (= cpu), gpu, tiny, "
                          "hameln, flair2 (e.g. --config=configs/study_synth.py:tiny).")
     c = ml_collections.ConfigDict()
+    c.protocol = PROTOCOL
     c.label_fractions = (0.01, 0.1, 1.0)
-    c.seeds = (0, 1, 2)
+    c.seeds = (0, 1, 2, 3, 4)
     c.data = _synth_data()
     c.run_overrides = ["--config.log_every_steps=20"]
-    # Compute budget, the same for every arm (the cpu preset: <= 90 min on 2 cores with
-    # --parallel=2; docs/BENCHMARKS.md, "study"). One pre-training per method, shared by the
-    # fine-tuning seeds: the 2-core CPU cannot afford one per seed.
-    c.pretrain_per_seed = False
-    c.pretrain_overrides, c.finetune_overrides = _budget(max_pretrain_epochs=16, finetune_steps=300)
+    # A pre-training per seed: the spread between pre-trainings is part of what a method gives.
+    c.pretrain_per_seed = True
+    c.pretrain_overrides, c.finetune_overrides = _budget(pretrain_epochs=40, finetune_steps=400)
     c.arms = _arms("configs/ssl_hameln.py:tiny", "configs/finetune_hameln.py:tiny",
-                   "configs/sup_hameln.py:tiny", large_batch=128, steps_per_epoch=_steps_per_epoch)
+                   "configs/sup_hameln.py:tiny", large_batch=PRETRAIN_BATCH)
     c.only_arms = ""       # comma-separated arm names to run (others skipped); '' = all
     if preset == "gpu":
-        # One H200 (16 cores): a pre-training per seed, 4x the epochs, 2x the fine-tuning steps,
-        # --parallel=4. The benchmark (data) is the same as the cpu preset's.
-        c.pretrain_per_seed = True
-        c.pretrain_overrides, c.finetune_overrides = _budget(max_pretrain_epochs=64, finetune_steps=600)
+        # The same protocol and budget on one GPU (16 cores) with --parallel=4: records compare.
+        pass
     elif preset == "tiny":
         c.label_fractions = (0.5,)
         c.seeds = (0,)
         c.data.synth.update(num_zones=4, patches_per_zone=2, unlabelled_per_zone=2, num_dates=4)
         c.data.build.update(val_fraction=0.25, test_fraction=0.25, max_dates=4)
-        c.pretrain_overrides = ["--config.num_steps=2", "--config.split=unlabelled", "--config.batch_size=8",
+        c.pretrain_overrides = ["--config.num_steps=2", "--config.split=unlabelled",
                                 "--config.probe.every_steps=2", "--config.checkpoint_every_steps=2"]
         c.finetune_overrides = ["--config.num_steps=4", "--config.batch_size=8",
                                 "--config.eval_every_steps=2", "--config.checkpoint_every_steps=4",
                                 "--config.early_stop.patience=1"]
         c.arms = _arms("configs/ssl_hameln.py:tiny", "configs/finetune_hameln.py:tiny",
-                       "configs/sup_hameln.py:tiny", large_batch=16)
+                       "configs/sup_hameln.py:tiny", large_batch=8)
+        for arm in c.arms:
+            if arm["name"] == "oracle":
+                arm["init_run"]["label_fraction"] = 0.5
+                arm["label_fractions"] = (0.5,)
     elif preset in ("hameln", "flair2"):
         # Real data on GPUs: the configs' own defaults (model sizes, epochs, optimizers); the seed's
         # SimCLR is the configs' seminar preset (ssl2 on Hameln, ssl1 on FLAIR #2).
@@ -178,7 +192,6 @@ def get_config(arg=None):
         c.pretrain_overrides = [] if preset == "flair2" else ["--config.split=unlabelled"]
         c.finetune_overrides = []
         c.run_overrides = []
-        c.pretrain_per_seed = True
         c.arms = _arms(f"configs/ssl_{preset}.py", f"configs/finetune_{preset}.py",
                        f"configs/sup_{preset}.py", large_batch=4096,
                        # README recipe: blockwise loss + gradient caching beyond a device's batch

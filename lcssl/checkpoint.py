@@ -244,28 +244,34 @@ def resolve_checkpoint_dir(path: str) -> str:
         f"and {path}). Point --config.init_from at the workdir of a finished pre-training run.")
 
 
-def load_encoder(directory: str, encoder_keys: Sequence[str], *, prefix: str = "backbone",
+def load_encoder(directory: str, encoder_keys: Sequence[str], *, prefix: str | None = "backbone",
                  sharding: Any = None) -> tuple[dict, dict, dict, int]:
-    """The encoder subtrees of a (SimCLR) checkpoint: (params, batch_stats, input_spec, step).
+    """The encoder subtrees of a checkpoint: (params, batch_stats, input_spec, step).
 
     Reads `state.params[prefix][k]` and `state.batch_stats[prefix][k]` for k in `encoder_keys` from
-    the latest step; the projector, optimizer state and everything else stay on disk. Arrays come
-    back with `sharding` (e.g. replicated on the current mesh), by default on the host CPU.
+    the latest step (prefix None: `state.params[k]`, a segmentation run's own model); the projector,
+    decoder, optimizer state and everything else stay on disk. Arrays come back with `sharding`
+    (e.g. replicated on the current mesh), by default on the host CPU.
     """
     directory = resolve_checkpoint_dir(directory)
     mngr = _manager(directory, keep=None, read_only=True, partial=True)
     step = mngr.latest_step()
     meta = mngr.item_metadata(step)["state"]
-    missing = [k for k in encoder_keys if k not in meta["params"].get(prefix, {})]
+
+    def under(tree):
+        return tree if prefix is None else tree.get(prefix, {})
+
+    where = "params" if prefix is None else f"params['{prefix}']"
+    missing = [k for k in encoder_keys if k not in under(meta["params"])]
     if missing:
         raise UserError(
             f"The checkpoint {directory} (step {step}) has no encoder subtrees {missing} under "
-            f"params['{prefix}'] (found {sorted(meta['params'].get(prefix, {}))}); is it a SimCLR "
-            "pre-training checkpoint of the same model?")
+            f"{where} (found {sorted(under(meta['params']))}); is it a checkpoint of the same model "
+            "(a pre-training run, or a segmentation run with the same --config.model.*)?")
 
     def pick(tree):
-        sub = tree.get(prefix, {})
-        return {prefix: {k: sub[k] for k in encoder_keys if k in sub}}
+        sub = {k: under(tree)[k] for k in encoder_keys if k in under(tree)}
+        return sub if prefix is None else {prefix: sub}
 
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
@@ -277,8 +283,8 @@ def load_encoder(directory: str, encoder_keys: Sequence[str], *, prefix: str = "
     out = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(wanted, restore_args=restore_args, partial_restore=True),
         input_spec=ocp.args.JsonRestore()))
-    params = dict(out["state"]["params"][prefix])
-    batch_stats = dict(out["state"].get("batch_stats", {}).get(prefix, {}))
+    params = dict(under(out["state"]["params"]))
+    batch_stats = dict(under(out["state"].get("batch_stats", {})))
     logging.info("Loaded encoder %s from %s step %d", sorted(params), directory, step)
     return params, batch_stats, dict(out["input_spec"]), step
 

@@ -15,7 +15,8 @@ Field reference (units in the names):
   batch_size           global batch over all devices and hosts (pre-training: patches per step)
   num_epochs|num_steps num_steps wins when set; epochs are over the training split
   optimizer            name 'sgd' | 'lars' | 'adamw'; learning_rate is the peak value
-  schedule             name 'constant' | 'cosine'; warmup_epochs of linear warm-up
+  schedule             name 'constant' | 'cosine'; warmup_epochs of linear warm-up, or warmup_steps
+                       (wins when set: fine-tuning on 1% or 100% of the labels warms up alike)
   <task>.*             each task's own hyperparameters (its default_config()), e.g. simclr.*:
                        temperature, loss_impl 'naive'|'blockwise'|'gradcache', block_size (rows of
                        the logits per block), num_chunks (gradcache)
@@ -33,6 +34,8 @@ Field reference (units in the names):
   class_weights        'card' (from dataset_card.json) | 'none' | comma-separated floats
   aux_loss_weight      weight of the time-series branch loss on aux_logits
   label_fraction       share of labelled training patches used (few-label experiments)
+  label_seed           which patches that share is (a seeded draw; vary it with the seed so the
+                       spread over seeds includes the choice of labelled patches)
   early_stop           metric ('' = the task's best metric), patience (evaluations without an
                        improvement > min_delta before stopping; 0 = off), min_delta
 """
@@ -69,6 +72,7 @@ def base(dataset: str, task: str) -> ml_collections.ConfigDict:
     c.val_split = "val"
     c.test_split = "test"
     c.label_fraction = 1.0
+    c.label_seed = 0
 
     c.batch_size = 256 if pretrain else 64
     c.eval_batch_size = 64
@@ -94,6 +98,7 @@ def base(dataset: str, task: str) -> ml_collections.ConfigDict:
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "cosine"
     c.schedule.warmup_epochs = 10.0 if pretrain else 1.0
+    c.schedule.warmup_steps = config_dict.placeholder(int)
 
     # Every task's hyperparameters, whichever task runs: `--config.task=X --config.X.y=...` works
     # with any experiment config, and the config stays locked.
@@ -142,7 +147,10 @@ def tiny(c: ml_collections.ConfigDict) -> None:
     c.batch_size = 16
     c.eval_batch_size = 16
     c.num_steps = 6
-    c.optimizer.learning_rate = 0.05
+    if c.task == "supervised":
+        c.optimizer.learning_rate = 0.05
+    # Pre-training keeps its rule (LARS, 0.3 x batch / 256): `--config.batch_size=128` on a tiny
+    # config still gives 0.15, so an arm labelled "lr 0.3 x batch / 256" runs at that rate.
     c.schedule.warmup_epochs = 0.0
     c.simclr.block_size = 8
     c.simclr.num_chunks = 2

@@ -55,7 +55,9 @@ from lcssl.files import atomic_write_bytes, read_json, write_json
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BASELINE = "scratch_utt"
+ORACLE = "oracle"
 PRETRAIN_PLACEHOLDER = "{pretrain}"
+SOURCE_PLACEHOLDER = "{source}"
 PLOT_NAME = "results_label_efficiency.png"
 # A learning-quality figure in the report is a mean +- std over at least this many seeds; cells
 # with fewer show as pending (every run is still in the JSON / CSV).
@@ -92,8 +94,9 @@ class Run:
     workdir: pathlib.Path
     config: str                     # module path with presets, relative to the repository root
     overrides: list
-    needs: Optional[pathlib.Path] = None  # the pre-training workdir a fine-tuning run starts from
+    needs: Optional[pathlib.Path] = None  # the workdir of the run it starts from (pre-training or other)
     record: Optional[pathlib.Path] = None  # its record (study_records/...), once finished
+    protocol: int = 0               # the study config's protocol (benchmark + budget) version
 
     @property
     def trained(self) -> bool:
@@ -139,12 +142,14 @@ def selected_arms(config) -> list[str]:
 
 def plan(config, workdir: pathlib.Path, data_dir: pathlib.Path,
          records: Optional[pathlib.Path] = None) -> list[Run]:
-    """Every run of the study, pre-training before the fine-tuning runs that need it; seeds outermost,
-    so a partial study already has every cell at one seed. Without config.pretrain_per_seed, each
-    arm pre-trains once (with the first seed) and every fine-tuning seed starts from it."""
+    """Every run of the study, each after the run it starts from (its pre-training, or for an arm
+    with `init_run` another arm's fine-tuning run of the same seed); seeds outermost, so a partial
+    study already has every cell at one seed. Without config.pretrain_per_seed, each arm pre-trains
+    once (with the first seed) and every fine-tuning seed starts from it. Records go to
+    <records>/<arm>/...; `records` is the protocol's own folder (see `records_folder`)."""
     arms_by_name = {a["name"]: a for a in config.arms}
     only = selected_arms(config)
-    runs, pretrains = [], {}
+    runs, pretrains, finetunes = [], {}, {}
     for seed in config.seeds:
         common = [f"--config.data_dir={data_dir}", f"--config.seed={seed}", *config.run_overrides]
         for arm in config.arms:
@@ -166,17 +171,44 @@ def plan(config, workdir: pathlib.Path, data_dir: pathlib.Path,
                                               *source["pretrain"]["overrides"]],
                                              record=_record_path(records, source["name"], pre_name))
                     runs.append(pretrains[pre_dir])
-            for fraction in config.label_fractions:
-                ft = arm["finetune"]
-                overrides = [o.replace(PRETRAIN_PLACEHOLDER, str(pre_dir)) for o in ft["overrides"]]
-                runs.append(Run(arm["name"], "finetune", seed, float(fraction),
-                                workdir / "runs" / arm["name"] / f"seed{seed}" / _fraction_dir(fraction),
-                                ft["config"], [*common, *config.finetune_overrides,
-                                               f"--config.label_fraction={fraction}", *overrides],
-                                needs=pre_dir,
-                                record=_record_path(records, arm["name"],
-                                                    f"seed{seed}_{_fraction_dir(fraction)}")))
+            init_dir = None
+            if arm.get("init_run"):  # another arm's fine-tuning run of this seed, planned first
+                init = arm["init_run"]
+                init_dir = workdir / "runs" / init["arm"] / f"seed{seed}" / _fraction_dir(init["label_fraction"])
+                if init_dir not in finetunes:
+                    init_arm = arms_by_name[init["arm"]]
+                    finetunes[init_dir] = _finetune_run(init_arm, seed, float(init["label_fraction"]),
+                                                        init_dir, common, config, None, None, records)
+                    runs.append(finetunes[init_dir])
+            for fraction in arm.get("label_fractions") or config.label_fractions:
+                run_dir = workdir / "runs" / arm["name"] / f"seed{seed}" / _fraction_dir(fraction)
+                if run_dir in finetunes:
+                    continue  # already planned as another arm's starting point
+                finetunes[run_dir] = _finetune_run(arm, seed, float(fraction), run_dir, common, config,
+                                                   pre_dir, init_dir, records)
+                runs.append(finetunes[run_dir])
+    for run in runs:
+        run.protocol = config.protocol
     return runs
+
+
+def _finetune_run(arm: dict, seed: int, fraction: float, run_dir: pathlib.Path, common: list, config,
+                  pre_dir: Optional[pathlib.Path], init_dir: Optional[pathlib.Path],
+                  records: Optional[pathlib.Path]) -> Run:
+    """One fine-tuning run of `arm`: the label subset drawn with the seed, {pretrain} / {source}
+    replaced by the workdir it starts from (which it then `needs`)."""
+    overrides = [o.replace(PRETRAIN_PLACEHOLDER, str(pre_dir)).replace(SOURCE_PLACEHOLDER, str(init_dir))
+                 for o in arm["finetune"]["overrides"]]
+    return Run(arm["name"], "finetune", seed, fraction, run_dir, arm["finetune"]["config"],
+               [*common, *config.finetune_overrides, f"--config.label_fraction={fraction}",
+                f"--config.label_seed={seed}", *overrides],
+               needs=pre_dir or init_dir,
+               record=_record_path(records, arm["name"], f"seed{seed}_{_fraction_dir(fraction)}"))
+
+
+def records_folder(records_dir: pathlib.Path, config) -> pathlib.Path:
+    """Where this protocol's records live: records of another protocol are never mixed in."""
+    return pathlib.Path(records_dir) / f"protocol{config.protocol}"
 
 
 def trainer_config(config_path: str, overrides: Sequence[str]):
@@ -206,7 +238,8 @@ def unavailable_reason(arm: dict, arms_by_name: dict) -> Optional[str]:
         steps.append(("pre-training", source["pretrain"]))
     steps.append(("fine-tuning", arm["finetune"]))
     for what, step in steps:
-        overrides = [o.replace(PRETRAIN_PLACEHOLDER, "runs/pretrain") for o in step["overrides"]]
+        overrides = [o.replace(PRETRAIN_PLACEHOLDER, "runs/pretrain").replace(SOURCE_PLACEHOLDER, "runs/x")
+                     for o in step["overrides"]]
         try:
             cfg = trainer_config(step["config"], overrides)
         except Exception as e:  # absl's flag errors and ml_collections' KeyError/TypeError alike
@@ -242,7 +275,7 @@ def make_record(run: Run, seconds: float) -> dict:
     """The committable record of a finished run: what the report needs, nothing of the checkpoints."""
     results = read_json(run.workdir / "eval_results.json", "eval results")
     rec = {"arm": run.arm, "kind": run.kind, "seed": run.seed, "label_fraction": run.fraction,
-           "status": "done", "seconds": seconds, "steps": results.get("step"),
+           "protocol": run.protocol, "status": "done", "seconds": seconds, "steps": results.get("step"),
            "num_steps": results.get("num_steps"), "early_stop": results.get("early_stop"),
            "timing": results.get("timing"), "config": run.config,
            "overrides": [o for o in run.overrides if not o.startswith(("--config.data_dir=",
@@ -346,7 +379,7 @@ def _cpu_sets(parallel: int) -> list:
 
 
 def execute_all(todo: Sequence[Run], parallel: int, cache_dir: pathlib.Path, on_done) -> dict:
-    """Runs `todo` on `parallel` worker processes, a fine-tuning run only once its pre-training is
+    """Runs `todo` on `parallel` worker processes, a run only once the run it starts from is
     trained; calls on_done(run, outcome) as each ends. Returns {workdir: message} of failed runs."""
     import concurrent.futures as cf
     import multiprocessing
@@ -357,7 +390,7 @@ def execute_all(todo: Sequence[Run], parallel: int, cache_dir: pathlib.Path, on_
         cpu_sets.put(cpus)
     if parallel > 1:  # each worker's share of an accelerator's memory (XLA preallocates)
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / parallel:.3f}")
-    pretrain_dirs = {r.workdir for r in todo if r.kind == "pretrain"}
+    pending_dirs = {r.workdir for r in todo}  # a run waits while the run it starts from is in here
     failed, waiting, running = {}, list(todo), {}
     with cf.ProcessPoolExecutor(max_workers=parallel, mp_context=ctx, initializer=_init_worker,
                                 initargs=(cpu_sets, str(cache_dir))) as pool:
@@ -367,11 +400,11 @@ def execute_all(todo: Sequence[Run], parallel: int, cache_dir: pathlib.Path, on_
                     break
                 if run.needs is not None and run.needs in failed:
                     waiting.remove(run)
-                    failed[run.workdir] = f"its pre-training failed ({run.needs})"
+                    failed[run.workdir] = f"the run it starts from failed ({run.needs})"
                     on_done(run, {"status": "skipped", "seconds": 0.0, "message": failed[run.workdir]})
                     continue
-                if run.needs in pretrain_dirs:
-                    continue  # its pre-training is still to run (discarded from the set when done)
+                if run.needs in pending_dirs:
+                    continue  # the run it starts from is still to run (discarded when done)
                 waiting.remove(run)
                 running[pool.submit(execute, run, str(cache_dir))] = run
             if not running:
@@ -384,7 +417,7 @@ def execute_all(todo: Sequence[Run], parallel: int, cache_dir: pathlib.Path, on_
                 except Exception as e:  # noqa: BLE001 - a worker died (e.g. out of memory)
                     outcome = {"status": "failed", "seconds": 0.0, "message": f"worker died: {e!r}"}
                 if outcome["status"] == "done":
-                    pretrain_dirs.discard(run.workdir)
+                    pending_dirs.discard(run.workdir)
                 else:
                     failed[run.workdir] = outcome["message"]
                 on_done(run, outcome)
@@ -427,10 +460,10 @@ def _fmt_duration(seconds: float) -> str:
 
 
 def _todo(runs: Sequence[Run]) -> list[Run]:
-    """Runs without a record, and pre-trainings whose checkpoint a run without a record needs."""
+    """Runs without a record, and runs whose checkpoint a run without a record needs (its
+    pre-training, or the run an arm starts from) when that checkpoint is not here."""
     needed = {r.needs for r in runs if not r.finished and r.needs is not None}
-    return [r for r in runs if not r.finished or (r.kind == "pretrain" and r.workdir in needed
-                                                   and not r.trained)]
+    return [r for r in runs if not r.finished or (r.workdir in needed and not r.trained)]
 
 
 def run_study(config, workdir: pathlib.Path, results_path: pathlib.Path, command: str,
@@ -446,6 +479,7 @@ def run_study(config, workdir: pathlib.Path, results_path: pathlib.Path, command
     data_dir = workdir / "data" / "built" if report_only else _prepare_data(config, workdir)
     arms_by_name = {a["name"]: a for a in config.arms}
     unavailable = {a["name"]: r for a in config.arms if (r := unavailable_reason(a, arms_by_name))}
+    records_dir = records_folder(records_dir, config)
     runs = [r for r in plan(config, workdir, data_dir, records_dir) if r.arm not in unavailable]
     todo = [] if report_only else _todo(runs)
     print(f"Study: {len(runs)} runs ({sum(r.finished for r in runs)} already finished), "
@@ -476,11 +510,12 @@ def run_study(config, workdir: pathlib.Path, results_path: pathlib.Path, command
             "train_steps_seconds_this_invocation": sum(train_steps_s),
             "run_seconds_total": sum(r.get("seconds", 0.0) for r in records if r["status"] == "done"),
             "load_average_at_end": [round(x, 1) for x in os.getloadavg()],
-            "records": str(records_dir), "workdir": str(workdir),
+            "records": str(records_dir), "workdir": str(workdir), "protocol": config.protocol,
             "label_fractions": list(config.label_fractions), "seeds": list(config.seeds),
             "only_arms": selected_arms(config),
             "pretrain_per_seed": bool(config.pretrain_per_seed),
             "pretrained_arms": sorted(a["name"] for a in config.arms if _pretrain_of(a, arms_by_name)),
+            "notes": {a["name"]: a.get("note", "") for a in config.arms if a.get("note")},
             "budget": {"pretrain": list(config.pretrain_overrides),
                        "finetune": list(config.finetune_overrides)}}
     only = selected_arms(config)
@@ -495,6 +530,10 @@ def collect(runs: Sequence[Run], failed: dict) -> list[dict]:
     for run in runs:
         if run.finished:
             rec = read_json(run.record, "study record")
+            if rec.get("protocol") != run.protocol:
+                raise UserError(f"{run.record}: a record of protocol {rec.get('protocol')} in the folder of "
+                                f"protocol {run.protocol}; records of different protocols are never mixed "
+                                "(move it to its own protocol's folder)")
         else:
             rec = {"arm": run.arm, "kind": run.kind, "seed": run.seed, "label_fraction": run.fraction,
                    "status": "failed" if run.workdir in failed else "not run",
@@ -534,12 +573,28 @@ def _mean_std(values: Sequence[float]) -> tuple:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan"), len(v)
 
 
-def summarize(records: Sequence[dict]) -> dict:
-    """{(arm, fraction): {'miou': (mean, std, n), 'oa': ..., 'diff': (mean, std, n) vs BASELINE}}, percent.
+def paired_ci(diffs: Sequence[float], level: float = 0.95) -> tuple:
+    """(low, high) of the `level` confidence interval of the mean of paired differences (Student's
+    t with n - 1 degrees of freedom); (nan, nan) for fewer than 2."""
+    v = np.asarray([x for x in diffs if x is not None and np.isfinite(x)], np.float64)
+    if len(v) < 2:
+        return float("nan"), float("nan")
+    from scipy import stats
 
-    The paired difference pairs runs of the same seed and label fraction: arm minus from-scratch U-T&T.
+    half = stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return float(v.mean() - half), float(v.mean() + half)
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """{(arm, fraction): {'miou': (mean, std, n), 'oa': ..., 'diff': (mean, std, n) vs BASELINE,
+    'ci': (low, high) of diff's 95% interval, 'gap': share of the oracle's gain}}, percent.
+
+    The paired difference pairs runs of the same seed and label fraction: arm minus from-scratch
+    U-T&T. 'gap' is the arm's mean paired difference over the oracle's (ORACLE, the ceiling): 1.0
+    = as good as an encoder trained with every label, 0 = no better than from scratch.
     """
-    done = [r for r in records if r.get("status") == "done" and r.get("test_miou") is not None]
+    done = [r for r in records if r.get("status") == "done" and r.get("test_miou") is not None
+            and r.get("kind", "finetune") == "finetune"]
     by_cell = {}
     for r in done:
         by_cell.setdefault((r["arm"], r["label_fraction"]), {})[r["seed"]] = r
@@ -550,8 +605,23 @@ def summarize(records: Sequence[dict]) -> dict:
         out[(arm, fraction)] = {
             "miou": _mean_std([100 * r["test_miou"] for r in seeds.values()]),
             "oa": _mean_std([100 * r["test_oa"] for r in seeds.values() if r.get("test_oa") is not None]),
-            "diff": _mean_std(diffs) if arm != BASELINE else (float("nan"), float("nan"), 0)}
+            "diff": _mean_std(diffs) if arm != BASELINE else (float("nan"), float("nan"), 0),
+            "ci": paired_ci(diffs) if arm != BASELINE else (float("nan"), float("nan"))}
+    for (arm, fraction), cell in out.items():
+        oracle = out.get((ORACLE, fraction))
+        gain = oracle["diff"][0] if oracle and oracle["diff"][2] else float("nan")
+        cell["gap"] = (cell["diff"][0] / gain if np.isfinite(gain) and gain > 0 and cell["diff"][2]
+                       else float("nan"))
     return out
+
+
+def _pm_ci(cell: dict) -> str:
+    """'+mean ± std [low, high]' of a paired difference; pending under MIN_SEEDS."""
+    mean, std, n = cell["diff"]
+    if n < MIN_SEEDS:
+        return _pm(cell["diff"])
+    low, high = cell["ci"]
+    return f"{mean:+.1f} ± {std:.1f} [{low:+.1f}, {high:+.1f}]"
 
 
 def _pm(stat: tuple, digits: int = 1) -> str:
@@ -568,7 +638,7 @@ def best_arm(summary: dict, fraction: float, candidates=None) -> Optional[str]:
     """The arm other than the baseline (among `candidates`, e.g. the pre-trained ones, when given)
     with the highest mean test mIoU at `fraction`."""
     cells = [(v["miou"][0], arm) for (arm, f), v in summary.items()
-             if f == fraction and arm != BASELINE and v["miou"][2] > 0
+             if f == fraction and arm not in (BASELINE, ORACLE) and v["miou"][2] > 0
              and (candidates is None or arm in candidates)]
     return max(cells)[1] if cells else None
 
@@ -656,28 +726,37 @@ def _budget_section(records: Sequence[dict], meta: dict) -> list[str]:
              "mIoU is scored on test.", ""]
     pre = [r for r in records if r.get("kind") == "pretrain" and r["status"] == "done"]
     if pre:
-        lines += ["| pre-training | steps | epochs of unlabelled patches | stopped early | why |",
-                  "|---|---|---|---|---|"]
+        lines += ["| pre-training | seed | steps | epochs | last loss | last probe accuracy | stopped early |",
+                  "|---|---|---|---|---|---|---|"]
         for r in pre:
-            epochs = (r.get("curves") or {}).get("train/epoch") or [[0, float("nan")]]
+            curves = r.get("curves") or {}
+            epochs = curves.get("train/epoch") or [[0, float("nan")]]
+            loss = curves.get("train/loss") or [[0, float("nan")]]
+            probe = (r.get("probe") or {}).get("accuracy")
             stop = r.get("early_stop") or {}
-            lines.append(f"| {r['arm']} | {r.get('steps')} | {epochs[-1][1]:.1f} | "
-                         f"{'yes' if stop.get('stopped') else 'no'} | {stop.get('reason') or 'step budget'} |")
+            lines.append(f"| {r['arm']} | {r.get('seed')} | {r.get('steps')} | {epochs[-1][1]:.1f} | "
+                         f"{loss[-1][1]:.3f} | {'-' if probe is None else f'{probe:.3f}'} | "
+                         f"{stop.get('reason') if stop.get('stopped') else 'no'} |")
         lines.append("")
     ft = [r for r in records if r.get("kind", "finetune") == "finetune" and r["status"] == "done"
           and r.get("steps") is not None]
     if ft:
-        by_frac = {}
+        by_cell = {}
         for r in ft:
-            by_frac.setdefault(r["label_fraction"], []).append(r)
-        lines += ["| fine-tuning at | runs | steps run (mean, min-max) | best-validation step (mean) | stopped early |",
-                  "|---|---|---|---|---|"]
-        for f, rows in sorted(by_frac.items()):
+            by_cell.setdefault((r["arm"], r["label_fraction"]), []).append(r)
+        lines += ["Did fine-tuning converge? A run whose best validation came at its step budget may "
+                  "have had more to give.", "",
+                  "| fine-tuning | at | runs | steps run (mean, min-max) | best-validation step (mean, min-max) "
+                  "| best at the step budget | stopped early |", "|---|---|---|---|---|---|---|"]
+        for (arm, f), rows in sorted(by_cell.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             steps = [r["steps"] for r in rows]
             best = [r["best_step"] for r in rows if r.get("best_step") is not None]
+            at_end = sum(r.get("best_step") is not None and r.get("num_steps") is not None
+                         and r["best_step"] >= r["num_steps"] for r in rows)
             early = sum(bool((r.get("early_stop") or {}).get("stopped")) for r in rows)
-            lines.append(f"| {100 * f:g}% | {len(rows)} | {np.mean(steps):.0f} ({min(steps)}-{max(steps)}) | "
-                         f"{np.mean(best) if best else float('nan'):.0f} | {early} of {len(rows)} |")
+            best_txt = f"{np.mean(best):.0f} ({min(best)}-{max(best)})" if best else "-"
+            lines.append(f"| {arm} | {100 * f:g}% | {len(rows)} | {np.mean(steps):.0f} ({min(steps)}-{max(steps)}) | "
+                         f"{best_txt} | {at_end} of {len(rows)} | {early} of {len(rows)} |")
     return lines
 
 
@@ -696,12 +775,16 @@ def _pretraining_section(records: Sequence[dict], labels: dict) -> list[str]:
             loss = dict(map(tuple, curves.get("train/loss", [])))
             epoch = dict(map(tuple, curves.get("train/epoch", [])))
             base = dict(map(tuple, curves.get("probe/baseline_accuracy", [])))
+            # steps per epoch from the logged epoch counter (train/epoch = step / steps_per_epoch)
+            per_epoch = next((s / e for s, e in epoch.items() if e), None)
             lines += [f"**{labels.get(r['arm'], r['arm'])}**", "",
                       "| step | epoch | loss | probe accuracy | commonest class |", "|---|---|---|---|---|"]
             for step, acc in curves.get("probe/accuracy", []):
-                near = min(loss, key=lambda s: abs(s - step)) if loss else None
-                lines.append(f"| {step} | {epoch.get(near, float('nan')):.1f} | "
-                             f"{loss.get(near, float('nan')):.4f} | {acc:.3f} | {base.get(step, float('nan')):.3f} |")
+                # the loss logged at this step, or the last one logged before it (its step shown)
+                at = max((s for s in loss if s <= step), default=None)
+                shown = "-" if at is None else (f"{loss[at]:.4f}" if at == step else f"{loss[at]:.4f} (step {at})")
+                lines.append(f"| {step} | {step / per_epoch if per_epoch else float('nan'):.1f} | {shown} | "
+                             f"{acc:.3f} | {base.get(step, float('nan')):.3f} |")
             lines.append("")
     sup = [r for r in records if r.get("kind", "finetune") == "finetune" and r["status"] == "done"
            and (r.get("probe") or {}).get("accuracy") is not None and not r["arm"].endswith("_linear")
@@ -718,6 +801,43 @@ def _pretraining_section(records: Sequence[dict], labels: dict) -> list[str]:
                          f"{_pm(_mean_std([100 * p['accuracy'] for p in probes]))} | "
                          f"{_pm(_mean_std([100 * p['baseline_accuracy'] for p in probes]))} |")
         lines.append("")
+    return lines
+
+
+# The study's goal: the best pre-trained method beats from scratch by at least GOAL_POINTS mIoU at
+# every label fraction under 100%, the 95% interval of the paired difference above 0, and closes at
+# least GOAL_GAP of the oracle's gain at 10% labels.
+GOAL_POINTS, GOAL_GAP, HEADLINE_SEEDS = 5.0, 0.6, 5
+
+
+def _answer(summary: dict, labels: dict, meta: dict, fractions: Sequence[float]) -> list[str]:
+    """'Does pre-training pay?' in figures: per label fraction under 100%, the best pre-trained
+    method's paired difference with its interval and share of the oracle's gain, against the goal."""
+    pretrained = meta.get("pretrained_arms") or []
+    few = [f for f in fractions if f < 1.0]
+    if not pretrained or not few:
+        return []
+    lines = ["", "## The answer", "",
+             f"Goal: the best pre-trained method beats from scratch by >= {GOAL_POINTS:g} mIoU points "
+             f"at each label fraction under 100%, with the 95% interval of the paired difference above "
+             f"0, over >= {HEADLINE_SEEDS} seeds, and closes >= {100 * GOAL_GAP:.0f}% of the oracle's "
+             "gain at 10% labels.", "",
+             "| labels | best pre-trained method | seeds | paired difference [95% CI] | share of the oracle's gain | goal |",
+             "|---|---|---|---|---|---|"]
+    for f in few:
+        cells = {a: v for (a, g), v in summary.items() if g == f and a in pretrained and v["diff"][2] >= MIN_SEEDS}
+        oracle = summary.get((ORACLE, f))
+        oracle_txt = "" if not oracle or oracle["diff"][2] < MIN_SEEDS else f"; oracle {_pm_ci(oracle)}"
+        if not cells:
+            lines.append(f"| {100 * f:g}% | pending | - | -{oracle_txt} | - | not yet measured |")
+            continue
+        arm = max(cells, key=lambda a: cells[a]["diff"][0])
+        c = cells[arm]
+        met = (c["diff"][0] >= GOAL_POINTS and c["ci"][0] > 0 and c["diff"][2] >= HEADLINE_SEEDS
+               and (f != 0.1 or (np.isfinite(c["gap"]) and c["gap"] >= GOAL_GAP)))
+        gap = f"{100 * c['gap']:.0f}%" if np.isfinite(c["gap"]) else "-"
+        lines.append(f"| {100 * f:g}% | {labels.get(arm, arm)} | {c['diff'][2]} | {_pm_ci(c)}{oracle_txt} | "
+                     f"{gap} | {'met' if met else 'not met'} |")
     return lines
 
 
@@ -759,15 +879,34 @@ def write_report(records: Sequence[dict], labels: dict, unavailable: dict, meta:
             s = summary.get((arm, f))
             cells += [_pm(s["miou"]), _pm(s["oa"])] if s else ["-", "-"]
         lines.append(f"| {labels[arm]} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Paired difference to from scratch (U-T&T), test mIoU points, mean ± std over seeds", "",
-              "Per seed: this method's run minus the from-scratch U-T&T run of the same seed and label fraction.",
-              "", "| method | " + " | ".join(frac(f) for f in fractions) + " |", "|---|" + "---|" * len(fractions)]
+    lines += ["", "## Paired difference to from scratch (U-T&T), test mIoU points", "",
+              "Per seed: this method's run minus the from-scratch U-T&T run of the same seed and label "
+              "fraction (the same labelled patches); mean ± std over seeds [95% confidence interval of "
+              "the mean, paired t].", "",
+              "| method | " + " | ".join(frac(f) for f in fractions) + " |", "|---|" + "---|" * len(fractions)]
     for arm in arms:
         if arm == BASELINE:
             continue
         lines.append(f"| {labels[arm]} | " + " | ".join(
-            _pm(summary[(arm, f)]["diff"]) if (arm, f) in summary else "-" for f in fractions) + " |")
+            _pm_ci(summary[(arm, f)]) if (arm, f) in summary else "-" for f in fractions) + " |")
+    few = [f for f in fractions if f < 1.0 and (ORACLE, f) in summary]
+    if few:
+        lines += ["", "## Share of the oracle's gain (%)", "",
+                  "A method's mean paired difference over the oracle's: 100% = as good as the encoder "
+                  "trained with every label, 0% = no better than from scratch.", "",
+                  "| method | " + " | ".join(frac(f) for f in few) + " |", "|---|" + "---|" * len(few)]
+        for arm in arms:
+            if arm in (BASELINE, ORACLE):
+                continue
+            lines.append(f"| {labels[arm]} | " + " | ".join(
+                f"{100 * summary[(arm, f)]['gap']:.0f}%" if (arm, f) in summary and
+                summary[(arm, f)]["diff"][2] >= MIN_SEEDS and np.isfinite(summary[(arm, f)]["gap"])
+                else "-" for f in few) + " |")
+    notes = {a: n for a, n in (meta.get("notes") or {}).items() if a in arms and n}
+    if notes:
+        lines += ["", *[f"- {labels[a]}: {n}." for a, n in notes.items()]]
     lines += _budget_section(records, meta)
+    lines += _answer(summary, labels, meta, fractions)
     target = min(fractions, key=lambda f: abs(f - 0.1))
     shown = {k: v for k, v in summary.items() if v["miou"][2] >= MIN_SEEDS}  # cells with a figure
     best = best_arm(shown, target, meta.get("pretrained_arms"))
@@ -780,12 +919,10 @@ def write_report(records: Sequence[dict], labels: dict, unavailable: dict, meta:
         _, base_iou = per_class_iou(records, BASELINE, target)
         ahead = shown[(best, target)]["miou"][0] > shown[(BASELINE, target)]["miou"][0]
         kind = "pre-trained method" if meta.get("pretrained_arms") else "other method"
-        diff_mean, diff_std, _ = shown[(best, target)]["diff"]
-        noise = ("more than" if abs(diff_mean) > 2 * diff_std else "within noise: not more than")
         verdict = ((f"The best {kind} by mean test mIoU, {labels[best]}, is ahead of from scratch"
                     if ahead else f"From scratch (U-T&T) is ahead of every {kind}; the best of them "
                                   f"is {labels[best]}")
-                   + f" (paired difference {diff_mean:+.1f} ± {diff_std:.1f} points, {noise} twice its std).")
+                   + f" (paired difference {_pm_ci(shown[(best, target)])} points).")
         lines += [f"{verdict} Means over seeds; '-': class absent from the test split.", "",
                   f"| class | {labels[BASELINE]} | {labels[best]} | difference |",
                   "|---|---|---|---|"]
@@ -821,8 +958,9 @@ def write_report(records: Sequence[dict], labels: dict, unavailable: dict, meta:
 
     plot(shown, {a: labels[a] for a in arms}, fractions, results_path.parent / PLOT_NAME)
     content = {"meta": meta, "labels": labels, "not_available": unavailable, "runs": list(records),
-               "summary": [{"arm": arm, "label_fraction": f, **{k: dict(zip(("mean", "std", "n"), v))
-                                                                  for k, v in s.items()}}
+               "summary": [{"arm": arm, "label_fraction": f,
+                            **{k: dict(zip(("mean", "std", "n"), s[k])) for k in ("miou", "oa", "diff")},
+                            "diff_ci95": list(s["ci"]), "share_of_oracle_gain": s["gap"]}
                            for (arm, f), s in sorted(summary.items())]}
     write_json(results_path.parent / "results_label_efficiency.json", content)
     fields = ["arm", "kind", "seed", "label_fraction", "status", "test_miou", "test_miou_official", "test_oa", "val_miou",

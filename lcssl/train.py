@@ -61,7 +61,8 @@ def schedule_lengths(config, card, uses_labels: bool) -> tuple[int, int]:
 
 def learning_rate_schedule(config, num_steps: int, steps_per_epoch: int) -> optax.Schedule:
     peak = config.optimizer.learning_rate
-    warmup = int(config.schedule.warmup_epochs * steps_per_epoch)
+    warmup = (config.schedule.warmup_steps if config.schedule.get("warmup_steps") is not None
+              else int(config.schedule.warmup_epochs * steps_per_epoch))
     if config.schedule.name == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(num_steps, warmup + 1))
     if config.schedule.name == "constant":
@@ -190,7 +191,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def train_batches(start_step):
         it = pipeline.make_train_iterator(
             config.data_dir, config.split, global_batch_size=config.batch_size, seed=config.seed,
-            start_step=start_step, label_fraction=label_fraction)
+            start_step=start_step, label_fraction=label_fraction, label_seed=config.label_seed)
         for host_batch in it:  # only what the step reads crosses the host->device link
             yield {k: v for k, v in host_batch.items() if k in task.batch_keys}
 
@@ -209,7 +210,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     best = None if best_tag is None else ckpt_lib.Checkpoints(os.path.join(workdir, "best"), keep=1,
                                                                best_metric=best_tag)
     progress = {"seed": config.seed, "split": config.split, "global_batch_size": config.batch_size,
-                "label_fraction": config.label_fraction, "num_steps": num_steps}
+                "label_fraction": config.label_fraction, "label_seed": config.label_seed,
+                "num_steps": num_steps}
     stopper = EarlyStop(config.early_stop.metric or task.best_metric, config.early_stop.patience,
                         config.early_stop.min_delta)
     start_step = checkpoints.latest_step()
@@ -217,8 +219,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         workdir_lib.check_resume(checkpoints, start_step, spec, config.data_dir)  # same data, model
         state, _, saved = checkpoints.restore(
             start_step, ckpt_lib.abstract_like(abstract_state, state_shardings))
-        changed = {k: (saved.get(k), v) for k, v in progress.items()
-                   if k != "num_steps" and saved.get(k) != v}
+        older = {"label_seed": 0}  # checkpoints from before the field: its value then
+        changed = {k: (saved.get(k, older.get(k)), v) for k, v in progress.items()
+                   if k != "num_steps" and saved.get(k, older.get(k)) != v}
         if changed:
             raise UserError(f"Cannot resume {workdir} exactly: the data order depends on {changed} "
                              "(checkpoint, now). Use the checkpoint's values or a new --workdir.")
@@ -250,6 +253,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     timing = {"first_step_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "loop_s": 0.0}
     loop_t0 = time.perf_counter()
     try:
+        if start_step == 0 and task.eval_every_steps:
+            # Where every curve starts (the fine-tuned encoder before its new head has learnt, the
+            # probe on a random encoder): a diagnostic, neither a best/ candidate nor an early stop.
+            t0 = time.perf_counter()
+            scalars = task.evaluate(state)
+            if scalars:
+                writer.write_scalars(0, scalars)
+            timing["eval_s"] += time.perf_counter() - t0
         while step < num_steps and not stopper.stopped:
             t0 = time.perf_counter()
             batch = sharding.host_batch_to_global(next(batches), mesh)

@@ -121,9 +121,10 @@ def _adapt_band_kernels(params: dict, spec, card) -> dict:
     return adapted
 
 
-def declared_transfer(init_from: str, default_keys) -> tuple[tuple[str, ...], str]:
-    """(subtrees, prefix) the pre-training task declared in its checkpoint's input spec; a checkpoint
-    from before tasks declared them: the model's encoder under 'backbone'."""
+def declared_transfer(init_from: str, default_keys) -> tuple[tuple[str, ...], str | None]:
+    """(subtrees, prefix) the task that wrote the checkpoint declared in its input spec (a
+    pre-training task: its model's subtrees under 'backbone'; a segmentation run: its encoder, prefix
+    None); a checkpoint from before tasks declared them: the model's encoder under 'backbone'."""
     transfer = ckpt_lib.read_input_spec(init_from).get("transfer")
     if not transfer:
         return tuple(default_keys), "backbone"
@@ -131,7 +132,7 @@ def declared_transfer(init_from: str, default_keys) -> tuple[tuple[str, ...], st
 
 
 def load_pretrained(state: base.TrainState, init_from: str, keys, card, data_dir, mesh,
-                    adapt_bands: bool = False, prefix: str = "backbone"
+                    adapt_bands: bool = False, prefix: str | None = "backbone"
                     ) -> tuple[base.TrainState, dict]:
     """Copies exactly params/batch_stats[prefix][k] for k in `keys` from a checkpoint; with
     adapt_bands, first remaps the first convolutions' input channels to the dataset's bands."""
@@ -235,6 +236,8 @@ def build(ctx: base.Context) -> base.Task:
             grad_accum_steps=config.grad_accum_steps, frozen_keys=frozen, lr=ctx.lr, mesh=mesh),
         metrics=Metrics,
         batch_keys=(*models.INPUT_KEYS, "label"),
-        transfer_keys=(),  # a segmentation checkpoint is an end point, not a pre-training one
+        # A segmentation run's encoder can start another fine-tuning (the study's oracle: the
+        # encoder trained with every label); its own model's subtrees, no prefix.
+        transfer_keys=tuple(encoder_keys), transfer_prefix=None,
         warm_start=warm_start, evaluate=validate, eval_every_steps=config.eval_every_steps,
         best_metric="val/miou" if has_val else None, final=final)
