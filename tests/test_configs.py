@@ -108,6 +108,23 @@ def test_ssl_learning_rate_follows_the_batch_size_from_the_command_line():
                  "--config.batch_size=512").to_dict()["optimizer"]["learning_rate"] == pytest.approx(0.6)
 
 
+def test_the_learning_rate_rule_survives_the_tiny_preset():
+    """A tiny pre-training arm labelled 'lr 0.3 x batch / 256' runs at that rate (the preset sets
+    a learning rate for supervised runs only), for every objective; a warm-up given in steps wins
+    over one in epochs."""
+    for task in ("simclr", "vicreg", "byol"):
+        c = parse(f"--config={ROOT}/configs/ssl_hameln.py:tiny", "--config.batch_size=128",
+                  f"--config.task={task}")
+        assert (c.optimizer.name, c.optimizer.learning_rate) == ("lars", pytest.approx(0.15)), task
+    assert load("sup_hameln", "tiny").optimizer.learning_rate == 0.05
+    from lcssl import train
+
+    c = parse(f"--config={ROOT}/configs/finetune_hameln.py:tiny", "--config.schedule.warmup_steps=20",
+              "--config.schedule.warmup_epochs=5.0", "--config.optimizer.learning_rate=0.1")
+    lr = train.learning_rate_schedule(c, num_steps=100, steps_per_epoch=1)
+    assert float(lr(10)) == pytest.approx(0.05) and float(lr(20)) == pytest.approx(0.1)
+
+
 def test_the_task_is_a_config_field_and_every_task_has_its_own_subtree():
     """`--config.task` swaps the objective of a pre-training config; each task's hyperparameters
     live under its own name (and the probe of every pre-training task under `probe`)."""

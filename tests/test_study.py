@@ -46,7 +46,7 @@ def test_report_on_hand_made_results(tmp_path):
     text = out.read_text()
     assert ("| from scratch | 40.0 ± 10.0 | 80.0 ± 0.0 | pending (1 of 3 seeds) | pending (1 of 3 seeds) |"
             in text)                                         # no figure from fewer than 3 seeds
-    assert "| SimCLR | 4.0 ± 3.6 | - |" in text                       # the paired difference table
+    assert "| SimCLR | +4.0 ± 3.6 [-5.0, +13.0] | - |" in text      # paired difference [95% CI]
     assert "| a | 20.0 | 30.0 | 10.0 |" in text and "| b | - | - | - |" in text   # per class at 10%
     assert "VICReg (`vicreg`): no task 'vicreg'" in text
     assert "simclr seed 0 at 100%: failed, exit code 1" in text
@@ -58,13 +58,13 @@ def test_report_on_hand_made_results(tmp_path):
     assert len(csv_rows) == 1 + 8 and csv_rows[0].startswith("arm,kind,seed,label_fraction,status,test_miou")
 
 
-def test_plan_shares_one_pretraining_per_arm_and_seed(tmp_path):
-    config = study_synth.get_config("gpu")
+def test_plan_pretrains_once_per_arm_and_seed_and_draws_the_labels_with_the_seed(tmp_path):
+    config = study_synth.get_config()
     assert config.pretrain_per_seed
     runs = study.plan(config, tmp_path, tmp_path / "data", records=tmp_path / "records")
-    arms = [a["name"] for a in config.arms]
     finetune = [r for r in runs if r.kind == "finetune"]
-    assert len(finetune) == len(arms) * len(config.label_fractions) * len(config.seeds)
+    per_seed = sum(len(a.get("label_fractions") or config.label_fractions) for a in config.arms)
+    assert len(finetune) == per_seed * len(config.seeds) and len({r.workdir for r in runs}) == len(runs)
     pretrain = [r for r in runs if r.kind == "pretrain"]
     assert len(pretrain) == len({a["name"] for a in config.arms if a.get("pretrain")}) * len(config.seeds)
     linear = next(r for r in finetune if r.arm == "simclr_seed_linear" and r.seed == 1 and r.fraction == 0.01)
@@ -72,49 +72,89 @@ def test_plan_shares_one_pretraining_per_arm_and_seed(tmp_path):
     assert linear.record == tmp_path / "records" / "simclr_seed_linear" / "seed1_frac0.01.json"
     assert f"--config.init_from={linear.needs}" in linear.overrides
     assert "--config.finetune_mode=linear" in linear.overrides
-    assert "--config.seed=1" in linear.overrides and "--config.label_fraction=0.01" in linear.overrides
+    assert {"--config.seed=1", "--config.label_fraction=0.01", "--config.label_seed=1"} <= set(linear.overrides)
     assert runs.index(next(r for r in pretrain if r.workdir == linear.needs)) < runs.index(linear)
     # every run of an available arm builds a trainer config from exactly these flags
     for run in runs:
-        if run.arm in ("scratch_unet", "simclr_large"):
+        if run.arm in ("scratch_unet", "simclr_large", "oracle"):
             cfg = study.trainer_config(run.config, run.overrides)
             assert cfg.seed == run.seed and cfg.data_dir == str(tmp_path / "data")
+            if run.kind == "finetune":
+                assert cfg.label_seed == run.seed
 
 
-def test_cpu_preset_pretrains_once_per_method_for_every_fine_tuning_seed(tmp_path):
+def test_the_oracle_fine_tunes_the_encoder_of_the_same_seeds_run_with_every_label(tmp_path):
+    config = study_synth.get_config()
+    runs = study.plan(config, tmp_path, tmp_path / "data", records=tmp_path / "records")
+    for seed in config.seeds:
+        oracle = [r for r in runs if r.arm == "oracle" and r.seed == seed]
+        source = tmp_path / "runs" / "scratch_utt" / f"seed{seed}" / "frac1"
+        assert sorted(r.fraction for r in oracle) == [0.01, 0.1]
+        for r in oracle:
+            assert r.needs == source and f"--config.init_from={source}/best" in r.overrides
+            assert runs.index(next(x for x in runs if x.workdir == source)) < runs.index(r)
+    # Without its source's checkpoint here (records committed elsewhere), the source runs again.
+    src = next(r for r in runs if r.arm == "scratch_utt" and r.seed == 0 and r.fraction == 1.0)
+    ora = [r for r in runs if r.arm == "oracle" and r.seed == 0]
+    for r in (src, ora[0]):
+        r.record.parent.mkdir(parents=True, exist_ok=True)
+        r.record.write_text("{}")
+    assert [r for r in study._todo(runs) if r in (src, *ora)] == [src, ora[1]]
+    ora[1].record.write_text("{}")
+    assert not [r for r in study._todo(runs) if r in (src, *ora)]
+
+
+def test_the_budget_is_the_same_for_every_objective_and_never_stopped_on_the_probe(tmp_path):
     from lcssl import train
 
     config = study_synth.get_config()
     runs = study.plan(config, tmp_path, tmp_path / "data", records=tmp_path / "records")
-    # The budget as the trainer reads it: pre-training for 16 epochs of the 1120 unlabelled patches
-    # (whatever the configs' presets set num_steps to), fine-tuning for at most 300 steps.
-    card = {"splits": {"unlabelled": {"num_examples": 1120}, "train": {"num_examples": 112}}}
+    card = {"splits": {"train": {"num_examples": 1120}}}
     for run in runs:
-        if run.arm in ("crossmodal", "simclr_large", "scratch_utt"):
-            cfg = study.trainer_config(run.config, run.overrides)
-            steps, per_epoch = train.schedule_lengths(cfg, card, uses_labels=run.kind == "finetune")
-            assert steps == (16 * per_epoch if run.kind == "pretrain" else 300), run.arm
-    pretrain = [r for r in runs if r.kind == "pretrain"]
-    assert len(pretrain) == len({a["name"] for a in config.arms if a.get("pretrain")})
-    assert all(r.seed == config.seeds[0] for r in pretrain)
-    for seed in config.seeds:
-        ft = next(r for r in runs if r.arm == "crossmodal" and r.seed == seed and r.fraction == 0.1)
-        assert ft.needs == tmp_path / "runs" / "crossmodal" / "pretrain"
-        assert f"--config.seed={seed}" in ft.overrides
-    # A run with a record is finished wherever its checkpoints are; its pre-training is run again
-    # only while a fine-tuning run that needs the checkpoint has no record.
-    cross = [r for r in runs if "crossmodal" in r.arm]
-    for r in cross:
-        if r.kind == "finetune":
-            r.record.parent.mkdir(parents=True, exist_ok=True)
-            r.record.write_text("{}")
-    pre = next(r for r in cross if r.kind == "pretrain")
-    assert [r for r in study._todo(runs) if "crossmodal" in r.arm] == [pre]  # its own record is missing
-    pre.record.write_text("{}")
-    assert not [r for r in study._todo(runs) if "crossmodal" in r.arm]
-    ft = next(r for r in cross if r.kind == "finetune")
-    ft.record.unlink()  # on a machine without the pre-training's checkpoint
-    assert [r for r in study._todo(runs) if "crossmodal" in r.arm] == [pre, ft]
+        if run.seed != 0 or run.arm.endswith("_linear"):
+            continue
+        cfg = study.trainer_config(run.config, run.overrides)
+        steps, per_epoch = train.schedule_lengths(cfg, card, uses_labels=run.kind == "finetune")
+        if run.kind == "pretrain":  # 40 epochs of the 1,120 training patches, labels unread
+            assert (cfg.split, steps, cfg.early_stop.patience) == ("train", 40 * per_epoch, 0), run.arm
+            if run.arm != "simclr_seed":  # the rule: LARS, 0.3 x 128 / 256, 4 epochs of warm-up
+                assert (cfg.optimizer.name, cfg.batch_size) == ("lars", 128), run.arm
+                assert cfg.optimizer.learning_rate == pytest.approx(0.15), run.arm
+                assert cfg.schedule.warmup_epochs == 4.0, run.arm
+            else:  # the seminar's recipe, as it was
+                assert (cfg.optimizer.name, cfg.optimizer.learning_rate, cfg.batch_size) == ("sgd", 0.001, 16)
+        else:
+            assert (steps, cfg.schedule.warmup_steps, cfg.early_stop.patience) == (400, 20, 5), run.arm
+
+
+def test_paired_interval_and_records_of_another_protocol():
+    # differences 5, 7, 0: mean 4, std sqrt(13); t(0.975, 2 dof) = 4.3027 -> half width 8.957
+    low, high = study.paired_ci([5.0, 7.0, 0.0])
+    assert (low, high) == (pytest.approx(4 - 8.9566, abs=1e-3), pytest.approx(4 + 8.9566, abs=1e-3))
+    assert np.isnan(study.paired_ci([1.0])[0])
+
+
+def test_a_record_of_another_protocol_is_refused(tmp_path):
+    config = study_synth.get_config("tiny")
+    records = study.records_folder(tmp_path / "records", config)
+    assert records.name == f"protocol{study_synth.PROTOCOL}"
+    runs = study.plan(config, tmp_path, tmp_path / "data", records=records)
+    for r in runs:
+        r.protocol = config.protocol
+    runs[0].record.parent.mkdir(parents=True)
+    runs[0].record.write_text(json.dumps({"arm": runs[0].arm, "protocol": 1, "status": "done"}))
+    with pytest.raises(study.UserError, match="protocol 1 in the folder of protocol 2"):
+        study.collect(runs, {})
+
+
+def test_pretraining_curves_show_the_loss_logged_at_or_before_each_probe():
+    rec = {"arm": "simclr_large", "kind": "pretrain", "status": "done", "seed": 0, "curves": {
+        "train/loss": [[20, 5.0], [40, 4.0]], "train/epoch": [[20, 2.5], [40, 5.0]],
+        "probe/accuracy": [[0, 0.4], [8, 0.42], [24, 0.45], [40, 0.5]]}}
+    text = "\n".join(study._pretraining_section([rec], {}))
+    assert "| 0 | 0.0 | - | 0.400 |" in text
+    assert "| 8 | 1.0 | - | 0.420 |" in text and "| 24 | 3.0 | 5.0000 (step 20) | 0.450 |" in text
+    assert "| 40 | 5.0 | 4.0000 | 0.500 |" in text
 
 
 def test_arms_the_trainer_does_not_know_are_not_available():
@@ -138,7 +178,7 @@ def test_tiny_study_end_to_end_and_rerun_skips_finished_runs(tmp_path):
     arm would take ~10 min of the suite; that every arm's config is one the trainer accepts is the
     test above): the runs finish, the report and plot are written; a rerun runs nothing."""
     results = tmp_path / "report" / "RESULTS.md"
-    arms = ("scratch_utt", "simclr_seed", "simclr_seed_linear", "dense")
+    arms = ("scratch_utt", "oracle", "simclr_seed", "simclr_seed_linear", "dense")
     cmd = [sys.executable, "-m", "lcssl.study", "--config=configs/study_synth.py:tiny",
            f"--config.only_arms={','.join(arms)}", f"--workdir={tmp_path / 'study'}", f"--results={results}",
            "--parallel=2"]

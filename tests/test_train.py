@@ -175,6 +175,35 @@ def test_finetuning_loads_exactly_the_pretrained_encoder(ssl_run, data_dir):
     assert "projector" not in json.dumps(report)
 
 
+def test_every_curve_starts_with_an_evaluation_before_the_first_step(ssl_run):
+    """The probe of the untrained encoder at step 0 (the floor a pre-training is read against),
+    then every probe.every_steps = 3."""
+    workdir, _ = ssl_run
+    assert set(logged_scalars(workdir)["probe/accuracy"]) == {0, 3, 6}
+
+
+def test_finetuning_from_a_supervised_run_loads_its_encoder(data_dir, tmp_path):
+    """The study's oracle: a segmentation run's best checkpoint declares its encoder (no prefix),
+    and a fine-tuning run starting from it loads exactly that, decoder and heads new."""
+    sup = tmp_path / "sup"
+    train.run(tiny_config("sup_flair2", data_dir, num_steps=2, eval_every_steps=2), str(sup))
+    assert ckpt_lib.read_input_spec(str(sup / "best"))["transfer"] == {
+        "prefix": None, "keys": list(models.ENCODER_KEYS)}
+    card = pipeline.load_card(data_dir)
+    task, _ = build_task(tiny_config("finetune_flair2", data_dir, init_from=str(sup / "best")), card)
+    shapes = jax.eval_shape(task.init, jax.random.key(0, impl=train.RNG_IMPL))
+    state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    state, report = task.warm_start(state)
+    trained = saved_state(sup, 2, folder="best")
+    for key in models.ENCODER_KEYS:
+        if key not in trained["params"]:
+            continue
+        for x, y in zip(jax.tree.leaves(state.params[key]), jax.tree.leaves(trained["params"][key])):
+            np.testing.assert_array_equal(np.asarray(x), y)
+    assert report["new"] == ["aerial_decoder", "aux_head", "seg_head"]
+    assert all(not np.asarray(x).any() for x in jax.tree.leaves(state.params["seg_head"]))
+
+
 def test_finetuning_refuses_a_checkpoint_made_for_other_bands(ssl_run, data_dir):
     workdir, _ = ssl_run
     card = pipeline.load_card(data_dir)
