@@ -87,6 +87,16 @@ def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batc
         *pretrained("simclr_large", f"SimCLR, batch {large_batch}", []),
         *[arm for objective in OBJECTIVES
           for arm in pretrained(objective, OBJECTIVE_LABELS[objective], [f"--config.task={objective}"])],
+        # Methods tried to make pre-training pay (docs/RESULTS.md, "What was tried"): views that
+        # differ in their Sentinel-2 radiometry (per band, per date) and in more of their dates, the
+        # way held-out zones differ, so the encoder keeps the phenology and drops the radiometry.
+        *pretrained("simclr_radiometry", f"SimCLR, batch {large_batch}, Sentinel-2 radiometry views",
+                    ["--config.augment.sits_view_gain=0.1", "--config.augment.sits_view_offset=0.3",
+                     "--config.augment.sits_date_gain=0.05", "--config.augment.date_dropout_rate=0.5"]),
+        *pretrained("crossmodal_series", "cross-modal InfoNCE + series term, radiometry views",
+                    ["--config.task=crossmodal", "--config.crossmodal.sits_weight=1.0",
+                     "--config.augment.sits_view_gain=0.1", "--config.augment.sits_view_offset=0.3",
+                     "--config.augment.sits_date_gain=0.05", "--config.augment.date_dropout_rate=0.5"]),
         # The seminar's SimCLR: batch 16, plain SGD at lr 0.001, constant schedule, tau 0.1. Kept as
         # its recipe: at this budget it barely moves its weights (the report says so).
         *pretrained("simclr_seed", "SimCLR as the seed (batch 16, SGD 1e-3)",

@@ -79,6 +79,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.date_dropout_rate = 0.2
     c.sits_noise_prob = 0.5
     c.sits_noise_std = 0.05
+    # Sentinel-2 radiometry per view (off by default): a per-band gain in [1 - x, 1 + x] and offset
+    # in [-y, y] standardised units, and a per-date gain, drawn for each view. Zones differ in
+    # exactly this way (atmosphere, sensor, illumination; data_prep.synth.Realism models it), so
+    # views that differ in it teach an encoder to look past it, at the phenology.
+    c.sits_view_gain = 0.0
+    c.sits_view_offset = 0.0
+    c.sits_date_gain = 0.0
     return c
 
 
@@ -250,6 +257,13 @@ _VIEW_DRAWS = _D4_DRAWS + (
 )
 
 
+_SITS_RADIOMETRY_STREAM = 17  # fold_in tag of the Sentinel-2 radiometry draws
+
+
+def _sits_radiometry_on(cfg) -> bool:
+    return bool(cfg.get("sits_view_gain") or cfg.get("sits_view_offset") or cfg.get("sits_date_gain"))
+
+
 def _uniforms(key, b, draws):
     """{name: [b] or [b, count]} of U[0, 1) draws from a single call."""
     total = sum(count for _, count in draws)
@@ -281,6 +295,10 @@ def _augment_batch(key, batch, cfg):
     draws = _VIEW_DRAWS + (("band", aerial.shape[-1]), ("date", sits.shape[1]))
     u = _uniforms(k_u, b, draws)
     noise = _normal(k_noise, sits.shape) if cfg.sits_noise_prob > 0 else None
+    if _sits_radiometry_on(cfg):  # its own stream: the other draws stay what they were without it
+        u.update(_uniforms(jax.random.fold_in(key, _SITS_RADIOMETRY_STREAM), b,
+                           (("sits_gain", sits.shape[-1]), ("sits_offset", sits.shape[-1]),
+                            ("sits_date_gain", sits.shape[1]))))
     one = lambda u, a, s, d, v, l, n: _augment_example(u, a, s, d, v, l, n, cfg)  # noqa: E731
     aerial, sits, dates, valid, label = jax.vmap(one)(
         u, aerial, sits, batch["dates"], batch["sits_valid"], label, noise)
@@ -324,6 +342,11 @@ def _augment_example(u, aerial, sits, dates, valid, label, noise, cfg):
         valid = _date_dropout(u, valid, cfg)
     if cfg.sits_noise_prob > 0:
         sits = sits + jnp.where(u["noise"] < cfg.sits_noise_prob, cfg.sits_noise_std, 0.0) * noise
+    if _sits_radiometry_on(cfg):
+        gain = _between(u["sits_gain"], (1 - cfg.sits_view_gain, 1 + cfg.sits_view_gain))  # [Cs]
+        offset = _between(u["sits_offset"], (-cfg.sits_view_offset, cfg.sits_view_offset))  # [Cs]
+        per_date = _between(u["sits_date_gain"], (1 - cfg.sits_date_gain, 1 + cfg.sits_date_gain))  # [T]
+        sits = sits * gain * per_date[:, None, None, None] + offset
     sits = jnp.where(valid[:, None, None, None], sits, 0.0)  # padded / dropped dates read 0 (normalize)
     dates = jnp.where(valid, dates, 0)  # DESIGN.md: padded dates have date 0
     return aerial, sits, dates, valid, label

@@ -330,3 +330,28 @@ def test_elevation_is_never_photometrically_changed_but_is_erased():
     assert erased.any(axis=(1, 2)).all()  # every example lost a rectangle of elevation
     np.testing.assert_array_equal(out[~erased], elevation[~erased])
     assert not np.allclose(view["aerial"][..., :4], batch["aerial"][..., :4])
+
+
+def test_sentinel2_radiometry_per_view_is_a_gain_per_band_and_date_plus_an_offset():
+    """sits' = sits x gain[band] x gain[date] + offset[band] on valid dates, within the configured
+    bounds; off by default, and turning it on leaves every other draw as it was."""
+    batch = _batch()
+    batch["sits_valid"] = np.ones_like(batch["sits_valid"])
+    batch["sits"] = np.abs(batch["sits"]) + 1.0  # no zero, so each ratio is defined
+    plain = _geometry_only(crop_prob=0.0, flip=False, rot90=False)
+    on = _geometry_only(crop_prob=0.0, flip=False, rot90=False, sits_view_gain=0.2, sits_view_offset=0.0,
+                        sits_date_gain=0.1)
+    (p1, _), (v1, v2) = augment.two_views(jax.random.key(5), batch, plain), \
+        augment.two_views(jax.random.key(5), batch, on)
+    np.testing.assert_array_equal(p1["sits"], batch["sits"])
+    np.testing.assert_array_equal(v1["aerial"], p1["aerial"])  # the other draws are unchanged
+    ratio = np.asarray(v1["sits"]) / batch["sits"]  # [B, T, h, w, C]: gain[c] x gain[t]
+    assert np.allclose(ratio, ratio[:, :, :1, :1, :], rtol=1e-6)  # one factor per example, date, band
+    r = ratio[:, :, 0, 0, :]
+    assert np.allclose(r / r[:, :1, :], (r / r[:, :1, :])[:, :, :1], rtol=1e-5)  # separable: date x band
+    assert np.all((r > 0.8 * 0.9 - 1e-6) & (r < 1.2 * 1.1 + 1e-6)) and r.std() > 0.01
+    assert not np.allclose(v1["sits"], v2["sits"])  # each view its own radiometry
+    offset = _geometry_only(crop_prob=0.0, flip=False, rot90=False, sits_view_offset=0.3)
+    o1, _ = augment.two_views(jax.random.key(5), batch, offset)
+    shift = np.asarray(o1["sits"]) - batch["sits"]
+    assert np.allclose(shift, shift[:, :1, :1, :1, :], atol=1e-6) and np.all(np.abs(shift) <= 0.3 + 1e-6)
