@@ -19,10 +19,11 @@ the persistent compilation cache, so the study's time goes into training, not st
     jax_cache/                     compiled programs, shared by all runs (same program, no recompile)
 
 Every finished run leaves a small record (scores, curves, seconds, command, commit, machine) in
---records (default: `study_records/` beside --results), meant to be committed: a run with a record
+`<--records>/protocol<N>/` (--records default: `study_records/` beside --results; N the config's
+protocol version: records of different versions are never mixed), meant to be committed: a run with a record
 is never run again, on this machine or another, and the report is made from the records alone
-(checkpoints stay in --workdir, out of git). A pre-training run is run again only when a fine-tuning
-run that needs its checkpoint has no record yet. Any other run resumes from its checkpoints.
+(checkpoints stay in --workdir, out of git). A run whose checkpoint another run starts from (a
+pre-training, the oracle's source) is run again only when a run that needs it has no record yet. Any other run resumes from its checkpoints.
 `--report_only` writes the report from the records as they are; a hand-written `NOTES.md` beside
 them becomes the report's "What was tried". An arm whose overrides the trainer's config rejects (a field it
 does not have, such as `task` before the objectives exist) is "not available" in the report, with
