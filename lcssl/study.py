@@ -200,8 +200,10 @@ def _finetune_run(arm: dict, seed: int, fraction: float, run_dir: pathlib.Path, 
     replaced by the workdir it starts from (which it then `needs`)."""
     overrides = [o.replace(PRETRAIN_PLACEHOLDER, str(pre_dir)).replace(SOURCE_PLACEHOLDER, str(init_dir))
                  for o in arm["finetune"]["overrides"]]
+    cap = [f"--config.num_steps={steps}" for f, steps in config.get("finetune_steps", ())
+           if abs(f - fraction) < 1e-9]
     return Run(arm["name"], "finetune", seed, fraction, run_dir, arm["finetune"]["config"],
-               [*common, *config.finetune_overrides, f"--config.label_fraction={fraction}",
+               [*common, *config.finetune_overrides, *cap, f"--config.label_fraction={fraction}",
                 f"--config.label_seed={seed}", *overrides],
                needs=pre_dir or init_dir,
                record=_record_path(records, arm["name"], f"seed{seed}_{_fraction_dir(fraction)}"))
@@ -518,7 +520,8 @@ def run_study(config, workdir: pathlib.Path, results_path: pathlib.Path, command
             "pretrained_arms": sorted(a["name"] for a in config.arms if _pretrain_of(a, arms_by_name)),
             "notes": {a["name"]: a.get("note", "") for a in config.arms if a.get("note")},
             "budget": {"pretrain": list(config.pretrain_overrides),
-                       "finetune": list(config.finetune_overrides)}}
+                       "finetune": list(config.finetune_overrides),
+                       "finetune_steps": [list(x) for x in config.get("finetune_steps", ())]}}
     only = selected_arms(config)
     labels = {a["name"]: a["label"] for a in config.arms if not only or a["name"] in only}
     unavailable = {a: r for a, r in unavailable.items() if a in labels}
@@ -723,8 +726,10 @@ def _budget_section(records: Sequence[dict], meta: dict) -> list[str]:
     lines = ["", "## Budget", "",
              f"The same for every method. Pre-training: `{' '.join(budget.get('pretrain', []))}` plus "
              "each method's own flags (batch size, optimizer). Fine-tuning: "
-             f"`{' '.join(budget.get('finetune', []))}`; the checkpoint with the best validation "
-             "mIoU is scored on test.", ""]
+             f"`{' '.join(budget.get('finetune', []))}`"
+             + ("".join(f"{'; at most ' if i == 0 else ', '}{steps} steps at {100 * f:g}%"
+                        for i, (f, steps) in enumerate(budget.get("finetune_steps") or [])))
+             + "; the checkpoint with the best validation mIoU is scored on test.", ""]
     pre = [r for r in records if r.get("kind") == "pretrain" and r["status"] == "done"]
     if pre:
         lines += ["| pre-training | seed | steps | epochs | last loss | last probe accuracy | stopped early |",
