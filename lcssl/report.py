@@ -30,12 +30,10 @@ from typing import Sequence
 import numpy as np
 
 from lcssl import files
+from lcssl.errors import ReportError
 
 RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
 
-
-class ReportError(ValueError):
-    """A user error: the CLI prints the message alone and exits 2."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -405,11 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "the --out folder of `python -m lcssl.predict --records=DATA`")
     p.add_argument("--out", required=True, help="folder for report.html and the SVG figures")
     args = p.parse_args(argv)
-    try:
-        path = write_report(args.workdir, args.out, args.compare, args.split, args.maps)
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = write_report(args.workdir, args.out, args.compare, args.split, args.maps)
     print(f"wrote {path}")
     return 0
 
