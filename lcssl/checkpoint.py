@@ -516,13 +516,7 @@ def restore_weights(path: str, *, flag: str, advice: str) -> tuple[dict, dict, s
     A path without a checkpoint raises MissingInputError "`flag`=`path`: ... `advice`"; a step
     folder that is empty or not an lcssl checkpoint a UserError naming it.
     """
-    candidates = (os.path.join(path, "best"), os.path.join(path, "checkpoints"), path)
-    directory = next((os.path.abspath(c) for c in candidates if os.path.isdir(c)
-                      and any(n.isdigit() for n in os.listdir(c))), None)
-    if directory is None:
-        raise MissingInputError(
-            f"{flag}={path}: no checkpoint there (looked for numbered step folders in {path}/best, "
-            f"{path}/checkpoints and {path}). {advice}")
+    directory = _weights_directory(path, flag, advice)
     mngr = _manager(directory, keep=None, read_only=True, partial=True)
     step = mngr.latest_step()
     try:
@@ -541,3 +535,32 @@ def restore_weights(path: str, *, flag: str, advice: str) -> tuple[dict, dict, s
     variables = {"params": out["state"]["params"],
                  "batch_stats": out["state"].get("batch_stats") or {}}
     return variables, dict(out["input_spec"]), directory, step
+
+
+def _weights_directory(path: str, flag: str, advice: str) -> str:
+    candidates = (os.path.join(path, "best"), os.path.join(path, "checkpoints"), path)
+    directory = next((os.path.abspath(c) for c in candidates if os.path.isdir(c)
+                      and any(n.isdigit() for n in os.listdir(c))), None)
+    if directory is None:
+        raise MissingInputError(
+            f"{flag}={path}: no checkpoint there (looked for numbered step folders in {path}/best, "
+            f"{path}/checkpoints and {path}). {advice}")
+    return directory
+
+
+def read_weights_spec(path: str, *, flag: str, advice: str) -> dict:
+    """The input spec of the checkpoint `restore_weights(path)` would load, without its weights:
+    what inference checks its inputs against before restoring any array."""
+    directory = _weights_directory(path, flag, advice)
+    check_step_folders(directory)
+    mngr = _manager(directory, keep=None, read_only=True)
+    try:
+        step = mngr.latest_step()
+        out = mngr.restore(step, args=ocp.args.Composite(input_spec=ocp.args.JsonRestore()))
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        raise UserError(f"{flag}={path}: {directory}/{step} is not a complete lcssl checkpoint "
+                        f"({type(e).__name__}: {str(e)[:200]}); delete that step folder or point "
+                        f"{flag} at another run. {advice}") from None
+    finally:
+        mngr.close()
+    return dict(out["input_spec"])

@@ -34,3 +34,16 @@ class CheckpointWriteError(UserError):
 class NonFiniteError(UserError, FloatingPointError):
     """The loss, a gradient or the state became NaN or inf: nothing non-finite is saved, and the
     message names the last good checkpoint (or says there is none) and what to change."""
+
+
+class SourceError(UserError):
+    """The raw dataset as a whole cannot be read (missing folder, malformed manifest or centroid
+    table): `data_prep build` stops with this one-line message, which names the file."""
+
+
+class MissingSource(SourceError, FileNotFoundError):
+    """A folder or file the layout requires is missing."""
+
+
+class BuildError(UserError):
+    """`data_prep build` cannot go on (strict mode, a conflicting earlier build, a failing shard)."""

@@ -133,23 +133,24 @@ def test_orbax_s_own_report_of_a_full_disk_is_named_too():
         assert ckpt_lib._disk_problem(e) == "the disk is full"
 
 
-@pytest.mark.parametrize("saved_before", [False, True])
+@pytest.mark.parametrize("checkpoint_every_steps", [2, 100])
 def test_a_learning_rate_that_diverges_is_a_user_error_naming_the_last_good_checkpoint_or_none(
-        data_dir, tmp_path, saved_before):
-    overrides = {"optimizer.learning_rate": 1e6}
-    if saved_before:  # a sane first checkpoint, then the same workdir goes on with lr 1e6
-        train.run(sup_config(data_dir, num_steps=2), str(tmp_path))
+        data_dir, tmp_path, checkpoint_every_steps):
+    """--config.optimizer.learning_rate=1e6: finite through the warm-up's first steps, then NaN."""
+    config = sup_config(data_dir, **{"optimizer.learning_rate": 1e6,
+                                     "checkpoint_every_steps": checkpoint_every_steps})
     with pytest.raises(NonFiniteError) as e:
-        train.run(sup_config(data_dir, **overrides), str(tmp_path))
+        train.run(config, str(tmp_path))
     message = str(e.value)
     assert isinstance(e.value, UserError) and "\n" not in message
-    if saved_before:
-        assert "The last good checkpoint (step 2)" in message
+    if checkpoint_every_steps == 2:
+        assert "The last good checkpoint (step 2)" in message and "rerun the same command" in message
         assert steps(tmp_path / "checkpoints") == [2]
     else:
-        assert "No checkpoint was saved yet" in message and "step None" not in message
-        assert steps(tmp_path / "checkpoints") == []
+        assert f"No checkpoint was saved yet ({tmp_path / 'checkpoints'} is empty)" in message
+        assert "step None" not in message and steps(tmp_path / "checkpoints") == []
     assert "lowering optimizer.learning_rate" in message
+    assert steps(tmp_path / "best") == []  # evaluation (step 4) never saw a finite state to save
 
 
 def flip_a_data_byte_of_record(shard, record: int):
