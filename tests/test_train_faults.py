@@ -15,7 +15,7 @@ import pytest
 from orbax.checkpoint._src.path import async_path
 
 from lcssl import checkpoint as ckpt_lib
-from lcssl import train
+from lcssl import files, train
 from lcssl.data import pipeline
 from lcssl.errors import CheckpointWriteError, NonFiniteError, ShardError, UserError
 from tests._train_helpers import compilation_cache, saved_state, tiny_config, tiny_dataset
@@ -33,9 +33,9 @@ def data_dir(tmp_path_factory):
 
 def sup_config(data_dir, **overrides):
     # SITS-only variant without dropout: the smallest supervised programs to compile.
-    return tiny_config("sup_flair2", data_dir, num_steps=6, eval_every_steps=4, log_every_steps=100,
-                       checkpoint_every_steps=2, **{"model.variant": "utae", "model.ltae_dropout": 0.0,
-                                                    "model.attn_dropout": 0.0, **overrides})
+    return tiny_config("sup_flair2", data_dir, **{
+        "num_steps": 6, "eval_every_steps": 4, "log_every_steps": 100, "checkpoint_every_steps": 2,
+        "model.variant": "utae", "model.ltae_dropout": 0.0, "model.attn_dropout": 0.0, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +80,10 @@ def assert_same_run(uninterrupted, workdir, resumed):
         a, b = saved_state(reference_dir, folder=folder), saved_state(workdir, folder=folder)
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             np.testing.assert_array_equal(x, y)  # same programs on the same devices: bit-identical
-    drop = ("workdir", "timing")
-    assert {k: v for k, v in resumed.items() if k not in drop} == {
-        k: v for k, v in reference.items() if k not in drop}
+    def as_written(results):  # as eval_results.json holds them, for a run in another process
+        return {k: v for k, v in json.loads(files.to_json(results)).items() if k not in ("workdir", "timing")}
+
+    assert as_written(resumed) == as_written(reference)
 
 
 @pytest.mark.parametrize("kill_at", ["between best/4 and checkpoints/4", "inside best/4",
@@ -210,3 +211,50 @@ def test_a_damaged_training_record_is_named_and_the_steps_trained_are_kept(
     reference_dir, _ = uninterrupted
     for x, y in zip(jax.tree.leaves(saved_state(reference_dir)), jax.tree.leaves(saved_state(tmp_path / "run3"))):
         np.testing.assert_array_equal(x, y)
+
+
+# A real kill -9 of `python -m lcssl.main` at each point of the step-4 saves; the same command then
+# resumes. The hook below is the only difference from the plain command.
+KILL_HOOK = """
+import os, runpy, signal, sys
+from lcssl import checkpoint
+from orbax.checkpoint._src.path import async_path
+
+where, step = sys.argv.pop(1), sys.argv.pop(1)
+real_rename, real_save = async_path.rename, checkpoint.Checkpoints.save
+
+async def rename(src, dst):  # Orbax's commit of a step written under a temporary name
+    if where == f"inside {dst.parent.name}/{dst.name}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return await real_rename(src, dst)
+
+def save(self, at, *args, **kwargs):
+    if where == "between" and self.directory.endswith("checkpoints") and str(at) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(self, at, *args, **kwargs)
+
+async_path.rename, checkpoint.Checkpoints.save = rename, save
+sys.argv[0] = "lcssl.main"
+runpy.run_module("lcssl.main", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["between", "inside best/4", "inside checkpoints/4"])
+def test_kill_9_at_any_point_of_a_save_then_the_same_command_ends_as_the_uninterrupted_run(
+        data_dir, uninterrupted, tmp_path, where):
+    import subprocess
+
+    from tests._train_helpers import PYTHON, ROOT, cli_env, run_cli
+
+    command = ["--config=configs/sup_flair2.py:tiny", f"--workdir={tmp_path}", f"--config.data_dir={data_dir}",
+               "--config.num_steps=6", "--config.eval_every_steps=4", "--config.log_every_steps=100",
+               "--config.checkpoint_every_steps=2", "--config.model.variant=utae",
+               "--config.model.ltae_dropout=0.0", "--config.model.attn_dropout=0.0"]
+    killed = subprocess.run([PYTHON, "-c", KILL_HOOK, where, "4", *command], cwd=ROOT, env=cli_env(),
+                            capture_output=True, text=True, timeout=900)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert steps(tmp_path / "checkpoints") == [2]
+    assert steps(tmp_path / "best") == ([] if where == "inside best/4" else [4])
+    run_cli(["-m", "lcssl.main", *command])  # the same command, as often as needed: here once
+    assert_same_run(uninterrupted, tmp_path, json.loads((tmp_path / "eval_results.json").read_text()))

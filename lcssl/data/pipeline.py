@@ -43,6 +43,7 @@ TensorFlow is imported lazily with GPUs hidden, so `lcssl` imports without it.
 from __future__ import annotations
 
 import math
+import os
 import pathlib
 from typing import Iterator, Optional
 
@@ -154,8 +155,9 @@ def check_shard_files(data_dir, card: dict, splits=None, check_sha256: bool = Fa
         info = card["splits"][split]
         for k, name in enumerate(info["files"]):
             shard = pathlib.Path(data_dir) / name
-            problem = shard_problem(shard, num_examples=info["shard_examples"][k], num_bytes=info["shard_bytes"][k],
-                                    sha256=info["shard_sha256"][k], check_sha256=check_sha256)
+            problem = _outside(data_dir, shard) or shard_problem(
+                shard, num_examples=info["shard_examples"][k], num_bytes=info["shard_bytes"][k],
+                sha256=info["shard_sha256"][k], check_sha256=check_sha256)
             if problem is None:
                 continue
             if check_sha256:
@@ -166,6 +168,15 @@ def check_shard_files(data_dir, card: dict, splits=None, check_sha256: bool = Fa
                 f"{data_dir}` lists every damaged shard, and re-running the `python -m data_prep build` command "
                 "that made it rewrites them")
     return problems
+
+
+def _outside(data_dir, shard: pathlib.Path) -> Optional[str]:
+    """What is wrong with a shard that is a link to a file outside the dataset folder, else None."""
+    real, root = os.path.realpath(shard), os.path.realpath(data_dir)
+    if os.path.commonpath([real, root]) == root:
+        return None
+    return (f"a link to {real}, outside the dataset folder; a shard is a file inside {data_dir} (written "
+            "there by `python -m data_prep build`): copy the file in, or re-run the build")
 
 
 def _process(process_index, process_count):

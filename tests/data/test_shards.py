@@ -1,6 +1,7 @@
 """Shard integrity: the card records each shard's records, bytes and sha256; the pipeline refuses a
 damaged dataset when it opens it, `data_prep verify` checks every byte, a build re-run rewrites it."""
 import json
+import os
 import re
 import shutil
 import struct
@@ -232,3 +233,18 @@ def test_a_shard_of_the_same_record_count_but_another_size_is_named_rewritten(da
     with pytest.raises(records.ShardError, match=rf"{shard.name}: {card['splits']['train']['shard_bytes'][0] + 1} "
                                                  r"bytes, the card records \d+: rewritten with other content"):
         pipeline.load_card(dataset)
+
+
+def test_a_shard_linked_to_a_file_outside_the_dataset_folder_is_refused(dataset, tmp_path, capsys):
+    shard, _ = first_train_shard(dataset)
+    outside = tmp_path / "elsewhere.tfrecord"
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)  # same bytes: only where it lives is wrong
+    with pytest.raises(records.ShardError, match=rf"^{shard}: a link to {outside}, outside the dataset folder"):
+        pipeline.load_card(dataset)
+    assert data_prep_main(["verify", str(dataset)]) == 1
+    assert f"{shard}: a link to {outside}, outside the dataset folder" in capsys.readouterr().out
+    shard.unlink()
+    shard.symlink_to(os.path.relpath(dataset / "kept.tfrecord", shard.parent))  # a link inside is fine
+    shutil.move(outside, dataset / "kept.tfrecord")
+    pipeline.load_card(dataset)
