@@ -215,8 +215,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Resume (any device count; arrays re-laid out on this mesh) only onto the same data and model.
     resumed = checkpoints.resume(ckpt_lib.abstract_like(abstract_state, state_shardings), spec,
                                  progress, config.data_dir)
-    if best is not None:  # what a killed run saved to best/ after its last checkpoint is redone
-        best.forget_after(None if resumed is None else resumed[2])
+    # A checkpoint saved when damaged evaluation data stopped the run: its evaluation comes first.
+    evaluate_first = resumed is not None and bool(resumed[1].get("evaluate_first"))
+    if best is not None:  # what a stopped run saved to best/ after its last checkpoint is redone
+        best.forget_after(None if resumed is None else resumed[2] - evaluate_first)
     if resumed is not None:
         state, saved, start_step = resumed
         stopper.load(saved.get("early_stop"))
@@ -272,8 +274,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return stopper.update(scalars)
 
     try:
-        if resumed is not None and resumed[1].get("evaluate_first"):
-            evaluate(state, start_step)  # stopped by damaged evaluation data: the evaluation it missed
+        if evaluate_first:
+            evaluate(state, start_step)
         while step < num_steps and not stopper.stopped:
             t0 = time.perf_counter()
             try:
