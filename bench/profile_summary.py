@@ -467,8 +467,10 @@ def main():
         with open(hlo_path) as f:
             hlo = parse_hlo(f.read())
         text, data = summarize(load_trace(trace_dir), hlo, args.top)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except (OSError, ValueError) as e:  # printed by lcssl.cli: one line, exit 2
+        from lcssl.errors import UserError
+
+        raise UserError(str(e)) from None
     if not args.trace:
         text = (f"supervised step, {args.preset}, batch {args.batch}, {args.dtype}, "
                 f"{args.steps} steps traced\n" + (getattr(args, "timing", "") + "\n") + text)
@@ -484,4 +486,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from lcssl import cli
+
+    cli.user_errors(main)()

@@ -240,10 +240,7 @@ def real_step_setup(args):
     config.lock()
 
     mesh = sharding.make_mesh()
-    try:
-        sharding.check_batch_divisible(config.batch_size, mesh, "--batch (global batch)")
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    sharding.check_batch_divisible(config.batch_size, mesh, "--batch (global batch)")
 
     card = synthetic_card(config.model, args.dates)
     # The schedule's length does not change the step's work: 10 steps of warm-up out of 1000.
@@ -365,4 +362,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from lcssl import cli
+
+    cli.user_errors(main)()

@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+from lcssl.errors import UserError
+
 
 def _synth(args) -> int:
     from data_prep import synth
@@ -26,9 +28,8 @@ def _synth(args) -> int:
             zone_gain=args.zone_gain, zone_offset=args.zone_offset, date_gain=args.date_gain,
             phenology_shift_days=args.phenology_shift_days)
         info = synth.write_dataset(args.out, **kwargs)
-    except ValueError as e:
-        print(f"python -m data_prep synth: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # a flag value out of range: printed by lcssl.cli
+        raise UserError(f"python -m data_prep synth: {e}") from None
     print(json.dumps(info, indent=2, default=str))
     print(f"build it with: python -m data_prep build --layout={args.layout} --src={args.out} --out=OUT "
           f"--expect-size={args.patch_size} --sits-size={args.sits_size}")
@@ -47,13 +48,8 @@ def _build(args) -> int:
         unlabelled_from_eval_zones=args.unlabelled_from_eval_zones, sits_size=args.sits_size,
         expect_size=args.expect_size, cloud_prob_threshold=args.cloud_prob_threshold, sits=sits,
         tfds_metadata=not args.no_tfds_metadata, progress=not args.no_progress)
-    from data_prep.patch import SourceError
-
-    try:
-        build.build(args.src, args.out, layout=args.layout, options=options)
-    except (build.BuildError, SourceError) as e:
-        print(f"build failed: {e}", file=sys.stderr)
-        return 1
+    # SourceError / BuildError (UserErrors) reach lcssl.cli: "error: <file>: ...", exit 2.
+    build.build(args.src, args.out, layout=args.layout, options=options)
     return 0
 
 
@@ -64,15 +60,19 @@ def _verify(args) -> int:
     try:
         checked, problems = build.verify(args.data_dir)
     except (FileNotFoundError, ValueError) as e:  # no card, unreadable card, unknown format version
-        print(f"verify failed: {e}", file=sys.stderr)
-        return 1
+        raise UserError(f"verify: {e}") from None
     for path, problem in problems:
         print(f"{path}: {problem}")
-    damaged = len({path for path, _ in problems if not path.endswith(CARD_NAME)})
+    # A shard found intact whose count the card misstates blames the card, not the shard.
+    damaged = len({path for path, problem in problems
+                   if not path.endswith(CARD_NAME) and not problem.startswith("intact")})
     if problems:
-        print(f"verify: {damaged} of {checked} shards damaged in {args.data_dir}"
-              f"{', and its ' + CARD_NAME + ' was edited' if damaged < len(problems) else ''}; re-run the "
-              "`python -m data_prep build` command that made it to rewrite them", file=sys.stderr)
+        card_edited = damaged < len(problems)
+        what = (f"{damaged} of {checked} shards damaged in {args.data_dir}"
+                + (f", and its {CARD_NAME} was edited" if card_edited else "") if damaged
+                else f"its {CARD_NAME} was edited (the shards are intact)")
+        print(f"verify: {what}; re-run the `python -m data_prep build` command that made it to "
+              f"rewrite {'them' if damaged else 'the card'}", file=sys.stderr)
         return 1
     print(f"verify: {CARD_NAME} and all {checked} shards in {args.data_dir} match (checksum, records and "
           "their CRCs, bytes, sha256)")

@@ -43,6 +43,7 @@ import numpy as np
 
 from data_prep.patch import REASONS, BadPatch, RawPatch
 from lcssl.data.schema import CARD_NAME, FORMAT_VERSION, PLAN_NAME, SHARD_INDEX_NAME, SUMMARY_NAME, seal_card
+from lcssl.errors import BuildError
 from lcssl.files import FolderLock, read_json, to_json, write_json
 
 SPLITS = ("train", "val", "test", "unlabelled")
@@ -56,10 +57,6 @@ LAYOUTS = {"flair2": "data_prep.flair2", "hameln": "data_prep.hameln"}
 CLASS_WEIGHTS_FORMULA = (
     "w_k = 1/sqrt(f_k) with f_k the train pixel frequency of class k, normalised to mean 1 over the "
     "classes present in train; 0 for classes absent from train")
-
-
-class BuildError(RuntimeError):
-    """The build cannot go on (strict mode, a conflicting earlier build, a failing shard)."""
 
 
 @dataclasses.dataclass
@@ -553,7 +550,9 @@ def _build(src, out: pathlib.Path, layout: str, options: BuildOptions, t0: float
     if not refs:
         raise BuildError(f"{src}: no patches found for layout {layout!r}")
     infos = _scan(src, layout, refs, options, num_classes, out)
-    bad = [{"file": i["bad"][0], "reason": i["bad"][1], "detail": i["bad"][2]} for i in infos if "bad" in i]
+    bad = [{"file": i["bad"][0], "reason": i["bad"][1], "detail": i["bad"][2],
+            "patch": str(getattr(refs[i["index"]], "aerial_path", None) or getattr(refs[i["index"]], "patch_id", ""))}
+           for i in infos if "bad" in i]
     good = _check_sizes([i for i in infos if "bad" not in i], options, bad)
     if not good:
         raise BuildError(f"{src}: none of the {len(refs)} patches is usable; first problems: {bad[:3]}")
@@ -732,10 +731,17 @@ def format_summary(summary: dict) -> str:
         f", {r} {n}" for r, n in summary["skipped"].items()))
     if summary["held_out_unlabelled"]:
         lines.append(f"  unlabelled patches of val/test zones kept out: {summary['held_out_unlabelled']}")
-    for b in summary["bad_patches"][:20]:
-        lines.append(f"    {b['file']}: {b['reason']}: {b['detail']}")
-    if len(summary["bad_patches"]) > 20:
-        lines.append(f"    ... {len(summary['bad_patches']) - 20} more in {SUMMARY_NAME}")
+    # One line per problem: a zone's bad Sentinel-2 file skips each of its patches for one reason.
+    groups = {}
+    for b in summary["bad_patches"]:
+        groups.setdefault((b["file"], b["reason"], b["detail"]), []).append(b.get("patch") or b["file"])
+    for (file, reason, detail), patches in list(groups.items())[:20]:
+        others = [p for p in patches if p != file]
+        named = "" if not others else (f" (skips {len(patches)} patches: {', '.join(others[:5])}"
+                                       f"{f', ... {len(others) - 5} more' if len(others) > 5 else ''})")
+        lines.append(f"    {file}: {reason}: {detail}{named}")
+    if len(groups) > 20:
+        lines.append(f"    ... {len(groups) - 20} more problems in {SUMMARY_NAME}")
     lines.append(f"  shards: {summary['shards']['written']} written, {summary['shards']['reused']} reused; "
                  f"{summary['seconds']} s -> {summary['out']}")
     for r in summary["shards"]["replaced"][:20]:

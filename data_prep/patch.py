@@ -7,6 +7,8 @@ from typing import Optional
 
 import numpy as np
 
+from lcssl.errors import MissingSource, SourceError  # noqa: F401 -- raised by the layouts
+
 # Reason keys for skipped patches; build.py counts patches per key in its summary.
 REASONS = (
     "unreadable",        # file missing or not a readable raster / array
@@ -39,15 +41,6 @@ class BadPatch(Exception):
 
     def __reduce__(self):  # pickled across build worker processes
         return BadPatch, (self.path, self.reason, self.detail)
-
-
-class SourceError(ValueError):
-    """The raw dataset as a whole cannot be read (missing folder, malformed manifest or centroid
-    table): the build stops with this one-line message, which names the file."""
-
-
-class MissingSource(SourceError, FileNotFoundError):
-    """A folder or file the layout requires is missing."""
 
 
 @dataclasses.dataclass

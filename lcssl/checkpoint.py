@@ -9,6 +9,11 @@ Layout of `<workdir>/checkpoints/<step>/` (Orbax CheckpointManager, async saves,
                  pipeline is a pure function of (seed, step), so this is all resume needs
 `<workdir>/best/` holds the single checkpoint with the best validation mIoU (fine-tuning).
 
+`Checkpoints` owns the run's saved state and guards it: `resume` refuses a checkpoint made for other
+data, another model or another data order before restoring it; `save` refuses a non-finite state;
+`forget_after` drops what a killed run saved past the step it resumes from (best/); a full disk or
+a permission problem while saving is one `CheckpointWriteError` naming the folder.
+
 Restore builds its target from the *current* mesh (`jax.ShapeDtypeStruct` with the sharding the
 trainer wants now), so a checkpoint written on 8 GPUs restores on 1 CPU and vice versa: Orbax reads
 each array whole and lays it out anew.
@@ -16,17 +21,21 @@ each array whole and lays it out anew.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import json
 import logging
 import os
+import sys
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from lcssl import files
-from lcssl.errors import MissingInputError, UserError
+from lcssl.errors import CheckpointWriteError, MissingInputError, NonFiniteError, UserError
 
 SPEC_VERSION = 1
 
@@ -45,6 +54,15 @@ def _without_orbax_warnings(*substrings: str):
         logger.removeFilter(drop)
 
 
+def _drop_orbax_tracebacks(record: logging.LogRecord) -> bool:
+    """Orbax logs the traceback of a failed save before it re-raises the error from `save` or
+    `wait_until_finished`; the error then reaches the caller whole (a bug keeps its traceback,
+    a full disk becomes one line), so the logged copy only repeated it, once per thread."""
+    return not (record.exc_info and f"{os.sep}orbax{os.sep}" in (record.pathname or ""))
+
+
+logging.getLogger("absl").addFilter(_drop_orbax_tracebacks)
+
 with _without_orbax_warnings("overriding"):
     ocp.type_handlers.register_type_handler(
         jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=4 << 20),
@@ -62,6 +80,8 @@ def _manager(directory: str, *, keep: int | None, best_metric: str | None = None
             create=not read_only,
             read_only=read_only,
             enable_async_checkpointing=not read_only,
+            # A killed save leaves `<step>.orbax-checkpoint-tmp-*` behind; the next run sweeps it.
+            cleanup_tmp_directories=not read_only,
         )
     # Partial reads (only the encoder of a SimCLR state) need the PyTree handler's partial_restore.
     state_handler = ocp.PyTreeCheckpointHandler() if partial else ocp.StandardCheckpointHandler()
@@ -79,6 +99,7 @@ class Checkpoints:
         self.directory = os.path.abspath(directory)
         check_step_folders(self.directory)
         self._mngr = _manager(directory, keep=keep, best_metric=best_metric)
+        self._saving = None  # the step of the save under way, for the message if it fails
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
@@ -86,18 +107,57 @@ class Checkpoints:
     def best_step(self) -> int | None:
         return self._mngr.best_step()
 
-    def save(self, step: int, state: Any, input_spec: Mapping[str, Any], progress: Mapping[str, Any],
-             metrics: Mapping[str, float] | None = None, force: bool = False) -> bool:
-        """Starts an async save (returns at once); `wait()` blocks until it is on disk."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  input_spec=ocp.args.JsonSave(dict(input_spec)),
-                                  progress=ocp.args.JsonSave(dict(progress)))
-        saved = self._mngr.save(step, args=args, metrics=dict(metrics) if metrics else None,
-                                force=force)
-        if saved:
-            logging.info("Checkpoint step %d -> %s%s", step, os.path.join(self.directory, str(step)),
-                         "".join(f", {k}={v:.4g}" for k, v in (metrics or {}).items()))
-        return saved
+    def all_steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
+    # --- Resume ----------------------------------------------------------------------------------
+
+    def resume(self, target: Any, input_spec: Mapping[str, Any], progress: Mapping[str, Any],
+               data_dir: str = "") -> tuple[Any, dict, int] | None:
+        """(state, saved progress, step) of the latest checkpoint, or None when there is none.
+
+        Refuses (UserError) a checkpoint whose input spec (input contract, model config, dataset
+        card hash) differs from `input_spec`, before restoring it, so a model change is named here
+        instead of failing in Orbax with a bare shape error; and one whose data order (`progress`
+        except num_steps) differs, since the run would not continue where it stopped.
+        """
+        step = self.latest_step()
+        if step is None:
+            return None
+        saved_spec = self._mngr.restore(step, args=ocp.args.Composite(
+            input_spec=ocp.args.JsonRestore()))["input_spec"]
+        lines = resume_differences(dict(saved_spec), input_spec)
+        if lines:
+            raise UserError(
+                f"Cannot resume {self.directory} (step {step}): this run's data or model differ "
+                f"from the checkpoint's{f' (--config.data_dir={data_dir})' if data_dir else ''}:\n  "
+                + "\n  ".join(lines)
+                + "\nResume with the original dataset and --config.model.* (see config.json beside "
+                  "the checkpoints), or start a new --workdir (fine-tune from this one with "
+                  "--config.init_from).")
+        state, _, saved = self.restore(step, target)
+        older = {"label_seed": 0}  # checkpoints from before the field: its value then
+        changed = {k: (saved.get(k, older.get(k)), v) for k, v in progress.items()
+                   if k != "num_steps" and saved.get(k, older.get(k)) != v}
+        if changed:
+            raise UserError(f"Cannot resume {self.directory} (step {step}) exactly: the data order "
+                            f"depends on {changed} (checkpoint, now). Use the checkpoint's values or "
+                            "a new --workdir.")
+        return state, saved, step
+
+    def forget_after(self, step: int | None) -> list[int]:
+        """Deletes the steps after `step` (None: all of them) and returns them. A run killed between
+        its best/ save and its checkpoint of the same step (or between a new best and the next
+        checkpoint) left best/ ahead of the step it resumes from; the resumed run saves those
+        steps again, identical, and Orbax refuses to save a step that exists."""
+        ahead = [s for s in self.all_steps() if step is None or s > step]
+        for s in ahead:
+            self._mngr.delete(s)
+        if ahead:
+            logging.info("%s: removed step(s) %s saved after step %s by the run that stopped; this "
+                         "run saves them again.", self.directory, ahead, step)
+        self._mngr.reload()
+        return ahead
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict, dict]:
         """(state, input_spec, progress) at `step`; `target` gives each leaf's shape, dtype and
@@ -107,11 +167,170 @@ class Checkpoints:
             progress=ocp.args.JsonRestore()))
         return out["state"], dict(out["input_spec"]), dict(out["progress"])
 
+    # --- Save --------------------------------------------------------------------------------------
+
+    def save(self, step: int, state: Any, input_spec: Mapping[str, Any], progress: Mapping[str, Any],
+             metrics: Mapping[str, float] | None = None, force: bool = False) -> bool:
+        """Starts an async save (returns at once); `wait()` blocks until it is on disk. A state
+        with a NaN / inf parameter or batch statistic is refused (`check_finite`)."""
+        self.check_finite(state, step)
+        self.wait()  # a failure of the previous save is reported with its own step
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  input_spec=ocp.args.JsonSave(dict(input_spec)),
+                                  progress=ocp.args.JsonSave(dict(progress)))
+        with self._write_errors(step):
+            saved = self._mngr.save(step, args=args, metrics=dict(metrics) if metrics else None,
+                                    force=force)
+        if saved:
+            self._saving = step
+            logging.info("Checkpoint step %d -> %s%s", step, os.path.join(self.directory, str(step)),
+                         "".join(f", {k}={v:.4g}" for k, v in (metrics or {}).items()))
+        return saved
+
     def wait(self) -> None:
-        self._mngr.wait_until_finished()
+        with self._write_errors(self._saving):
+            self._mngr.wait_until_finished()
+        self._saving = None
 
     def close(self) -> None:
-        self._mngr.close()
+        """Waits for the last save and closes. While an exception is already on its way up (the
+        run stopped), an error of that last save is logged instead of hiding the first one."""
+        stopping = sys.exc_info()[1]
+        try:
+            self.wait()
+        except Exception as e:  # noqa: BLE001 -- re-raised unless another error is under way
+            if stopping is None:
+                raise
+            if str(e) != str(stopping):
+                logging.error("%s", e)
+        finally:
+            self._mngr.close()
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None):
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 -- re-raised unless it is a disk problem
+            self._saving = None
+            problem = _disk_problem(e)
+            if problem is None:
+                raise
+            latest = self._complete_steps(exclude=step)
+            where = self.directory if step is None else os.path.join(self.directory, str(step))
+            raise CheckpointWriteError(
+                f"{where}: cannot write this checkpoint: {problem}. "
+                + (f"The complete checkpoints ({', '.join(map(str, latest))}) are intact; "
+                   if latest else "No checkpoint was complete yet; ")
+                + "free space (or use a --workdir on another disk) and re-run the same command: "
+                + (f"it resumes from step {latest[-1]}." if latest else "it starts from step 0.")
+            ) from None
+
+    def _complete_steps(self, exclude: int | None) -> list[int]:
+        try:
+            self._mngr.reload()
+            return [s for s in self.all_steps() if s != exclude]
+        except Exception:  # noqa: BLE001 -- only for the message
+            return []
+
+    # --- Nothing non-finite is saved -------------------------------------------------------------
+
+    def check_finite(self, state, step: int) -> None:
+        """NonFiniteError before a save when a parameter or batch statistic is NaN / inf. The loss
+        check (train._stop_if_not_finite) sees the loss of the state *before* the last update, so
+        this check of the state itself is what keeps a non-finite state off the disk."""
+        from lcssl.sharding import to_host
+
+        if bool(to_host(_all_finite((state.params, state.batch_stats)))):
+            return
+        raise self.not_finite(f"Training stopped at step {step}: the parameters or batch "
+                              "statistics became NaN or inf, so this state is not saved.",
+                              "using dtype=float32")
+
+    def not_finite(self, what: str, advice: str) -> NonFiniteError:
+        """The error that stops a run gone NaN / inf: `what` happened, the last good checkpoint (or
+        none), and the usual causes with `advice` among them."""
+        self.wait()  # the last good checkpoint finishes writing, and nothing newer is saved
+        last = self.latest_step()
+        where = (f"The last good checkpoint (step {last}) in {self.directory} is intact; rerun the "
+                 "same command to resume from it, after" if last is not None else
+                 f"No checkpoint was saved yet ({self.directory} is empty); rerun the same command "
+                 "to start again from step 0, after")
+        return NonFiniteError(
+            f"{what} {where} lowering optimizer.learning_rate, adding warm-up "
+            f"(schedule.warmup_epochs) or {advice}.")
+
+
+def _disk_problem(e: BaseException) -> str | None:
+    """What is wrong when `e` (or an error it wraps) is the disk's: full, quota, read-only,
+    permission. Orbax reports TensorStore's write errors as ValueError('RESOURCE_EXHAUSTED: ...
+    No space left on device'), the OS's own as OSError."""
+    advice = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+              errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+              errno.EFBIG: "file too large for the file size limit or the filesystem"}
+    texts = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+             "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES,
+             "File too large": errno.EFBIG}
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in advice:
+            return advice[e.errno]
+        for text, code in texts.items():
+            if text in str(e):
+                return advice[code]
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+# --- Resume only onto the same data and model ------------------------------------------------------
+
+# Model fields that change how the step computes, not the parameters it trains: a resume may
+# change them (e.g. remat to fit a smaller device).
+COMPUTE_ONLY_MODEL_FIELDS = ("dtype", "remat")
+
+
+def _differences(saved: Any, now: Any, prefix: str) -> list[str]:
+    if isinstance(saved, Mapping) and isinstance(now, Mapping):
+        out = []
+        for k in sorted(set(saved) | set(now), key=str):
+            out += _differences(saved.get(k), now.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(saved, (list, tuple)) and isinstance(now, (list, tuple)):
+        saved, now = list(saved), list(now)
+    return [] if saved == now else [prefix]
+
+
+def resume_differences(saved_spec: Mapping[str, Any], spec: Mapping[str, Any]) -> list[str]:
+    """What differs between the input spec of a checkpoint and the one of this run, as
+    'field: checkpoint X, now Y' lines (compute-only model fields and spec_version excepted)."""
+    lines = []
+    for field in _differences(saved_spec, spec, ""):
+        if field == "spec_version" or field in {f"model.{k}" for k in COMPUTE_ONLY_MODEL_FIELDS}:
+            continue
+        if field == "card_sha256" and saved_spec.get("card_sha256") is None:
+            continue  # a checkpoint from before card hashes were stored: the other fields decide
+        node_saved, node_now = saved_spec, spec
+        for key in field.split("."):
+            node_saved = node_saved.get(key) if isinstance(node_saved, Mapping) else None
+            node_now = node_now.get(key) if isinstance(node_now, Mapping) else None
+        if field == "card_sha256":
+            lines.append("dataset card (dataset_card.json: splits, shards, statistics or build "
+                         "options): another content than the checkpoint's")
+        else:
+            lines.append(f"{field}: checkpoint {_short(node_saved)}, now {_short(node_now)}")
+    return lines
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
@@ -124,7 +343,7 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
 
 def card_sha256(card: Mapping[str, Any]) -> str:
     """A hash of the dataset card's content (splits, files, statistics, build options): a rebuilt
-    or other dataset gets another one, which resume refuses (lcssl.workdir.check_resume)."""
+    or other dataset gets another one, which resume refuses (Checkpoints.resume)."""
     return hashlib.sha256(files.to_json(card).encode()).hexdigest()
 
 
@@ -304,13 +523,7 @@ def restore_weights(path: str, *, flag: str, advice: str) -> tuple[dict, dict, s
     A path without a checkpoint raises MissingInputError "`flag`=`path`: ... `advice`"; a step
     folder that is empty or not an lcssl checkpoint a UserError naming it.
     """
-    candidates = (os.path.join(path, "best"), os.path.join(path, "checkpoints"), path)
-    directory = next((os.path.abspath(c) for c in candidates if os.path.isdir(c)
-                      and any(n.isdigit() for n in os.listdir(c))), None)
-    if directory is None:
-        raise MissingInputError(
-            f"{flag}={path}: no checkpoint there (looked for numbered step folders in {path}/best, "
-            f"{path}/checkpoints and {path}). {advice}")
+    directory = _weights_directory(path, flag, advice)
     mngr = _manager(directory, keep=None, read_only=True, partial=True)
     step = mngr.latest_step()
     try:
@@ -329,3 +542,32 @@ def restore_weights(path: str, *, flag: str, advice: str) -> tuple[dict, dict, s
     variables = {"params": out["state"]["params"],
                  "batch_stats": out["state"].get("batch_stats") or {}}
     return variables, dict(out["input_spec"]), directory, step
+
+
+def _weights_directory(path: str, flag: str, advice: str) -> str:
+    candidates = (os.path.join(path, "best"), os.path.join(path, "checkpoints"), path)
+    directory = next((os.path.abspath(c) for c in candidates if os.path.isdir(c)
+                      and any(n.isdigit() for n in os.listdir(c))), None)
+    if directory is None:
+        raise MissingInputError(
+            f"{flag}={path}: no checkpoint there (looked for numbered step folders in {path}/best, "
+            f"{path}/checkpoints and {path}). {advice}")
+    return directory
+
+
+def read_weights_spec(path: str, *, flag: str, advice: str) -> dict:
+    """The input spec of the checkpoint `restore_weights(path)` would load, without its weights:
+    what inference checks its inputs against before restoring any array."""
+    directory = _weights_directory(path, flag, advice)
+    check_step_folders(directory)
+    mngr = _manager(directory, keep=None, read_only=True)
+    try:
+        step = mngr.latest_step()
+        out = mngr.restore(step, args=ocp.args.Composite(input_spec=ocp.args.JsonRestore()))
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        raise UserError(f"{flag}={path}: {directory}/{step} is not a complete lcssl checkpoint "
+                        f"({type(e).__name__}: {str(e)[:200]}); delete that step folder or point "
+                        f"{flag} at another run. {advice}") from None
+    finally:
+        mngr.close()
+    return dict(out["input_spec"])

@@ -183,7 +183,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         given = [a.split("=")[0] for a in argv[1:] if a.startswith("--") and f".{field}" in a]
         _fail(f"{given[0] if given else 'a --config.* override'}: the config has no field "
               f"{field!r}. " + "".join(f"{t} " for t in text.splitlines()[1:]) + "(fields and presets: the "
-              "config file's docstring and configs/common.py)")
+              "config file's docstring and lcssl/configs.py)")
     for name, flag in flags.FLAGS._flags().items():
         if isinstance(flag, config_flags._ConfigFlag) and isinstance(flag.value,
                                                                      config_flags._ErrorConfig):

@@ -24,18 +24,17 @@ import os
 import struct
 import sys
 import warnings
+import zipfile
 import zlib
 from typing import Sequence
 
 import numpy as np
 
 from lcssl import files
+from lcssl.errors import ReportError
 
 RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
 
-
-class ReportError(ValueError):
-    """A user error: the CLI prints the message alone and exits 2."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -297,19 +296,29 @@ def sample_panels(maps_dir: str) -> list[str]:
         raise ReportError(str(e)) from None
     rows = []
     for patch, (sample_path, map_path) in zip(patches, paths):
-        with np.load(sample_path) as z:
-            sample = {k: z[k] for k in z.files}
+        try:
+            with np.load(sample_path) as z:  # pickles refused (allow_pickle=False, numpy's default)
+                sample = {k: z[k] for k in z.files}
+            rgb = sample["rgb"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise ReportError(f"{sample_path}: unreadable sample panel ({type(e).__name__}: "
+                              f"{str(e)[:120]}); re-run `python -m lcssl.predict --records` into "
+                              f"--maps={maps_dir}") from None
         with warnings.catch_warnings():   # patches carry no georeferencing, by design
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            with rasterio.open(map_path) as src:
-                pred, label = src.read()
+            try:
+                with rasterio.open(map_path) as src:
+                    pred, label = src.read()
+            except (rasterio.errors.RasterioError, ValueError) as e:
+                raise ReportError(f"{map_path}: unreadable patch map ({str(e)[:120]}); re-run "
+                                  f"`python -m lcssl.predict --records` into --maps={maps_dir}") from None
         lut = colours.copy()
         lut[NODATA] = (128, 128, 128)
         errors = np.full(pred.shape + (3,), 255, np.uint8)
         errors[(pred != label) & (label != NODATA)] = (220, 30, 30)
         errors[label == NODATA] = (128, 128, 128)
         acc = patch.get("accuracy")
-        cells = [_img(sample["rgb"], f"{patch['file']} aerial RGB")]
+        cells = [_img(rgb, f"{patch['file']} aerial RGB")]
         if "ndvi" in sample:
             cells.append(f"<figure>{ndvi_svg(sample['dates'].tolist(), sample['ndvi'].tolist(), str(sample['date_encoding']))}</figure>")
         cells += [_img(lut[label], "label"), _img(lut[pred], "prediction"),
@@ -405,11 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "the --out folder of `python -m lcssl.predict --records=DATA`")
     p.add_argument("--out", required=True, help="folder for report.html and the SVG figures")
     args = p.parse_args(argv)
-    try:
-        path = write_report(args.workdir, args.out, args.compare, args.split, args.maps)
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = write_report(args.workdir, args.out, args.compare, args.split, args.maps)
     print(f"wrote {path}")
     return 0
 

@@ -24,7 +24,7 @@ from lcssl import checkpoint as ckpt_lib
 from lcssl import flops, models, sharding, tasks
 from lcssl import workdir as workdir_lib
 from lcssl.data import normalize, pipeline
-from lcssl.errors import UserError
+from lcssl.errors import ShardError, UserError
 from lcssl.tasks.base import RNG_IMPL
 
 # ------------------------------------------------------------------------------------------------
@@ -214,17 +214,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 "num_steps": num_steps}
     stopper = EarlyStop(config.early_stop.metric or task.best_metric, config.early_stop.patience,
                         config.early_stop.min_delta)
-    start_step = checkpoints.latest_step()
-    if start_step is not None:  # resume: any device count; arrays re-laid out on this mesh
-        workdir_lib.check_resume(checkpoints, start_step, spec, config.data_dir)  # same data, model
-        state, _, saved = checkpoints.restore(
-            start_step, ckpt_lib.abstract_like(abstract_state, state_shardings))
-        older = {"label_seed": 0}  # checkpoints from before the field: its value then
-        changed = {k: (saved.get(k, older.get(k)), v) for k, v in progress.items()
-                   if k != "num_steps" and saved.get(k, older.get(k)) != v}
-        if changed:
-            raise UserError(f"Cannot resume {workdir} exactly: the data order depends on {changed} "
-                             "(checkpoint, now). Use the checkpoint's values or a new --workdir.")
+    # Resume (any device count; arrays re-laid out on this mesh) only onto the same data and model.
+    resumed = checkpoints.resume(ckpt_lib.abstract_like(abstract_state, state_shardings), spec,
+                                 progress, config.data_dir)
+    # A checkpoint saved when damaged evaluation data stopped the run: its evaluation comes first.
+    evaluate_first = resumed is not None and bool(resumed[1].get("evaluate_first"))
+    if best is not None:  # what a stopped run saved to best/ after its last checkpoint is redone
+        best.forget_after(None if resumed is None else resumed[2] - evaluate_first)
+    if resumed is not None:
+        state, saved, start_step = resumed
         stopper.load(saved.get("early_stop"))
         logging.info("Resumed from %s at step %d", checkpoints.directory, start_step)
     else:
@@ -252,8 +250,35 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # evaluation, checkpoints, and the rest of the loop (training steps and input).
     timing = {"first_step_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "loop_s": 0.0}
     loop_t0 = time.perf_counter()
+
+    def keep_steps(state, step: int, evaluate_first: bool = False) -> None:
+        """Damaged data stops the run: the steps trained so far are checkpointed first."""
+        if checkpoints.latest_step() != step:
+            checkpoints.save(step, state, spec, {**progress, "next_step": step, "early_stop":
+                                                 stopper.state(), "evaluate_first": evaluate_first},
+                             force=True)
+
+    def evaluate(state, step: int) -> bool:
+        """Evaluation, best/ and early stop at `step`; True when training should stop early."""
+        t0 = time.perf_counter()
+        checkpoints.check_finite(state, step)  # no best/ from a non-finite state
+        try:
+            scalars = task.evaluate(state)
+        except ShardError:  # a damaged evaluation shard: the resumed run evaluates this step first
+            keep_steps(state, step, evaluate_first=True)
+            raise
+        if scalars:
+            writer.write_scalars(step, scalars)
+        if best is not None and task.best_metric in scalars:
+            best.save(step, state, spec, {**progress, "next_step": step},
+                      metrics={best_tag: scalars[task.best_metric]}, force=True)
+        timing["eval_s"] += time.perf_counter() - t0
+        return stopper.update(scalars)
+
     try:
-        if start_step == 0 and task.eval_every_steps:
+        if evaluate_first:
+            evaluate(state, start_step)
+        elif start_step == 0 and task.eval_every_steps:
             # Where every curve starts (the fine-tuned encoder before its new head has learnt, the
             # probe on a random encoder): a diagnostic, neither a best/ candidate nor an early stop.
             t0 = time.perf_counter()
@@ -263,7 +288,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             timing["eval_s"] += time.perf_counter() - t0
         while step < num_steps and not stopper.stopped:
             t0 = time.perf_counter()
-            batch = sharding.host_batch_to_global(next(batches), mesh)
+            try:
+                host_batch = next(batches)
+            except ShardError:  # a damaged training shard
+                keep_steps(state, step)
+                raise
+            batch = sharding.host_batch_to_global(host_batch, mesh)
             wait_s += time.perf_counter() - t0
             if step_flops is None:  # an abstract trace: no compile, no device memory
                 step_flops = flops.count_flops(train_step, state, batch).model / jax.device_count()
@@ -302,22 +332,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 pending, checked_step, wait_s, interval_t0 = None, step, 0.0, time.perf_counter()
             # --- Eval hooks -----------------------------------------------------------------------------
             if last or (task.eval_every_steps and step % task.eval_every_steps == 0):
-                t0 = time.perf_counter()
-                workdir_lib.check_finite(state, step, checkpoints)  # no best/ from a non-finite state
-                scalars = task.evaluate(state)
-                if scalars:
-                    writer.write_scalars(step, scalars)
-                if best is not None and task.best_metric in scalars:
-                    best.save(step, state, spec, {**progress, "next_step": step},
-                              metrics={best_tag: scalars[task.best_metric]}, force=True)
-                if stopper.update(scalars) and not last:
+                if evaluate(state, step) and not last:
                     logging.info("Early stop at step %d: %s", step, stopper.reason)
                     last = save = True
-                timing["eval_s"] += time.perf_counter() - t0
             # --- Checkpoint, preemption -----------------------------------------------------------------
             if save:
                 t0 = time.perf_counter()
-                workdir_lib.check_finite(state, step, checkpoints)
+                if best is not None:  # best/ at this step complete first: a checkpoint at step N
+                    best.wait()       # means best/ holds every evaluation up to N
                 checkpoints.save(step, state, spec,
                                  {**progress, "next_step": step, "early_stop": stopper.state()},
                                  force=True)
@@ -346,10 +368,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return results
     finally:
         preempted.restore()
-        checkpoints.wait()
         checkpoints.close()
         if best is not None:
-            best.wait()
             best.close()
         writer.flush()
         lock.release()
@@ -393,12 +413,8 @@ class EarlyStop:
 
 def _stop_if_not_finite(summary, first_step, step, checkpoints) -> None:
     bad = sorted(k for k in ("loss", "grad_norm") if not np.isfinite(summary.get(k, 0.0)))
-    if not bad:
-        return
-    checkpoints.wait()  # the last good checkpoint finishes writing, and nothing newer is saved
-    raise FloatingPointError(
-        f"Training stopped: {', '.join(bad)} became NaN or inf between steps {first_step} and {step}. "
-        f"The last good checkpoint (step {checkpoints.latest_step()}) in {checkpoints.directory} is "
-        "intact; rerun the same command to resume from it, after lowering optimizer.learning_rate, "
-        "adding warm-up (schedule.warmup_epochs), raising simclr.temperature or using dtype=float32, "
-        "or check the input data for NaNs (data_prep build's QA report).")
+    if bad:
+        raise checkpoints.not_finite(
+            f"Training stopped: {', '.join(bad)} became NaN or inf between steps {first_step} and "
+            f"{step}.", "raising simclr.temperature, using dtype=float32, or checking the input data "
+            "for NaNs (data_prep build's QA report)")

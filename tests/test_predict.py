@@ -603,3 +603,22 @@ def test_cli_names_an_empty_step_folder(run_dir, tmp_path, capsys):
                           f"--out={tmp_path / 'map.tif'}", "--no-progress"], capsys)
     assert code == 2 and len(err) == 1 and "error: --checkpoint=" in err[0]
     assert "checkpoints/7" in err[0]
+
+
+def test_cli_checks_bands_and_sentinel2_before_restoring_the_weights(run_dir, tmp_path, capsys,
+                                                                     monkeypatch):
+    from lcssl.predict import mosaic
+
+    def never(*args, **kwargs):
+        raise AssertionError("the weights were restored before the inputs were checked")
+
+    monkeypatch.setattr(mosaic, "load_model", never)
+    three_bands = write_aerial(tmp_path / "rgb.tif", aerial_array()[:3])
+    s2 = write_s2_folder(tmp_path / "s2")
+    code, err = run_main([f"--checkpoint={run_dir}", f"--aerial={three_bands}", f"--sits={s2}",
+                          f"--out={tmp_path / 'map.tif'}", "--no-progress"], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: --aerial={three_bands}")
+    aerial = write_aerial(tmp_path / "mosaic.tif")
+    code, err = run_main([f"--checkpoint={run_dir}", f"--aerial={aerial}",
+                          f"--out={tmp_path / 'map.tif'}", "--no-progress"], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: --sits is required")

@@ -111,3 +111,22 @@ def test_paths_read_from_a_predict_summary_must_stay_in_its_folder(tmp_path, nam
     with pytest.raises(report.ReportError, match=rf"summary.json: {re.escape(repr(name))} (points outside|is not a "
                                                  "relative path inside)"):
         report.sample_panels(str(maps))
+
+
+@pytest.mark.parametrize("damage", [b"not a zip file", b"PK\x03\x04 cut short"])
+def test_a_damaged_sample_panel_is_one_line_naming_it(tmp_path, damage, capsys):
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    (maps / "p.npz").write_bytes(damage)
+    files.write_json(maps / "summary.json", {"scores": {"class_names": ["a", "b"]},
+                                             "patches": [{"file": "p.tif", "sample": "p.npz"}]})
+    with pytest.raises(report.ReportError, match=rf"^{maps}/p.npz: unreadable sample panel"):
+        report.sample_panels(str(maps))
+    from lcssl import cli
+
+    fake_run(tmp_path / "run", 0)
+    with pytest.raises(SystemExit) as exit_info:  # the command: one line, exit 2, no traceback
+        cli.user_errors(report.main)([f"--workdir={tmp_path / 'run'}", f"--maps={maps}",
+                                      f"--out={tmp_path / 'report'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {maps}/p.npz")

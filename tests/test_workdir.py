@@ -1,5 +1,6 @@
 """lcssl/workdir.py: one run per workdir (stale locks taken over, live ones refused), the config of
-every start kept, resume refused onto other data or another model, no save of a non-finite state.
+every start kept; and the guards of lcssl.checkpoint.Checkpoints: resume refused onto other data or
+another model, no save of a non-finite state.
 The calls from train.run are exercised in tests/test_train.py."""
 import json
 import socket
@@ -12,7 +13,7 @@ import pytest
 
 from lcssl import checkpoint as ckpt_lib
 from lcssl import models, workdir
-from lcssl.errors import UserError
+from lcssl.errors import NonFiniteError, UserError
 
 
 def write_lock(path, **holder):
@@ -89,36 +90,25 @@ def spec(card_=None, **model_changes):
 
 def test_resume_differences_name_the_model_field_and_the_dataset():
     saved = spec()
-    assert workdir.resume_differences(saved, spec()) == []
-    assert workdir.resume_differences(saved, spec(widths=(8, 16, 16, 64))) == [
+    assert ckpt_lib.resume_differences(saved, spec()) == []
+    assert ckpt_lib.resume_differences(saved, spec(widths=(8, 16, 16, 64))) == [
         "model.widths: checkpoint [8, 16, 16, 32], now [8, 16, 16, 64]"]
     rebuilt = card(splits={"train": {"num_examples": 14, "files": ["train-00000-of-00001.tfrecord"]}})
-    assert workdir.resume_differences(saved, spec(rebuilt)) == [
+    assert ckpt_lib.resume_differences(saved, spec(rebuilt)) == [
         "dataset card (dataset_card.json: splits, shards, statistics or build options): another "
         "content than the checkpoint's"]
     restandardised = card(aerial={**card()["aerial"], "mean": [1, 2, 4]})
-    assert workdir.resume_differences(saved, spec(restandardised))[0].startswith(
+    assert ckpt_lib.resume_differences(saved, spec(restandardised))[0].startswith(
         "aerial.mean: checkpoint [1, 2, 3], now [1, 2, 4]")
 
 
 def test_compute_only_model_fields_may_change_on_resume():
-    assert workdir.resume_differences(spec(), spec(dtype="bfloat16", remat="blocks")) == []
+    assert ckpt_lib.resume_differences(spec(), spec(dtype="bfloat16", remat="blocks")) == []
 
 
 def test_a_checkpoint_without_a_card_hash_is_judged_by_the_other_fields():
     old = {k: v for k, v in spec().items() if k != "card_sha256"}
-    assert workdir.resume_differences(old, spec()) == []
-
-
-class FakeCheckpoints:
-    directory = "/runs/x/checkpoints"
-    waited = False
-
-    def wait(self):
-        self.waited = True
-
-    def latest_step(self):
-        return 3
+    assert ckpt_lib.resume_differences(old, spec()) == []
 
 
 class State:
@@ -126,16 +116,18 @@ class State:
         self.params, self.batch_stats = params, batch_stats
 
 
-def test_check_finite_passes_a_finite_state_and_stops_before_saving_a_nan():
-    ckpts = FakeCheckpoints()
-    workdir.check_finite(State({"w": jnp.ones(3)}, {"mean": jnp.zeros(2)}), 4, ckpts)
-    assert not ckpts.waited
+def test_check_finite_passes_a_finite_state_and_stops_before_saving_a_nan(tmp_path):
+    ckpts = ckpt_lib.Checkpoints(str(tmp_path / "checkpoints"))
+    ckpts.check_finite(State({"w": jnp.ones(3)}, {"mean": jnp.zeros(2)}), 4)
     for bad in (State({"w": jnp.array([1.0, jnp.nan])}, {}),
                 State({"w": jnp.ones(3)}, {"var": jnp.array([jnp.inf])})):
-        with pytest.raises(FloatingPointError, match=r"at step 5.*NaN or inf.*step 3\) in "
-                                                     r"/runs/x/checkpoints is intact"):
-            workdir.check_finite(bad, 5, ckpts)
-        assert ckpts.waited
+        with pytest.raises(NonFiniteError, match=r"at step 5.*NaN or inf.*No checkpoint was saved yet "
+                                                 rf"\({tmp_path}/checkpoints is empty\)"):
+            ckpts.check_finite(bad, 5)
+        with pytest.raises(NonFiniteError):  # and so no save of it
+            ckpts.save(5, bad, {}, {})
+    assert ckpts.all_steps() == []
+    ckpts.close()
 
 
 def test_an_unreadable_lock_is_refused_not_taken(tmp_path):

@@ -34,13 +34,16 @@ whatever the card says: the eval collectives cannot hang on a short shard.
 
 Shards are checked when a dataset is opened (`load_card`): each must exist with the byte size the
 card records; one that differs is walked to say how (cut inside a record, cut at a record boundary,
-rewritten). `python -m data_prep verify DATA_DIR` also checks record counts and sha256.
+rewritten). `python -m data_prep verify DATA_DIR` also checks record counts and sha256. A record
+damaged inside a shard of the right size is met while reading: TensorFlow's DataLossError then
+becomes a `ShardError` naming the shard and the record (`_naming_damaged_shards`).
 
 TensorFlow is imported lazily with GPUs hidden, so `lcssl` imports without it.
 """
 from __future__ import annotations
 
 import math
+import os
 import pathlib
 from typing import Iterator, Optional
 
@@ -152,8 +155,9 @@ def check_shard_files(data_dir, card: dict, splits=None, check_sha256: bool = Fa
         info = card["splits"][split]
         for k, name in enumerate(info["files"]):
             shard = pathlib.Path(data_dir) / name
-            problem = shard_problem(shard, num_examples=info["shard_examples"][k], num_bytes=info["shard_bytes"][k],
-                                    sha256=info["shard_sha256"][k], check_sha256=check_sha256)
+            problem = _outside(data_dir, shard) or shard_problem(
+                shard, num_examples=info["shard_examples"][k], num_bytes=info["shard_bytes"][k],
+                sha256=info["shard_sha256"][k], check_sha256=check_sha256)
             if problem is None:
                 continue
             if check_sha256:
@@ -164,6 +168,15 @@ def check_shard_files(data_dir, card: dict, splits=None, check_sha256: bool = Fa
                 f"{data_dir}` lists every damaged shard, and re-running the `python -m data_prep build` command "
                 "that made it rewrites them")
     return problems
+
+
+def _outside(data_dir, shard: pathlib.Path) -> Optional[str]:
+    """What is wrong with a shard that is a link to a file outside the dataset folder, else None."""
+    real, root = os.path.realpath(shard), os.path.realpath(data_dir)
+    if os.path.commonpath([real, root]) == root:
+        return None
+    return (f"a link to {real}, outside the dataset folder; a shard is a file inside {data_dir} (written "
+            "there by `python -m data_prep build`): copy the file in, or re-run the build")
 
 
 def _process(process_index, process_count):
@@ -300,7 +313,7 @@ def make_train_iterator(data_dir, split: str = "train", *, global_batch_size: in
     ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
     ds = ds.map(_host_batch_fn(card), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
-    return ds.as_numpy_iterator()
+    return _naming_damaged_shards(ds.as_numpy_iterator(), data_dir, split, files)
 
 
 def make_eval_iterator(data_dir, split: str, *, global_batch_size: int, process_index: Optional[int] = None,
@@ -343,4 +356,30 @@ def make_eval_iterator(data_dir, split: str, *, global_batch_size: int, process_
     ds = ds.filter(mine).map(record).batch(b)
     ds = ds.map(pad, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
-    return ds.as_numpy_iterator()
+    return _naming_damaged_shards(ds.as_numpy_iterator(), data_dir, split, files)
+
+
+def _naming_damaged_shards(batches, data_dir, split: str, files: list) -> Iterator[dict]:
+    """`batches`, with TensorFlow's DataLossError (a record whose length or data fails its CRC; its
+    message names neither shard nor record) turned into a ShardError naming both: the split's
+    shards are walked, checking every record's CRC, until the damaged one is found."""
+    from lcssl.data.records import ShardError, shard_facts
+
+    tf = _tf()
+    try:
+        yield from batches
+    except tf.errors.DataLossError as e:
+        found = None
+        for shard in dict.fromkeys(files):
+            facts = shard_facts(shard, check_data=True)
+            if facts.corrupt_record is not None or facts.cut_mid_record:
+                found = (shard, f"corrupt record {facts.corrupt_record} (counting from 0; {facts.corrupt_what})"
+                         if facts.corrupt_record is not None else
+                         f"cut inside a record after {facts.num_records} complete records")
+                break
+        where = f"{found[0]}: {found[1]}" if found else (
+            f"a shard of split {split!r} in {data_dir} is damaged (TensorFlow: {e.message.splitlines()[-1]})")
+        raise ShardError(
+            f"{where}, met while reading split {split!r}. `python -m data_prep verify {data_dir}` lists every "
+            "damaged shard; re-running the `python -m data_prep build` command that made the dataset rewrites "
+            "them, then the same training command resumes") from None

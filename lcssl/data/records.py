@@ -26,6 +26,8 @@ from typing import Optional
 
 import numpy as np
 
+from lcssl.errors import ShardError  # noqa: F401 -- records.ShardError, as before
+
 FIELDS = ("patch_id", "zone", "domain", "aerial", "label", "has_label", "sits", "sits_valid", "dates")
 
 
@@ -245,9 +247,6 @@ def masked_crc32c(data: bytes) -> int:
     crc = crc32c(data)
     return (((crc >> 15) | (crc << 17)) + _CRC_MASK_DELTA) & 0xFFFFFFFF
 
-
-class ShardError(ValueError):
-    """A shard that is missing or differs from what its dataset card records (message names it)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,6 +70,13 @@ def aerial_logits(model, aerial):
     return model.seg_head(model.aerial_decoder(levels, False)).astype(jnp.float32)
 
 
+def load_spec(path: str) -> dict:
+    """The input spec of the checkpoint `load_model(path)` loads, read without its weights."""
+    from lcssl import checkpoint as ckpt_lib
+
+    return ckpt_lib.read_weights_spec(path, flag="--checkpoint", advice=CHECKPOINT_ADVICE)
+
+
 def load_model(path: str, mesh=None) -> tuple[Forward, dict, list[str]]:
     """(logits_fn, input_spec, class_names) of the run at `path` (a workdir or its checkpoints dir),
     through lcssl.checkpoint.restore_weights.

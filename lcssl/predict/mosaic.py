@@ -28,7 +28,7 @@ from lcssl.predict import sinks as sinks_lib
 from lcssl.predict.blend import Blender, Rows
 from lcssl.predict.inputs import band_indexes, open_raster
 from lcssl.predict.model import (TTA_VIEWS, DeviceStep, global_batch_size, load_model,
-                                 trained_without_sits)
+                                 load_spec, trained_without_sits)
 from lcssl.predict.sits import SitsReader, check_overlap, find_sits, sits_options, window_series
 from lcssl.predict.windows import Plan, Window, hann_weight
 
@@ -255,16 +255,16 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
     sits_reader = None
     out = []
     try:
-        # --- The model and its contract ------------------------------------------------------------
-        logits_fn, spec, class_names = (load_model(checkpoint, mesh) if isinstance(checkpoint, str)
-                                        else checkpoint)
+        # --- The model's contract (its input spec: bands, sizes, series), checked before the
+        # weights are restored ---------------------------------------------------------------------
+        spec = load_spec(checkpoint) if isinstance(checkpoint, str) else checkpoint[1]
         model_cfg = spec["model"]
         size, gsd_m = int(model_cfg["aerial_size"]), float(spec["aerial"]["gsd_m"])
         variant = models.variant(model_cfg)
         needs_sits = variant != "unet"
         trained_alone = trained_without_sits(model_cfg)
         fallback = (needs_sits and without_sits == "auto" and trained_alone
-                    and hasattr(logits_fn, "aerial_only"))
+                    and (isinstance(checkpoint, str) or hasattr(checkpoint[0], "aerial_only")))
         stats = normalize.stats_from_card(spec)
         opts, prob_threshold = sits_options(spec) if needs_sits else (None, None)
         indexes = band_indexes(aerial_path, "--aerial-bands", src.descriptions, src.count,
@@ -300,6 +300,10 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
             log.warning("No --sits: the whole mosaic is predicted from the aerial image alone "
                         "(the model was trained with modality_dropout=%s).",
                         model_cfg.get("modality_dropout"))
+
+        # --- The model -------------------------------------------------------------------------------
+        logits_fn, spec, class_names = (load_model(checkpoint, mesh) if isinstance(checkpoint, str)
+                                        else checkpoint)
         inputs = MosaicInputs(src, indexes, spec, win, batch_size, sits_reader, opts,
                               prob_threshold, fallback, min_clear_fraction)
         step = DeviceStep(logits_fn, stats, mesh, hann_weight(win), win, tta,

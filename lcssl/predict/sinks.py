@@ -12,15 +12,22 @@ A new output format is one subclass (its `name`, `suffix`, `help`, `bands` and `
 OPTIONAL; `python -m lcssl.predict` gets a `--<name>` flag for it. PatchMaps writes the per-patch
 maps of a prepared split (`--records`) through the same GeoTIFF conventions (colour table, class
 names, nodata 255).
+
+A raster is renamed to its final name only after GDAL reported no error while writing it: GDAL
+logs some write errors (a full disk while it flushes its blocks at close) without rasterio raising
+anything, and the file is then corrupt (`_writing`).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Sequence
 
 import numpy as np
 
 from lcssl.data import schema
+from lcssl.errors import UserError
 
 NODATA = schema.IGNORE_LABEL  # 255: no prediction, in the class map and the uint8 probability rasters
 PROB_SCALE = 254  # probabilities are stored as round(p * 254), so 255 stays free for nodata
@@ -74,6 +81,47 @@ def qml_style(names: Sequence[str]) -> str:
 """
 
 
+class _GdalErrors(logging.Handler):
+    """Collects the errors GDAL signals through rasterio's logger (at INFO level, so that they
+    are not shown: the caller turns them into one message)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.levelno >= logging.ERROR or "GDAL signalled an error" in text:
+            self.messages.append(text.split("msg=", 1)[-1].strip("'\""))
+
+
+@contextlib.contextmanager
+def _writing(final: str):
+    """Raises a UserError naming `final` (the name the raster would get) when GDAL fails while the
+    block writes to its temporary file, whether rasterio raises or GDAL only logs the error."""
+    import rasterio.errors
+
+    logger = logging.getLogger("rasterio._env")
+    errors, level, propagate = _GdalErrors(), logger.level, logger.propagate
+    logger.addHandler(errors)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    except (rasterio.errors.RasterioError, OSError) as e:
+        cause = e.__cause__ or e
+        errors.messages.append(getattr(cause, "strerror", None) or str(cause))
+    finally:
+        logger.removeHandler(errors)
+        logger.setLevel(level)
+        logger.propagate = propagate
+    if errors.messages:
+        raise UserError(
+            f"{final}: cannot write this raster (GDAL: {errors.messages[0]}); is the disk full? Free "
+            "space (or choose another --out) and re-run the same command; nothing was written under "
+            "this name") from None
+
+
 def scaled(p: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Probabilities 0..1 -> uint8 round(p x 254), NODATA where not valid."""
     return np.where(valid, np.rint(p * PROB_SCALE), NODATA).astype(np.uint8)
@@ -111,32 +159,35 @@ class Sink:
     def open(self, profile: dict) -> None:
         import rasterio
 
-        self.dataset = rasterio.open(
-            self.raw, "w", driver="GTiff", dtype="uint8", count=self.bands, nodata=NODATA,
-            tiled=True, blockxsize=256, blockysize=256, compress="none", BIGTIFF="IF_SAFER",
-            width=profile["width"], height=profile["height"], crs=profile["crs"],
-            transform=profile["transform"])
-        if self.colour_table:   # before any pixel: the TIFF's photometric tag cannot change later
-            self.dataset.write_colormap(1, colour_table(self.class_names))
+        with _writing(self.final):
+            self.dataset = rasterio.open(
+                self.raw, "w", driver="GTiff", dtype="uint8", count=self.bands, nodata=NODATA,
+                tiled=True, blockxsize=256, blockysize=256, compress="none", BIGTIFF="IF_SAFER",
+                width=profile["width"], height=profile["height"], crs=profile["crs"],
+                transform=profile["transform"])
+            if self.colour_table:  # before any pixel: the TIFF's photometric tag cannot change later
+                self.dataset.write_colormap(1, colour_table(self.class_names))
 
     def write(self, rows) -> None:
         from rasterio.windows import Window
 
         h, w = rows.shape
-        self.dataset.write(self.pixels(rows), window=Window(rows.x0, rows.y0, w, h))
+        with _writing(self.final):
+            self.dataset.write(self.pixels(rows), window=Window(rows.x0, rows.y0, w, h))
 
     def finish(self) -> None:
         """Raw GeoTIFF -> tiled, DEFLATE-compressed COG with overviews under the temporary name."""
         import rasterio.shutil
 
-        self.describe(self.dataset)
-        self.dataset.update_tags(classes=",".join(self.class_names), nodata=str(NODATA),
-                                 software="lcssl.predict")
-        self.dataset.close()
-        self.dataset = None
-        rasterio.shutil.copy(self.raw, self.tmp, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=512,
-                             OVERVIEW_RESAMPLING="NEAREST" if self.colour_table else "AVERAGE",
-                             BIGTIFF="IF_SAFER")
+        with _writing(self.final):
+            self.describe(self.dataset)
+            self.dataset.update_tags(classes=",".join(self.class_names), nodata=str(NODATA),
+                                     software="lcssl.predict")
+            dataset, self.dataset = self.dataset, None
+            dataset.close()
+            rasterio.shutil.copy(self.raw, self.tmp, driver="COG", COMPRESS="DEFLATE",
+                                 BLOCKSIZE=512, BIGTIFF="IF_SAFER",
+                                 OVERVIEW_RESAMPLING="NEAREST" if self.colour_table else "AVERAGE")
         os.remove(self.raw)
 
     def commit(self) -> None:
@@ -230,8 +281,9 @@ class PatchMaps:
         name = f"{self.split}_{index:05d}.tif"
         tmp = os.path.join(self.out_dir, f".{name}.tmp-{os.getpid()}.tif")
         try:
-            with rasterio.open(tmp, "w", driver="GTiff", width=pred.shape[1],
-                               height=pred.shape[0], count=2, dtype="uint8", nodata=NODATA) as dst:
+            with _writing(os.path.join(self.out_dir, name)), rasterio.open(
+                    tmp, "w", driver="GTiff", width=pred.shape[1], height=pred.shape[0], count=2,
+                    dtype="uint8", nodata=NODATA) as dst:
                 dst.write_colormap(1, colour_table(self.class_names))   # before the pixels
                 dst.write(np.stack([pred, label]).astype(np.uint8))
                 dst.set_band_description(1, "prediction")

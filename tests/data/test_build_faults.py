@@ -133,11 +133,13 @@ def test_a_raw_dataset_that_cannot_be_read_fails_with_one_line(raw, tmp_path, ca
     else:
         bad = raw / flair2.AERIAL_DIR
         os.rename(bad, raw / "elsewhere")
-    code = data_prep_main(["build", "--layout=flair2", f"--src={raw}", f"--out={tmp_path / 'out'}",
-                           f"--expect-size={SIZE}", "--no-progress", "--workers=1"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.user_errors(data_prep_main)(["build", "--layout=flair2", f"--src={raw}",
+                                         f"--out={tmp_path / 'out'}", f"--expect-size={SIZE}",
+                                         "--no-progress", "--workers=1"])
     err = capsys.readouterr().err
-    assert code == 1 and len(err.strip().splitlines()) == 1
-    assert err.startswith("build failed: ") and str(bad) in err and expect in err
+    assert exit_info.value.code == cli.EXIT_USER_ERROR and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: ") and str(bad) in err and expect in err
 
 
 def test_build_reports_a_patch_in_another_crs_and_keeps_the_card_resolution(raw, tmp_path):
@@ -314,3 +316,21 @@ def test_a_killed_builds_partial_files_are_removed_when_the_next_build_starts(tm
     with pytest.raises(build.BuildError, match="different inputs or options"):  # stops before writing
         build.build("/raw", out, layout="flair2", options=options(seed=1))
     assert not any(path.exists() for path in left)
+
+
+def test_the_summary_names_a_zone_s_bad_sentinel2_file_once_with_its_patches():
+    s2 = "/raw/sen/Z1/SEN2_data.npy"
+    bad = [{"file": s2, "reason": "unreadable", "detail": "is not a .npy array file",
+            "patch": f"/raw/aerial/Z1/IMG_{k}.tif"} for k in range(7)]
+    bad.append({"file": "/raw/aerial/Z2/IMG_9.tif", "reason": "wrong_crs", "detail": "EPSG:4326",
+                "patch": "/raw/aerial/Z2/IMG_9.tif"})
+    summary = {"layout": "flair2", "patches_found": 20, "src": "/raw", "written": {"train": 12},
+               "skipped": {"unreadable": 7, "wrong_crs": 1}, "skipped_total": 8, "held_out_unlabelled": 0,
+               "bad_patches": bad, "shards": {"written": 1, "reused": 0, "replaced": []}, "seconds": 1.0,
+               "out": "/out"}
+    text = build.format_summary(summary)
+    assert text.count(s2) == 1
+    assert (f"    {s2}: unreadable: is not a .npy array file (skips 7 patches: /raw/aerial/Z1/IMG_0.tif, "
+            "/raw/aerial/Z1/IMG_1.tif, /raw/aerial/Z1/IMG_2.tif, /raw/aerial/Z1/IMG_3.tif, "
+            "/raw/aerial/Z1/IMG_4.tif, ... 2 more)") in text
+    assert "    /raw/aerial/Z2/IMG_9.tif: wrong_crs: EPSG:4326\n" in text

@@ -1,6 +1,7 @@
 """Shard integrity: the card records each shard's records, bytes and sha256; the pipeline refuses a
 damaged dataset when it opens it, `data_prep verify` checks every byte, a build re-run rewrites it."""
 import json
+import os
 import re
 import shutil
 import struct
@@ -146,7 +147,8 @@ def test_a_hand_edited_card_is_refused_at_open_and_named_by_verify(dataset, caps
     out = capsys.readouterr()
     assert f"{dataset / 'dataset_card.json'}: its content differs" in out.out
     assert named is None or named in out.out
-    assert "0 of" in out.err and "was edited" in out.err  # no shard is blamed
+    assert "dataset_card.json was edited (the shards are intact)" in out.err  # no shard is blamed
+    assert " of " not in out.err
 
 
 def test_a_card_without_its_checksum_or_of_format_2_is_refused_with_the_way_out(dataset, built, monkeypatch):
@@ -167,9 +169,10 @@ def test_an_edited_shard_count_blames_the_card_not_the_intact_shard(dataset, cap
     edit_card(dataset, lambda c: c["splits"]["train"]["shard_examples"].__setitem__(0, c["splits"]["train"][
         "shard_examples"][0] + 1), reseal=True)  # even a card whose checksum was redone
     assert data_prep_main(["verify", str(dataset)]) == 1
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert f"{shard}: intact (its bytes and sha256 match the card)" in out and "the card was edited" in out
     assert "cut at a record boundary" not in out
+    assert "was edited (the shards are intact)" in err and "shards damaged" not in err
 
 
 @pytest.mark.parametrize("name", ["/etc/hostname", "../x", "..", "sub/x.tfrecord"])
@@ -230,3 +233,18 @@ def test_a_shard_of_the_same_record_count_but_another_size_is_named_rewritten(da
     with pytest.raises(records.ShardError, match=rf"{shard.name}: {card['splits']['train']['shard_bytes'][0] + 1} "
                                                  r"bytes, the card records \d+: rewritten with other content"):
         pipeline.load_card(dataset)
+
+
+def test_a_shard_linked_to_a_file_outside_the_dataset_folder_is_refused(dataset, tmp_path, capsys):
+    shard, _ = first_train_shard(dataset)
+    outside = tmp_path / "elsewhere.tfrecord"
+    shutil.move(shard, outside)
+    shard.symlink_to(outside)  # same bytes: only where it lives is wrong
+    with pytest.raises(records.ShardError, match=rf"^{shard}: a link to {outside}, outside the dataset folder"):
+        pipeline.load_card(dataset)
+    assert data_prep_main(["verify", str(dataset)]) == 1
+    assert f"{shard}: a link to {outside}, outside the dataset folder" in capsys.readouterr().out
+    shard.unlink()
+    shard.symlink_to(os.path.relpath(dataset / "kept.tfrecord", shard.parent))  # a link inside is fine
+    shutil.move(outside, dataset / "kept.tfrecord")
+    pipeline.load_card(dataset)

@@ -1,10 +1,15 @@
 """Output sinks: finished rows -> uint8 rasters with nodata, a new format is one class, and a
-failure leaves no file behind."""
+failure leaves no file behind, also when GDAL only logs it (a full disk at close)."""
+import contextlib
+import resource
+import signal
+
 import numpy as np
 import pytest
 import rasterio
 from rasterio.transform import from_origin
 
+from lcssl.errors import UserError
 from lcssl.predict import sinks
 from lcssl.predict.__main__ import _parser
 from lcssl.predict.blend import Rows
@@ -71,3 +76,50 @@ def test_each_optional_sink_is_a_flag():
     assert args.confidence and not args.probabilities
     with pytest.raises(SystemExit):
         _parser().parse_args(["--checkpoint=r", "--out=m.tif", "--entropy"])
+
+
+@contextlib.contextmanager
+def file_size_limit(num_bytes):
+    """Writes past `num_bytes` fail in GDAL's own C code (EFBIG, SIGXFSZ ignored), as on a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (num_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_patch_map_gdal_failed_to_write_is_named_and_never_renamed_into_place(tmp_path):
+    """GDAL flushes a small raster's blocks at close and only logs its write errors there: rasterio
+    raises nothing, and the corrupt file used to be renamed to its final name."""
+    maps = sinks.PatchMaps(str(tmp_path), "test", NAMES)
+    pred = np.random.default_rng(0).integers(0, 3, (64, 64)).astype(np.uint8)
+    with pytest.raises(UserError, match=rf"^{tmp_path}/test_00000.tif: cannot write this raster \(GDAL: "
+                                        r".*\); is the disk full\?") as e, file_size_limit(1000):
+        maps.write(0, pred, pred)
+    assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+    assert maps.write(0, pred, pred) == "test_00000.tif"  # space again: written whole
+    with rasterio.open(tmp_path / "test_00000.tif") as m:
+        assert (m.read(1) == pred).all()
+
+
+@pytest.mark.parametrize("limit", [2000, 20_000])
+def test_a_map_gdal_failed_to_write_is_named_and_leaves_nothing(tmp_path, limit):
+    profile = dict(PROFILE, width=300, height=300)
+    s = sinks.Confidence(str(tmp_path / "map.tif"), NAMES)
+    logits = np.random.default_rng(0).normal(size=(300, 300, 3)).astype(np.float32)
+    valid = np.ones((300, 300), bool)
+    with pytest.raises(UserError, match=rf"^{tmp_path}/map_confidence.tif: cannot write this raster"), \
+            file_size_limit(limit):
+        try:
+            s.open(profile)
+            s.write(Rows(0, 0, logits, valid, np.zeros_like(valid), valid))
+            s.finish()
+            s.commit()
+        except BaseException:
+            s.abort()  # as predict_mosaic does
+            raise
+    assert list(tmp_path.iterdir()) == []
