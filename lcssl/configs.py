@@ -53,7 +53,7 @@ Preset = Callable[[ml_collections.ConfigDict], None]
 
 
 def base(dataset: str, task: str) -> ml_collections.ConfigDict:
-    """The modern default for `dataset` ('flair2' | 'hameln') and `task` (a name in lcssl.tasks):
+    """The modern default for `dataset` (a layout of data_prep/layouts.py) and `task` (a name in lcssl.tasks):
     pre-training defaults for every task but 'supervised'."""
     from lcssl import models, tasks
     from lcssl.data import augment
@@ -128,7 +128,9 @@ def base(dataset: str, task: str) -> ml_collections.ConfigDict:
     c.input_bound_warning = 0.3  # warn when the host waits on input this share of the time
     c.seed = 0
     if pretrain:
-        c.split = "unlabelled" if dataset == "hameln" else "train"
+        from data_prep import layouts
+
+        c.split = layouts.get(dataset).pretrain_split
     return c
 
 
