@@ -124,7 +124,8 @@ def _prepare(layout: str, ref, options: BuildOptions, num_classes: int) -> _Prep
     from lcssl.data.schema import IGNORE_LABEL
 
     reader = _reader(layout)
-    patch = reader.read_patch(ref, sits_size=options.sits_size, expect_size=options.expect_size,
+    sits_size = reader.sits_size if options.sits_size is None else options.sits_size
+    patch = reader.read_patch(ref, sits_size=sits_size, expect_size=options.expect_size,
                               cloud_prob_threshold=options.cloud_prob_threshold)
     if patch.label is not None:
         bad = (patch.label >= num_classes) & (patch.label != IGNORE_LABEL)
