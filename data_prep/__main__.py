@@ -176,7 +176,11 @@ def main(argv=None) -> int:
     from lcssl import cli
 
     cli.quiet_native_logs()  # before TensorFlow loads, here and in the build's worker processes
+    from lcssl.files import refuse_remote
+
     args = parser().parse_args(argv)
+    for name, flag in (("src", "--src"), ("out", "--out"), ("data_dir", "data_dir")):
+        refuse_remote(getattr(args, name, None), flag)
     return args.fn(args)
 
 
