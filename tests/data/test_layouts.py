@@ -70,7 +70,7 @@ def test_every_class_is_in_each_labelled_split_of_a_synthetic_layout(tmp_path, l
     for split in ("train", "val", "test"):
         assert found[split] == set(range(num_classes)), (split, sorted(found[split]))
     if layout == "flair2":  # the released test folders are the test split
-        assert card["splits"]["test"]["zones"] == ["D002_2021/Z2_NN"]
+        assert card["splits"]["test"]["zones"] == ["D002_2021/Z2_UU"]  # zone 3 (urban) of department 2
 
 
 def _tree_sha256(folder: pathlib.Path) -> str:
