@@ -83,7 +83,7 @@ def _tree_sha256(folder: pathlib.Path) -> str:
 def test_the_synthetic_hameln_dataset_is_what_it_was(tmp_path):
     # The label-efficiency study builds its benchmark from this generator: the bytes are pinned
     # (measured on the generator before the layout registry; every_class is off for Hameln).
-    synth.write_dataset(tmp_path, layout="hameln", num_zones=3, seed=3)
+    synth.write_dataset(tmp_path, layout="hameln", num_zones=3, seed=3, num_dates=12)  # the CLI's defaults
     assert _tree_sha256(tmp_path) == HAMELN_SEED3_SHA256
 
 
