@@ -2,6 +2,7 @@
 
     python -m data_prep synth --layout=flair2 --out=/tmp/flair2_raw --patch-size=64
     python -m data_prep build --layout=flair2 --src=/tmp/flair2_raw --out=/tmp/flair2_tfr --expect-size=64
+    python -m data_prep synth --layout=flair_hub --out=/tmp/hub_raw --patch-size=64     # layouts: data_prep/layouts.py
     python -m data_prep verify /tmp/flair2_tfr      # the card's checksum; every shard's records, CRCs, size, sha256
     python -m data_prep build --help
 """
@@ -22,6 +23,10 @@ def _synth(args) -> int:
                   patch_size=args.patch_size, sits_size=args.sits_size, num_dates=args.num_dates, seed=args.seed)
     if args.unlabelled_per_zone is not None:
         kwargs["unlabelled_per_zone"] = args.unlabelled_per_zone
+    if args.every_class is not None:
+        kwargs["every_class"] = args.every_class
+    if args.test_zones:
+        kwargs["test_zones"] = args.test_zones
     try:
         kwargs["realism"] = synth.Realism(
             boundary_jitter_px=args.boundary_jitter_px, wrong_region_share=args.wrong_region_share,
@@ -31,8 +36,11 @@ def _synth(args) -> int:
     except ValueError as e:  # a flag value out of range: printed by lcssl.cli
         raise UserError(f"python -m data_prep synth: {e}") from None
     print(json.dumps(info, indent=2, default=str))
+    from data_prep import layouts
+
+    sits_size = min(args.sits_size, layouts.get(args.layout).sits_size)
     print(f"build it with: python -m data_prep build --layout={args.layout} --src={args.out} --out=OUT "
-          f"--expect-size={args.patch_size} --sits-size={args.sits_size}")
+          f"--expect-size={args.patch_size} --sits-size={sits_size}")
     return 0
 
 
@@ -80,6 +88,8 @@ def _verify(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from data_prep import layouts
+
     p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -87,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write a tiny synthetic raw dataset in a layout's folder structure",
                        formatter_class=fmt)
-    s.add_argument("--layout", choices=("flair2", "hameln"), required=True)
+    s.add_argument("--layout", choices=layouts.NAMES, required=True)
     s.add_argument("--out", required=True, help="output folder of the raw dataset")
     s.add_argument("--num-zones", type=int, default=4)
     s.add_argument("--patches-per-zone", type=int, default=6, help="labelled patches per zone")
@@ -96,6 +106,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--sits-size", type=int, default=40, help="Sentinel-2 crop px")
     s.add_argument("--num-dates", type=int, default=12, help="Sentinel-2 acquisitions per series")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--every-class", action=argparse.BooleanOptionalAction, default=None,
+                   help="small plots of every class of the layout in every zone (default: the layout's; "
+                        "flair2, flair_hub: on; hameln: off, its output unchanged)")
+    s.add_argument("--test-zones", type=int, default=0,
+                   help="the last N zones go to the layout's released test folders (flair2)")
     g = s.add_argument_group("realism (data_prep.synth.Realism; all off by default: same bytes as without)")
     g.add_argument("--boundary-jitter-px", type=int, default=0,
                    help="label noise: label boundaries move by up to this many px (smooth random field)")
@@ -115,7 +130,7 @@ def parser() -> argparse.ArgumentParser:
                        description="Validates every patch (bad ones are reported and skipped, or stop the "
                                    "build with --strict), splits by zone, writes <split>-NNNNN-of-MMMMM.tfrecord "
                                    "shards, dataset_card.json and build_summary.json. Re-running resumes.")
-    b.add_argument("--layout", choices=("flair2", "hameln"), required=True)
+    b.add_argument("--layout", choices=layouts.NAMES, required=True)
     b.add_argument("--src", required=True, help="root of the raw dataset")
     b.add_argument("--out", required=True, help="output folder (shards, card, summary)")
     g = b.add_argument_group("splits")
@@ -129,7 +144,9 @@ def parser() -> argparse.ArgumentParser:
     g = b.add_argument_group("patches")
     g.add_argument("--expect-size", type=int, default=None,
                    help="aerial height = width in px (default: the layout's, 512 for FLAIR #2; synthetic: 64)")
-    g.add_argument("--sits-size", type=int, default=40, help="Sentinel-2 crop px around the patch centre")
+    g.add_argument("--sits-size", type=int, default=None,
+                   help="Sentinel-2 crop px around the patch centre (default: the layout's; flair2, hameln: 40, "
+                        "flair_hub: 10)")
     g = b.add_argument_group("Sentinel-2 series (lcssl.data.sits.SitsOptions)")
     g.add_argument("--max-cloud", type=float, default=0.5, help="drop dates with a cloud/snow score above this")
     g.add_argument("--cloud-prob-threshold", type=float, default=None,
@@ -159,7 +176,11 @@ def main(argv=None) -> int:
     from lcssl import cli
 
     cli.quiet_native_logs()  # before TensorFlow loads, here and in the build's worker processes
+    from lcssl.files import refuse_remote
+
     args = parser().parse_args(argv)
+    for name, flag in (("src", "--src"), ("out", "--out"), ("data_dir", "data_dir")):
+        refuse_remote(getattr(args, name, None), flag)
     return args.fn(args)
 
 

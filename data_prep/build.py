@@ -30,7 +30,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import hashlib
-import importlib
 import json
 import math
 import multiprocessing
@@ -41,6 +40,7 @@ from typing import Optional
 
 import numpy as np
 
+from data_prep import layouts
 from data_prep.patch import REASONS, BadPatch, RawPatch
 from lcssl.data.schema import CARD_NAME, FORMAT_VERSION, PLAN_NAME, SHARD_INDEX_NAME, SUMMARY_NAME, seal_card
 from lcssl.errors import BuildError
@@ -53,7 +53,6 @@ LOCK_NAME = "build.lock"  # one build at a time in an --out (lcssl.files.FolderL
 # scale (float64, or float32 in some writers: relative 6e-8); 1e-6 leaves a margin and still tells
 # 0.2 m from 0.2002 m.
 GSD_RTOL = 1e-6
-LAYOUTS = {"flair2": "data_prep.flair2", "hameln": "data_prep.hameln"}
 CLASS_WEIGHTS_FORMULA = (
     "w_k = 1/sqrt(f_k) with f_k the train pixel frequency of class k, normalised to mean 1 over the "
     "classes present in train; 0 for classes absent from train")
@@ -73,7 +72,7 @@ class BuildOptions:
     # Unlabelled patches of val/test zones are kept out of pre-training by default: pre-training on
     # the imagery of the evaluation zones would leak them (transductively) into the encoder.
     unlabelled_from_eval_zones: bool = False
-    sits_size: int = 40
+    sits_size: Optional[int] = None  # Sentinel-2 crop px; None: the layout's (FLAIR #2, Hameln: 40)
     expect_size: Optional[int] = None  # aerial height = width; None: the reader's default (FLAIR #2: 512)
     cloud_prob_threshold: Optional[float] = None  # see lcssl.data.sits.cloud_probability
     sits: dict = dataclasses.field(default_factory=dict)
@@ -86,22 +85,7 @@ def _atomic_json(path: pathlib.Path, obj) -> None:
 
 
 def _reader(layout: str):
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {sorted(LAYOUTS)}")
-    return importlib.import_module(LAYOUTS[layout])
-
-
-def _layout_meta(layout: str, src) -> dict:
-    """Class names, band names and Sentinel-2 GSD of a layout (Hameln: from its manifest)."""
-    from lcssl.data import schema
-
-    if layout == "flair2":
-        return {"classes": list(schema.FLAIR2_CLASSES), "aerial_bands": list(schema.FLAIR2_AERIAL_BANDS),
-                "sits_gsd_m": float(schema.S2_GSD_M),
-                "official_miou": importlib.import_module(LAYOUTS[layout]).OFFICIAL_MIOU}
-    manifest = _reader(layout).read_manifest(src)
-    return {"classes": list(manifest["classes"]), "aerial_bands": list(manifest["aerial_bands"]),
-            "sits_gsd_m": float(manifest["sits_gsd_m"])}
+    return layouts.get(layout)
 
 
 def _sits_options(options: BuildOptions):
@@ -137,7 +121,8 @@ def _prepare(layout: str, ref, options: BuildOptions, num_classes: int) -> _Prep
     from lcssl.data.schema import IGNORE_LABEL
 
     reader = _reader(layout)
-    patch = reader.read_patch(ref, sits_size=options.sits_size, expect_size=options.expect_size,
+    sits_size = reader.sits_size if options.sits_size is None else options.sits_size
+    patch = reader.read_patch(ref, sits_size=sits_size, expect_size=options.expect_size,
                               cloud_prob_threshold=options.cloud_prob_threshold)
     if patch.label is not None:
         bad = (patch.label >= num_classes) & (patch.label != IGNORE_LABEL)
@@ -186,7 +171,7 @@ def _scan_one(args):
     info = {
         "index": index, "patch_id": patch.patch_id, "zone": str(patch.zone), "domain": str(patch.domain),
         "file": _patch_file(patch), "has_label": patch.label is not None,
-        "split": getattr(ref, "fixed_split", None),  # FLAIR #2's released test folders: 'test'
+        "split": ref.fixed_split,  # e.g. FLAIR #2's released test folders: 'test'
         "aerial_shape": tuple(patch.aerial.shape), "sits_shape": tuple(p.sits.shape[1:]),
         "gsd_m": abs(float(patch.aerial_transform[0])),
         "aerial_moments": _moments(patch.aerial.reshape(-1, patch.aerial.shape[-1])),
@@ -527,6 +512,8 @@ def build(src, out, *, layout: str, options: Optional[BuildOptions] = None) -> d
     written to `out/build_summary.json`. Raises BuildError in strict mode at the first bad patch.
     """
     options = options or BuildOptions()
+    if options.sits_size is None:  # an unknown layout fails here, before anything is written
+        options = dataclasses.replace(options, sits_size=_reader(layout).sits_size)
     t0 = time.time()
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -542,7 +529,10 @@ def build(src, out, *, layout: str, options: Optional[BuildOptions] = None) -> d
 def _build(src, out: pathlib.Path, layout: str, options: BuildOptions, t0: float) -> dict:
     for stale in out.glob(".*.tmp.*"):  # partial files of an interrupted run (the lock says it is over)
         stale.unlink()
-    meta = _layout_meta(layout, src)
+    meta = _reader(layout).metadata(src)
+    if meta.get("not_read"):
+        print(f"build {layout}: {src} also holds {', '.join(meta['not_read'])}: not read (lcssl's model takes "
+              "aerial + Sentinel-2)", flush=True)
     num_classes = len(meta["classes"])
     sits_opts = _sits_options(options)  # fails early on a bad SITS option
 
@@ -652,6 +642,7 @@ def _build(src, out: pathlib.Path, layout: str, options: BuildOptions, t0: float
         "written": {s: card["splits"][s]["num_examples"] for s in SPLITS},
         "skipped": {r: n for r, n in reasons.items() if n},
         "skipped_total": len(bad),
+        **({"modalities_not_read": meta["not_read"]} if meta.get("not_read") else {}),
         "held_out_unlabelled": held_out,
         "bad_patches": bad,
         "shards": {"written": written, "reused": reused, "replaced": replaced},

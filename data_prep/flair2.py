@@ -10,28 +10,24 @@
 The folders are the released training ones (flair_aerial_train, ...) and, where present, the released
 test ones (flair_2_aerial_test, ...): their patches are the official test set (PatchRef.fixed_split 'test').
 `list_patches` only lists paths (cheap, so build can parallelise `read_patch`). A patch whose MSK file
-is missing (or the whole labels folder) is unlabelled. The raster helpers here are shared with
-data_prep/hameln.py.
+is missing (or the whole labels folder) is unlabelled. `LAYOUT` is this layout's entry in
+data_prep/layouts.py; `Writer` writes it for data_prep/synth.py.
 """
 from __future__ import annotations
 
-import dataclasses
+import datetime
 import functools
 import json
-import math
 import os
 import pathlib
-import warnings
 from typing import Optional
 
 import numpy as np
-import rasterio
-import rasterio.crs
-import rasterio.errors
 
-from data_prep.patch import BadPatch, MissingSource, RawPatch, SourceError
+from data_prep.patch import BadPatch, Layout, MissingSource, PatchRef, RawPatch, SourceError, SynthSpec
+from data_prep.rasters import check_same_grid, check_superpatch, load_npy, read_raster, write_tif
 from lcssl.data import sits as sits_lib
-from lcssl.data.schema import FLAIR2_AERIAL_BANDS, FLAIR2_CLASSES, IGNORE_LABEL, S2_BANDS
+from lcssl.data.schema import FLAIR2_AERIAL_BANDS, FLAIR2_CLASSES, IGNORE_LABEL, S2_GSD_M
 
 AERIAL_DIR = "flair_aerial_train"
 LABELS_DIR = "flair_labels_train"
@@ -48,12 +44,6 @@ OFFICIAL_MIOU = {"exclude_classes": [FLAIR2_CLASSES[-1]],
 AERIAL_SIZE = 512        # FLAIR #2 patches: 512 x 512 px at 0.2 m
 AERIAL_GSD_M = 0.2
 CRS = "EPSG:2154"        # RGF93 / Lambert-93, the CRS of every FLAIR #2 raster
-# Ground resolution tolerance: pixel scales are stored as float64 (some writers: float32, relative
-# 6e-8); 1e-6 leaves a margin and still tells 0.2 m from 0.2002 m.
-GSD_RTOL = 1e-6
-# Origin tolerance of a label against its aerial patch: a thousandth of a pixel, far above the float64
-# rounding of map coordinates (~1e-10 m at 1e6 m) and far below any real misregistration.
-ORIGIN_TOL_PX = 1e-3
 SITS_SIZE = 40           # FLAIR #2 baseline crop of the super-patch (40 x 40 px at 10 m)
 MAX_RAW_CODE = 19        # FLAIR #2 nomenclature: codes 1..19; 14..19 are rare and fold into 'other'
 
@@ -65,146 +55,6 @@ _FOLD[1:MAX_RAW_CODE + 1] = np.minimum(np.arange(1, MAX_RAW_CODE + 1), len(FLAIR
 def fold_labels(codes: np.ndarray) -> np.ndarray:
     """Raw FLAIR #2 codes [H, W] uint8 (0..19) -> class ids 0..12, 255 where the code is 0."""
     return _FOLD[codes]
-
-
-@dataclasses.dataclass(frozen=True)
-class PatchRef:
-    """Paths of one FLAIR #2 patch; `centroid` is (row, col) in the zone super-patch, or None."""
-
-    patch_id: str
-    zone: str
-    domain: str
-    aerial_path: str
-    label_path: Optional[str]
-    sen_data_path: str
-    sen_masks_path: str
-    sen_products_path: str
-    centroids_path: str
-    centroid: Optional[tuple]
-    centroid_error: Optional[str] = None
-    fixed_split: Optional[str] = None  # 'test' for the released test folders; None: build draws it
-
-    @property
-    def has_label(self) -> bool:
-        return self.label_path is not None
-
-
-# ----------------------------------------------------------------------------- rasters (shared)
-
-def _error_chain(e: BaseException) -> str:
-    """The message of `e` and of its causes: rasterio's 'Read failed. See previous exception' keeps
-    GDAL's reason (e.g. a truncated strip) only in the chained exception."""
-    parts, seen = [], set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        text = str(e).strip()
-        if text and text not in parts:
-            parts.append(text)
-        e = e.__cause__ or e.__context__
-    return ": ".join(parts)
-
-
-def check_georef(path, crs, transform, *, expect_crs: Optional[str], expect_gsd_m: Optional[float],
-                 crs_source: str = "") -> None:
-    """The raster's CRS against the dataset's and its pixel size against the expected one (a
-    north-up grid); raises BadPatch wrong_crs / resolution. `crs_source` says where the expected CRS
-    comes from (e.g. the Hameln manifest)."""
-    if expect_crs is not None and crs != rasterio.crs.CRS.from_user_input(expect_crs):
-        raise BadPatch(path, "wrong_crs", f"CRS {crs.to_string() if crs else None}, expected {expect_crs}"
-                                          f"{crs_source}")
-    if expect_gsd_m is not None:
-        a, b, _, d, e, _ = tuple(transform)[:6]
-        if b or d or not (math.isclose(abs(a), expect_gsd_m, rel_tol=GSD_RTOL)
-                          and math.isclose(abs(e), expect_gsd_m, rel_tol=GSD_RTOL)):
-            raise BadPatch(path, "resolution", f"pixel size {abs(a)} x {abs(e)} (rotation terms {b}, {d}), "
-                                               f"expected a north-up grid of {expect_gsd_m} m pixels")
-
-
-def check_same_grid(label_path, label_crs: str, label_transform: tuple, aerial_path, aerial_crs: str,
-                    aerial_transform: tuple) -> None:
-    """A georeferenced label must lie on its aerial patch's grid (same CRS, pixel size and origin; the
-    shapes were checked when read); raises BadPatch 'grid'. A label without georeferencing is taken
-    to be on the aerial grid."""
-    if not label_crs and rasterio.Affine(*label_transform).is_identity:
-        return
-    same_crs = bool(label_crs) and (rasterio.crs.CRS.from_user_input(label_crs)
-                                    == rasterio.crs.CRS.from_user_input(aerial_crs))
-    if not same_crs:
-        raise BadPatch(label_path, "grid", f"CRS {label_crs or None}, its aerial patch "
-                                           f"{os.path.basename(str(aerial_path))} has {aerial_crs}")
-    la, lb, lx, ld, le, ly = label_transform
-    aa, ab, ax, ad, ae, ay = aerial_transform
-    gsd = max(abs(aa), abs(ae))
-    same_pixels = all(math.isclose(u, v, rel_tol=GSD_RTOL, abs_tol=GSD_RTOL * gsd)
-                      for u, v in ((la, aa), (lb, ab), (ld, ad), (le, ae)))
-    if not same_pixels or abs(lx - ax) > ORIGIN_TOL_PX * gsd or abs(ly - ay) > ORIGIN_TOL_PX * gsd:
-        raise BadPatch(label_path, "grid",
-                       f"transform {tuple(label_transform)}, its aerial patch {os.path.basename(str(aerial_path))} "
-                       f"has {tuple(aerial_transform)} (origin shifted by {lx - ax:+.3f}, {ly - ay:+.3f} m)")
-
-
-def read_raster(path, *, bands: int, size: int, dtype, need_georef: bool, expect_crs: Optional[str] = None,
-                expect_gsd_m: Optional[float] = None, crs_source: str = ""):
-    """GeoTIFF -> ([H, W, bands] array, crs string or '', affine 6-tuple), validated.
-
-    Raises BadPatch: unreadable, band_count, size, dtype, no_crs (when need_georef), wrong_crs
-    (expect_crs), resolution (expect_gsd_m), nonfinite.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            with rasterio.open(path) as ds:
-                if ds.count != bands:
-                    raise BadPatch(path, "band_count", f"expected {bands} bands, found {ds.count}")
-                if (ds.height, ds.width) != (size, size):
-                    raise BadPatch(path, "size", f"expected {size}x{size} px, found {ds.height}x{ds.width}")
-                if any(np.dtype(d) != np.dtype(dtype) for d in ds.dtypes):
-                    raise BadPatch(path, "dtype", f"expected {np.dtype(dtype)}, found {', '.join(ds.dtypes)}")
-                crs = ds.crs.to_string() if ds.crs is not None else ""
-                transform = ds.transform
-                if need_georef and (not crs or transform.is_identity):
-                    raise BadPatch(path, "no_crs", f"expected a CRS and a geotransform, found crs={crs or None}, "
-                                                   f"transform={tuple(transform)[:6]}")
-                if need_georef:
-                    check_georef(path, ds.crs, transform, expect_crs=expect_crs, expect_gsd_m=expect_gsd_m,
-                                 crs_source=crs_source)
-                data = ds.read()
-    except (rasterio.errors.RasterioError, OSError) as e:
-        raise BadPatch(path, "unreadable", f"cannot read GeoTIFF ({_error_chain(e)})") from None
-    if data.dtype.kind == "f" and not np.all(np.isfinite(data)):
-        raise BadPatch(path, "nonfinite", "found NaN or inf values")
-    return np.ascontiguousarray(np.moveaxis(data, 0, -1)), crs, tuple(transform)[:6]
-
-
-NPY_MAGIC = b"\x93NUMPY"  # numpy/lib/format.py: every .npy file starts with it
-
-
-def load_npy(path, *, what: str):
-    """Memory-mapped .npy; a missing file is 'no_sits', an unparseable one 'unreadable'.
-
-    A file without the .npy magic string is named as such before numpy reads it: numpy would take
-    it for a pickle and advise `allow_pickle=True`, which would run whatever the file holds."""
-    if not os.path.exists(path):
-        raise BadPatch(path, "no_sits", f"{what} file missing")
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(len(NPY_MAGIC))
-        if magic != NPY_MAGIC:
-            raise BadPatch(path, "unreadable", f"{what} is not a .npy array file (it does not start with the "
-                                               f"NumPy header {NPY_MAGIC!r}); restore the dataset's original file")
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        detail = str(e) if "pickle" not in str(e) else "its .npy header cannot be parsed"
-        raise BadPatch(path, "unreadable", f"cannot read {what} .npy ({detail})") from None
-
-
-def check_superpatch(path, data: np.ndarray, *, what: str = "super-patch"):
-    """[T, 10, H, W] uint16, as FLAIR #2 ships Sentinel-2 L2A reflectances."""
-    if data.ndim != 4 or data.shape[1] != len(S2_BANDS):
-        raise BadPatch(path, "band_count",
-                       f"{what}: expected shape [T, {len(S2_BANDS)}, H, W], found {data.shape}")
-    if data.dtype != np.uint16:
-        raise BadPatch(path, "dtype", f"{what}: expected uint16, found {data.dtype}")
 
 
 # ----------------------------------------------------------------------------- zone super-patches
@@ -246,8 +96,8 @@ def _load_zone_cached(data_key, masks_key, products_key):
 
 def _load_zone(ref: PatchRef):
     """Memory-mapped super-patch, masks and dates of the patch's zone, cached per zone."""
-    return _load_zone_cached(_stat_key(ref.sen_data_path), _stat_key(ref.sen_masks_path),
-                             _stat_key(ref.sen_products_path))
+    return _load_zone_cached(_stat_key(ref.files["sen_data"]), _stat_key(ref.files["sen_masks"]),
+                             _stat_key(ref.files["sen_products"]))
 
 
 # ----------------------------------------------------------------------------- listing and reading
@@ -286,9 +136,9 @@ def list_patches(root, *, aerial_dir: str = AERIAL_DIR, labels_dir: str = LABELS
             refs.append(PatchRef(
                 patch_id=aerial_path.stem, zone=zone, domain=domain, aerial_path=str(aerial_path),
                 label_path=str(label_path) if label_path.exists() else None,
-                sen_data_path=f"{sen}_data.npy", sen_masks_path=f"{sen}_masks.npy",
-                sen_products_path=f"{sen}_products.txt", centroids_path=str(centroids_path),
-                centroid=centroid, centroid_error=centroid_error, fixed_split=split))
+                files={"sen_data": f"{sen}_data.npy", "sen_masks": f"{sen}_masks.npy",
+                       "sen_products": f"{sen}_products.txt", "centroids": str(centroids_path)},
+                info={"centroid": centroid, "centroid_error": centroid_error}, fixed_split=split))
     return refs
 
 
@@ -327,24 +177,101 @@ def read_patch(ref: PatchRef, *, sits_size: int = SITS_SIZE, expect_size: Option
         label = fold_labels(codes)
 
     data, masks, dates = _load_zone(ref)
-    if ref.centroid_error is not None:
-        raise BadPatch(ref.centroids_path, "no_centroid",
-                       f"entry for {os.path.basename(ref.aerial_path)}: {ref.centroid_error}")
-    if ref.centroid is None:
-        raise BadPatch(ref.centroids_path, "no_centroid", f"no entry for {os.path.basename(ref.aerial_path)}")
+    centroids_path, centroid = ref.files["centroids"], ref.info["centroid"]
+    if ref.info["centroid_error"] is not None:
+        raise BadPatch(centroids_path, "no_centroid",
+                       f"entry for {os.path.basename(ref.aerial_path)}: {ref.info['centroid_error']}")
+    if centroid is None:
+        raise BadPatch(centroids_path, "no_centroid", f"no entry for {os.path.basename(ref.aerial_path)}")
     try:
-        sits = sits_lib.crop_centered(data, ref.centroid, sits_size)
-        mask_crop = sits_lib.crop_centered(masks, ref.centroid, sits_size)
+        sits = sits_lib.crop_centered(data, centroid, sits_size)
+        mask_crop = sits_lib.crop_centered(masks, centroid, sits_size)
     except ValueError as e:
-        raise BadPatch(ref.centroids_path, "no_centroid",
-                       f"{os.path.basename(ref.aerial_path)} in {ref.sen_data_path}: {e}") from None
+        raise BadPatch(centroids_path, "no_centroid",
+                       f"{os.path.basename(ref.aerial_path)} in {ref.files['sen_data']}: {e}") from None
     try:
         cloud = sits_lib.cloud_probability(np.moveaxis(mask_crop, -1, 1), cloud_prob_threshold)
     except ValueError as e:
-        raise BadPatch(ref.sen_masks_path, "unreadable", str(e)) from None
+        raise BadPatch(ref.files["sen_masks"], "unreadable", str(e)) from None
     return RawPatch(
         patch_id=ref.patch_id, zone=ref.zone, domain=ref.domain, aerial=aerial, aerial_crs=crs,
         aerial_transform=transform, label=label, sits=sits, sits_cloud=cloud, sits_dates=list(dates),
-        source={"aerial": ref.aerial_path, "label": ref.label_path, "sits": ref.sen_data_path,
-                "masks": ref.sen_masks_path, "products": ref.sen_products_path,
-                "centroids": ref.centroids_path})
+        source={"aerial": ref.aerial_path, "label": ref.label_path, "sits": ref.files["sen_data"],
+                "masks": ref.files["sen_masks"], "products": ref.files["sen_products"],
+                "centroids": centroids_path})
+
+
+def metadata(root) -> dict:
+    """Class names, band names, Sentinel-2 GSD and the official metric (fixed by the spec)."""
+    return {"classes": list(FLAIR2_CLASSES), "aerial_bands": list(FLAIR2_AERIAL_BANDS),
+            "sits_gsd_m": float(S2_GSD_M), "official_miou": OFFICIAL_MIOU}
+
+
+# ----------------------------------------------------------------------------- synthetic writer
+
+class Writer:
+    """Writes data_prep.synth's scenes in this layout: a super-patch per zone, IMG/MSK per patch, the
+    centroid table; zones of split 'test' go to the released test folders."""
+
+    def __init__(self, out: pathlib.Path):
+        self.out, self.centroids = out, {}
+
+    @staticmethod
+    def names(zone_index: int, year: int) -> tuple:
+        """(domain, zone): departments of two zones each, zone names as FLAIR #2's (Z1_UU, ...)."""
+        kind = "UAN"[zone_index % 3]
+        return f"D{zone_index // 2 + 1:03d}_{year}", f"Z{zone_index % 2 + 1}_{kind * 2}"
+
+    def _folders(self, split: Optional[str]) -> tuple:
+        return (TEST_AERIAL_DIR, TEST_LABELS_DIR, TEST_SEN_DIR) if split == "test" else (AERIAL_DIR, LABELS_DIR, SEN_DIR)
+
+    def zone(self, rng, *, domain, zone_name, split, series, masks, dates) -> None:
+        sen = self.out / self._folders(split)[2] / domain / zone_name / "sen"
+        sen.mkdir(parents=True, exist_ok=True)
+        stem = f"SEN2_sp_{domain}-{zone_name}"
+        np.save(sen / f"{stem}_data.npy", series)
+        np.save(sen / f"{stem}_masks.npy", masks)
+        orbit = int(rng.integers(1, 144))
+        products = [_product_name(rng, d, orbit, "T31TCJ") for d in dates]
+        (sen / f"{stem}_products.txt").write_text("\n".join(products) + "\n")
+
+    def patch(self, rng, *, domain, zone_name, split, patch_number, zone_index, index_in_zone, aerial, codes,
+              has_label, crs, transform, centre_rc, **_) -> None:
+        aerial_dir, labels_dir, _ = self._folders(split)
+        patch_id = f"IMG_{patch_number:06d}"
+        write_tif(self.out / aerial_dir / domain / zone_name / "img" / f"{patch_id}.tif", aerial, crs, transform)
+        if has_label:
+            write_tif(self.out / labels_dir / domain / zone_name / "msk" / f"MSK_{patch_number:06d}.tif",
+                      codes[..., None], crs, transform)
+        self.centroids[f"{patch_id}.tif"] = [int(centre_rc[0]), int(centre_rc[1])]
+
+    def finish(self, **_) -> dict:
+        with open(self.out / CENTROIDS, "w") as f:
+            json.dump(self.centroids, f, indent=0, sort_keys=True)
+        paths = {"aerial": str(self.out / AERIAL_DIR), "labels": str(self.out / LABELS_DIR),
+                 "sen": str(self.out / SEN_DIR), "centroids": str(self.out / CENTROIDS)}
+        if (self.out / TEST_AERIAL_DIR).is_dir():
+            paths.update(test_aerial=str(self.out / TEST_AERIAL_DIR), test_labels=str(self.out / TEST_LABELS_DIR),
+                         test_sen=str(self.out / TEST_SEN_DIR))
+        return paths
+
+
+def _product_name(rng, date: datetime.date, orbit: int, tile: str) -> str:
+    sensing = f"{date:%Y%m%d}T1050{int(rng.integers(10, 60)):02d}"
+    processed_on = date + datetime.timedelta(days=int(rng.integers(0, 2)))
+    processed = f"{processed_on:%Y%m%d}T{int(rng.integers(0, 24)):02d}{int(rng.integers(0, 60)):02d}00"
+    return f"S2{'AB'[int(rng.integers(0, 2))]}_MSIL2A_{sensing}_N0301_R{orbit:03d}_{tile}_{processed}"
+
+
+# Raw code of each of synth's internal classes (synth.INTERNAL_CLASSES): 13 swimming pool,
+# 18 greenhouse, 14 snow, 15 clear cut, 16 mixed, 17 ligneous and 19 other fold into 'other'.
+SYNTH_CODES = (1, 2, 3, 4, 5, 5, 6, 7, 8, 10, 11, 13, 18,   # building .. greenhouse
+               9, 12, 14, 15, 17, 16, 10, 19)               # vineyard, plowed, snow, clear cut, ligneous, mixed, reed, undefined
+
+LAYOUT = Layout(
+    name="flair2", title="FLAIR #2 (IGN)", list_patches=list_patches, read_patch=read_patch, metadata=metadata,
+    synth=SynthSpec(year=2021, first_doy=10, last_doy=355, num_dates=12, missing_zone_dates=True, crs=CRS,
+                    origin=(600000.0, 6800000.0), with_elevation=True, aerial_bands=FLAIR2_AERIAL_BANDS,
+                    codes=SYNTH_CODES, fold=fold_labels, num_classes=len(FLAIR2_CLASSES), writer=Writer,
+                    every_class=True, test_folders=True),
+    sits_size=SITS_SIZE)

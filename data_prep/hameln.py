@@ -7,13 +7,13 @@
     <root>/sits/<zone>/<patch_id>_dates.txt     T ISO dates (YYYY-MM-DD), one per line
     <root>/sits/<zone>/<patch_id>_cloud.npy     optional: [T] float 0..1 or [T, 2, h, w] uint8 0..100
 
-A patch without a label file is unlabelled. Validation and errors are those of the FLAIR #2 reader;
+A patch without a label file is unlabelled. Validation and errors are those of the FLAIR #2 reader
+(data_prep/rasters.py);
 every raster must be in the manifest's `crs` with `aerial_gsd_m` pixels (a patch of another size
 than `aerial_size` keeps the manifest's footprint), and a label on its aerial patch's grid.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -24,10 +24,10 @@ import numpy as np
 import rasterio.crs
 import rasterio.errors
 
-from data_prep.flair2 import check_same_grid, check_superpatch, load_npy, read_raster
-from data_prep.patch import BadPatch, MissingSource, RawPatch, SourceError
+from data_prep.patch import BadPatch, Layout, MissingSource, PatchRef, RawPatch, SourceError, SynthSpec
+from data_prep.rasters import check_same_grid, check_superpatch, load_npy, read_raster, write_tif
 from lcssl.data import sits as sits_lib
-from lcssl.data.schema import HAMELN_AERIAL_BANDS, IGNORE_LABEL
+from lcssl.data.schema import HAMELN_AERIAL_BANDS, HAMELN_CLASSES, IGNORE_LABEL, S2_BANDS, S2_GSD_M
 
 MANIFEST = "hameln.json"
 SITS_SIZE = 40
@@ -42,31 +42,6 @@ MANIFEST_DEFAULTS = {
     "sits_gsd_m": 10.0,
     "sits_size": SITS_SIZE,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class PatchRef:
-    """Paths of one Hameln patch plus the manifest values its reading needs."""
-
-    patch_id: str
-    zone: str
-    domain: str
-    aerial_path: str
-    label_path: Optional[str]
-    sits_path: str
-    dates_path: str
-    cloud_path: Optional[str]
-    num_classes: int
-    unlabelled_value: int
-    num_aerial_bands: int
-    aerial_size: int
-    crs: str
-    aerial_gsd_m: float
-    manifest_path: str
-
-    @property
-    def has_label(self) -> bool:
-        return self.label_path is not None
 
 
 def read_manifest(root) -> dict:
@@ -113,6 +88,9 @@ def list_patches(root) -> list[PatchRef]:
     aerial_root = root / "aerial"
     if not aerial_root.is_dir():
         raise MissingSource(f"Hameln root {root}: expected the aerial folder {aerial_root}, found none")
+    manifest_values = {"num_classes": len(info["classes"]), "unlabelled_value": int(info["unlabelled_value"]),
+                       "num_aerial_bands": len(info["aerial_bands"]), "aerial_size": int(info["aerial_size"]),
+                       "crs": str(info["crs"]), "aerial_gsd_m": float(info["aerial_gsd_m"])}
     refs = []
     for aerial_path in sorted(aerial_root.glob("*/*.tif")):
         zone, patch_id = aerial_path.parent.name, aerial_path.stem
@@ -122,11 +100,9 @@ def list_patches(root) -> list[PatchRef]:
         refs.append(PatchRef(
             patch_id=patch_id, zone=zone, domain=str(info["domain"]), aerial_path=str(aerial_path),
             label_path=str(label_path) if label_path.exists() else None,
-            sits_path=str(sits_dir / f"{patch_id}.npy"), dates_path=str(sits_dir / f"{patch_id}_dates.txt"),
-            cloud_path=str(cloud_path) if cloud_path.exists() else None,
-            num_classes=len(info["classes"]), unlabelled_value=int(info["unlabelled_value"]),
-            num_aerial_bands=len(info["aerial_bands"]), aerial_size=int(info["aerial_size"]),
-            crs=str(info["crs"]), aerial_gsd_m=float(info["aerial_gsd_m"]), manifest_path=str(root / MANIFEST)))
+            files={"sits": str(sits_dir / f"{patch_id}.npy"), "dates": str(sits_dir / f"{patch_id}_dates.txt"),
+                   "cloud": str(cloud_path) if cloud_path.exists() else None, "manifest": str(root / MANIFEST)},
+            info=manifest_values))
     return refs
 
 
@@ -178,36 +154,118 @@ def read_patch(ref: PatchRef, *, sits_size: int = SITS_SIZE, expect_size: Option
     expect_size: aerial height = width (default: the manifest's aerial_size). The series is cropped to
     sits_size x sits_size around its centre when stored larger.
     """
-    size = ref.aerial_size if expect_size is None else expect_size
+    m, files = ref.info, ref.files
+    size = m["aerial_size"] if expect_size is None else expect_size
     aerial, crs, transform = read_raster(
-        ref.aerial_path, bands=ref.num_aerial_bands, size=size, dtype=np.uint8, need_georef=True,
-        expect_crs=ref.crs, expect_gsd_m=ref.aerial_gsd_m * ref.aerial_size / size,
-        crs_source=f" (the crs of the manifest {ref.manifest_path})")
+        ref.aerial_path, bands=m["num_aerial_bands"], size=size, dtype=np.uint8, need_georef=True,
+        expect_crs=m["crs"], expect_gsd_m=m["aerial_gsd_m"] * m["aerial_size"] / size,
+        crs_source=f" (the crs of the manifest {files['manifest']})")
     label = None
     if ref.label_path is not None:
         codes, label_crs, label_transform = read_raster(ref.label_path, bands=1, size=size, dtype=np.uint8,
                                                         need_georef=False)
         codes = codes[..., 0]
-        bad = (codes > ref.num_classes) & (codes != ref.unlabelled_value)
+        bad = (codes > m["num_classes"]) & (codes != m["unlabelled_value"])
         if bad.any():
             raise BadPatch(ref.label_path, "label_range",
-                           f"expected codes 1..{ref.num_classes} or unlabelled {ref.unlabelled_value}, "
+                           f"expected codes 1..{m['num_classes']} or unlabelled {m['unlabelled_value']}, "
                            f"found {np.unique(codes[bad])[:10].tolist()}")
         check_same_grid(ref.label_path, label_crs, label_transform, ref.aerial_path, crs, transform)
-        label = fold_labels(codes, ref.num_classes, ref.unlabelled_value)
+        label = fold_labels(codes, m["num_classes"], m["unlabelled_value"])
 
-    data = load_npy(ref.sits_path, what="SITS")
-    check_superpatch(ref.sits_path, data, what="SITS")
+    data = load_npy(files["sits"], what="SITS")
+    check_superpatch(files["sits"], data, what="SITS")
     num_dates, _, height, width = data.shape
     if height < sits_size or width < sits_size:
-        raise BadPatch(ref.sits_path, "size", f"expected at least {sits_size}x{sits_size} px, found {height}x{width}")
+        raise BadPatch(files["sits"], "size", f"expected at least {sits_size}x{sits_size} px, found {height}x{width}")
     sits = sits_lib.crop_centered(data, (height // 2, width // 2), sits_size)
-    dates = _read_dates(ref.dates_path, num_dates)
+    dates = _read_dates(files["dates"], num_dates)
     cloud = None
-    if ref.cloud_path is not None:
-        cloud = _read_cloud(ref.cloud_path, num_dates, height, width, sits_size, cloud_prob_threshold)
+    if files["cloud"] is not None:
+        cloud = _read_cloud(files["cloud"], num_dates, height, width, sits_size, cloud_prob_threshold)
     return RawPatch(
         patch_id=ref.patch_id, zone=ref.zone, domain=ref.domain, aerial=aerial, aerial_crs=crs,
         aerial_transform=transform, label=label, sits=sits, sits_cloud=cloud, sits_dates=dates,
-        source={"aerial": ref.aerial_path, "label": ref.label_path, "sits": ref.sits_path,
-                "dates": ref.dates_path, "cloud": ref.cloud_path})
+        source={"aerial": ref.aerial_path, "label": ref.label_path, "sits": files["sits"],
+                "dates": files["dates"], "cloud": files["cloud"]})
+
+
+def metadata(root) -> dict:
+    """Class names, band names and Sentinel-2 GSD from the manifest; Hameln has no official metric."""
+    manifest = read_manifest(root)
+    return {"classes": list(manifest["classes"]), "aerial_bands": list(manifest["aerial_bands"]),
+            "sits_gsd_m": float(manifest["sits_gsd_m"])}
+
+
+# ----------------------------------------------------------------------------- synthetic writer
+
+class Writer:
+    """Writes data_prep.synth's scenes in this layout: per patch an aerial tif, a label tif when
+    labelled, its own series, dates and cloud file (odd zones per-date scores, even zones masks);
+    then the manifest."""
+
+    def __init__(self, out: pathlib.Path):
+        self.out = out
+
+    @staticmethod
+    def names(zone_index: int, year: int) -> tuple:
+        return f"hameln_{year}", f"zone_{zone_index:02d}"
+
+    def zone(self, rng, **_) -> None:
+        pass
+
+    def patch(self, rng, *, zone_name, zone_index, index_in_zone, aerial, codes, has_label, crs, transform,
+              centre_rc, series, masks, dates, sits_size, **_) -> None:
+        patch_id = f"hm{zone_index:02d}_{index_in_zone:03d}"
+        write_tif(self.out / "aerial" / zone_name / f"{patch_id}.tif", aerial, crs, transform)
+        if has_label:
+            write_tif(self.out / "labels" / zone_name / f"{patch_id}.tif", codes[..., None], crs, transform)
+        _write_sits(rng, self.out / "sits" / zone_name, patch_id, series, masks, dates, centre_rc, sits_size,
+                    per_date_cloud=zone_index % 2 == 1)
+
+    def finish(self, *, seed, year, crs, gsd, patch_size, sits_size, **_) -> dict:
+        manifest = {
+            "format_version": 1, "synthetic": True, "seed": seed, "domain": f"hameln_{year}", "crs": crs,
+            "classes": list(HAMELN_CLASSES), "unlabelled_value": 0, "aerial_bands": list(HAMELN_AERIAL_BANDS),
+            "aerial_gsd_m": gsd, "aerial_size": patch_size, "sits_bands": list(S2_BANDS),
+            "sits_gsd_m": S2_GSD_M, "sits_size": sits_size}
+        (self.out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        return {"manifest": str(self.out / MANIFEST)}
+
+
+def _write_sits(rng, folder, patch_id, series, masks, dates, centre_rc, sits_size, per_date_cloud):
+    """Per-patch series [T, 10, s, s] (channels-first, as the layout), dates and cloud file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    row, col = centre_rc
+    window = (slice(None), slice(None), slice(row - sits_size // 2, row - sits_size // 2 + sits_size),
+              slice(col - sits_size // 2, col - sits_size // 2 + sits_size))
+    keep = np.arange(len(dates))
+    if rng.random() < 1 / 3:                                   # a missing acquisition for this patch
+        keep = np.delete(keep, rng.integers(0, len(dates)))
+    np.save(folder / f"{patch_id}.npy", np.ascontiguousarray(series[window][keep]))
+    (folder / f"{patch_id}_dates.txt").write_text("".join(f"{dates[i].isoformat()}\n" for i in keep))
+    mask_crop = masks[window][keep]
+    if per_date_cloud:
+        cloud = (mask_crop.max(axis=1).astype(np.float32) / 100).mean(axis=(1, 2)).astype(np.float32)
+        np.save(folder / f"{patch_id}_cloud.npy", cloud)
+    else:
+        np.save(folder / f"{patch_id}_cloud.npy", np.ascontiguousarray(mask_crop))
+
+
+# Raw code (schema.HAMELN_CLASSES, 1-based) of each of synth's internal classes; pools and greenhouses
+# have no class: unlabelled (0). Vineyards and plowed land count as crop, snow cover and the
+# undefined class as unlabelled, clear cut as loose material, ligneous as grove, mixed forest as
+# deciduous trees.
+SYNTH_CODES = (1, 2, 2, 3, 12, 11, 8, 7, 10, 4, 6, 0, 0,    # building .. greenhouse
+               6, 6, 0, 3, 9, 7, 5, 0)                       # vineyard, plowed, snow, clear cut, ligneous, mixed, reed, undefined
+
+# Synthetic series: 8 acquisitions from February to November 2022, as the seminar's.
+LAYOUT = Layout(
+    name="hameln", title="Hameln (the seminar's layout)", list_patches=list_patches, read_patch=read_patch,
+    metadata=metadata,
+    synth=SynthSpec(year=2022, first_doy=32, last_doy=334, num_dates=8, missing_zone_dates=False,
+                    crs=MANIFEST_DEFAULTS["crs"], origin=(530000.0, 5775000.0), with_elevation=False,
+                    aerial_bands=HAMELN_AERIAL_BANDS, codes=SYNTH_CODES,
+                    fold=lambda codes: fold_labels(codes, len(HAMELN_CLASSES), 0), num_classes=len(HAMELN_CLASSES),
+                    writer=Writer, every_class=False),
+    sits_size=SITS_SIZE, pretrain_split="unlabelled")

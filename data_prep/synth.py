@@ -1,4 +1,6 @@
-"""The embedded synthetic dataset, written in the FLAIR #2 or the Hameln on-disk layout.
+"""The embedded synthetic dataset, written in any registered layout (data_prep/layouts.py): FLAIR #2,
+Hameln, FLAIR-HUB. The layout's SynthSpec gives the geography (year, CRS, dates), its label codes and
+the Writer of its files; the scenes are the same for every layout.
 
 Each zone is a small landscape defined in metres (resolution independent), so the aerial patches and
 the Sentinel-2 super-patch are rendered from the same geometry and agree in space:
@@ -26,6 +28,12 @@ generator without them; each draws from its own random stream, so turning one on
   held-out zones;
 * more zones: `num_zones` (zone kinds cycle urban / agricultural / natural).
 
+Every class (`every_class`, the layout's default unless given; FLAIR #2 and FLAIR-HUB: on, Hameln: off,
+so that its output stays what it was): small square plots (4 m, in 16 m cells, 6 % of the area) of the
+classes the scenes lack (vineyard, plowed land, snow, clear cut, ligneous, mixed, reed, undefined) and
+of every other class, laid on a lattice of period 5 cells: any 102.4 m patch holds a full 5 x 5 block
+of cells, so every labelled patch holds every class of its layout (before label noise).
+
 Everything is drawn from numpy Generators seeded by (seed, zone, patch): same seed, same bytes.
 CLI: `python -m data_prep synth --layout=flair2 --out=DIR --num-zones=4 --seed=0`.
 """
@@ -33,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import math
 import pathlib
 from typing import Optional
@@ -43,9 +50,8 @@ import rasterio
 import rasterio.transform
 import scipy.ndimage
 
-from data_prep import flair2, hameln
-from lcssl.data.schema import (FLAIR2_AERIAL_BANDS, HAMELN_AERIAL_BANDS, HAMELN_CLASSES, S2_BANDS,
-                               S2_GSD_M)
+from data_prep import layouts
+from lcssl.data.schema import S2_BANDS, S2_GSD_M
 
 FOOTPRINT_M = 102.4          # FLAIR #2 aerial patch: 512 px x 0.2 m
 SUBSAMPLES = 4               # per 10 m pixel and axis, for class fractions under a Sentinel-2 pixel
@@ -115,8 +121,15 @@ class Realism:
 # ----------------------------------------------------------------------------- classes
 
 (BUILDING, PERVIOUS, IMPERVIOUS, BARE, WATER, RIVER, CONIFER, DECIDUOUS, BRUSH, GRASS, CROP, POOL,
- GREENHOUSE) = range(13)
-NUM_INTERNAL = 13
+ GREENHOUSE, VINEYARD, PLOWED, SNOW_COVER, CLEAR_CUT, LIGNEOUS, MIXED, REED, UNDEFINED) = range(21)
+INTERNAL_CLASSES = ("building", "pervious", "impervious", "bare soil", "water", "river", "coniferous",
+                    "deciduous", "brushwood", "grass", "crop", "pool", "greenhouse", "vineyard", "plowed land",
+                    "snow", "clear cut", "ligneous", "mixed", "reed", "undefined")
+NUM_INTERNAL = len(INTERNAL_CLASSES)
+# The scenes' own classes; the others only appear as every_class plots. Without plots, fractions and
+# spectra are computed over these 13 only, so that the output stays byte-identical.
+NUM_SCENE = 13
+PLOT_CELL_M, PLOT_SIZE_M, PLOT_PERIOD = 16.0, 4.0, 5
 REGION_CLASSES = (GRASS, CROP, DECIDUOUS, CONIFER, BARE, PERVIOUS, WATER, BRUSH)
 # Region biases (higher = more frequent): a few dominant classes, some rare ones, as in FLAIR #2.
 REGION_BIAS = {GRASS: 0.55, CROP: 0.45, DECIDUOUS: 0.45, CONIFER: -0.15, BARE: -0.45, PERVIOUS: -0.35,
@@ -126,10 +139,7 @@ KIND_BIAS = {"U": {PERVIOUS: 0.45, GRASS: 0.1, CROP: -0.4},
              "N": {DECIDUOUS: 0.25, CONIFER: 0.35, WATER: 0.3, CROP: -0.3}}
 NUM_BUILDINGS = {"U": 450, "A": 60, "N": 25}    # per km2: ~10 % roofs in urban zones
 
-# Raw label codes. FLAIR #2 nomenclature: 13 swimming pool and 18 greenhouse fold into 'other'.
-FLAIR2_CODE = np.array([1, 2, 3, 4, 5, 5, 6, 7, 8, 10, 11, 13, 18], np.uint8)
-# Hameln (schema.HAMELN_CLASSES, 1-based); pools and greenhouses have no class -> unlabelled (0).
-HAMELN_CODE = np.array([1, 2, 2, 3, 12, 11, 8, 7, 10, 4, 6, 0, 0], np.uint8)
+# Raw label codes of the internal classes: each layout's SynthSpec.codes.
 
 # Aerial colour (R, G, B, NIR) and noise. Building == impervious and grass == crop == deciduous on purpose.
 _VEG_RGBN = (85, 112, 62, 165)
@@ -137,9 +147,13 @@ _GREY_RGBN = (125, 120, 115, 105)
 AERIAL_RGBN = np.array([
     _GREY_RGBN, (150, 140, 115, 135), _GREY_RGBN, (160, 128, 95, 125), (35, 55, 70, 18), (35, 55, 70, 18),
     (45, 72, 50, 120), _VEG_RGBN, (95, 105, 68, 150), _VEG_RGBN, _VEG_RGBN, (70, 160, 205, 50),
-    (215, 218, 222, 190)], np.float32)
-AERIAL_NOISE = np.array([6, 10, 6, 10, 4, 4, 18, 14, 14, 14, 14, 5, 5], np.float32)
-AERIAL_TEXTURE = np.array([0, .05, 0, .08, .02, .02, .2, .12, .12, .12, .12, 0, 0], np.float32)
+    (215, 218, 222, 190),
+    # vineyard, plowed land, snow, clear cut, ligneous, mixed, reed, undefined
+    (105, 110, 70, 140), (120, 92, 70, 95), (240, 242, 246, 225), (135, 120, 90, 120), (70, 95, 55, 140),
+    (60, 85, 55, 130), (110, 120, 80, 135), (20, 20, 20, 20)], np.float32)
+AERIAL_NOISE = np.array([6, 10, 6, 10, 4, 4, 18, 14, 14, 14, 14, 5, 5, 12, 8, 3, 12, 14, 16, 10, 4], np.float32)
+AERIAL_TEXTURE = np.array([0, .05, 0, .08, .02, .02, .2, .12, .12, .12, .12, 0, 0,
+                           .2, .1, 0, .15, .15, .18, .08, 0], np.float32)
 
 # Sentinel-2 L2A endmembers, reflectance x 10000, bands as schema.S2_BANDS (B02..B12).
 VEG = np.array([300, 600, 300, 900, 2400, 2900, 3200, 3300, 1800, 900], np.float32)
@@ -148,12 +162,16 @@ URBAN = np.array([1100, 1200, 1300, 1400, 1500, 1550, 1600, 1650, 1900, 1700], n
 H2O = np.array([600, 700, 500, 400, 300, 250, 200, 180, 100, 80], np.float32)
 CLOUD = np.array([7000, 7000, 7100, 7200, 7300, 7300, 7400, 7400, 5500, 4500], np.float32)
 SNOW = np.array([8500, 8600, 8700, 8600, 8300, 8200, 8000, 7900, 900, 700], np.float32)
-BACKGROUND = [URBAN, SOIL, URBAN, SOIL, H2O, H2O, SOIL, SOIL, SOIL, SOIL, SOIL, H2O, 1.4 * URBAN]
+BACKGROUND = [URBAN, SOIL, URBAN, SOIL, H2O, H2O, SOIL, SOIL, SOIL, SOIL, SOIL, H2O, 1.4 * URBAN,
+              SOIL, SOIL, SNOW, SOIL, SOIL, SOIL, H2O, URBAN]
 
 # Vegetation cover through the year: (day of year knots, cover) per class; flat when one value.
 PHENOLOGY = {
     BUILDING: 0.03, IMPERVIOUS: 0.03, PERVIOUS: 0.3, BARE: 0.05, WATER: 0.0, RIVER: 0.0, CONIFER: 0.8,
-    POOL: 0.0, GREENHOUSE: 0.0,
+    POOL: 0.0, GREENHOUSE: 0.0, SNOW_COVER: 0.0, UNDEFINED: 0.0, CLEAR_CUT: 0.25, LIGNEOUS: 0.7, MIXED: 0.75,
+    VINEYARD: ((1, 120, 170, 270, 300, 366), (0.1, 0.1, 0.6, 0.6, 0.15, 0.1)),
+    PLOWED: ((1, 200, 230, 366), (0.15, 0.15, 0.02, 0.02)),
+    REED: ((1, 120, 180, 260, 366), (0.35, 0.4, 0.8, 0.6, 0.35)),
     GRASS: ((1, 100, 180, 240, 366), (0.55, 0.65, 0.5, 0.6, 0.55)),
     CROP: ((1, 80, 150, 190, 205, 280, 300, 366), (0.1, 0.1, 0.9, 0.9, 0.05, 0.05, 0.15, 0.15)),
     DECIDUOUS: ((1, 110, 140, 280, 310, 366), (0.2, 0.2, 0.85, 0.85, 0.2, 0.2)),
@@ -170,10 +188,10 @@ def vegetation_cover(cls: int, doy: np.ndarray, shift_days: float = 0.0) -> np.n
     return np.interp(np.asarray(doy, np.float64) - shift_days, knots, cover).astype(np.float32)
 
 
-def spectra(doy: np.ndarray, shift_days: float = 0.0) -> np.ndarray:
-    """[NUM_INTERNAL, T, 10] reflectance of each class on each date: soil/urban/water mixed with VEG."""
-    out = np.empty((NUM_INTERNAL, len(doy), len(S2_BANDS)), np.float32)
-    for cls in range(NUM_INTERNAL):
+def spectra(doy: np.ndarray, shift_days: float = 0.0, num_classes: int = NUM_SCENE) -> np.ndarray:
+    """[num_classes, T, 10] reflectance of each class on each date: soil/urban/water mixed with VEG."""
+    out = np.empty((num_classes, len(doy), len(S2_BANDS)), np.float32)
+    for cls in range(num_classes):
         cover = vegetation_cover(cls, doy, shift_days)[:, None]
         out[cls] = (1 - cover) * BACKGROUND[cls] + cover * VEG
     return out
@@ -244,6 +262,21 @@ class Zone:
             houses.append((*rng.uniform(0.1, 0.9, 2) * size_m, np.cos(theta), np.sin(theta),
                            rng.uniform(12, 25), rng.uniform(5, 8)))
         self.greenhouses = np.array(houses, np.float32).reshape(-1, 6)
+        self.plot_classes = None      # every_class: internal class of each lattice cell residue
+
+    def add_plots(self, plot_classes) -> None:
+        """Lay every_class plots: cell (i, j) of the PLOT_CELL_M lattice holds a PLOT_SIZE_M square of
+        plot_classes[(i % PLOT_PERIOD) * PLOT_PERIOD + j % PLOT_PERIOD] (residues past the list repeat it)."""
+        if not 0 < len(plot_classes) <= PLOT_PERIOD ** 2:
+            raise ValueError(f"every_class: 1..{PLOT_PERIOD ** 2} classes, got {len(plot_classes)}")
+        self.plot_classes = np.resize(np.asarray(plot_classes, np.int8), PLOT_PERIOD ** 2)
+
+    def _plots(self, x, y):
+        """(in a plot, its class) per point."""
+        i, j = np.floor(y / PLOT_CELL_M).astype(int), np.floor(x / PLOT_CELL_M).astype(int)
+        inside = ((np.abs(y - i * PLOT_CELL_M - PLOT_CELL_M / 2) < PLOT_SIZE_M / 2)
+                  & (np.abs(x - j * PLOT_CELL_M - PLOT_CELL_M / 2) < PLOT_SIZE_M / 2))
+        return inside, self.plot_classes[(i % PLOT_PERIOD) * PLOT_PERIOD + j % PLOT_PERIOD]
 
     def regions(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         arg = x[:, None] * self.kx + y[:, None] * self.ky + self.phase
@@ -279,6 +312,10 @@ class Zone:
         cls[inside] = BUILDING
         cls[_in_rects(self.pools[_near(self.pools, x, y)], x, y)[0]] = POOL
         cls[_in_rects(self.greenhouses[_near(self.greenhouses, x, y)], x, y)[0]] = GREENHOUSE
+        plots = None
+        if self.plot_classes is not None:
+            plots, plot_cls = self._plots(x, y)
+            cls[plots] = plot_cls[plots]
         if not detail:
             return cls
         # Shadows fall north-east (sun in the south-west): the footprint shifted by 0.6 x height.
@@ -287,6 +324,8 @@ class Zone:
             for step in (0.3, 0.6):
                 shadow |= _in_rects(rect[None], x - step * height * 0.5, y + step * height)[0]
         shadow &= ~inside & (cls != POOL)
+        if plots is not None:
+            shadow &= ~plots
         return cls, rim & (cls == BUILDING), ridge & (cls == BUILDING), shadow
 
 
@@ -324,11 +363,13 @@ def _grid(top_m, left_m, rows, cols, step_m):
 
 
 def class_fractions(zone: Zone, height_px: int, width_px: int) -> np.ndarray:
-    """[NUM_INTERNAL, h, w] share of each class under each 10 m pixel of the super-patch."""
+    """[classes, h, w] share of each class under each 10 m pixel of the super-patch (classes: the
+    scene's 13, all NUM_INTERNAL when the zone has every_class plots)."""
     step = S2_GSD_M / SUBSAMPLES
     x, y = _grid(0.0, 0.0, height_px * SUBSAMPLES, width_px * SUBSAMPLES, step)
     cls = zone.classes(x, y).reshape(height_px, SUBSAMPLES, width_px, SUBSAMPLES)
-    onehot = cls[None] == np.arange(NUM_INTERNAL, dtype=np.int8)[:, None, None, None, None]
+    num = NUM_INTERNAL if zone.plot_classes is not None else NUM_SCENE
+    onehot = cls[None] == np.arange(num, dtype=np.int8)[:, None, None, None, None]
     return onehot.mean(axis=(2, 4), dtype=np.float32)
 
 
@@ -350,7 +391,7 @@ def render_series(rng, zone: Zone, fractions: np.ndarray, doy: np.ndarray, regio
     """
     _, height, width = fractions.shape
     shift = rng.normal(0, 6) + region_shift_days               # zone phenology shift, days
-    spec = spectra(doy, shift)                                 # [K, T, 10]
+    spec = spectra(doy, shift, len(fractions))                 # [K, T, 10]
     clean = np.einsum("khw,ktb->tbhw", fractions, spec)
     gain = rng.uniform(0.95, 1.05, (len(doy), 1, 1, 1))        # per-date atmosphere
     series = clean * gain + rng.normal(0, 60, clean.shape)
@@ -434,14 +475,6 @@ def noisy_labels(rng, zone: Zone, top_m, left_m, size, realism: Realism) -> np.n
     return cls[rows + n + dr, cols + n + dc]
 
 
-def _write_tif(path, array_hwc, crs, transform):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    height, width, count = array_hwc.shape
-    with rasterio.open(path, "w", driver="GTiff", height=height, width=width, count=count,
-                       dtype=array_hwc.dtype.name, crs=crs, transform=transform) as ds:
-        ds.write(np.moveaxis(array_hwc, -1, 0))
-
-
 def _acquisition_days(rng, num_dates, first_doy, last_doy):
     """Sorted distinct days of year, roughly evenly spread, jittered by up to 6 days."""
     base = np.linspace(first_doy, last_doy, num_dates)
@@ -452,60 +485,64 @@ def _acquisition_days(rng, num_dates, first_doy, last_doy):
     return days
 
 
-def _product_name(rng, date: datetime.date, orbit: int, tile: str) -> str:
-    sensing = f"{date:%Y%m%d}T1050{int(rng.integers(10, 60)):02d}"
-    processed_on = date + datetime.timedelta(days=int(rng.integers(0, 2)))
-    processed = f"{processed_on:%Y%m%d}T{int(rng.integers(0, 24)):02d}{int(rng.integers(0, 60)):02d}00"
-    return f"S2{'AB'[int(rng.integers(0, 2))]}_MSIL2A_{sensing}_N0301_R{orbit:03d}_{tile}_{processed}"
-
-
 # ----------------------------------------------------------------------------- dataset
 
 def write_dataset(out_dir, *, layout: str = "flair2", num_zones: int = 4, patches_per_zone: int = 6,
                   patch_size: int = 64, sits_size: int = 40, num_dates: Optional[int] = None,
-                  unlabelled_per_zone: int = 2, seed: int = 0, realism: Realism = Realism()) -> dict:
-    """Write the synthetic dataset under out_dir in `layout` ('flair2' or 'hameln'); returns a summary.
+                  unlabelled_per_zone: int = 2, seed: int = 0, realism: Realism = Realism(),
+                  every_class: Optional[bool] = None, test_zones: int = 0) -> dict:
+    """Write the synthetic dataset under out_dir in `layout` (a name in data_prep/layouts.py); returns a
+    summary.
 
     realism: label noise and domain shift (see `Realism`); the summary records each zone's drawn gain,
     offset, date gains and phenology shift, and the label noise actually applied.
+    every_class: plots of every class in every zone (module docstring); None: the layout's default.
+    test_zones: the last this many zones go to the layout's released test folders (FLAIR #2).
 
-    num_dates: acquisitions per zone before missing dates (default 12 over 2021 for flair2,
-    8 from February to November 2022 for hameln, as the seminar's series). Zones miss 0-2 dates
-    (flair2); a third of the Hameln patches miss one date.
+    num_dates: acquisitions per zone before missing dates (default: the layout's, 12 over 2021 for
+    flair2, 8 from February to November 2022 for hameln, as the seminar's series). FLAIR #2 zones miss
+    0-2 dates; a third of the Hameln patches miss one date.
     """
-    if layout not in ("flair2", "hameln"):
-        raise ValueError(f"layout: expected 'flair2' or 'hameln', got {layout!r}")
+    spec = layouts.get(layout).synth
     if num_zones < 1 or patches_per_zone < 0 or unlabelled_per_zone < 0 or patches_per_zone + unlabelled_per_zone < 1:
         raise ValueError(f"expected num_zones >= 1 and at least one patch per zone, got num_zones={num_zones}, "
                          f"patches_per_zone={patches_per_zone}, unlabelled_per_zone={unlabelled_per_zone}")
     if patch_size < 8 or sits_size < math.ceil(FOOTPRINT_M / S2_GSD_M):
         raise ValueError(f"expected patch_size >= 8 and sits_size >= 11 (the 102.4 m footprint), "
                          f"got patch_size={patch_size}, sits_size={sits_size}")
-    if num_dates is None:
-        num_dates = 12 if layout == "flair2" else 8
+    if test_zones and not spec.test_folders:
+        raise ValueError(f"test_zones={test_zones}: layout {layout!r} has no released test folders")
+    if not 0 <= test_zones < num_zones:
+        raise ValueError(f"test_zones: expected 0..{num_zones - 1} (some zones must stay for training), "
+                         f"got {test_zones}")
+    num_dates = spec.num_dates if num_dates is None else num_dates
     if num_dates < 2:
         raise ValueError(f"num_dates: expected >= 2, got {num_dates}")
+    every_class = spec.every_class if every_class is None else bool(every_class)
+    plots = spec.plot_classes() if every_class else None
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gsd = FOOTPRINT_M / patch_size
-    year, first_doy, last_doy = (2021, 10, 355) if layout == "flair2" else (2022, 32, 334)
-    crs = "EPSG:2154" if layout == "flair2" else "EPSG:25832"
-    origin = (600000.0, 6800000.0) if layout == "flair2" else (530000.0, 5775000.0)
+    year, first_doy, last_doy, crs, origin = spec.year, spec.first_doy, spec.last_doy, spec.crs, spec.origin
+    codes_lut = np.asarray(spec.codes, np.uint8)
+    writer = spec.writer(out)
 
     per_zone = patches_per_zone + unlabelled_per_zone
     side = math.ceil(math.sqrt(per_zone))
     super_px = sits_size + (side - 1) * SLOT_PX + 4
-    centroids, zones, pixel_counts = {}, [], np.zeros(256, np.int64)
+    zones, pixel_counts = [], np.zeros(256, np.int64)
     num_labelled = num_unlabelled = noisy_pixels = 0
     patch_number = 0
     for zone_index in range(num_zones):
         rng = np.random.default_rng(np.random.SeedSequence([seed, zone_index]))
         kind = "UAN"[zone_index % 3]
-        domain = f"D{zone_index // 2 + 1:03d}_{year}" if layout == "flair2" else f"hameln_{year}"
-        zone_name = f"Z{zone_index % 2 + 1}_{kind * 2}" if layout == "flair2" else f"zone_{zone_index:02d}"
+        split = "test" if zone_index >= num_zones - test_zones else None
+        domain, zone_name = writer.names(zone_index, year)
         zone = Zone(rng, kind, super_px * S2_GSD_M)
+        if plots is not None:
+            zone.add_plots(plots)
         fractions = class_fractions(zone, super_px, super_px)
-        zone_dates = num_dates - (int(rng.integers(0, 3)) if layout == "flair2" and num_dates > 4 else 0)
+        zone_dates = num_dates - (int(rng.integers(0, 3)) if spec.missing_zone_dates and num_dates > 4 else 0)
         doy = _acquisition_days(rng, zone_dates, first_doy, last_doy)
         dates = [datetime.date(year, 1, 1) + datetime.timedelta(days=int(d) - 1) for d in doy]
         region_shift = 0.0
@@ -520,16 +557,7 @@ def write_dataset(out_dir, *, layout: str = "flair2", num_zones: int = 4, patche
                                       (zone_gain, zone_offset * S2_FULL_SCALE, date_gains) if realism.shifted else None)
         zone_x0 = origin[0] + zone_index * 5000.0              # zones 5 km apart
         zone_y0 = origin[1]
-
-        if layout == "flair2":
-            sen = out / flair2.SEN_DIR / domain / zone_name / "sen"
-            sen.mkdir(parents=True, exist_ok=True)
-            stem = f"SEN2_sp_{domain}-{zone_name}"
-            np.save(sen / f"{stem}_data.npy", series)
-            np.save(sen / f"{stem}_masks.npy", masks)
-            orbit = int(rng.integers(1, 144))
-            products = [_product_name(rng, d, orbit, "T31TCJ") for d in dates]
-            (sen / f"{stem}_products.txt").write_text("\n".join(products) + "\n")
+        writer.zone(rng, domain=domain, zone_name=zone_name, split=split, series=series, masks=masks, dates=dates)
 
         offset = int(rng.integers(0, 5))
         slots = rng.permutation(side * side)[:per_zone]
@@ -543,7 +571,7 @@ def write_dataset(out_dir, *, layout: str = "flair2", num_zones: int = 4, patche
             col = sits_size // 2 + offset + (slot % side) * SLOT_PX
             top_m = row * S2_GSD_M - FOOTPRINT_M / 2
             left_m = col * S2_GSD_M - FOOTPRINT_M / 2
-            aerial, cls = render_aerial(patch_rng, zone, top_m, left_m, patch_size, layout == "flair2",
+            aerial, cls = render_aerial(patch_rng, zone, top_m, left_m, patch_size, spec.with_elevation,
                                         (zone_gain, zone_offset * AERIAL_FULL_SCALE) if realism.shifted else None)
             if has_label and realism.noisy_labels:
                 noise_rng = np.random.default_rng(np.random.SeedSequence([seed, zone_index, int(slot) + 1,
@@ -552,22 +580,11 @@ def write_dataset(out_dir, *, layout: str = "flair2", num_zones: int = 4, patche
                 cls = noisy_labels(noise_rng, zone, top_m, left_m, patch_size, realism)
                 noisy_pixels += int((cls != clean).sum())
             transform = rasterio.transform.Affine(gsd, 0.0, zone_x0 + left_m, 0.0, -gsd, zone_y0 - top_m)
-            codes = (FLAIR2_CODE if layout == "flair2" else HAMELN_CODE)[cls]
-            if layout == "flair2":
-                patch_id = f"IMG_{patch_number:06d}"
-                _write_tif(out / flair2.AERIAL_DIR / domain / zone_name / "img" / f"{patch_id}.tif",
-                           aerial, crs, transform)
-                if has_label:
-                    _write_tif(out / flair2.LABELS_DIR / domain / zone_name / "msk" / f"MSK_{patch_number:06d}.tif",
-                               codes[..., None], crs, transform)
-                centroids[f"{patch_id}.tif"] = [int(row), int(col)]
-            else:
-                patch_id = f"hm{zone_index:02d}_{index_in_zone:03d}"
-                _write_tif(out / "aerial" / zone_name / f"{patch_id}.tif", aerial, crs, transform)
-                if has_label:
-                    _write_tif(out / "labels" / zone_name / f"{patch_id}.tif", codes[..., None], crs, transform)
-                _write_hameln_sits(patch_rng, out / "sits" / zone_name, patch_id, series, masks, dates,
-                                   (row, col), sits_size, per_date_cloud=zone_index % 2 == 1)
+            codes = codes_lut[cls]
+            writer.patch(patch_rng, domain=domain, zone_name=zone_name, split=split, patch_number=patch_number,
+                         zone_index=zone_index, index_in_zone=index_in_zone, aerial=aerial, codes=codes,
+                         has_label=bool(has_label), crs=crs, transform=transform, centre_rc=(row, col),
+                         series=series, masks=masks, dates=dates, sits_size=sits_size, seed=seed)
             if has_label:
                 num_labelled += 1
                 pixel_counts += np.bincount(codes.ravel(), minlength=256)
@@ -576,47 +593,18 @@ def write_dataset(out_dir, *, layout: str = "flair2", num_zones: int = 4, patche
         zones.append({"domain": domain, "zone": zone_name, "kind": kind, "num_dates": len(dates),
                       "superpatch_px": super_px, "gain": zone_gain, "offset": zone_offset,
                       "date_gains": [float(g) for g in date_gains],
-                      "phenology_shift_days": region_shift})
+                      "phenology_shift_days": region_shift,
+                      **({"split": split} if split else {})})
 
-    paths = {"root": str(out)}
-    if layout == "flair2":
-        with open(out / flair2.CENTROIDS, "w") as f:
-            json.dump(centroids, f, indent=0, sort_keys=True)
-        paths.update(aerial=str(out / flair2.AERIAL_DIR), labels=str(out / flair2.LABELS_DIR),
-                     sen=str(out / flair2.SEN_DIR), centroids=str(out / flair2.CENTROIDS))
-    else:
-        manifest = {
-            "format_version": 1, "synthetic": True, "seed": seed, "domain": f"hameln_{year}", "crs": crs,
-            "classes": list(HAMELN_CLASSES), "unlabelled_value": 0, "aerial_bands": list(HAMELN_AERIAL_BANDS),
-            "aerial_gsd_m": gsd, "aerial_size": patch_size, "sits_bands": list(S2_BANDS),
-            "sits_gsd_m": S2_GSD_M, "sits_size": sits_size}
-        (out / hameln.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        paths.update(manifest=str(out / hameln.MANIFEST))
+    paths = {"root": str(out), **writer.finish(seed=seed, year=year, crs=crs, gsd=gsd, patch_size=patch_size,
+                                                sits_size=sits_size)}
     return {
         "layout": layout, "out_dir": str(out), "seed": seed, "num_zones": num_zones,
         "num_patches": num_labelled + num_unlabelled, "num_labelled": num_labelled,
         "num_unlabelled": num_unlabelled, "patch_size": patch_size, "aerial_gsd_m": gsd,
-        "aerial_bands": list(FLAIR2_AERIAL_BANDS if layout == "flair2" else HAMELN_AERIAL_BANDS),
+        "aerial_bands": list(spec.aerial_bands),
         "sits_size": sits_size, "crs": crs, "zones": zones, "realism": dataclasses.asdict(realism),
+        **({"every_class": True} if every_class else {}), **({"test_zones": test_zones} if test_zones else {}),
         "noisy_label_pixels": noisy_pixels,
         "raw_label_pixels": {int(c): int(n) for c, n in enumerate(pixel_counts) if n},
         "paths": paths}
-
-
-def _write_hameln_sits(rng, folder, patch_id, series, masks, dates, centre_rc, sits_size, per_date_cloud):
-    """Per-patch series [T, 10, s, s] (channels-first, as the layout), dates and cloud file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    row, col = centre_rc
-    window = (slice(None), slice(None), slice(row - sits_size // 2, row - sits_size // 2 + sits_size),
-              slice(col - sits_size // 2, col - sits_size // 2 + sits_size))
-    keep = np.arange(len(dates))
-    if rng.random() < 1 / 3:                                   # a missing acquisition for this patch
-        keep = np.delete(keep, rng.integers(0, len(dates)))
-    np.save(folder / f"{patch_id}.npy", np.ascontiguousarray(series[window][keep]))
-    (folder / f"{patch_id}_dates.txt").write_text("".join(f"{dates[i].isoformat()}\n" for i in keep))
-    mask_crop = masks[window][keep]
-    if per_date_cloud:
-        cloud = (mask_crop.max(axis=1).astype(np.float32) / 100).mean(axis=(1, 2)).astype(np.float32)
-        np.save(folder / f"{patch_id}_cloud.npy", cloud)
-    else:
-        np.save(folder / f"{patch_id}_cloud.npy", np.ascontiguousarray(mask_crop))

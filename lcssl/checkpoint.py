@@ -436,7 +436,7 @@ def check_step_folders(directory: str) -> None:
     (empty, or missing an item): Orbax would take it for the latest step and fail on it with a
     KeyError. Orbax writes a step under a temporary name and renames it when complete, so such a
     folder was made or cut short by something else (a copy, a hand-made folder)."""
-    if "://" in directory or not os.path.isdir(directory):
+    if not os.path.isdir(directory):
         return
     for name in sorted(os.listdir(directory), key=lambda n: (len(n), n)):
         step_dir = os.path.join(directory, name)

@@ -126,9 +126,9 @@ def require_dataset(data_dir: str, layout: str, flag: str = "--config.data_dir")
     """UserError with the two commands that make a dataset when `data_dir` has no dataset card,
     or naming the card when it does not read."""
     from lcssl.data.schema import CARD_NAME
+    from lcssl.files import refuse_remote
 
-    if "://" in data_dir:
-        return
+    refuse_remote(data_dir, flag)
     if os.path.isfile(os.path.join(data_dir, CARD_NAME)):
         from lcssl.data import pipeline
 

@@ -26,7 +26,8 @@ Field reference (units in the names):
   init_from            a pre-training workdir (or its checkpoints/ dir); finetune_mode 'linear' (frozen
                        encoder) | 'partial' (encoder at encoder_lr_scale x lr) | 'full'
   init_encoder_from    published weights instead: a torchvision/timm ResNet34 state dict (.safetensors;
-                       .pth with torch installed) into the aerial encoder, R/G/B by band name, other
+                       .pth with torch installed) into the aerial encoder, or an smp Unet('resnet34')
+                       (IGN's FLAIR U-Nets) into encoder, decoder and head; bands by name, other
                        bands zero (lcssl/pretrained.py); not with init_from
   adapt_bands          fine-tuning from a checkpoint of other bands (e.g. Hameln's 4 -> FLAIR #2's
                        5): map the first convolutions' input channels by band name, new bands
@@ -56,7 +57,7 @@ Preset = Callable[[ml_collections.ConfigDict], None]
 
 
 def base(dataset: str, task: str) -> ml_collections.ConfigDict:
-    """The modern default for `dataset` ('flair2' | 'hameln') and `task` (a name in lcssl.tasks):
+    """The modern default for `dataset` (a layout of data_prep/layouts.py) and `task` (a name in lcssl.tasks):
     pre-training defaults for every task but 'supervised'."""
     from lcssl import models, tasks
     from lcssl.data import augment
@@ -133,7 +134,9 @@ def base(dataset: str, task: str) -> ml_collections.ConfigDict:
     c.input_bound_warning = 0.3  # warn when the host waits on input this share of the time
     c.seed = 0
     if pretrain:
-        c.split = "unlabelled" if dataset == "hameln" else "train"
+        from data_prep import layouts
+
+        c.split = layouts.get(dataset).pretrain_split
     return c
 
 

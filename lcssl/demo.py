@@ -37,6 +37,9 @@ def _data_prep(*args: str) -> None:
 def main(argv):
     del argv
     cli.quiet_native_logs()  # before TensorFlow is imported, here and in data_prep's processes
+    from lcssl.files import refuse_remote
+
+    refuse_remote(_WORKDIR.value, "--workdir")
     import jax
 
     workdir = pathlib.Path(_WORKDIR.value).resolve()

@@ -11,6 +11,7 @@ import atexit
 import json
 import os
 import pathlib
+import re
 import socket
 import time
 from typing import Any
@@ -185,3 +186,18 @@ class FolderLock:
         if self.held and (self._holder() or {}).get("pid") == self.owner["pid"]:
             os.remove(self.path)
         self.held = False
+
+
+# A URL-style path: scheme://... (gs://, s3://, hdfs://, file://, ...).
+_REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def refuse_remote(value, flag: str) -> None:
+    """UserError naming `flag` when `value` is a URL-style path (gs://bucket/run, s3://...): lcssl and
+    data_prep read and write local (or mounted) folders through os/pathlib, where such a path would
+    become a local folder named 'gs:' (docs/DESIGN.md, "Remote paths")."""
+    if value is not None and _REMOTE.match(str(value)):
+        scheme = str(value).split("://", 1)[0]
+        raise UserError(f"{flag}={value}: remote paths ({scheme}://) are not supported; use a local or mounted "
+                        "folder (docs/DESIGN.md, 'Remote paths')")
+

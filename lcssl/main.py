@@ -73,7 +73,12 @@ def main(argv):
     cli.quiet_native_logs()
     cli.quiet_logging(flags.FLAGS.verbosity)
     config = _CONFIG.value
-    cli.require_dataset(config.data_dir, config.dataset)
+    from lcssl.files import refuse_remote
+
+    for flag, value in (("--workdir", _WORKDIR.value), ("--config.init_from", config.init_from),
+                        ("--config.init_encoder_from", config.init_encoder_from)):
+        refuse_remote(value, flag)
+    cli.require_dataset(config.data_dir, config.dataset)  # refuses a remote data_dir too
     # TensorFlow (tf.data only) must not grab GPU memory meant for JAX.
     try:
         import tensorflow as tf

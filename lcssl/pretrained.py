@@ -1,4 +1,5 @@
-"""Published encoder weights: a torchvision / timm ResNet34 state dict -> lcssl's U-Net encoder.
+"""Published weights: a torchvision / timm ResNet34 state dict -> lcssl's U-Net encoder, or a whole
+segmentation_models_pytorch U-Net (ResNet34 encoder; IGN's FLAIR baselines) -> lcssl's aerial U-Net.
 
     state_dict = read_state_dict(path)                     # .safetensors (or .pth where torch is installed)
     params, stats, report = resnet34_to_encoder(state_dict, source=path, ...)
@@ -19,7 +20,21 @@ DataParallel or Lightning add 'module.' / 'model.': those prefixes are stripped.
 The two compute the same function: same paddings (7x7/2 pad 3, 3x3 pad 1, max-pool 3x3/2 pad 1 with
 -inf padding), batch norm eps 1e-5 on both sides (tests/test_pretrained.py checks the features).
 
-Bands: an ImageNet stem sees R, G, B. The dataset's bands are matched by name (any order); a band
+smp `Unet('resnet34')` (IGN's FLAIR-1 / FLAIR-INC baselines: 5-band RGBIE stems) adds, mapped onto
+'aerial_decoder' (lcssl.models.unet.UNetDecoder) and 'seg_head':
+
+    encoder.*                                 -> the ResNet34 mapping above
+    decoder.blocks.{i}.conv{j}.0.weight       -> block{i}/conv{j}/kernel          (i 0..4, j 1..2)
+    decoder.blocks.{i}.conv{j}.1.*            -> block{i}/bn{j}/scale, bias, mean, var
+    segmentation_head.0.weight, .bias         -> seg_head/kernel, bias  (when its class count is the card's)
+
+The same function (smp's DecoderBlock: nearest upsample x2, concatenate [x, skip], conv3x3-BN-ReLU
+twice, no attention, center Identity; head conv3x3 with bias) for model.variant='unet'; the U-T&T
+variant fuses the Sentinel-2 features into the levels before the decoder. Decoder channels must be
+smp's (256, 128, 64, 32, 16); an attention or other decoder key is refused by name.
+
+Bands: an ImageNet stem sees R, G, B; a 4-channel stem R, G, B, NIR (RGBI); a 5-channel stem FLAIR's
+R, G, B, NIR, elevation (RGBIE, IGN's channel order). IR and NIR are the same band. The dataset's bands are matched by name (any order); a band
 the file does not have (NIR, IR, elevation) gets a zero kernel slice, as fine-tuning's adapt_bands
 does. Zero rather than the mean of the RGB slices: with zeros the network computes exactly the
 pretrained features of the RGB bands, so the stem's batch-norm running statistics still describe
@@ -45,8 +60,12 @@ from lcssl.errors import UserError
 # ResNet34 (He et al. 2016, table 1): BasicBlocks per stage and widths; stem 64.
 RESNET34_STAGES = (3, 4, 6, 3)
 RESNET34_WIDTHS = (64, 128, 256, 512)
-# torchvision / timm ImageNet weights take R, G, B in this order.
+# A file's stem bands by its input channels: torchvision / timm ImageNet R, G, B; RGBI; FLAIR's RGBIE.
 FILE_BANDS = ("R", "G", "B")
+FILE_BANDS_BY_CHANNELS = {3: FILE_BANDS, 4: ("R", "G", "B", "NIR"), 5: ("R", "G", "B", "NIR", "elevation")}
+_ALIASES = {"IR": "NIR"}  # Hameln's name for the near infrared
+SMP_DECODER_CHANNELS = (256, 128, 64, 32, 16)  # smp Unet's default decoder_channels
+DECODER_KEY, HEAD_KEY = "aerial_decoder", "seg_head"
 ENCODER_KEY = "aerial_encoder"  # the top-level param subtree the weights go to (lcssl.models.utt)
 _PREFIXES = ("module.", "model.", "encoder.", "backbone.")
 _IGNORED = re.compile(r"^fc\.|num_batches_tracked$")
@@ -124,8 +143,10 @@ def resnet34_to_encoder(state_dict: Mapping[str, np.ndarray], *, source: str, ba
     for key in sorted(sd):
         module, _, _ = key.rpartition(".")
         if module not in mapping and not _IGNORED.search(key):
-            raise UserError(f"init_encoder_from={source}: unexpected key {key!r}: not a torchvision/timm "
-                            "ResNet34 (a ResNet50 has conv3 and 4 x width; a ResNet18 lacks layer1.2)")
+            what = ("an smp U-Net whose keys do not start with 'encoder.', 'decoder.blocks.', 'segmentation_head.'"
+                    if key.startswith(("decoder.", "segmentation_head.")) else
+                    "not a torchvision/timm ResNet34 (a ResNet50 has conv3 and 4 x width; a ResNet18 lacks layer1.2)")
+            raise UserError(f"init_encoder_from={source}: unexpected key {key!r}: {what}")
     params: dict = {}
     batch_stats: dict = {}
     tree = {"params": params, "batch_stats": batch_stats}
@@ -187,19 +208,89 @@ def _torch_name(path: tuple[str, ...]) -> str:
 
 
 def _adapt_stem(kernel: np.ndarray, bands: Sequence[str], source: str) -> tuple[np.ndarray, dict]:
-    """[7, 7, 3, 64] R,G,B kernel -> [7, 7, len(bands), 64]: R, G, B copied by name, others zero."""
-    if kernel.shape[2] != len(FILE_BANDS):
+    """[7, 7, I, 64] kernel of the file's bands (FILE_BANDS_BY_CHANNELS[I]) -> [7, 7, len(bands), 64]:
+    bands copied by name, the dataset's others zero, the file's others dropped (reported)."""
+    file_bands = FILE_BANDS_BY_CHANNELS.get(kernel.shape[2])
+    if file_bands is None:
         raise UserError(f"init_encoder_from={source}: conv1.weight has {kernel.shape[2]} input channels, "
-                        f"expected {len(FILE_BANDS)} ({', '.join(FILE_BANDS)}, ImageNet order)")
+                        "expected 3 (R, G, B, ImageNet order), 4 (R, G, B, NIR) or 5 (FLAIR's R, G, B, NIR, "
+                        "elevation)")
     bands = list(bands)
-    missing = [b for b in FILE_BANDS if b not in bands]
+    names = [_ALIASES.get(b, b) for b in bands]
+    missing = [b for b in FILE_BANDS if b not in names]
     if missing:
         raise UserError(f"init_encoder_from={source}: the dataset's aerial bands {bands} lack {missing}; "
-                        f"ImageNet weights need {list(FILE_BANDS)}")
+                        f"these weights need {list(FILE_BANDS)}")
     zero = np.zeros_like(kernel[:, :, 0])
-    out = np.stack([kernel[:, :, FILE_BANDS.index(b)] if b in FILE_BANDS else zero for b in bands], axis=2)
-    return out, {"copied": [b for b in bands if b in FILE_BANDS],
-                 "new_zero": [b for b in bands if b not in FILE_BANDS]}
+    out = np.stack([kernel[:, :, file_bands.index(n)] if n in file_bands else zero for n in names], axis=2)
+    return out, {"copied": [b for b, n in zip(bands, names) if n in file_bands],
+                 "new_zero": [b for b, n in zip(bands, names) if n not in file_bands],
+                 **({"dropped": [f for f in file_bands if f not in names]} if kernel.shape[2] != 3 else {})}
+
+
+def is_smp_unet(state_dict: Mapping[str, np.ndarray]) -> bool:
+    """A segmentation_models_pytorch U-Net state dict (its decoder blocks are there)."""
+    return any(k.startswith("decoder.blocks.") for k in _strip_prefixes(state_dict))
+
+
+def smp_unet_to_aerial(state_dict: Mapping[str, np.ndarray], *, source: str, bands: Sequence[str],
+                       num_classes: int, model_cfg: Mapping[str, Any] | None = None) -> tuple[dict, dict, dict]:
+    """({'aerial_encoder', 'aerial_decoder'[, 'seg_head']} params, batch_stats, report) of an smp
+    Unet('resnet34') state dict. The head is loaded when it has `num_classes` outputs, else left new
+    (reported). UserError names `source` and the first key or shape that does not map."""
+    if model_cfg is not None and tuple(model_cfg["decoder_channels"]) != SMP_DECODER_CHANNELS:
+        raise UserError(f"init_encoder_from={source}: an smp U-Net's decoder needs model.decoder_channels="
+                        f"{SMP_DECODER_CHANNELS}; this model has {tuple(model_cfg['decoder_channels'])}")
+    sd = _strip_prefixes(state_dict)
+    encoder = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    enc_params, enc_stats, enc_report = resnet34_to_encoder(encoder, source=source, bands=bands,
+                                                            model_cfg=model_cfg)
+    dec_params: dict = {}
+    dec_stats: dict = {}
+    used: set = set()
+    for i, width in enumerate(SMP_DECODER_CHANNELS):
+        block_p, block_s = dec_params.setdefault(f"block{i}", {}), dec_stats.setdefault(f"block{i}", {})
+        for j in (1, 2):
+            conv, bn = f"decoder.blocks.{i}.conv{j}.0", f"decoder.blocks.{i}.conv{j}.1"
+            for key in (f"{conv}.weight", *(f"{bn}.{leaf}" for leaf in _BN)):
+                if key not in sd:
+                    raise UserError(f"init_encoder_from={source}: missing key {key!r} of an smp Unet('resnet34') "
+                                    "decoder (decoder_use_batchnorm=True)")
+            kernel = np.asarray(sd[f"{conv}.weight"], np.float32)
+            if kernel.ndim != 4 or kernel.shape[0] != width or kernel.shape[2:] != (3, 3):
+                raise UserError(f"init_encoder_from={source}: {conv}.weight has shape {kernel.shape}, expected "
+                                f"({width}, in, 3, 3) (decoder_channels {SMP_DECODER_CHANNELS})")
+            block_p[f"conv{j}"] = {"kernel": kernel.transpose(2, 3, 1, 0)}
+            block_p[f"bn{j}"] = {"scale": np.asarray(sd[f"{bn}.weight"], np.float32),
+                                 "bias": np.asarray(sd[f"{bn}.bias"], np.float32)}
+            block_s[f"bn{j}"] = {"mean": np.asarray(sd[f"{bn}.running_mean"], np.float32),
+                                 "var": np.asarray(sd[f"{bn}.running_var"], np.float32)}
+            used |= {f"{conv}.weight", *(f"{bn}.{leaf}" for leaf in (*_BN, "num_batches_tracked"))}
+    params = {ENCODER_KEY: enc_params, DECODER_KEY: dec_params}
+    stats = {ENCODER_KEY: enc_stats, DECODER_KEY: dec_stats}
+    head_w, head_b = sd.get("segmentation_head.0.weight"), sd.get("segmentation_head.0.bias")
+    report = {**enc_report, "format": "segmentation_models_pytorch Unet('resnet34') state dict",
+              "into": [ENCODER_KEY, DECODER_KEY]}
+    if head_w is not None and head_b is not None:
+        used |= {"segmentation_head.0.weight", "segmentation_head.0.bias"}
+        head_w = np.asarray(head_w, np.float32)
+        if head_w.shape[1:] != (SMP_DECODER_CHANNELS[-1], 3, 3):
+            raise UserError(f"init_encoder_from={source}: segmentation_head.0.weight has shape {head_w.shape}, "
+                            f"expected (classes, {SMP_DECODER_CHANNELS[-1]}, 3, 3)")
+        if head_w.shape[0] == num_classes:
+            params[HEAD_KEY] = {"kernel": head_w.transpose(2, 3, 1, 0), "bias": np.asarray(head_b, np.float32)}
+            report["into"].append(HEAD_KEY)
+        else:
+            report["head_not_loaded"] = (f"segmentation_head has {head_w.shape[0]} classes, the dataset card "
+                                         f"{num_classes}: {HEAD_KEY} starts new")
+    other = sorted(k for k in sd if k not in used and not k.startswith("encoder."))
+    if other:
+        raise UserError(f"init_encoder_from={source}: unexpected key {other[0]!r} of an smp U-Net: lcssl's "
+                        "decoder has no attention (decoder_attention_type=None) and no center block")
+    report["loaded"] = sorted([*(f"encoder.{k}" for k in enc_report["loaded"]),
+                               *(k for k in used if k in sd and not k.endswith("num_batches_tracked")
+                                 and (HEAD_KEY in params or not k.startswith("segmentation_head")))])
+    return params, stats, report
 
 
 def _sha256(path: str) -> str:
@@ -216,21 +307,30 @@ def warm_start(state, path: str, card: Mapping[str, Any], model_cfg) -> tuple[An
     if ENCODER_KEY not in state.params:
         raise UserError(f"init_encoder_from={path}: this model (variant without an aerial branch) has no "
                         f"{ENCODER_KEY!r} to load a ResNet34 into")
-    params, batch_stats, report = resnet34_to_encoder(
-        read_state_dict(path), source=path, bands=card["aerial"]["bands"], model_cfg=model_cfg)
-    report["new"] = sorted(k for k in state.params if k != ENCODER_KEY)
+    state_dict = read_state_dict(path)
+    if is_smp_unet(state_dict):
+        params, batch_stats, report = smp_unet_to_aerial(state_dict, source=path, bands=card["aerial"]["bands"],
+                                                         num_classes=len(card["classes"]), model_cfg=model_cfg)
+    else:
+        encoder_params, encoder_stats, report = resnet34_to_encoder(
+            state_dict, source=path, bands=card["aerial"]["bands"], model_cfg=model_cfg)
+        params, batch_stats = {ENCODER_KEY: encoder_params}, {ENCODER_KEY: encoder_stats}
+    report["new"] = sorted(k for k in state.params if k not in params)
 
-    def place(have, new, collection):
+    def place(key, have, new, collection):
         if jax.tree.structure(have) != jax.tree.structure(new):
-            raise UserError(f"init_encoder_from={path}: the {collection} of {ENCODER_KEY} do not match a "
-                            "ResNet34 (model.fused_bn_act or another change of the encoder's layers?)")
+            raise UserError(f"init_encoder_from={path}: the {collection} of {key} do not match the file's "
+                            "(model.fused_bn_act or another change of the layers?)")
         for (where, h), n in zip(jax.tree_util.tree_leaves_with_path(have), jax.tree.leaves(new)):
             if h.shape != n.shape:
-                raise UserError(f"init_encoder_from={path}: {ENCODER_KEY}{jax.tree_util.keystr(where)} is "
+                raise UserError(f"init_encoder_from={path}: {key}{jax.tree_util.keystr(where)} is "
                                 f"{h.shape} in this model, {n.shape} in the file")
         return jax.tree.map(lambda h, n: jax.device_put(n.astype(h.dtype), h.sharding), have, new)
 
-    new_params = {**state.params, ENCODER_KEY: place(state.params[ENCODER_KEY], params, "params")}
-    new_stats = {**state.batch_stats,
-                 ENCODER_KEY: place(state.batch_stats[ENCODER_KEY], batch_stats, "batch_stats")}
+    for key in params:
+        if key not in state.params:
+            raise UserError(f"init_encoder_from={path}: this model has no {key!r} for the file's weights")
+    new_params = {**state.params, **{k: place(k, state.params[k], v, "params") for k, v in params.items()}}
+    new_stats = {**state.batch_stats, **{k: place(k, state.batch_stats[k], v, "batch_stats")
+                                         for k, v in batch_stats.items()}}
     return state.replace(params=new_params, batch_stats=new_stats), report

@@ -983,6 +983,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     command = " ".join(["python -m lcssl.study", *sys.argv[1:]])
+    from lcssl.files import refuse_remote
+
+    for name in ("workdir", "results", "records"):
+        refuse_remote(flags.FLAGS[name].value, f"--{name}")
+    refuse_remote(flags.FLAGS.config.data.data_dir, "--config.data.data_dir")
     if flags.FLAGS.parallel < 1:
         raise UserError(f"--parallel={flags.FLAGS.parallel}: at least 1 worker")
     try:

@@ -10,7 +10,7 @@ same data and model, nothing non-finite saved).
 The lock is a file `<workdir>/run.lock` holding the host, pid and start time of the run. Another
 run on the same host whose process is gone left a stale lock: it is named in a warning and taken
 over. A live run, or a lock from another host (whose processes cannot be checked from here),
-refuses with a message naming it. Workdirs on object stores (gs://...) are not locked.
+refuses with a message naming it. (Remote workdirs, gs://..., are refused by lcssl.main.)
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class _NoLock:
 
 def lock(workdir: str):
     """Takes the workdir's lock on process 0 (the processes of one run share the workdir)."""
-    if jax.process_index() != 0 or "://" in workdir:
+    if jax.process_index() != 0:
         return _NoLock()
     return WorkdirLock(workdir).acquire()
 

@@ -120,3 +120,41 @@ def test_a_damaged_record_met_by_tensorflow_points_at_verify_and_other_errors_ke
     assert cli.explain(OSError("no file named")) == "no file named"
     assert cli.explain(OSError(errno.EBADF, "Bad file descriptor")) is None  # no file named: a bug
     assert cli.explain(RuntimeError("a bug")) is None
+
+
+def test_a_remote_workdir_is_refused_naming_the_flag_and_no_local_gs_folder_appears(tmp_path):
+    proc = subprocess.run([PYTHON, "-m", "lcssl.main", f"--config={ROOT}/configs/sup_hameln.py:tiny",
+                           "--workdir=gs://bucket/run"], cwd=tmp_path, env=cli_env(devices=8),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == cli.EXIT_USER_ERROR and "Traceback" not in proc.stderr
+    assert "error: --workdir=gs://bucket/run: remote paths (gs://) are not supported" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["synth", "--layout=hameln", "--out=gs://bucket/raw"], "--out=gs://bucket/raw"),
+    (["build", "--layout=flair_hub", "--src=s3://bucket/FLAIR-HUB", "--out=data"], "--src=s3://bucket/FLAIR-HUB"),
+    (["verify", "gs://bucket/data"], "data_dir=gs://bucket/data"),
+])
+def test_data_prep_refuses_remote_paths_naming_the_option(tmp_path, monkeypatch, argv, flag):
+    from data_prep.__main__ import main as data_prep_main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=f"^{flag}: remote paths"):
+        data_prep_main(argv)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_and_the_config_paths_refuse_remote_paths(tmp_path, monkeypatch, capsys):
+    from lcssl.files import refuse_remote
+    from lcssl.predict.__main__ import main as predict_main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        predict_main(["--checkpoint=gs://bucket/run", "--records=data", "--out=maps"])
+    assert e.value.code == cli.EXIT_USER_ERROR
+    assert "error: --checkpoint=gs://bucket/run: remote paths (gs://)" in capsys.readouterr().err
+    with pytest.raises(UserError, match="--config.init_from=hdfs://nn/run: remote paths"):
+        refuse_remote("hdfs://nn/run", "--config.init_from")
+    refuse_remote("runs/gs:/not-a-url", "--workdir")  # a local name with a colon is a local path
+    assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,16 @@ from lcssl import tasks
 from tests._train_helpers import ROOT
 
 EXPERIMENTS = ["ssl_flair2", "ssl_hameln", "finetune_flair2", "finetune_hameln", "sup_flair2",
-               "sup_hameln"]
+               "sup_hameln", "ssl_flair_hub", "finetune_flair_hub", "sup_flair_hub"]
+
+
+def test_every_layout_has_its_three_experiments():
+    from data_prep import layouts
+
+    for name in layouts.NAMES:
+        for kind in ("sup", "ssl", "finetune"):
+            assert load(f"{kind}_{name}").dataset == name
+    assert load("ssl_hameln").split == "unlabelled" and load("ssl_flair_hub").split == "train"
 
 
 def load(name, arg=None):

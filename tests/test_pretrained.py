@@ -167,7 +167,7 @@ def test_prefixed_keys_of_smp_or_dataparallel_load(weights, tmp_path):
     (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("layer1.2.")], "missing key 'layer1.2.conv1.weight'"),
     (lambda sd: sd.update({"layer2.0.conv1.weight": np.zeros((96, 64, 3, 3), np.float32)}),
      r"layer2.0.conv1.weight has shape \(96, 64, 3, 3\), a ResNet34's is \(128, 64, 3, 3\)"),
-    (lambda sd: sd.update({"conv1.weight": np.zeros((64, 4, 7, 7), np.float32)}), "4 input channels"),
+    (lambda sd: sd.update({"conv1.weight": np.zeros((64, 6, 7, 7), np.float32)}), "6 input channels"),
 ])
 def test_a_file_that_is_not_a_resnet34_is_refused_naming_file_and_key(weights, tmp_path, edit, message):
     sd = dict(weights[0])
@@ -190,6 +190,103 @@ def test_other_inputs_are_refused_in_one_line(weights, tmp_path):
         pretrained.read_state_dict(str(tmp_path / "junk.safetensors"))
     with pytest.raises(UserError, match="no such file"):
         pretrained.read_state_dict(str(tmp_path / "absent.safetensors"))
+
+
+# --- an smp Unet('resnet34') of IGN's FLAIR baselines: 5-band RGBIE stem, decoder, head -------------
+
+DECODER = (256, 128, 64, 32, 16)
+
+
+def random_smp_unet_state_dict(in_channels=5, classes=13, seed=0) -> dict:
+    """segmentation_models_pytorch Unet('resnet34', in_channels, classes)'s keys and shapes, random values."""
+    rng = np.random.default_rng(seed)
+    enc = random_resnet34_state_dict(seed)
+    enc.pop("fc.weight"), enc.pop("fc.bias")  # smp's encoder drops the classifier
+    enc["conv1.weight"] = rng.normal(0, np.sqrt(2 / (in_channels * 49)), (64, in_channels, 7, 7)).astype(np.float32)
+    sd = {f"encoder.{k}": v for k, v in enc.items()}
+    in_ch = [512, *DECODER[:-1]]
+    skip_ch = [256, 128, 64, 64, 0]
+    for i, (inp, skip, out) in enumerate(zip(in_ch, skip_ch, DECODER)):
+        for j, cin in ((1, inp + skip), (2, out)):
+            p = f"decoder.blocks.{i}.conv{j}"
+            sd[f"{p}.0.weight"] = rng.normal(0, np.sqrt(2 / (cin * 9)), (out, cin, 3, 3)).astype(np.float32)
+            sd[f"{p}.1.weight"] = rng.uniform(0.5, 1.5, out).astype(np.float32)
+            sd[f"{p}.1.bias"] = rng.normal(0, 0.1, out).astype(np.float32)
+            sd[f"{p}.1.running_mean"] = rng.normal(0, 0.2, out).astype(np.float32)
+            sd[f"{p}.1.running_var"] = rng.uniform(0.5, 2.0, out).astype(np.float32)
+            sd[f"{p}.1.num_batches_tracked"] = np.array(3, np.int64)
+    sd["segmentation_head.0.weight"] = rng.normal(0, 0.1, (classes, DECODER[-1], 3, 3)).astype(np.float32)
+    sd["segmentation_head.0.bias"] = rng.normal(0, 0.1, classes).astype(np.float32)
+    return sd
+
+
+def smp_unet_logits(sd, x):
+    """smp's Unet forward, float64 numpy NCHW: the ResNet34 features, then per decoder block nearest
+    upsample x2, concatenate [x, skip], (conv3x3, eval BN, ReLU) x 2; head conv3x3 + bias."""
+    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    feats = torchvision_resnet34_features(enc, x)
+    sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+    relu = lambda v: np.maximum(v, 0)
+    y, skips = feats[-1], [*reversed(feats[:-1]), None]
+    for i, skip in enumerate(skips):
+        y = np.repeat(np.repeat(y, 2, axis=2), 2, axis=3)
+        if skip is not None:
+            y = np.concatenate([y, skip], axis=1)
+        for j in (1, 2):
+            p = f"decoder.blocks.{i}.conv{j}"
+            y = relu(batch_norm(conv2d(y, sd[f"{p}.0.weight"], 1, 1), sd, f"{p}.1"))
+    return conv2d(y, sd["segmentation_head.0.weight"], 1, 1) + sd["segmentation_head.0.bias"].reshape(1, -1, 1, 1)
+
+
+def test_an_smp_flair_unet_loads_into_the_aerial_unet_and_computes_smps_logits(tmp_path):
+    sd = random_smp_unet_state_dict()
+    path = str(tmp_path / "flair_unet.safetensors")
+    save_file(sd, path)
+    bands = ["R", "G", "B", "NIR", "elevation"]
+    params, stats, report = pretrained.smp_unet_to_aerial(pretrained.read_state_dict(path), source=path,
+                                                          bands=bands, num_classes=13,
+                                                          model_cfg=models.default_config())
+    assert report["into"] == ["aerial_encoder", "aerial_decoder", "seg_head"]
+    assert report["bands"] == {"copied": bands, "new_zero": [], "dropped": []}
+    assert len(report["loaded"]) == len([k for k in sd if not k.endswith("tracked")])
+    cfg = models.default_config()
+    cfg.variant, cfg.num_classes = "unet", 13
+    model = models.build_model(cfg).clone(dtype=jnp.float64)
+    x = np.random.default_rng(1).normal(size=(1, 5, 64, 64))
+    with jax.enable_x64(True):
+        as64 = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), t)
+        want_tree = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 5)), None, None, None)
+        shapes = lambda t: jax.tree.map(lambda a: a.shape, t)
+        assert shapes({"params": params, "batch_stats": stats}) == shapes(dict(want_tree))
+        got = model.apply({"params": as64(params), "batch_stats": as64(stats)},
+                          jnp.asarray(x.transpose(0, 2, 3, 1)), None, None, None)["logits"]
+    want = smp_unet_logits(sd, x).transpose(0, 2, 3, 1)
+    # float64 on both sides from the same float32 weights: summation order only, ~40 layers deep.
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=1e-9 * np.abs(want).max())
+
+
+def test_an_smp_unet_maps_bands_by_name_and_refuses_what_lcssl_cannot_hold(tmp_path):
+    sd = random_smp_unet_state_dict(classes=19)
+    path = str(tmp_path / "unet.safetensors")
+    save_file(sd, path)
+    params, _, report = pretrained.smp_unet_to_aerial(pretrained.read_state_dict(path), source=path,
+                                                      bands=["R", "G", "B", "IR"], num_classes=12)
+    assert report["bands"] == {"copied": ["R", "G", "B", "IR"], "new_zero": [], "dropped": ["elevation"]}
+    kernel = params["aerial_encoder"]["stem_conv"]["kernel"]
+    np.testing.assert_array_equal(kernel[:, :, 3], sd["encoder.conv1.weight"][:, 3].transpose(1, 2, 0))
+    assert "seg_head" not in params and "19 classes, the dataset card 12" in report["head_not_loaded"]
+    save_file({**sd, "decoder.blocks.0.attention1.attention.1.weight": np.zeros((8, 768, 1, 1), np.float32)}, path)
+    with pytest.raises(UserError, match="unexpected key 'decoder.blocks.0.attention1.attention.1.weight' "
+                                        "of an smp U-Net: lcssl's decoder has no attention"):
+        pretrained.smp_unet_to_aerial(pretrained.read_state_dict(path), source=path, bands=["R", "G", "B"],
+                                      num_classes=19)
+    cfg = models.default_config()
+    cfg.decoder_channels = (128, 64, 32, 16, 8)
+    with pytest.raises(UserError, match=r"model.decoder_channels=\(256, 128, 64, 32, 16\)"):
+        pretrained.smp_unet_to_aerial(sd, source=path, bands=["R", "G", "B"], num_classes=19, model_cfg=cfg)
+    # The ResNet34 reader alone names what such a file is.
+    with pytest.raises(UserError, match="unexpected key 'decoder.blocks.0.conv1.0.weight': an smp U-Net"):
+        pretrained.resnet34_to_encoder(sd, source=path, bands=["R", "G", "B"])
 
 
 @flax.struct.dataclass

@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
 @cli.user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from lcssl.files import refuse_remote
+
+    for name in ("checkpoint", "aerial", "sits", "out", "records"):
+        refuse_remote(getattr(args, name), f"--{name}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax's per-restore INFO lines
     if bool(args.aerial) == bool(args.records):

@@ -1,17 +1,17 @@
 """data_prep.build: splits, card statistics, bad patches, strict mode, atomic shards, resume."""
+import dataclasses
 import datetime
 import hashlib
 import json
 import pathlib
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 
-from data_prep import build
-from data_prep.patch import REASONS, BadPatch, RawPatch
+from data_prep import build, layouts
+from data_prep.patch import REASONS, BadPatch, PatchRef, RawPatch
 from lcssl.data import sits as sits_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -46,18 +46,19 @@ def fake_patches(num_zones=5, per_zone=4, unlabelled_per_zone=1):
 
 
 def fake_reader(patches, bad=None):
-    """A layout reader over in-memory patches; `bad` maps a ref to the BadPatch reason it raises."""
+    """The FLAIR #2 layout reading in-memory patches; `bad` maps a patch id to the BadPatch reason it raises."""
     bad = bad or {}
 
     def list_patches(root):
-        return sorted(set(patches) | set(bad))
+        return [PatchRef(patch_id=pid, zone=pid[4:5], domain="D013", aerial_path=f"/raw/{pid}.tif", label_path=None)
+                for pid in sorted(set(patches) | set(bad))]
 
     def read_patch(ref, *, sits_size=40, expect_size=None, cloud_prob_threshold=None):
-        if ref in bad:
-            raise BadPatch(f"/raw/{ref}.tif", bad[ref], "planted by the test")
-        return patches[ref]
+        if ref.patch_id in bad:
+            raise BadPatch(f"/raw/{ref.patch_id}.tif", bad[ref.patch_id], "planted by the test")
+        return patches[ref.patch_id]
 
-    return types.SimpleNamespace(list_patches=list_patches, read_patch=read_patch)
+    return dataclasses.replace(layouts.get("flair2"), list_patches=list_patches, read_patch=read_patch)
 
 
 def options(**kw):

@@ -20,7 +20,7 @@ import pytest
 import rasterio
 import rasterio.transform
 
-from data_prep import build, flair2, synth
+from data_prep import build, flair2, rasters, synth
 from data_prep.__main__ import main as data_prep_main
 from data_prep.patch import BadPatch
 from lcssl import cli
@@ -157,11 +157,11 @@ def test_build_reports_a_patch_in_another_crs_and_keeps_the_card_resolution(raw,
 
 def test_a_rotated_grid_or_another_pixel_size_is_a_resolution_bad_patch():
     north_up = (1.6, 0.0, 100.0, 0.0, -1.6, 200.0)
-    flair2.check_georef("p.tif", None, north_up, expect_crs=None, expect_gsd_m=1.6)  # passes
+    rasters.check_georef("p.tif", None, north_up, expect_crs=None, expect_gsd_m=1.6)  # passes
     for transform in [(1.6, 0.01, 100.0, 0.0, -1.6, 200.0), (1.6, 0.0, 100.0, -0.01, -1.6, 200.0),
                       (1.7, 0.0, 100.0, 0.0, -1.7, 200.0)]:
         with pytest.raises(BadPatch, match="expected a north-up grid of 1.6 m pixels") as info:
-            flair2.check_georef("p.tif", None, transform, expect_crs=None, expect_gsd_m=1.6)
+            rasters.check_georef("p.tif", None, transform, expect_crs=None, expect_gsd_m=1.6)
         assert info.value.reason == "resolution"
 
 
@@ -178,11 +178,11 @@ def test_build_skips_a_patch_whose_pixel_size_differs_from_the_first(tmp_path, m
 
 def test_sentinel2_file_of_random_bytes_is_named_without_numpys_pickle_advice(raw, tmp_path):
     ref = flair2.list_patches(raw)[0]
-    with open(ref.sen_data_path, "wb") as f:
+    with open(ref.files["sen_data"], "wb") as f:
         f.write(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     with pytest.raises(BadPatch) as info:
-        flair2.load_npy(ref.sen_data_path, what="super-patch data")
-    assert info.value.reason == "unreadable" and info.value.path == ref.sen_data_path
+        rasters.load_npy(ref.files["sen_data"], what="super-patch data")
+    assert info.value.reason == "unreadable" and info.value.path == ref.files["sen_data"]
     assert "is not a .npy array file" in str(info.value) and "pickle" not in str(info.value)
 
 

@@ -11,7 +11,7 @@ import rasterio
 import rasterio.errors
 import rasterio.transform
 
-from data_prep import flair2, hameln, synth
+from data_prep import flair2, hameln, rasters, synth
 from data_prep.patch import BadPatch, SourceError
 
 SIZE = synth.TINY["patch_size"]
@@ -63,7 +63,7 @@ def test_flair2_reads_synthetic(flair_root):
         assert all(isinstance(d, datetime.date) and d.year == 2021 for d in p.sits_dates)
         assert p.sits_dates == sorted(p.sits_dates)
         # The crop is the super-patch window around the centroid, channels-last.
-        data = np.load(ref.sen_data_path)
+        data = np.load(ref.files["sen_data"])
         row, col = table[os.path.basename(ref.aerial_path)]
         np.testing.assert_array_equal(p.sits, np.moveaxis(data[:, :, row - 20:row + 20, col - 20:col + 20], 1, -1))
         if ref.has_label:
@@ -102,7 +102,7 @@ def test_hameln_reads_synthetic(hameln_root):
         assert t in (synth.TINY["num_dates"], synth.TINY["num_dates"] - 1) and p.sits.shape == (t, 40, 40, 10) and p.sits.dtype == np.uint16
         assert all(datetime.date(2022, 2, 1) <= d <= datetime.date(2022, 11, 30) for d in p.sits_dates)
         assert p.sits_cloud.shape == (t,) and p.sits_cloud.dtype == np.float32
-        kinds.add(np.load(ref.cloud_path).ndim)
+        kinds.add(np.load(ref.files["cloud"]).ndim)
         if ref.has_label:
             raw = _raw(ref.label_path)
             np.testing.assert_array_equal(p.label, np.where(raw == 0, 255, raw.astype(int) - 1))
@@ -162,37 +162,37 @@ def _flair_cases():
         return ref.label_path
 
     def no_superpatch(ref, root):
-        os.remove(ref.sen_data_path)
-        return ref.sen_data_path
+        os.remove(ref.files["sen_data"])
+        return ref.files["sen_data"]
 
     def no_masks(ref, root):
-        os.remove(ref.sen_masks_path)
-        return ref.sen_masks_path
+        os.remove(ref.files["sen_masks"])
+        return ref.files["sen_masks"]
 
     def corrupt_npy(ref, root):
-        with open(ref.sen_data_path, "wb") as f:
+        with open(ref.files["sen_data"], "wb") as f:
             f.write(b"\x93NUMPY garbage")
-        return ref.sen_data_path
+        return ref.files["sen_data"]
 
     def superpatch_dtype(ref, root):
-        np.save(ref.sen_data_path, np.load(ref.sen_data_path).astype(np.float32))
-        return ref.sen_data_path
+        np.save(ref.files["sen_data"], np.load(ref.files["sen_data"]).astype(np.float32))
+        return ref.files["sen_data"]
 
     def products_count(ref, root):
-        lines = open(ref.sen_products_path).read().split()
-        with open(ref.sen_products_path, "w") as f:
+        lines = open(ref.files["sen_products"]).read().split()
+        with open(ref.files["sen_products"], "w") as f:
             f.write("\n".join(lines[:-1]) + "\n")
-        return ref.sen_products_path
+        return ref.files["sen_products"]
 
     def products_name(ref, root):
-        lines = open(ref.sen_products_path).read().split()
+        lines = open(ref.files["sen_products"]).read().split()
         lines[0] = "S2A_MSIL2A_garbage"
-        with open(ref.sen_products_path, "w") as f:
+        with open(ref.files["sen_products"], "w") as f:
             f.write("\n".join(lines) + "\n")
-        return ref.sen_products_path
+        return ref.files["sen_products"]
 
     def wrong_crs(ref, root):  # the same pixels in geographic degrees: a 1.5e-5 "m" ground resolution
-        _rewrite(ref.aerial_path, np.moveaxis(flair2.read_raster(ref.aerial_path, bands=5, size=SIZE, dtype=np.uint8,
+        _rewrite(ref.aerial_path, np.moveaxis(rasters.read_raster(ref.aerial_path, bands=5, size=SIZE, dtype=np.uint8,
                                                                  need_georef=True)[0], -1, 0),
                  crs="EPSG:4326", transform=rasterio.transform.Affine(1.5e-5, 0, 2.35, 0, -1.5e-5, 48.85))
         return ref.aerial_path
@@ -212,9 +212,9 @@ def _flair_cases():
         return ref.label_path
 
     def products_not_utf8(ref, root):
-        with open(ref.sen_products_path, "ab") as f:
+        with open(ref.files["sen_products"], "ab") as f:
             f.write(b"S2B_MSIL2A_\xff\xfe\n")
-        return ref.sen_products_path
+        return ref.files["sen_products"]
 
     def edit_centroids(value):
         def edit(ref, root):
@@ -304,8 +304,8 @@ def test_flair2_default_size_is_512(flair_root):
 
 def _hameln_cases():
     def nan_cloud(ref, root):
-        path = ref.sits_path.replace(".npy", "_cloud.npy")
-        t = np.load(ref.sits_path).shape[0]
+        path = ref.files["sits"].replace(".npy", "_cloud.npy")
+        t = np.load(ref.files["sits"]).shape[0]
         cloud = np.zeros(t, np.float32)
         cloud[1] = np.nan
         np.save(path, cloud)
@@ -318,39 +318,39 @@ def _hameln_cases():
         return ref.label_path
 
     def dates_count(ref, root):
-        lines = open(ref.dates_path).read().split()
-        with open(ref.dates_path, "w") as f:
+        lines = open(ref.files["dates"]).read().split()
+        with open(ref.files["dates"], "w") as f:
             f.write("\n".join(lines[1:]) + "\n")
-        return ref.dates_path
+        return ref.files["dates"]
 
     def dates_format(ref, root):
-        with open(ref.dates_path) as f:
+        with open(ref.files["dates"]) as f:
             lines = f.read().split()
         lines[0] = "15.02.2022"
-        with open(ref.dates_path, "w") as f:
+        with open(ref.files["dates"], "w") as f:
             f.write("\n".join(lines) + "\n")
-        return ref.dates_path
+        return ref.files["dates"]
 
     def no_sits(ref, root):
-        os.remove(ref.sits_path)
-        return ref.sits_path
+        os.remove(ref.files["sits"])
+        return ref.files["sits"]
 
     def sits_bands(ref, root):
-        np.save(ref.sits_path, np.load(ref.sits_path)[:, :4])
-        return ref.sits_path
+        np.save(ref.files["sits"], np.load(ref.files["sits"])[:, :4])
+        return ref.files["sits"]
 
     def sits_small(ref, root):
-        np.save(ref.sits_path, np.load(ref.sits_path)[:, :, :30, :30])
-        return ref.sits_path
+        np.save(ref.files["sits"], np.load(ref.files["sits"])[:, :, :30, :30])
+        return ref.files["sits"]
 
     def aerial_bands(ref, root):
         _rewrite(ref.aerial_path, np.zeros((5, SIZE, SIZE), np.uint8))
         return ref.aerial_path
 
     def dates_not_utf8(ref, root):
-        with open(ref.dates_path, "ab") as f:
+        with open(ref.files["dates"], "ab") as f:
             f.write(b"\xff\n")
-        return ref.dates_path
+        return ref.files["dates"]
 
     def manifest_crs(ref, root):  # the manifest says ETRS89 / UTM 32N, the rasters are Lambert-93
         path = root / hameln.MANIFEST
