@@ -10,6 +10,8 @@ import pytest
 
 from configs import study_synth
 from lcssl import study
+from lcssl.study import report as study_report
+from lcssl.study import run as study_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -42,7 +44,7 @@ def test_report_on_hand_made_results(tmp_path):
             "wall_seconds_this_invocation": 5.0, "run_seconds_total": 9.0, "workdir": "/runs",
             "label_fractions": [0.1, 1.0], "seeds": [0, 1, 2]}
     out = tmp_path / "docs" / "RESULTS.md"
-    content = study.write_report(records, labels, {"vicreg": "no task 'vicreg'"}, meta, out)
+    content = study.write_results(records, labels, {"vicreg": "no task 'vicreg'"}, meta, out)
     text = out.read_text()
     assert ("| from scratch | 40.0 ± 10.0 | 80.0 ± 0.0 | pending (1 of 3 seeds) | pending (1 of 3 seeds) |"
             in text)                                         # no figure from fewer than 3 seeds
@@ -99,9 +101,9 @@ def test_the_oracle_fine_tunes_the_encoder_of_the_same_seeds_run_with_every_labe
     for r in (src, ora[0]):
         r.record.parent.mkdir(parents=True, exist_ok=True)
         r.record.write_text("{}")
-    assert [r for r in study._todo(runs) if r in (src, *ora)] == [src, ora[1]]
+    assert [r for r in study_run._todo(runs) if r in (src, *ora)] == [src, ora[1]]
     ora[1].record.write_text("{}")
-    assert not [r for r in study._todo(runs) if r in (src, *ora)]
+    assert not [r for r in study_run._todo(runs) if r in (src, *ora)]
 
 
 def test_the_budget_is_the_same_for_every_objective_and_never_stopped_on_the_probe(tmp_path):
@@ -153,7 +155,7 @@ def test_pretraining_curves_show_the_loss_logged_at_or_before_each_probe():
     rec = {"arm": "simclr_large", "kind": "pretrain", "status": "done", "seed": 0, "curves": {
         "train/loss": [[20, 5.0], [40, 4.0]], "train/epoch": [[20, 2.5], [40, 5.0]],
         "probe/accuracy": [[0, 0.4], [8, 0.42], [24, 0.45], [40, 0.5]]}}
-    text = "\n".join(study._pretraining_section([rec], {}))
+    text = "\n".join(study_report._pretraining_section([rec], {}))
     assert "| 0 | 0.0 | - | 0.400 |" in text
     assert "| 8 | 1.0 | - | 0.420 |" in text and "| 24 | 3.0 | 5.0000 (step 20) | 0.450 |" in text
     assert "| 40 | 5.0 | 4.0000 | 0.500 |" in text

@@ -1,0 +1,55 @@
+"""`python -m lcssl.study`: flags -> run_study (lcssl/study/__init__.py says what it does)."""
+from __future__ import annotations
+
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from lcssl.errors import UserError
+from lcssl.study.run import run_study
+
+
+def _define_flags():
+    """The command's flags (defined here, when the command runs: lcssl.main has flags of the same
+    names)."""
+    config_flags.DEFINE_config_file("config", None, "Study config: configs/study_synth.py[:preset]",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where the data, every run and its logs go.")
+    flags.DEFINE_string("results", "docs/RESULTS.md",
+                        "The report; the plot, JSON and CSV are written beside it.")
+    flags.DEFINE_string("records", "", "Where finished runs' records go ('' = study_records/ beside "
+                        "--results); commit them to resume the study elsewhere.")
+    flags.DEFINE_integer("parallel", 1, "Runs side by side, each in its own worker process with "
+                         "1/N of the host's cores (and of the GPU's memory).")
+    flags.DEFINE_bool("report_only", False, "Write the report from the records as they are, "
+                      "running nothing (runs without a record show as 'not run').")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    command = " ".join(["python -m lcssl.study", *sys.argv[1:]])
+    from lcssl.files import refuse_remote
+
+    for name in ("workdir", "results", "records"):
+        refuse_remote(flags.FLAGS[name].value, f"--{name}")
+    refuse_remote(flags.FLAGS.config.data.data_dir, "--config.data.data_dir")
+    if flags.FLAGS.parallel < 1:
+        raise UserError(f"--parallel={flags.FLAGS.parallel}: at least 1 worker")
+    try:
+        run_study(flags.FLAGS.config, pathlib.Path(flags.FLAGS.workdir), pathlib.Path(flags.FLAGS.results),
+                  command, pathlib.Path(flags.FLAGS.records) if flags.FLAGS.records else None,
+                  flags.FLAGS.parallel, flags.FLAGS.report_only)
+    except (ValueError, RuntimeError) as e:  # the plan's and the data preparation's own errors
+        raise UserError(f"python -m lcssl.study: {e}") from e
+    return 0
+
+
+if __name__ == "__main__":
+    from lcssl import cli
+
+    _define_flags()
+    app.run(cli.user_errors(main), flags_parser=cli.parse_flags)
