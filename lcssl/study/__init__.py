@@ -36,9 +36,9 @@ from lcssl.errors import UserError
 from lcssl.study.plan import (BASELINE, ORACLE, Run, plan, records_folder, selected_arms, trainer_config,
                               unavailable_reason)
 from lcssl.study.report import PLOT_NAME, write_results
-from lcssl.study.run import collect, execute, make_record, run_study
+from lcssl.study.run import collect, execute, make_record, prepare_data, run_study
 from lcssl.study.stats import MIN_SEEDS, best_arm, paired_ci, per_class_iou, summarize
 
 __all__ = ["BASELINE", "ORACLE", "MIN_SEEDS", "PLOT_NAME", "Run", "UserError", "best_arm", "collect",
-           "execute", "make_record", "paired_ci", "per_class_iou", "plan", "records_folder", "run_study",
+           "execute", "make_record", "paired_ci", "per_class_iou", "plan", "prepare_data", "records_folder", "run_study",
            "selected_arms", "summarize", "trainer_config", "unavailable_reason", "write_results"]

@@ -193,7 +193,7 @@ def execute_all(todo: Sequence[Run], parallel: int, cache_dir: pathlib.Path, on_
     return failed
 
 
-def _prepare_data(config, workdir: pathlib.Path) -> pathlib.Path:
+def prepare_data(config, workdir: pathlib.Path) -> pathlib.Path:
     """The benchmark dataset: config.data.data_dir, or synthesised and built into <workdir>/data by
     data_prep's own command functions (the same flags as `python -m data_prep synth|build`), their
     output in <workdir>/data/<command>.log."""
@@ -244,7 +244,7 @@ def run_study(config, workdir: pathlib.Path, results_path: pathlib.Path, command
     workdir.mkdir(parents=True, exist_ok=True)
     records_dir = (records_dir or pathlib.Path(results_path).parent / "study_records").resolve()
     selected_arms(config)  # a typo fails before the data is made
-    data_dir = workdir / "data" / "built" if report_only else _prepare_data(config, workdir)
+    data_dir = workdir / "data" / "built" if report_only else prepare_data(config, workdir)
     arms_by_name = {a["name"]: a for a in config.arms}
     unavailable = {a["name"]: r for a in config.arms if (r := unavailable_reason(a, arms_by_name))}
     records_dir = records_folder(records_dir, config)
