@@ -112,11 +112,11 @@ def test_global_batch_sequence_is_the_same_for_1_2_4_hosts_and_after_resume(data
 
 
 def test_each_host_reads_only_its_own_records(data_dir, monkeypatch):
-    asked = {}  # per iterator (its Shards): the record numbers of each host batch, in step order
+    asked = {}  # per iterator (its Shards, kept alive): the record numbers of each host batch, in step order
     real = native._host_batch
 
     def recording(shards, shapes, indices, *args):
-        asked.setdefault(id(shards), []).append(list(indices))
+        asked.setdefault(shards, []).append(list(indices))
         return real(shards, shapes, indices, *args)
 
     monkeypatch.setattr(native, "_host_batch", recording)
@@ -126,7 +126,7 @@ def test_each_host_reads_only_its_own_records(data_dir, monkeypatch):
                                           process_count=count, reader="native", start_step=1)
         [next(it) for _ in range(steps)]
         it.close()
-        return asked[max(asked, key=lambda k: list(asked).index(k))][:steps]
+        return list(asked.values())[-1][:steps]  # this iterator's: the newest Shards
 
     one = host_reads(0, 1)
     assert all(len(b) == 8 for b in one)
