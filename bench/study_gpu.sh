@@ -5,18 +5,20 @@
 #   1. On a CPU machine with TensorFlow and rasterio (data_prep needs them):
 #        bench/study_gpu.sh prepare CARRY [PRESET] [--wheels]
 #      builds the preset's benchmark exactly as the study would (lcssl.study's own data step), and
-#      copies into CARRY/data only what training reads: dataset_card.json, build_plan.json, the
-#      shards and their record indexes (the raw synthetic files, QA report and logs stay behind).
+#      packs into CARRY/data.tar.xz only what training reads: dataset_card.json, build_plan.json,
+#      the shards and their record indexes (the raw synthetic files, QA report and logs stay
+#      behind; xz takes the gpu preset's ~71 MiB of shards to roughly 40).
 #      --wheels also downloads (Python 3.12, manylinux x86_64, no dependencies) the wheels a GPU
 #      machine may lack: clu, ml_collections, wrapt (clu's), pillow (the study's plot).
 #      It prints CARRY's size; a GPU machine that takes the working tree and 64 MiB of extras
-#      must get CARRY under that (the default benchmark's shards are well under it).
+#      must get CARRY under that (bench/carry is ignored by git: name it as an extra to carry).
 #
 #   2. On the GPU machine (no TensorFlow needed: the native reader and lcssl/writers.py):
 #        bench/study_gpu.sh run CARRY OUT [PRESET] [STUDY FLAGS...]
 #      e.g.  bench/study_gpu.sh run bench/carry "$OUT" gpu --config.seeds='(0,)'
-#      installs CARRY/wheels into a private folder if an import is missing, then runs
-#        python -m lcssl.study --config=configs/study_synth.py:PRESET --config.data.data_dir=CARRY/data
+#      unpacks CARRY/data.tar.xz into WORKDIR/data, installs CARRY/wheels into a private folder
+#      if an import is missing, then runs
+#        python -m lcssl.study --config=configs/study_synth.py:PRESET --config.data.data_dir=WORKDIR/data
 #          --workdir=$WORKDIR --parallel=$PARALLEL --records=OUT/study_records --results=OUT/RESULTS.md
 #          [STUDY FLAGS...]
 #      for at most BUDGET_S seconds. Every run's record is written as the run finishes, so on the
@@ -49,7 +51,9 @@ if [ "$mode" = prepare ]; then
   preset=${2:-gpu}
   wheels=${3:-}
   build=${BUILD_DIR:-/tmp/lcssl_study_gpu_build/$preset}
-  mkdir -p "$build" "$carry/data"
+  mkdir -p "$build" "$carry"
+  rm -rf "$carry/data"
+  mkdir "$carry/data"
   "$PYTHON" - "$preset" "$build" <<'EOF'
 import pathlib, sys
 from configs import study_synth
@@ -62,6 +66,15 @@ EOF
   cp "$src/dataset_card.json" "$src/build_plan.json" "$src"/*.tfrecord "$carry/data/"
   "$PYTHON" -c "import sys; from lcssl.data import native; print(native.write_indexes(sys.argv[1]), 'records indexed')" \
     "$carry/data"
+  "$PYTHON" - "$carry" <<'EOF'
+import os, sys, tarfile
+carry = sys.argv[1]
+tmp = os.path.join(carry, ".data.tar.xz.tmp")
+with tarfile.open(tmp, "w:xz") as tar:
+    tar.add(os.path.join(carry, "data"), arcname="data")
+os.replace(tmp, os.path.join(carry, "data.tar.xz"))
+EOF
+  rm -rf "$carry/data"
   if [ "$wheels" = --wheels ]; then
     clu=$("$PYTHON" -c "import importlib.metadata as m; print(m.version('clu'))")
     mlc=$("$PYTHON" -c "import importlib.metadata as m; print(m.version('ml_collections'))")
@@ -85,8 +98,11 @@ parallel=${PARALLEL:-4}
 mkdir -p "$out" "$workdir"
 out=$(cd "$out" && pwd)
 t0=$(date +%s)
-[ -f "$carry/data/dataset_card.json" ] || { echo "error: $carry/data/dataset_card.json: not found; make it with" \
+[ -f "$carry/data.tar.xz" ] || { echo "error: $carry/data.tar.xz: not found; make it with" \
   "'bench/study_gpu.sh prepare $carry' on a CPU machine" >&2; exit 2; }
+rm -rf "$workdir/data"
+"$PYTHON" -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
+  "$carry/data.tar.xz" "$workdir"
 
 imports="import jax, flax, optax, orbax.checkpoint, clu, ml_collections, wrapt, PIL, tensorboard, tqdm"
 if ! "$PYTHON" -c "$imports" 2>/dev/null; then
@@ -97,7 +113,7 @@ if ! "$PYTHON" -c "$imports" 2>/dev/null; then
 fi
 (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "no nvidia-smi") > "$out/gpu.txt" 2>&1
 
-study=("$PYTHON" -m lcssl.study "--config=configs/study_synth.py:$preset" "--config.data.data_dir=$carry/data"
+study=("$PYTHON" -m lcssl.study "--config=configs/study_synth.py:$preset" "--config.data.data_dir=$workdir/data"
        "--workdir=$workdir" "--parallel=$parallel" "--records=$out/study_records" "--results=$out/RESULTS.md" "$@")
 echo "\$ ${study[*]}" | tee "$out/study.log"
 set +e

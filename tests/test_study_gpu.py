@@ -3,6 +3,7 @@ preset and TensorFlow unimportable in the run step (as on the GPU machine)."""
 import json
 import os
 import subprocess
+import tarfile
 
 import pytest
 
@@ -18,12 +19,14 @@ def test_prepare_on_cpu_then_run_without_tensorflow(tmp_path):
     prep = subprocess.run([SCRIPT, "prepare", str(carry), "tiny"], cwd=ROOT, capture_output=True, text=True,
                           timeout=900, env=dict(env, BUILD_DIR=str(tmp_path / "build")))
     assert prep.returncode == 0, prep.stdout[-3000:] + prep.stderr[-3000:]
-    card = json.loads((carry / "data" / "dataset_card.json").read_text())
+    assert sorted(p.name for p in carry.iterdir()) == ["data.tar.xz"] and "MiB in" in prep.stdout
+    with tarfile.open(carry / "data.tar.xz") as tar:
+        names = sorted(tar.getnames())
+        card = json.load(tar.extractfile("data/dataset_card.json"))
     shards = [f for split in card["splits"].values() for f in split["files"]]
     # Only what training reads travels: card, plan, shards and their record indexes.
-    assert sorted(p.name for p in (carry / "data").iterdir()) == sorted(
-        ["dataset_card.json", "build_plan.json", *shards, *(f + ".index.npz" for f in shards)])
-    assert "MiB in" in prep.stdout
+    assert names == sorted(["data", *(f"data/{n}" for n in ["dataset_card.json", "build_plan.json", *shards,
+                                                            *(f + ".index.npz" for f in shards)])])
 
     hide = tmp_path / "hide"  # `import tensorflow` raises in the study and in every run it starts
     for name in ("tensorflow", "tensorflow_datasets"):
@@ -42,4 +45,4 @@ def test_prepare_on_cpu_then_run_without_tensorflow(tmp_path):
     assert {r["arm"] for r in saved["runs"] if r["status"] == "done"} == set(arms.split(","))
     assert (out / "RESULTS.md").is_file() and (out / "gpu.txt").is_file()
     log = (out / "study.log").read_text()
-    assert f"--config.data.data_dir={carry}/data" in log
+    assert f"--config.data.data_dir={tmp_path / 'work'}/data" in log
