@@ -1,8 +1,9 @@
 """Input pipeline throughput: decoded train examples per second on this machine.
 
 Builds (or reuses) a synthetic FLAIR #2-layout dataset at the given aerial patch size, then times the
-train iterator (`lcssl.data.pipeline.make_train_iterator`): warm-up batches excluded. Prints a table
-and writes JSON.
+train iterator (`lcssl.data.pipeline.make_train_iterator`) of each reader, tf.data and the native
+one (lcssl/data/native.py), on the same shards: warm-up batches excluded. Prints a table and writes
+JSON.
 
     .venv/bin/python bench/input_pipeline.py                         # 512 px, realistic
     .venv/bin/python bench/input_pipeline.py --patch-size=64 --steps=20 --json=/tmp/bench_input.json
@@ -41,6 +42,31 @@ def dataset(workdir: pathlib.Path, args) -> pathlib.Path:
     return out
 
 
+def time_reader(data_dir, reader: str, args) -> dict:
+    """Throughput of one reader: `args.steps` batches after `args.warmup` untimed ones (index
+    building, compilation of the tf.data graph, the first file reads)."""
+    from lcssl.data import pipeline
+
+    t0 = time.perf_counter()
+    it = pipeline.make_train_iterator(data_dir, "train", global_batch_size=args.global_batch_size, seed=0,
+                                      shuffle_buffer=args.shuffle_buffer, process_index=0, process_count=1,
+                                      reader=reader)
+    for _ in range(args.warmup):
+        batch = next(it)
+    t1 = time.perf_counter()
+    for _ in range(args.steps):
+        batch = next(it)
+    t2 = time.perf_counter()
+    if hasattr(it, "close"):  # the native reader's threads stop; the next reader is timed alone
+        it.close()
+    del it
+    batch_mb = sum(v.nbytes for v in batch.values()) / 2**20
+    return {"warmup_s": round(t1 - t0, 3), "timed_s": round(t2 - t1, 3),
+            "examples_per_s": round(args.steps * args.global_batch_size / (t2 - t1), 2),
+            "batches_per_s": round(args.steps / (t2 - t1), 3), "host_batch_mib": round(batch_mb, 2),
+            "host_mib_per_s": round(batch_mb * args.steps / (t2 - t1), 1)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--patch-size", type=int, default=512, help="aerial px (FLAIR #2: 512)")
@@ -54,6 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--shuffle-buffer", type=int, default=64)
     p.add_argument("--warmup", type=int, default=3, help="batches not timed")
     p.add_argument("--steps", type=int, default=20, help="batches timed")
+    p.add_argument("--readers", default="tfdata,native", help="comma-separated: tfdata, native")
     p.add_argument("--workdir", default="/tmp/lcssl_bench_input")
     p.add_argument("--json", default=None, help="result file (default: <workdir>/input_pipeline.json)")
     args = p.parse_args(argv)
@@ -65,37 +92,29 @@ def main(argv=None) -> int:
     data_dir = dataset(workdir, args)
     card = pipeline.load_card(data_dir)
 
-    t0 = time.perf_counter()
-    it = pipeline.make_train_iterator(data_dir, "train", global_batch_size=args.global_batch_size, seed=0,
-                                      shuffle_buffer=args.shuffle_buffer, process_index=0, process_count=1)
-    for _ in range(args.warmup):
-        batch = next(it)
-    t1 = time.perf_counter()
-    for _ in range(args.steps):
-        batch = next(it)
-    t2 = time.perf_counter()
-
-    examples = args.steps * args.global_batch_size
-    batch_mb = sum(v.nbytes for v in batch.values()) / 2**20
     result = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus",
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
+                   f"{len(os.sched_getaffinity(0))} usable",
         "command": " ".join([sys.executable, *sys.argv]),
         "patch_size": args.patch_size, "max_dates": card["sits"]["max_dates"], "sits_size": card["sits"]["size"],
         "train_examples": card["splits"]["train"]["num_examples"], "global_batch_size": args.global_batch_size,
-        "warmup_s": round(t1 - t0, 3), "timed_batches": args.steps, "timed_s": round(t2 - t1, 3),
-        "examples_per_s": round(examples / (t2 - t1), 2), "batches_per_s": round(args.steps / (t2 - t1), 3),
-        "host_batch_mib": round(batch_mb, 2), "host_mib_per_s": round(batch_mb * args.steps / (t2 - t1), 1),
+        "timed_batches": args.steps, "readers": {},
     }
+    for reader in args.readers.split(","):
+        result["readers"][reader] = time_reader(data_dir, reader, args)
     rows = [("patch px", result["patch_size"]), ("T x sits px", f"{result['max_dates']} x {result['sits_size']}"),
-            ("batch", result["global_batch_size"]), ("warm-up s (excluded)", result["warmup_s"]),
-            ("timed batches", result["timed_batches"]), ("examples/s", result["examples_per_s"]),
-            ("batches/s", result["batches_per_s"]), ("host batch MiB", result["host_batch_mib"]),
-            ("MiB/s", result["host_mib_per_s"])]
-    width = max(len(k) for k, _ in rows)
+            ("batch", result["global_batch_size"]), ("timed batches", result["timed_batches"])]
+    width = 22
     print(f"input pipeline, {result['machine']}")
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
+    names = list(result["readers"])
+    print(f"  {'reader':<{width}}  " + "  ".join(f"{n:>10}" for n in names))
+    for key, label in (("warmup_s", "warm-up s (excluded)"), ("examples_per_s", "examples/s"),
+                       ("batches_per_s", "batches/s"), ("host_batch_mib", "host batch MiB"),
+                       ("host_mib_per_s", "MiB/s")):
+        print(f"  {label:<{width}}  " + "  ".join(f"{result['readers'][n][key]:>10}" for n in names))
     out = pathlib.Path(args.json or workdir / "input_pipeline.json")
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

@@ -12,6 +12,9 @@ Field reference (units in the names):
                        pre-training task (`--config.task=...`)
   data_dir, split      dataset built by `python -m data_prep build`; training split ('train',
                        'unlabelled', ...); val_split / test_split for evaluation
+  input                reader of the shards: 'tfdata' (tf.data) | 'native' (lcssl/data/native.py,
+                       no TensorFlow, each host reads only its records); 'tfdata' becomes 'native'
+                       where TensorFlow is not installed
   batch_size           global batch over all devices and hosts (pre-training: patches per step)
   num_epochs|num_steps num_steps wins when set; epochs are over the training split
   optimizer            name 'sgd' | 'lars' | 'adamw'; learning_rate is the peak value
@@ -74,6 +77,7 @@ def base(dataset: str, task: str) -> ml_collections.ConfigDict:
     c.test_split = "test"
     c.label_fraction = 1.0
     c.label_seed = 0
+    c.input = "tfdata"
 
     c.batch_size = 256 if pretrain else 64
     c.eval_batch_size = 64

@@ -149,6 +149,7 @@ def loop_hooks(config, workdir: str, writer, num_steps: int, start_step: int) ->
     """Called after every step: the progress line (steps/s, ETA) and, on process 0 with
     config.profile_steps, a profiler trace of that many steps from the 10th step of this start
     (compilation and warm-up done) into the workdir (TensorBoard's profile plugin reads it)."""
+    from lcssl import writers  # noqa: F401  (clu.metric_writers importable without TensorFlow)
     from clu import periodic_actions
 
     hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
@@ -166,11 +167,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     task_module = tasks.get(config.task)
     os.makedirs(workdir, exist_ok=True)
     lock = workdir_lib.lock(workdir)  # one run per workdir; released in the final `finally`
-    # Here, not at the top: clu's writers import TensorFlow (TensorBoard summaries), which the step
-    # functions must not need (the GPU machine and the benchmarks have no TensorFlow).
-    from clu import metric_writers
+    # Here, not at the top: clu's writers import TensorFlow where it is installed (lcssl/writers.py
+    # writes the same event files without it), which the step functions must not need.
+    from lcssl import writers
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     mesh = sharding.make_mesh()
     sharding.check_batch_divisible(config.batch_size, mesh, "batch_size")
     logging.info("Mesh %s over %d processes", dict(mesh.shape), jax.process_count())
@@ -178,9 +179,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # --- Data -------------------------------------------------------------------------------------
     card = pipeline.load_card(config.data_dir)
     num_steps, steps_per_epoch = schedule_lengths(config, card, task_module.USES_LABELS)
+    reader = pipeline.choose_reader(config.input)  # 'native' where TensorFlow is absent
 
     def eval_batches(split):
-        return pipeline.make_eval_iterator(config.data_dir, split,
+        return pipeline.make_eval_iterator(config.data_dir, split, reader=reader,
                                            global_batch_size=config.eval_batch_size)
 
     # --- Task: model, state init, step, metrics, eval hooks -----------------------------------------
@@ -191,7 +193,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def train_batches(start_step):
         it = pipeline.make_train_iterator(
             config.data_dir, config.split, global_batch_size=config.batch_size, seed=config.seed,
-            start_step=start_step, label_fraction=label_fraction, label_seed=config.label_seed)
+            start_step=start_step, label_fraction=label_fraction, label_seed=config.label_seed,
+            reader=reader)
         for host_batch in it:  # only what the step reads crosses the host->device link
             yield {k: v for k, v in host_batch.items() if k in task.batch_keys}
 
@@ -211,7 +214,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                                best_metric=best_tag)
     progress = {"seed": config.seed, "split": config.split, "global_batch_size": config.batch_size,
                 "label_fraction": config.label_fraction, "label_seed": config.label_seed,
-                "num_steps": num_steps}
+                "num_steps": num_steps, "input": reader}
     stopper = EarlyStop(config.early_stop.metric or task.best_metric, config.early_stop.patience,
                         config.early_stop.min_delta)
     # Resume (any device count; arrays re-laid out on this mesh) only onto the same data and model.

@@ -38,6 +38,9 @@ rewritten). `python -m data_prep verify DATA_DIR` also checks record counts and 
 damaged inside a shard of the right size is met while reading: TensorFlow's DataLossError then
 becomes a `ShardError` naming the shard and the record (`_naming_damaged_shards`).
 
+Two readers of the same shards, chosen by `reader` (`--config.input`): 'tfdata' (this module) and
+'native' (lcssl/data/native.py: an index of record offsets, no TensorFlow, each host reading only its
+own records). Where TensorFlow cannot be imported, 'tfdata' falls back to 'native' with one log line.
 TensorFlow is imported lazily with GPUs hidden, so `lcssl` imports without it.
 """
 from __future__ import annotations
@@ -50,8 +53,10 @@ from typing import Iterator, Optional
 import numpy as np
 
 from lcssl.data.schema import CARD_CHECKSUM, CARD_NAME, FORMAT_VERSIONS, PLAN_NAME, card_checksum
+from lcssl.errors import UserError
 from lcssl.files import read_json
 
+READERS = ("tfdata", "native")
 HOST_KEYS = ("aerial", "sits", "dates", "sits_valid", "label")
 _SEED_STRIDE = 1_000_003
 SPLIT_FIELDS = ("num_examples", "files", "shard_examples", "shard_bytes", "shard_sha256")
@@ -65,6 +70,28 @@ def _tf():
     except RuntimeError:  # already initialised; GPUs were hidden by the first call
         pass
     return tf
+
+
+_FELL_BACK = []
+
+
+def choose_reader(reader: str) -> str:
+    """The reader that runs: `reader` ('tfdata' | 'native'), except 'tfdata' where TensorFlow
+    cannot be imported: 'native', said once in the log."""
+    if reader not in READERS:
+        raise UserError(f"--config.input={reader!r}: expected one of {', '.join(READERS)}")
+    if reader == "tfdata":
+        try:
+            import tensorflow  # noqa: F401
+        except ImportError:
+            if not _FELL_BACK:
+                import logging
+
+                logging.getLogger(__name__).info(
+                    "TensorFlow is not installed: reading the shards with the native reader (input=native).")
+                _FELL_BACK.append(True)
+            return "native"
+    return reader
 
 
 def load_card(data_dir, check_shards: bool = True, check_content: bool = True) -> dict:
@@ -280,12 +307,20 @@ def _host_batch(global_batch_size: int, process_index, process_count) -> tuple[i
 def make_train_iterator(data_dir, split: str = "train", *, global_batch_size: int, seed: int, start_step: int = 0,
                         shuffle_buffer: int = 256, process_index: Optional[int] = None,
                         process_count: Optional[int] = None, label_fraction: float = 1.0, label_seed: int = 0,
-                        cycle_length: int = 8) -> Iterator[dict]:
-    """Infinite iterator of host batches (see the module docstring for the order and resume rule).
+                        cycle_length: int = 8, reader: str = "tfdata") -> Iterator[dict]:
+    """Infinite iterator of host batches (see the module docstring for the order and resume rule;
+    reader='native': lcssl/data/native.py's order, which ignores shuffle_buffer and cycle_length).
 
     shuffle_buffer holds serialized records (~2 MB each at 512 px: 256 -> ~0.5 GB per host).
     label_fraction < 1 keeps the fixed subset `labelled_subset(data_dir, split, label_fraction, label_seed)`.
     """
+    if choose_reader(reader) == "native":
+        from lcssl.data import native
+
+        return native.make_train_iterator(data_dir, split, global_batch_size=global_batch_size, seed=seed,
+                                          start_step=start_step, process_index=process_index,
+                                          process_count=process_count, label_fraction=label_fraction,
+                                          label_seed=label_seed)
     tf = _tf()
     process_index, process_count, b = _host_batch(global_batch_size, process_index, process_count)
     card = load_card(data_dir)
@@ -317,12 +352,20 @@ def make_train_iterator(data_dir, split: str = "train", *, global_batch_size: in
 
 
 def make_eval_iterator(data_dir, split: str, *, global_batch_size: int, process_index: Optional[int] = None,
-                       process_count: Optional[int] = None, cycle_length: int = 8) -> Iterator[dict]:
-    """Finite iterator: every example of the split exactly once over all hosts, in a fixed order.
+                       process_count: Optional[int] = None, cycle_length: int = 8,
+                       reader: str = "tfdata") -> Iterator[dict]:
+    """Finite iterator: every example of the split exactly once over all hosts, in a fixed order
+    (the same for both readers).
 
     Every host yields the same number of batches (collectives need it), counted from the records
     read: the rows past the end of the last global batch are zeros marked `example_valid=False`.
     """
+    if choose_reader(reader) == "native":
+        from lcssl.data import native
+
+        return native.make_eval_iterator(data_dir, split, global_batch_size=global_batch_size,
+                                         process_index=process_index, process_count=process_count,
+                                         cycle_length=cycle_length)
     tf = _tf()
     process_index, process_count, b = _host_batch(global_batch_size, process_index, process_count)
     card = load_card(data_dir)

@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--records", help="instead of a mosaic: a dataset folder from `python -m "
                                      "data_prep build`; writes one map per patch of --split")
     p.add_argument("--split", default="test", help="with --records: the split (default test)")
+    p.add_argument("--input", choices=("tfdata", "native"), default="tfdata",
+                   help="with --records: the reader of the shards, tf.data or the native reader (no "
+                        "TensorFlow; chosen by itself where TensorFlow is not installed); both give "
+                        "the same patches in the same order (default %(default)s)")
     p.add_argument("--overlap", type=float, default=0.25,
                    help="window overlap as a fraction of the window (0.5: smoothest, 4x the "
                         "windows of 0; default %(default)s)")
@@ -82,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("give either --aerial (a mosaic) or --records (a prepared dataset)")
     if args.records:
         summary = predict_split(args.checkpoint, args.records, args.split, args.out,
-                                batch_size=args.batch_size, progress=not args.no_progress)
+                                batch_size=args.batch_size, progress=not args.no_progress,
+                                reader=args.input)
         print(f"wrote {summary['num_patches']} maps and summary.json to {args.out}")
         return 0
     summary = mosaic.predict_mosaic(

@@ -1,5 +1,6 @@
 """predict_split: per-patch maps of a split built by `python -m data_prep build`, for inspection
-and for the report's sample panels. TensorFlow is imported here only (lcssl.data.pipeline)."""
+and for the report's sample panels. TensorFlow is imported here only (lcssl.data.pipeline's tf.data
+reader; the native reader needs none)."""
 from __future__ import annotations
 
 import io
@@ -33,13 +34,14 @@ def _sample(host: dict, i: int, spec: dict) -> dict:
 
 def predict_split(checkpoint: str | tuple, data_dir: str, split: str, out_dir: str, *,
                   batch_size: int | None = None, samples: int = 8, progress: bool = True,
-                  mesh=None) -> dict:
+                  mesh=None, reader: str = "tfdata") -> dict:
     """Per-patch maps of a split built by `python -m data_prep build`, for inspection.
 
     Writes OUT/<split>_<index>.tif per example (the split's fixed eval order; sinks.PatchMaps:
     band 1 the predicted class, band 2 the label), OUT/<split>.qml, and OUT/summary.json with each
     patch's pixel accuracy and the split's scores; for the first `samples` patches also
     OUT/<split>_<index>_sample.npz (aerial RGB, NDVI over time) for `lcssl.report --maps=OUT`.
+    `reader`: 'tfdata' | 'native' (lcssl.data.pipeline.choose_reader), the same patches and order.
     """
     import jax
     from tqdm import tqdm
@@ -74,7 +76,8 @@ def predict_split(checkpoint: str | tuple, data_dir: str, split: str, out_dir: s
     patches, index = [], 0
     total = card["splits"][split]["num_examples"]
     with tqdm(total=total, unit="patch", disable=not progress, desc=f"predict {split}") as bar:
-        for host in pipeline.make_eval_iterator(data_dir, split, global_batch_size=batch_size):
+        for host in pipeline.make_eval_iterator(data_dir, split, global_batch_size=batch_size,
+                                                reader=reader):
             valid = host.pop("example_valid")
             label = host.pop("label")
             batch = sharding.host_batch_to_global(host, mesh)
