@@ -559,7 +559,10 @@ def read_weights_spec(path: str, *, flag: str, advice: str) -> dict:
     """The input spec of the checkpoint `restore_weights(path)` would load, without its weights:
     what inference checks its inputs against before restoring any array."""
     directory = _weights_directory(path, flag, advice)
-    check_step_folders(directory)
+    try:
+        check_step_folders(directory)
+    except UserError as e:
+        raise UserError(f"{flag}={path}: {e}") from None
     mngr = _manager(directory, keep=None, read_only=True)
     try:
         step = mngr.latest_step()

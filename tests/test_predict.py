@@ -617,7 +617,8 @@ def test_cli_checks_bands_and_sentinel2_before_restoring_the_weights(run_dir, tm
     s2 = write_s2_folder(tmp_path / "s2")
     code, err = run_main([f"--checkpoint={run_dir}", f"--aerial={three_bands}", f"--sits={s2}",
                           f"--out={tmp_path / 'map.tif'}", "--no-progress"], capsys)
-    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: --aerial={three_bands}")
+    assert code == 2 and len(err) == 1 and err[0].startswith(
+        f"error: {three_bands}: the checkpoint expects the bands")
     aerial = write_aerial(tmp_path / "mosaic.tif")
     code, err = run_main([f"--checkpoint={run_dir}", f"--aerial={aerial}",
                           f"--out={tmp_path / 'map.tif'}", "--no-progress"], capsys)

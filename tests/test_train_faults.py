@@ -217,7 +217,7 @@ def test_a_damaged_training_record_is_named_and_the_steps_trained_are_kept(
 # A real kill -9 of `python -m lcssl.main` at each point of the step-4 saves; the same command then
 # resumes. The hook below is the only difference from the plain command.
 KILL_HOOK = """
-import os, runpy, signal, sys
+import errno, os, runpy, signal, sys
 from lcssl import checkpoint
 from orbax.checkpoint._src.path import async_path
 
@@ -227,6 +227,8 @@ real_rename, real_save = async_path.rename, checkpoint.Checkpoints.save
 async def rename(src, dst):  # Orbax's commit of a step written under a temporary name
     if where == f"inside {dst.parent.name}/{dst.name}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if where == f"full disk at {dst.parent.name}/{dst.name}":
+        raise OSError(errno.ENOSPC, "No space left on device")
     return await real_rename(src, dst)
 
 def save(self, at, *args, **kwargs):
@@ -259,3 +261,22 @@ def test_kill_9_at_any_point_of_a_save_then_the_same_command_ends_as_the_uninter
     assert steps(tmp_path / "best") == ([] if where == "inside best/4" else [4])
     run_cli(["-m", "lcssl.main", *command])  # the same command, as often as needed: here once
     assert_same_run(uninterrupted, tmp_path, json.loads((tmp_path / "eval_results.json").read_text()))
+
+
+@pytest.mark.slow
+def test_the_command_on_a_full_disk_prints_one_line_and_no_traceback(data_dir, tmp_path):
+    import subprocess
+
+    from tests._train_helpers import PYTHON, ROOT, cli_env
+
+    command = ["--config=configs/sup_flair2.py:tiny", f"--workdir={tmp_path}", f"--config.data_dir={data_dir}",
+               "--config.num_steps=6", "--config.eval_every_steps=4", "--config.checkpoint_every_steps=2",
+               "--config.model.variant=utae", "--config.model.ltae_dropout=0.0", "--config.model.attn_dropout=0.0"]
+    proc = subprocess.run([PYTHON, "-c", KILL_HOOK, "full disk at checkpoints/4", "4", *command], cwd=ROOT,
+                          env=cli_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {tmp_path}/checkpoints/4: cannot write this checkpoint: the disk is full. The "
+                      "complete checkpoints (2) are intact; free space (or use a --workdir on another disk) and "
+                      "re-run the same command: it resumes from step 2."]
+    assert "Traceback" not in proc.stderr and proc.stderr.count("No space left on device") == 0
