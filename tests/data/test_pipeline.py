@@ -1,15 +1,15 @@
 """lcssl.data.pipeline: host batches, host sharding, exact resume, padded eval, label fraction."""
+import dataclasses
 import datetime
 import hashlib
 import json
-import types
 
 import jax
 import numpy as np
 import pytest
 
-from data_prep import build
-from data_prep.patch import RawPatch
+from data_prep import build, layouts
+from data_prep.patch import PatchRef, RawPatch
 from lcssl.data import pipeline
 
 SIZE, T = 16, 6
@@ -29,8 +29,10 @@ def _patch(patch_id, zone):
 def data_dir(tmp_path_factory):
     """6 zones x 5 patches, 2 per shard: train 20 examples in 10 shards, val and test 5 in 3 shards."""
     patches = {f"IMG_{z}{k}": _patch(f"IMG_{z}{k}", f"Z{z}") for z in range(6) for k in range(5)}
-    reader = types.SimpleNamespace(list_patches=lambda root: sorted(patches),
-                                   read_patch=lambda ref, **kw: patches[ref])
+    listed = [PatchRef(patch_id=p, zone=p[4], domain="D013", aerial_path=f"/raw/{p}.tif", label_path=None)
+              for p in sorted(patches)]
+    reader = dataclasses.replace(layouts.get("flair2"), list_patches=lambda root: listed,
+                                 read_patch=lambda ref, **kw: patches[ref.patch_id])
     out = tmp_path_factory.mktemp("ds")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(build, "_reader", lambda layout: reader)
