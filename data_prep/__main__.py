@@ -103,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--patches-per-zone", type=int, default=6, help="labelled patches per zone")
     s.add_argument("--unlabelled-per-zone", type=int, default=None, help="default: synth's own")
     s.add_argument("--patch-size", type=int, default=64, help="aerial px (footprint stays 102.4 m)")
-    s.add_argument("--sits-size", type=int, default=40, help="Sentinel-2 crop px")
+    s.add_argument("--sits-size", type=int, default=40, help="Sentinel-2 crop px (flair_hub: its files are 10 px)")
     s.add_argument("--num-dates", type=int, default=12, help="Sentinel-2 acquisitions per series")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--every-class", action=argparse.BooleanOptionalAction, default=None,
@@ -146,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
                    help="aerial height = width in px (default: the layout's, 512 for FLAIR #2; synthetic: 64)")
     g.add_argument("--sits-size", type=int, default=None,
                    help="Sentinel-2 crop px around the patch centre (default: the layout's; flair2, hameln: 40, "
-                        "flair_hub: 10)")
+                        "flair_hub: 8 of its 10 px files)")
     g = b.add_argument_group("Sentinel-2 series (lcssl.data.sits.SitsOptions)")
     g.add_argument("--max-cloud", type=float, default=0.5, help="drop dates with a cloud/snow score above this")
     g.add_argument("--cloud-prob-threshold", type=float, default=None,

@@ -56,9 +56,11 @@ OTHER_MODALITIES = ("DEM_ELEV", "SPOT_RGBI", "SENTINEL1-ASC_TS", "SENTINEL1-DESC
 AERIAL_SIZE = 512
 AERIAL_GSD_M = 0.2
 CRS = "EPSG:2154"
-# Sentinel-2 crop of `build` by default: the series files cover about the aerial patch (10 x 10 px at 10 m
-# in third-party FLAIR-HUB loaders); a larger --sits-size than the files hold is reported per patch.
-SITS_SIZE = 10
+# The series files cover about the aerial patch: 10 x 10 px at 10 m (as third-party FLAIR-HUB loaders
+# describe them; synth writes that). `build` crops 8 px by default, the largest centred crop that
+# U-TAE's three 2x down-samplings divide; a larger --sits-size than a file holds is a `size` bad patch.
+S2_FILE_PX = 10
+SITS_SIZE = 8
 _FOLDER = re.compile(r"^(?P<domain>D\d{3}-\d{4})_(?P<modality>.+)$")
 
 
@@ -259,7 +261,8 @@ def _band_count(path) -> int:
 
 class Writer:
     """Writes data_prep.synth's scenes in this layout: per patch the aerial RGBI, its COSIA label
-    when labelled, its Sentinel-2 series and masks (sits_size px around the patch); then the dates table."""
+    when labelled, its Sentinel-2 series and masks (S2_FILE_PX px around the patch, as published;
+    synth's sits_size does not apply); then the dates table."""
 
     def __init__(self, out: pathlib.Path):
         self.out, self.dates = out, {}
@@ -276,7 +279,8 @@ class Writer:
         return self.out / DATA_DIR / f"{domain}_{modality}" / roi / f"{domain}_{modality}_{tail}.tif"
 
     def patch(self, rng, *, domain, zone_name, index_in_zone, aerial, codes, has_label, crs, transform, centre_rc,
-              series, masks, dates, sits_size, **_) -> None:
+              series, masks, dates, **_) -> None:
+        sits_size = S2_FILE_PX
         tail = f"{zone_name}_{index_in_zone // 10}-{index_in_zone % 10}"
         write_tif(self._path(domain, AERIAL, zone_name, tail), aerial, crs, transform)
         if has_label:

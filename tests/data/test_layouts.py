@@ -109,12 +109,13 @@ def test_flair_hub_patches_read_as_published(hub):
     assert ref.patch_id.startswith(f"{ref.domain}_{ref.zone}_") and ref.domain == "D001-2021"
     patch = flair_hub.read_patch(ref, expect_size=32)
     assert patch.aerial.shape == (32, 32, 4) and patch.label.max() < 19
-    assert patch.sits.shape == (len(patch.sits_dates), 10, 10, 10) and patch.sits.dtype == np.uint16
+    assert patch.sits.shape == (len(patch.sits_dates), 8, 8, 10) and patch.sits.dtype == np.uint16
     assert patch.sits_cloud.shape == (len(patch.sits_dates),)
     # The series file is date-major T x 10 bands; the reader's [T, h, w, C] is that file, reshaped.
     raw, _, _ = rasters.read_raster(ref.files["sits"], bands=10 * len(patch.sits_dates), size=None,
                                     dtype=np.uint16, need_georef=True)
-    np.testing.assert_array_equal(patch.sits[1, :, :, 3], raw[:, :, 10 + 3])
+    assert raw.shape[:2] == (10, 10)  # as published; build crops the centre 8 x 8
+    np.testing.assert_array_equal(patch.sits[1, :, :, 3], raw[1:9, 1:9, 10 + 3])
     meta = flair_hub.metadata(hub)
     assert len(meta["classes"]) == 19 and meta["official_miou"]["exclude_classes"][-1] == "undefined"
 

@@ -29,9 +29,9 @@ def _patch(patch_id, zone):
 def data_dir(tmp_path_factory):
     """6 zones x 5 patches, 2 per shard: train 20 examples in 10 shards, val and test 5 in 3 shards."""
     patches = {f"IMG_{z}{k}": _patch(f"IMG_{z}{k}", f"Z{z}") for z in range(6) for k in range(5)}
-    refs = [PatchRef(patch_id=pid, zone=patches[pid].zone, domain="D1", aerial_path=f"/raw/{pid}.tif",
-                     label_path=None) for pid in sorted(patches)]
-    reader = dataclasses.replace(layouts.get("flair2"), list_patches=lambda root: refs,
+    listed = [PatchRef(patch_id=p, zone=p[4], domain="D013", aerial_path=f"/raw/{p}.tif", label_path=None)
+              for p in sorted(patches)]
+    reader = dataclasses.replace(layouts.get("flair2"), list_patches=lambda root: listed,
                                  read_patch=lambda ref, **kw: patches[ref.patch_id])
     out = tmp_path_factory.mktemp("ds")
     with pytest.MonkeyPatch.context() as mp:
