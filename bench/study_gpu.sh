@@ -7,8 +7,9 @@
 #      builds the preset's benchmark exactly as the study would (lcssl.study's own data step), and
 #      packs into CARRY/data.tar.xz only what training reads: dataset_card.json, build_plan.json,
 #      the shards and their record indexes (the raw synthetic files, QA report and logs stay
-#      behind; the gpu preset of 2026-12-06: 1280 records, 56.5 MiB of shards, 25.6 MiB packed,
-#      besides 102 MiB of raw files that stay behind).
+#      behind; protocol 1's gpu preset: 1280 records, 56.5 MiB of shards, 25.6 MiB packed;
+#      protocol 4's benchmark: 1600 records, 71 MiB of shards (packed size not yet measured),
+#      besides 99 MiB of raw files that stay behind).
 #      --wheels also downloads (Python 3.12, manylinux x86_64, no dependencies) the wheels a GPU
 #      machine may lack: clu, ml_collections, wrapt (clu's), pillow (the study's plot).
 #      It prints CARRY's size; a GPU machine that takes the working tree and 64 MiB of extras
