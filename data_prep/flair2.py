@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 
 from data_prep.patch import BadPatch, Layout, MissingSource, PatchRef, RawPatch, SourceError, SynthSpec
-from data_prep.rasters import check_same_grid, check_superpatch, load_npy, read_raster, write_tif
+from data_prep.rasters import check_same_grid, check_superpatch, load_npy, read_raster, stat_key, write_tif
 from lcssl.data import sits as sits_lib
 from lcssl.data.schema import FLAIR2_AERIAL_BANDS, FLAIR2_CLASSES, IGNORE_LABEL, S2_GSD_M
 
@@ -59,14 +59,6 @@ def fold_labels(codes: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- zone super-patches
 
-def _stat_key(path):
-    try:
-        st = os.stat(path)
-        return (str(path), st.st_mtime_ns, st.st_size)
-    except OSError:
-        return (str(path), None, None)
-
-
 @functools.lru_cache(maxsize=8)
 def _load_zone_cached(data_key, masks_key, products_key):
     data_path, masks_path, products_path = data_key[0], masks_key[0], products_key[0]
@@ -96,8 +88,8 @@ def _load_zone_cached(data_key, masks_key, products_key):
 
 def _load_zone(ref: PatchRef):
     """Memory-mapped super-patch, masks and dates of the patch's zone, cached per zone."""
-    return _load_zone_cached(_stat_key(ref.files["sen_data"]), _stat_key(ref.files["sen_masks"]),
-                             _stat_key(ref.files["sen_products"]))
+    return _load_zone_cached(stat_key(ref.files["sen_data"]), stat_key(ref.files["sen_masks"]),
+                             stat_key(ref.files["sen_products"]))
 
 
 # ----------------------------------------------------------------------------- listing and reading

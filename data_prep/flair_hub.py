@@ -31,7 +31,7 @@ import rasterio.errors
 import rasterio.transform
 
 from data_prep.patch import BadPatch, Layout, MissingSource, PatchRef, RawPatch, SourceError, SynthSpec
-from data_prep.rasters import check_same_grid, read_raster, write_tif
+from data_prep.rasters import check_same_grid, read_raster, stat_key, write_tif
 from lcssl.data import sits as sits_lib
 from lcssl.data.schema import IGNORE_LABEL, S2_BANDS, S2_GSD_M
 
@@ -120,14 +120,6 @@ def metadata(root) -> dict:
 
 
 # ----------------------------------------------------------------------------- Sentinel-2 dates
-
-def _stat_key(path) -> tuple:
-    try:
-        st = os.stat(path)
-        return (str(path), st.st_mtime_ns, st.st_size)
-    except OSError:
-        return (str(path), None, None)
-
 
 @functools.lru_cache(maxsize=4)
 def _dates_table(key: tuple) -> dict:
@@ -221,7 +213,7 @@ def read_patch(ref: PatchRef, *, sits_size: int = SITS_SIZE, expect_size: Option
     data = np.moveaxis(series.reshape(height, width, num_dates, len(S2_BANDS)), (2, 3), (0, 1))  # [T, C, H, W]
     sits = sits_lib.crop_centered(data, (height // 2, width // 2), sits_size)
 
-    table = _dates_table(_stat_key(ref.files["dates"]))
+    table = _dates_table(stat_key(ref.files["dates"]))
     if ref.patch_id not in table:
         raise BadPatch(ref.files["dates"], "bad_dates", f"no acquisition_dates for patch_id {ref.patch_id}")
     dates = _parse_dates(ref.files["dates"], ref.patch_id, table[ref.patch_id])

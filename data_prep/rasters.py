@@ -150,3 +150,13 @@ def write_tif(path, array_hwc: np.ndarray, crs, transform) -> None:
     with rasterio.open(path, "w", driver="GTiff", height=height, width=width, count=count,
                        dtype=array_hwc.dtype.name, crs=crs, transform=transform) as ds:
         ds.write(np.moveaxis(array_hwc, -1, 0))
+
+
+def stat_key(path) -> tuple:
+    """(path, mtime, size) of a file, (path, None, None) if it cannot be read: a cache key that
+    changes when the file does (the per-zone caches of the layouts)."""
+    try:
+        st = os.stat(path)
+        return (str(path), st.st_mtime_ns, st.st_size)
+    except OSError:
+        return (str(path), None, None)

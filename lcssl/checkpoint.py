@@ -534,14 +534,18 @@ def restore_weights(path: str, *, flag: str, advice: str) -> tuple[dict, dict, s
             state=ocp.args.PyTreeRestore(wanted, restore_args=as_numpy, partial_restore=True),
             input_spec=ocp.args.JsonRestore()))
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
-        raise UserError(f"{flag}={path}: {directory}/{step} is not a complete lcssl checkpoint "
-                        f"({type(e).__name__}: {str(e)[:200]}); delete that step folder or point "
-                        f"{flag} at another run. {advice}") from None
+        raise _incomplete(flag, path, f"{directory}/{step}", e, advice) from None
     finally:
         mngr.close()
     variables = {"params": out["state"]["params"],
                  "batch_stats": out["state"].get("batch_stats") or {}}
     return variables, dict(out["input_spec"]), directory, step
+
+
+def _incomplete(flag: str, path: str, step_dir: str, error: Exception, advice: str) -> UserError:
+    return UserError(f"{flag}={path}: {step_dir} is not a complete lcssl checkpoint "
+                     f"({type(error).__name__}: {str(error)[:200]}); delete that step folder or point "
+                     f"{flag} at another run. {advice}")
 
 
 def _weights_directory(path: str, flag: str, advice: str) -> str:
@@ -568,9 +572,7 @@ def read_weights_spec(path: str, *, flag: str, advice: str) -> dict:
         step = mngr.latest_step()
         out = mngr.restore(step, args=ocp.args.Composite(input_spec=ocp.args.JsonRestore()))
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
-        raise UserError(f"{flag}={path}: {directory}/{step} is not a complete lcssl checkpoint "
-                        f"({type(e).__name__}: {str(e)[:200]}); delete that step folder or point "
-                        f"{flag} at another run. {advice}") from None
+        raise _incomplete(flag, path, f"{directory}/{step}", e, advice) from None
     finally:
         mngr.close()
     return dict(out["input_spec"])

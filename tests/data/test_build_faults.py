@@ -7,7 +7,6 @@ import json
 import os
 import pathlib
 import pickle
-import resource
 import signal
 import socket
 import subprocess
@@ -25,6 +24,7 @@ from data_prep.__main__ import main as data_prep_main
 from data_prep.patch import BadPatch
 from lcssl import cli
 from tests.data.test_build import fake_patches, fake_reader, options
+from tests._disk import file_size_limit
 
 SIZE = synth.TINY["patch_size"]
 SITS = {"max_dates": 6, "min_clear_dates": 1}
@@ -252,19 +252,6 @@ def test_a_second_build_into_the_same_out_is_refused_and_touches_nothing(tmp_pat
     finally:
         other.kill()
         other.wait()
-
-
-@contextlib.contextmanager
-def file_size_limit(num_bytes):
-    """Writes past `num_bytes` fail with EFBIG, as on a full disk (SIGXFSZ ignored)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (num_bytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
 
 
 def build_cli(out):

@@ -1,8 +1,5 @@
 """Output sinks: finished rows -> uint8 rasters with nodata, a new format is one class, and a
 failure leaves no file behind, also when GDAL only logs it (a full disk at close)."""
-import contextlib
-import resource
-import signal
 
 import numpy as np
 import pytest
@@ -13,6 +10,7 @@ from lcssl.errors import UserError
 from lcssl.predict import sinks
 from lcssl.predict.__main__ import _parser
 from lcssl.predict.blend import Rows
+from tests._disk import file_size_limit
 
 NAMES = ["a", "b", "c"]
 PROFILE = dict(width=6, height=4, crs="EPSG:2154", transform=from_origin(650_000, 6_860_000, 1, 1))
@@ -76,19 +74,6 @@ def test_each_optional_sink_is_a_flag():
     assert args.confidence and not args.probabilities
     with pytest.raises(SystemExit):
         _parser().parse_args(["--checkpoint=r", "--out=m.tif", "--entropy"])
-
-
-@contextlib.contextmanager
-def file_size_limit(num_bytes):
-    """Writes past `num_bytes` fail in GDAL's own C code (EFBIG, SIGXFSZ ignored), as on a full disk."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (num_bytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
 
 
 def test_a_patch_map_gdal_failed_to_write_is_named_and_never_renamed_into_place(tmp_path):
