@@ -43,12 +43,18 @@ def quiet_native_logs(environ=os.environ) -> None:
     environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
+# Warnings that tell a user nothing to act on: Orbax timing a save that waited for the previous
+# one (the trainer waits for best/ before each checkpoint on purpose).
+_NOISE = ("Waiting for previous save to complete took",)
+
+
 class _QuietFilter(logging.Filter):
-    """Keeps warnings and errors, and INFO / DEBUG lines from lcssl, data_prep and clu's writers."""
+    """Keeps warnings and errors (but _NOISE), and INFO / DEBUG lines from lcssl, data_prep and
+    clu's writers."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= logging.WARNING:
-            return True
+            return record.levelno > logging.WARNING or not record.getMessage().startswith(_NOISE)
         path = record.pathname or ""
         return path.startswith(_OWN_DIRS) or path.endswith(_CLU_FILES)
 

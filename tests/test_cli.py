@@ -76,8 +76,8 @@ def test_user_errors_exit_2_with_the_message_and_bugs_keep_their_exception(capsy
 def test_the_default_log_filter_keeps_our_lines_progress_metrics_and_warnings():
     import logging
 
-    def record(path, level=logging.INFO):
-        return logging.LogRecord("absl", level, path, 1, "m", None, None)
+    def record(path, level=logging.INFO, msg="m"):
+        return logging.LogRecord("absl", level, path, 1, msg, None, None)
 
     keep = cli._QuietFilter().filter
     assert keep(record(str(ROOT / "lcssl" / "train.py")))
@@ -86,6 +86,9 @@ def test_the_default_log_filter_keeps_our_lines_progress_metrics_and_warnings():
     assert keep(record("/site-packages/orbax/checkpoint/x.py", logging.WARNING))
     assert not keep(record("/site-packages/orbax/checkpoint/_src/path/atomicity.py"))
     assert not keep(record("/site-packages/clu/parameter_overview.py"))
+    # Orbax timing a save that waited for the previous one: nothing to act on
+    assert not keep(record("/site-packages/orbax/checkpoint/checkpoint_manager.py", logging.WARNING,
+                           "Waiting for previous save to complete took 1.46 seconds. If this ..."))
 
 
 def test_tensorflow_native_logs_are_quieted_unless_the_user_set_them():
