@@ -211,18 +211,12 @@ def _answer(summary: dict, labels: dict, meta: dict, fractions: Sequence[float])
     return lines
 
 
-def write_results(records: Sequence[dict], labels: dict, unavailable: dict, meta: dict,
-                 results_path: pathlib.Path) -> dict:
-    """Writes the Markdown report, the plot and the JSON / CSV of every run; returns the JSON content."""
-    results_path = pathlib.Path(results_path)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    fractions = sorted({float(f) for f in meta["label_fractions"]})
-    summary = summarize(records)
-    arms = [a for a in labels if a not in unavailable]
+def _frac(f: float) -> str:
+    return f"{100 * f:g}%"
 
-    def frac(f):
-        return f"{100 * f:g}%"
 
+def _header(meta: dict) -> list[str]:
+    """Who made the report, on what, how long it took, what the seeds mean."""
     wall, par = meta["wall_seconds_this_invocation"], meta.get("parallel", 1)
     steps_s = meta.get("train_steps_seconds_this_invocation")
     share = ("" if not steps_s or not meta.get("runs_this_invocation") else
@@ -233,15 +227,19 @@ def write_results(records: Sequence[dict], labels: dict, unavailable: dict, meta
     seeds_note = ("pre-training and fine-tuning seeds both vary" if meta.get("pretrain_per_seed", True)
                   else f"one pre-training per method (seed {meta['seeds'][0]}), shared by every "
                        "fine-tuning seed: the std is over fine-tuning seeds only")
-    lines = ["# Label-efficiency study", "",
-             f"Produced by `{meta['command']}` on {meta['date']}, commit {meta['commit']}, machine "
-             f"{meta['machine']}. Wall time of this invocation {_fmt_duration(wall)} with {par} worker(s); "
-             f"all runs together {_fmt_duration(meta['run_seconds_total'])}; load average at the end "
-             f"{meta.get('load_average_at_end', 'unknown')}.{share} "
-             f"Seeds {meta['seeds']} ({seeds_note}); test split = held-out zones. Every figure below "
-             f"comes from the runs' records in {meta.get('records', meta['workdir'])}.", "",
-             "## Test mIoU and OA (%), mean ± std over seeds (std with ddof=1)", "",
-             "| method | " + " | ".join(f"mIoU {frac(f)} | OA {frac(f)}" for f in fractions) + " |",
+    return ["# Label-efficiency study", "",
+            f"Produced by `{meta['command']}` on {meta['date']}, commit {meta['commit']}, machine "
+            f"{meta['machine']}. Wall time of this invocation {_fmt_duration(wall)} with {par} worker(s); "
+            f"all runs together {_fmt_duration(meta['run_seconds_total'])}; load average at the end "
+            f"{meta.get('load_average_at_end', 'unknown')}.{share} "
+            f"Seeds {meta['seeds']} ({seeds_note}); test split = held-out zones. Every figure below "
+            f"comes from the runs' records in {meta.get('records', meta['workdir'])}.", ""]
+
+
+def _score_tables(summary: dict, labels: dict, arms: list, fractions: list, meta: dict) -> list[str]:
+    """Test mIoU / OA per cell, the paired difference to from scratch, the share of the oracle's gain."""
+    lines = ["## Test mIoU and OA (%), mean ± std over seeds (std with ddof=1)", "",
+             "| method | " + " | ".join(f"mIoU {_frac(f)} | OA {_frac(f)}" for f in fractions) + " |",
              "|---|" + "---|---|" * len(fractions)]
     for arm in arms:
         cells = []
@@ -253,58 +251,59 @@ def write_results(records: Sequence[dict], labels: dict, unavailable: dict, meta
               "Per seed: this method's run minus the from-scratch U-T&T run of the same seed and label "
               "fraction (the same labelled patches); mean ± std over seeds [95% confidence interval of "
               "the mean, paired t].", "",
-              "| method | " + " | ".join(frac(f) for f in fractions) + " |", "|---|" + "---|" * len(fractions)]
+              "| method | " + " | ".join(_frac(f) for f in fractions) + " |", "|---|" + "---|" * len(fractions)]
     for arm in arms:
-        if arm == BASELINE:
-            continue
-        lines.append(f"| {labels[arm]} | " + " | ".join(
-            _pm_ci(summary[(arm, f)]) if (arm, f) in summary else "-" for f in fractions) + " |")
+        if arm != BASELINE:
+            lines.append(f"| {labels[arm]} | " + " | ".join(
+                _pm_ci(summary[(arm, f)]) if (arm, f) in summary else "-" for f in fractions) + " |")
     few = [f for f in fractions if f < 1.0 and (ORACLE, f) in summary]
     if few:
         lines += ["", "## Share of the oracle's gain (%)", "",
                   "A method's mean paired difference over the oracle's: 100% = as good as the encoder "
                   "trained with every label, 0% = no better than from scratch.", "",
-                  "| method | " + " | ".join(frac(f) for f in few) + " |", "|---|" + "---|" * len(few)]
+                  "| method | " + " | ".join(_frac(f) for f in few) + " |", "|---|" + "---|" * len(few)]
         for arm in arms:
-            if arm in (BASELINE, ORACLE):
-                continue
-            lines.append(f"| {labels[arm]} | " + " | ".join(
-                f"{100 * summary[(arm, f)]['gap']:.0f}%" if (arm, f) in summary and
-                summary[(arm, f)]["diff"][2] >= MIN_SEEDS and np.isfinite(summary[(arm, f)]["gap"])
-                else "-" for f in few) + " |")
+            if arm not in (BASELINE, ORACLE):
+                cells = [summary.get((arm, f)) for f in few]
+                lines.append(f"| {labels[arm]} | " + " | ".join(
+                    f"{100 * c['gap']:.0f}%" if c and c["diff"][2] >= MIN_SEEDS and np.isfinite(c["gap"])
+                    else "-" for c in cells) + " |")
     notes = {a: n for a, n in (meta.get("notes") or {}).items() if a in arms and n}
     if notes:
         lines += ["", *[f"- {labels[a]}: {n}." for a, n in notes.items()]]
-    lines += _budget_section(records, meta)
-    lines += _answer(summary, labels, meta, fractions)
+    return lines
+
+
+def _per_class_section(records, shown: dict, labels: dict, meta: dict, fractions: list) -> list[str]:
+    """Per-class test IoU of the best method against from scratch at the fraction nearest 10%."""
     target = min(fractions, key=lambda f: abs(f - 0.1))
-    shown = {k: v for k, v in summary.items() if v["miou"][2] >= MIN_SEEDS}  # cells with a figure
     best = best_arm(shown, target, meta.get("pretrained_arms"))
-    lines += ["", f"## Per-class test IoU (%) at {frac(target)} labels: best method vs from scratch", ""]
+    lines = ["", f"## Per-class test IoU (%) at {_frac(target)} labels: best method vs from scratch", ""]
     if best is None or (BASELINE, target) not in shown:
-        lines.append(f"Not available: no method has {MIN_SEEDS} finished seeds beside from scratch at "
-                     "this label fraction.")
-    else:
-        names, best_iou = per_class_iou(records, best, target)
-        _, base_iou = per_class_iou(records, BASELINE, target)
-        ahead = shown[(best, target)]["miou"][0] > shown[(BASELINE, target)]["miou"][0]
-        kind = "pre-trained method" if meta.get("pretrained_arms") else "other method"
-        verdict = ((f"The best {kind} by mean test mIoU, {labels[best]}, is ahead of from scratch"
-                    if ahead else f"From scratch (U-T&T) is ahead of every {kind}; the best of them "
-                                  f"is {labels[best]}")
-                   + f" (paired difference {_pm_ci(shown[(best, target)])} points).")
-        lines += [f"{verdict} Means over seeds; '-': class absent from the test split.", "",
-                  f"| class | {labels[BASELINE]} | {labels[best]} | difference |",
-                  "|---|---|---|---|"]
-        for name, a, b in zip(names, base_iou, best_iou):
-            lines.append(f"| {name} | " + " | ".join("-" if np.isnan(v) else f"{v:.1f}" for v in (a, b, b - a)) + " |")
-    lines += ["", f"![test mIoU vs label fraction]({PLOT_NAME})", ""]
-    lines += _pretraining_section(records, labels)
+        return lines + [f"Not available: no method has {MIN_SEEDS} finished seeds beside from scratch at "
+                        "this label fraction."]
+    names, best_iou = per_class_iou(records, best, target)
+    _, base_iou = per_class_iou(records, BASELINE, target)
+    ahead = shown[(best, target)]["miou"][0] > shown[(BASELINE, target)]["miou"][0]
+    kind = "pre-trained method" if meta.get("pretrained_arms") else "other method"
+    verdict = ((f"The best {kind} by mean test mIoU, {labels[best]}, is ahead of from scratch"
+                if ahead else f"From scratch (U-T&T) is ahead of every {kind}; the best of them "
+                              f"is {labels[best]}")
+               + f" (paired difference {_pm_ci(shown[(best, target)])} points).")
+    lines += [f"{verdict} Means over seeds; '-': class absent from the test split.", "",
+              f"| class | {labels[BASELINE]} | {labels[best]} | difference |", "|---|---|---|---|"]
+    for name, a, b in zip(names, base_iou, best_iou):
+        lines.append(f"| {name} | " + " | ".join("-" if np.isnan(v) else f"{v:.1f}" for v in (a, b, b - a)) + " |")
+    return lines
+
+
+def _status_sections(records, labels: dict, unavailable: dict) -> list[str]:
+    """Arms the trainer cannot run, runs not run yet, runs that failed."""
+    lines = []
     if unavailable:
         lines += ["## Not available in this trainer", ""]
         lines += [f"- {labels[a]} (`{a}`): {reason}" for a, reason in sorted(unavailable.items())]
         lines.append("")
-    problems = [r for r in records if r["status"] not in ("done", "not run") and r["arm"] not in unavailable]
     not_run = {}
     for r in records:
         if r["status"] == "not run" and r["arm"] not in unavailable:
@@ -312,32 +311,56 @@ def write_results(records: Sequence[dict], labels: dict, unavailable: dict, meta
     if not_run:
         lines += ["## Not run yet", "", "Runs without a record (the same command runs them, and only them):",
                   ", ".join(f"{labels.get(a, a)}: {n}" for a, n in not_run.items()) + ".", ""]
+    problems = [r for r in records if r["status"] not in ("done", "not run") and r["arm"] not in unavailable]
     if problems:
         lines += ["## Runs without a result", ""]
         lines += [f"- {r['arm']} seed {r['seed']} "
-                  + ("pre-training" if r.get("label_fraction") is None else f"at {frac(r['label_fraction'])}")
-                  + f": {r['status']}"
-                  + (f", {r['message']}" if r.get("message") else "") for r in problems]
+                  + ("pre-training" if r.get("label_fraction") is None else f"at {_frac(r['label_fraction'])}")
+                  + f": {r['status']}" + (f", {r['message']}" if r.get("message") else "") for r in problems]
         lines.append("")
+    return lines
+
+
+def _write_tables(records, summary: dict, labels: dict, unavailable: dict, meta: dict,
+                  folder: pathlib.Path) -> dict:
+    """results_label_efficiency.json (every run and every cell) and .csv (every run) in `folder`."""
+    content = {"meta": meta, "labels": labels, "not_available": unavailable, "runs": list(records),
+               "summary": [{"arm": arm, "label_fraction": f,
+                            **{k: dict(zip(("mean", "std", "n"), s[k])) for k in ("miou", "oa", "diff")},
+                            "diff_ci95": list(s["ci"]), "share_of_oracle_gain": s["gap"]}
+                           for (arm, f), s in sorted(summary.items())]}
+    write_json(folder / "results_label_efficiency.json", content)
+    fields = ["arm", "kind", "seed", "label_fraction", "status", "test_miou", "test_miou_official", "test_oa",
+              "val_miou", "best_step", "steps", "seconds", "workdir"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(records)
+    atomic_write_bytes(folder / "results_label_efficiency.csv", buf.getvalue().encode())
+    return content
+
+
+def write_results(records: Sequence[dict], labels: dict, unavailable: dict, meta: dict,
+                  results_path: pathlib.Path) -> dict:
+    """Writes the Markdown report, the plot and the JSON / CSV of every run; returns the JSON content."""
+    results_path = pathlib.Path(results_path)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    fractions = sorted({float(f) for f in meta["label_fractions"]})
+    summary = summarize(records)
+    shown = {k: v for k, v in summary.items() if v["miou"][2] >= MIN_SEEDS}  # cells with a figure
+    arms = [a for a in labels if a not in unavailable]
+    lines = _header(meta) + _score_tables(summary, labels, arms, fractions, meta)
+    lines += _budget_section(records, meta)
+    lines += _answer(summary, labels, meta, fractions)
+    lines += _per_class_section(records, shown, labels, meta, fractions)
+    lines += ["", f"![test mIoU vs label fraction]({PLOT_NAME})", ""]
+    lines += _pretraining_section(records, labels)
+    lines += _status_sections(records, labels, unavailable)
     notes = pathlib.Path(meta.get("records", "")) / "NOTES.md"
     if meta.get("records") and notes.is_file():  # hand-written, committed with the records
         lines += ["## What was tried, and what the figures say", "", notes.read_text().strip(), ""]
     lines += ["Every run (scores, status, seconds, workdir): `results_label_efficiency.json` and "
               "`results_label_efficiency.csv` beside this file.", ""]
     atomic_write_bytes(results_path, "\n".join(lines).encode())
-
     plot(shown, {a: labels[a] for a in arms}, fractions, results_path.parent / PLOT_NAME)
-    content = {"meta": meta, "labels": labels, "not_available": unavailable, "runs": list(records),
-               "summary": [{"arm": arm, "label_fraction": f,
-                            **{k: dict(zip(("mean", "std", "n"), s[k])) for k in ("miou", "oa", "diff")},
-                            "diff_ci95": list(s["ci"]), "share_of_oracle_gain": s["gap"]}
-                           for (arm, f), s in sorted(summary.items())]}
-    write_json(results_path.parent / "results_label_efficiency.json", content)
-    fields = ["arm", "kind", "seed", "label_fraction", "status", "test_miou", "test_miou_official", "test_oa", "val_miou",
-              "best_step", "steps", "seconds", "workdir"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(records)
-    atomic_write_bytes(results_path.parent / "results_label_efficiency.csv", buf.getvalue().encode())
-    return content
+    return _write_tables(records, summary, labels, unavailable, meta, results_path.parent)
