@@ -56,14 +56,14 @@ if [ "$mode" = prepare ]; then
   mkdir -p "$build" "$carry"
   rm -rf "$carry/data"
   mkdir "$carry/data"
-  "$PYTHON" - "$preset" "$build" <<'EOF'
+  # The study's own data step: the same benchmark a study on this machine would build. Run with
+  # -c, not from stdin: the build's worker processes (spawned) re-import a main that is a file or none.
+  "$PYTHON" -c '
 import pathlib, sys
 from configs import study_synth
 from lcssl import study
-# The study's own data step: the same benchmark a study on this machine would build.
-built = study.prepare_data(study_synth.get_config(sys.argv[1]), pathlib.Path(sys.argv[2]))
-print(built)
-EOF
+print(study.prepare_data(study_synth.get_config(sys.argv[1]), pathlib.Path(sys.argv[2])))
+' "$preset" "$build"
   src="$build/data/built"
   cp "$src/dataset_card.json" "$src/build_plan.json" "$src"/*.tfrecord "$carry/data/"
   "$PYTHON" -c "import sys; from lcssl.data import native; print(native.write_indexes(sys.argv[1]), 'records indexed')" \

@@ -35,6 +35,7 @@ import math
 import multiprocessing
 import os
 import pathlib
+import sys
 import time
 from typing import Optional
 
@@ -362,8 +363,18 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="die-with-build", daemon=True).start()
 
 
+def _main_can_be_spawned() -> bool:
+    """A spawned worker re-runs the caller's main file: `python - <<EOF` has none it can read."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main_file is None or os.path.isfile(main_file)
+
+
 def _pool_map(fn, tasks, workers: int, ordered: bool = True):
     """fn over tasks in `workers` processes; a worker that dies raises BuildError (no hang)."""
+    if workers > 1 and not _main_can_be_spawned():
+        print("build: one process (the calling program is read from stdin, which worker processes "
+              "cannot re-import); run it from a file or with -c for --workers", file=sys.stderr)
+        workers = 1
     if workers <= 1 or len(tasks) <= 1:
         yield from map(fn, tasks)
         return

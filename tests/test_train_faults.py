@@ -170,17 +170,32 @@ def copy_of_dataset(data_dir, tmp_path):
 
 
 def test_a_damaged_validation_record_is_named_and_the_steps_trained_are_kept(
-        data_dir, uninterrupted, tmp_path):
+        data_dir, uninterrupted, tmp_path, monkeypatch):
     data, card = copy_of_dataset(data_dir, tmp_path)
     shard = data / card["splits"]["val"]["files"][0]
     intact = shard.read_bytes()
     flip_a_data_byte_of_record(shard, 1)
-    workdir = tmp_path / "run"
-    with pytest.raises(ShardError) as e:
-        train.run(sup_config(str(data)), str(workdir))
+    with pytest.raises(ShardError) as e:  # met by the evaluation before step 1: nothing to keep yet
+        train.run(sup_config(str(data)), str(tmp_path / "run0"))
     assert str(e.value).startswith(f"{shard}: corrupt record 1 (counting from 0; its data fails its CRC), "
                                    "met while reading split 'val'. `python -m data_prep verify")
+    assert steps(tmp_path / "run0" / "checkpoints") == []
+
+    shard.write_bytes(intact)  # damaged after the step-0 evaluation read it: met at step 4's
+    real, calls = pipeline.make_eval_iterator, []
+
+    def damaged_after_the_first_evaluation(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            flip_a_data_byte_of_record(shard, 1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "make_eval_iterator", damaged_after_the_first_evaluation)
+    workdir = tmp_path / "run"
+    with pytest.raises(ShardError, match=rf"^{shard}: corrupt record 1 "):
+        train.run(sup_config(str(data)), str(workdir))
     assert steps(workdir / "checkpoints") == [2, 4]  # step 4 saved before its evaluation failed
+    monkeypatch.undo()
     shard.write_bytes(intact)  # as re-running the build does
     resumed = train.run(sup_config(str(data)), str(workdir))  # evaluates step 4 first, then goes on
     assert_same_run(uninterrupted, workdir, resumed)
