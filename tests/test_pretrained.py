@@ -238,6 +238,7 @@ def smp_unet_logits(sd, x):
     return conv2d(y, sd["segmentation_head.0.weight"], 1, 1) + sd["segmentation_head.0.bias"].reshape(1, -1, 1, 1)
 
 
+@pytest.mark.slow
 def test_an_smp_flair_unet_loads_into_the_aerial_unet_and_computes_smps_logits(tmp_path):
     sd = random_smp_unet_state_dict()
     path = str(tmp_path / "flair_unet.safetensors")

@@ -3,7 +3,6 @@ FLAIR #2 dataset: a NaN stops the run and leaves the last good checkpoint; an in
 resumes to exactly the same weights; checkpoints restore on other device counts; fine-tuning loads
 exactly the pre-trained encoder."""
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -182,6 +181,7 @@ def test_every_curve_starts_with_an_evaluation_before_the_first_step(ssl_run):
     assert set(logged_scalars(workdir)["probe/accuracy"]) == {0, 3, 6}
 
 
+@pytest.mark.slow
 def test_finetuning_from_a_supervised_run_loads_its_encoder(data_dir, tmp_path):
     """The study's oracle: a segmentation run's best checkpoint declares its encoder (no prefix),
     and a fine-tuning run starting from it loads exactly that, decoder and heads new."""
@@ -231,6 +231,7 @@ def test_adapt_input_kernel_maps_bands_by_name():
         supervised.adapt_input_kernel(kernel, ["R", "G"], ["R"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bands", [["R", "G", "B", "NIR"],                        # Hameln's 4
                                    ["elevation", "B", "G", "R", "NIR", "SWIR"]])  # reordered + new
 def test_finetuning_adapts_a_checkpoint_to_other_bands_when_asked(ssl_run, data_dir, bands):
@@ -303,6 +304,7 @@ PLAIN_SGD = {"optimizer.name": "sgd", "optimizer.momentum": 0.0, "optimizer.weig
              "optimizer.learning_rate": 0.1, "schedule.name": "constant"}
 
 
+@pytest.mark.slow
 def test_blockwise_and_gradient_cached_nt_xent_make_the_same_update_as_the_plain_one(data_dir):
     """The SimCLR task's real step on 8 devices with naive, blockwise (on the mesh: each device its
     own anchors' tiles) and gradient-cached (one chunk: the same batch-norm statistics) NT-Xent:
@@ -332,6 +334,7 @@ def test_blockwise_and_gradient_cached_nt_xent_make_the_same_update_as_the_plain
             np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_supervised_step_accumulates_micro_batches_and_linear_mode_freezes_the_encoder(
         ssl_run, data_dir):
     """The supervised task's real step on 8 devices (SITS-only variant, no dropout, to keep compiles
@@ -403,6 +406,7 @@ def test_resume_refuses_another_model_or_dataset_naming_what_differs(ssl_run, da
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_never_saved_from_a_non_finite_state(data_dir, tmp_path, monkeypatch):
     """Evaluation (and best/) every step, the loss checked only every 100: the state check before
     each save stops the run at the first non-finite state, before best/ could take it."""

@@ -86,8 +86,9 @@ def assert_same_run(uninterrupted, workdir, resumed):
     assert as_written(resumed) == as_written(reference)
 
 
-@pytest.mark.parametrize("kill_at", ["between best/4 and checkpoints/4", "inside best/4",
-                                     "inside checkpoints/4"])
+@pytest.mark.parametrize("kill_at", ["between best/4 and checkpoints/4",
+                                     pytest.param("inside best/4", marks=pytest.mark.slow),
+                                     pytest.param("inside checkpoints/4", marks=pytest.mark.slow)])
 def test_a_run_killed_at_any_point_of_a_save_resumes_to_the_uninterrupted_result(
         data_dir, uninterrupted, tmp_path, monkeypatch, kill_at):
     if kill_at.startswith("between"):
@@ -106,6 +107,7 @@ def test_a_run_killed_at_any_point_of_a_save_resumes_to_the_uninterrupted_result
     assert not [p.name for p in tmp_path.glob("*/*orbax-checkpoint-tmp*")]  # swept on resume
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_rerun_ends_identical(
         data_dir, uninterrupted, tmp_path, monkeypatch, caplog):
     kill_commit_of(monkeypatch, "checkpoints", 4, OSError(errno.ENOSPC, "No space left on device"))
@@ -135,7 +137,7 @@ def test_orbax_s_own_report_of_a_full_disk_is_named_too():
         assert ckpt_lib._disk_problem(e) == "the disk is full"
 
 
-@pytest.mark.parametrize("checkpoint_every_steps", [2, 100])
+@pytest.mark.parametrize("checkpoint_every_steps", [pytest.param(2, marks=pytest.mark.slow), 100])
 def test_a_learning_rate_that_diverges_is_a_user_error_naming_the_last_good_checkpoint_or_none(
         data_dir, tmp_path, checkpoint_every_steps):
     """--config.optimizer.learning_rate=1e6: finite through the warm-up's first steps, then NaN."""
@@ -169,6 +171,7 @@ def copy_of_dataset(data_dir, tmp_path):
     return data, json.loads((data / "dataset_card.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_damaged_validation_record_is_named_and_the_steps_trained_are_kept(
         data_dir, uninterrupted, tmp_path, monkeypatch):
     data, card = copy_of_dataset(data_dir, tmp_path)
@@ -201,6 +204,7 @@ def test_a_damaged_validation_record_is_named_and_the_steps_trained_are_kept(
     assert_same_run(uninterrupted, workdir, resumed)
 
 
+@pytest.mark.slow
 def test_a_damaged_training_record_is_named_and_the_steps_trained_are_kept(
         data_dir, uninterrupted, tmp_path, monkeypatch):
     data, card = copy_of_dataset(data_dir, tmp_path)

@@ -3,6 +3,7 @@ aux_loss_weight x that of the time-series branch (lcssl.tasks.supervised.train_s
 import functools
 
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -12,6 +13,7 @@ from lcssl.tasks import base, supervised
 from lcssl.data import augment, normalize
 
 
+@pytest.mark.slow
 def test_aux_loss_enters_the_loss_with_its_weight():
     cfg = models.tiny_config()
     cfg.ltae_dropout = cfg.attn_dropout = cfg.fusion_dropout = 0.0

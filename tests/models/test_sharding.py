@@ -7,6 +7,7 @@ float64 results by ~1e-15 of their scale on any CPU, far inside RTOL64 = 1e-9; p
 statistics (1 sample per device) would differ at the scale of the values themselves.
 """
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -17,6 +18,7 @@ from tests import numerics
 BATCH, DATES = 8, 3
 
 
+@pytest.mark.slow
 def test_sharded_forward_backward_equals_single_device(x64):
     assert len(jax.devices()) == 8, "tests/conftest.py sets 8 virtual CPU devices"
     cfg = models.tiny_config()
