@@ -162,6 +162,142 @@ def loop_hooks(config, workdir: str, writer, num_steps: int, start_step: int) ->
     return hooks
 
 
+class _Interval:
+    """The train/* scalars of one logging interval: the step metrics merged since the last check,
+    the time spent waiting for batches and the model throughput (FLOPs counted once from the
+    step's jaxpr, an abstract trace: no compile, no device memory)."""
+
+    def __init__(self, config, steps_per_epoch: int, start_step: int):
+        self.config, self.steps_per_epoch = config, steps_per_epoch
+        self.peak = flops.peak_flops(jax.devices()[0].device_kind, config.dtype)  # of the dtype run
+        self.step_flops = None  # model FLOPs per device and step
+        self._reset(start_step)
+
+    def _reset(self, step: int) -> None:
+        self.pending, self.first_step, self.wait_s, self.t0 = None, step, 0.0, time.perf_counter()
+
+    def count_flops(self, train_step, state, batch) -> None:
+        if self.step_flops is None:
+            self.step_flops = flops.count_flops(train_step, state, batch).model / jax.device_count()
+            logging.info("Train step: %.4g TFLOP per device (convolutions and matmuls).",
+                         self.step_flops / 1e12)
+
+    def add(self, step_metrics) -> None:
+        self.pending = step_metrics if self.pending is None else self.pending.merge(step_metrics)
+
+    def close(self, step: int, checkpoints) -> dict[str, float]:
+        """The interval's scalars (refused when loss or gradients are not finite, so a non-finite
+        state is never checkpointed: every save is preceded by this), then a new interval."""
+        summary = _summary(self.pending)
+        _stop_if_not_finite(summary, self.first_step, step, checkpoints)
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        summary["input_wait_fraction"] = self.wait_s / elapsed
+        # Achieved model throughput of the interval, pauses for eval included; recomputation
+        # (GradCache's second forward, remat) is not model work.
+        summary["tflops_per_device"] = self.step_flops * (step - self.first_step) / elapsed / 1e12
+        if self.peak:
+            summary["mfu"] = summary["tflops_per_device"] * 1e12 / self.peak
+        summary["epoch"] = step / self.steps_per_epoch
+        if summary["input_wait_fraction"] > self.config.input_bound_warning:
+            logging.warning("Input-bound: %.0f%% of the time since step %d was spent waiting for "
+                            "batches.", 100 * summary["input_wait_fraction"], self.first_step)
+        self._reset(step)
+        return {f"train/{k}": v for k, v in summary.items()}
+
+
+class _Saved:
+    """What a run keeps on disk and decides from its evaluations: checkpoints/ (resume), best/
+    (the state the final evaluation reads), early stop, and where the wall time went
+    (eval_results.json 'timing': the first step with its compilation, evaluation, checkpoints,
+    the rest of the loop)."""
+
+    def __init__(self, config, workdir: str, task, spec: dict, progress: dict, writer):
+        self.task, self.spec, self.progress, self.writer = task, spec, progress, writer
+        self.checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
+                                                keep=config.keep_checkpoints)
+        self.best_tag = task.best_metric.replace("/", "_") if task.best_metric else None
+        self.best = None if self.best_tag is None else ckpt_lib.Checkpoints(
+            os.path.join(workdir, "best"), keep=1, best_metric=self.best_tag)
+        self.stopper = EarlyStop(config.early_stop.metric or task.best_metric,
+                                 config.early_stop.patience, config.early_stop.min_delta)
+        self.timing = {"first_step_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "loop_s": 0.0}
+
+    def resume(self, abstract_state, data_dir):
+        """(state, step, evaluate_first) of the last checkpoint, or None. Any device count (arrays
+        re-laid out on this mesh), only onto the same data and model."""
+        resumed = self.checkpoints.resume(abstract_state, self.spec, self.progress, data_dir)
+        # A checkpoint saved when damaged evaluation data stopped the run: its evaluation first.
+        evaluate_first = resumed is not None and bool(resumed[1].get("evaluate_first"))
+        if self.best is not None:  # what a stopped run saved to best/ after its last checkpoint is redone
+            self.best.forget_after(None if resumed is None else resumed[2] - evaluate_first)
+        if resumed is None:
+            return None
+        state, saved, start_step = resumed
+        self.stopper.load(saved.get("early_stop"))
+        logging.info("Resumed from %s at step %d", self.checkpoints.directory, start_step)
+        return state, start_step, evaluate_first
+
+    def save(self, state, step: int, **extra) -> None:
+        t0 = time.perf_counter()
+        if self.best is not None:  # best/ at this step complete first: a checkpoint at step N
+            self.best.wait()       # means best/ holds every evaluation up to N
+        self.checkpoints.save(step, state, self.spec, {**self.progress, "next_step": step,
+                                                       "early_stop": self.stopper.state(), **extra},
+                              force=True)
+        self.timing["checkpoint_s"] += time.perf_counter() - t0
+
+    def keep_steps(self, state, step: int, evaluate_first: bool = False) -> None:
+        """Damaged data stops the run: the steps trained so far are checkpointed first."""
+        if self.checkpoints.latest_step() != step:
+            self.save(state, step, evaluate_first=evaluate_first)
+
+    def diagnostic(self, state) -> None:
+        """Where every curve starts (the fine-tuned encoder before its new head has learnt, the
+        probe on a random encoder): an evaluation at step 0, neither a best/ candidate nor an
+        early stop."""
+        t0 = time.perf_counter()
+        scalars = self.task.evaluate(state)
+        if scalars:
+            self.writer.write_scalars(0, scalars)
+        self.timing["eval_s"] += time.perf_counter() - t0
+
+    def evaluate(self, state, step: int) -> bool:
+        """Evaluation, best/ and early stop at `step`; True when training should stop early."""
+        t0 = time.perf_counter()
+        self.checkpoints.check_finite(state, step)  # no best/ from a non-finite state
+        try:
+            scalars = self.task.evaluate(state)
+        except ShardError:  # a damaged evaluation shard: the resumed run evaluates this step first
+            self.keep_steps(state, step, evaluate_first=True)
+            raise
+        if scalars:
+            self.writer.write_scalars(step, scalars)
+        if self.best is not None and self.task.best_metric in scalars:
+            self.best.save(step, state, self.spec, {**self.progress, "next_step": step},
+                           metrics={self.best_tag: scalars[self.task.best_metric]}, force=True)
+        self.timing["eval_s"] += time.perf_counter() - t0
+        return self.stopper.update(scalars)
+
+    def final(self, state, abstract_state, step: int, start_step: int, loop_t0: float) -> dict:
+        """The final evaluation (of the best checkpoint when the task keeps one), with the run's
+        timing: eval_results.json's content."""
+        t = self.timing
+        t["loop_s"] = time.perf_counter() - loop_t0
+        t["steps_this_start"] = step - start_step
+        t["train_steps_s"] = max(0.0, t["loop_s"] - t["first_step_s"] - t["eval_s"] - t["checkpoint_s"])
+        results = {"step": step, "early_stop": self.stopper.summary(), "timing": t}
+        if self.best is not None:
+            self.best.wait()
+            results["best_step"] = self.best.best_step()
+            state, _, _ = self.best.restore(results["best_step"], abstract_state)
+        return {**results, **self.task.final(state)}
+
+    def close(self) -> None:
+        self.checkpoints.close()
+        if self.best is not None:
+            self.best.close()
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains as `config` says, writing logs, checkpoints and eval_results.json to `workdir`."""
     task_module = tasks.get(config.task)
@@ -176,7 +312,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sharding.check_batch_divisible(config.batch_size, mesh, "batch_size")
     logging.info("Mesh %s over %d processes", dict(mesh.shape), jax.process_count())
 
-    # --- Data -------------------------------------------------------------------------------------
+    # --- Data and task: model, state init, step, metrics, eval hooks --------------------------------
     card = pipeline.load_card(config.data_dir)
     num_steps, steps_per_epoch = schedule_lengths(config, card, task_module.USES_LABELS)
     reader = pipeline.choose_reader(config.input)  # 'native' where TensorFlow is absent
@@ -185,16 +321,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return pipeline.make_eval_iterator(config.data_dir, split, reader=reader,
                                            global_batch_size=config.eval_batch_size)
 
-    # --- Task: model, state init, step, metrics, eval hooks -----------------------------------------
     ctx = task_context(config, card, mesh, num_steps, steps_per_epoch, eval_batches)
     task = task_module.build(ctx)
-    label_fraction = config.label_fraction if task_module.USES_LABELS else 1.0
 
     def train_batches(start_step):
         it = pipeline.make_train_iterator(
             config.data_dir, config.split, global_batch_size=config.batch_size, seed=config.seed,
-            start_step=start_step, label_fraction=label_fraction, label_seed=config.label_seed,
-            reader=reader)
+            start_step=start_step, reader=reader, label_seed=config.label_seed,
+            label_fraction=config.label_fraction if task_module.USES_LABELS else 1.0)
         for host_batch in it:  # only what the step reads crosses the host->device link
             yield {k: v for k, v in host_batch.items() if k in task.batch_keys}
 
@@ -202,178 +336,80 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # What a fine-tuning run loads from these checkpoints (lcssl.tasks.supervised).
     spec["transfer"] = ({"prefix": task.transfer_prefix, "keys": list(task.transfer_keys)}
                         if task.transfer_keys else None)
+    progress = {"seed": config.seed, "split": config.split, "global_batch_size": config.batch_size,
+                "label_fraction": config.label_fraction, "label_seed": config.label_seed,
+                "num_steps": num_steps, "input": reader}
 
     # --- State (created sharded by a jitted init) or resumed ----------------------------------------
     rng = jax.random.key(config.seed + 1, impl=RNG_IMPL)
     abstract_state = jax.eval_shape(task.init, rng)
-    state_shardings = sharding.state_shardings(abstract_state, mesh)
-    checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
-                                       keep=config.keep_checkpoints)
-    best_tag = task.best_metric.replace("/", "_") if task.best_metric else None
-    best = None if best_tag is None else ckpt_lib.Checkpoints(os.path.join(workdir, "best"), keep=1,
-                                                               best_metric=best_tag)
-    progress = {"seed": config.seed, "split": config.split, "global_batch_size": config.batch_size,
-                "label_fraction": config.label_fraction, "label_seed": config.label_seed,
-                "num_steps": num_steps, "input": reader}
-    stopper = EarlyStop(config.early_stop.metric or task.best_metric, config.early_stop.patience,
-                        config.early_stop.min_delta)
-    # Resume (any device count; arrays re-laid out on this mesh) only onto the same data and model.
-    resumed = checkpoints.resume(ckpt_lib.abstract_like(abstract_state, state_shardings), spec,
-                                 progress, config.data_dir)
-    # A checkpoint saved when damaged evaluation data stopped the run: its evaluation comes first.
-    evaluate_first = resumed is not None and bool(resumed[1].get("evaluate_first"))
-    if best is not None:  # what a stopped run saved to best/ after its last checkpoint is redone
-        best.forget_after(None if resumed is None else resumed[2] - evaluate_first)
-    if resumed is not None:
-        state, saved, start_step = resumed
-        stopper.load(saved.get("early_stop"))
-        logging.info("Resumed from %s at step %d", checkpoints.directory, start_step)
-    else:
-        start_step = 0
-        state = sharding.init_sharded(task.init, mesh, rng)
-        state, report = task.warm_start(state)
-        if report is not None:
-            ckpt_lib.write_json(os.path.join(workdir, "loaded_weights.json"), report)
-    parameter_overview.log_parameter_overview(state.params, include_stats=jax.process_count() == 1)
-    logging.info("Model: %s parameters", f"{models.count_params(state.params):,}")
-    workdir_lib.write_config(workdir, config, start_step)  # config.json stays the first start's
-
-    # --- Step -----------------------------------------------------------------------------------------
-    train_step = jit_train_step(task, abstract_state, mesh)
-
-    # --- Loop -----------------------------------------------------------------------------------------
-    hooks = loop_hooks(config, workdir, writer, num_steps, start_step)
-    preempted = _Preempted()
-    batches = train_batches(start_step)
-    pending, checked_step, wait_s, interval_t0 = None, start_step, 0.0, time.perf_counter()
-    step = start_step
-    step_flops = None  # model FLOPs per device, counted from the step's jaxpr at the first batch
-    peak = flops.peak_flops(jax.devices()[0].device_kind, config.dtype)  # of the dtype run
-    # Where this start's wall time goes (eval_results.json 'timing'): the first step (compilation),
-    # evaluation, checkpoints, and the rest of the loop (training steps and input).
-    timing = {"first_step_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "loop_s": 0.0}
-    loop_t0 = time.perf_counter()
-
-    def keep_steps(state, step: int, evaluate_first: bool = False) -> None:
-        """Damaged data stops the run: the steps trained so far are checkpointed first."""
-        if checkpoints.latest_step() != step:
-            checkpoints.save(step, state, spec, {**progress, "next_step": step, "early_stop":
-                                                 stopper.state(), "evaluate_first": evaluate_first},
-                             force=True)
-
-    def evaluate(state, step: int) -> bool:
-        """Evaluation, best/ and early stop at `step`; True when training should stop early."""
-        t0 = time.perf_counter()
-        checkpoints.check_finite(state, step)  # no best/ from a non-finite state
-        try:
-            scalars = task.evaluate(state)
-        except ShardError:  # a damaged evaluation shard: the resumed run evaluates this step first
-            keep_steps(state, step, evaluate_first=True)
-            raise
-        if scalars:
-            writer.write_scalars(step, scalars)
-        if best is not None and task.best_metric in scalars:
-            best.save(step, state, spec, {**progress, "next_step": step},
-                      metrics={best_tag: scalars[task.best_metric]}, force=True)
-        timing["eval_s"] += time.perf_counter() - t0
-        return stopper.update(scalars)
-
+    abstract_state = ckpt_lib.abstract_like(abstract_state, sharding.state_shardings(abstract_state, mesh))
+    saved = _Saved(config, workdir, task, spec, progress, writer)
+    preempted = None
     try:
+        resumed = saved.resume(abstract_state, config.data_dir)
+        state, start_step, evaluate_first = resumed or (None, 0, False)
+        if resumed is None:
+            state, report = task.warm_start(sharding.init_sharded(task.init, mesh, rng))
+            if report is not None:
+                ckpt_lib.write_json(os.path.join(workdir, "loaded_weights.json"), report)
+        parameter_overview.log_parameter_overview(state.params, include_stats=jax.process_count() == 1)
+        logging.info("Model: %s parameters", f"{models.count_params(state.params):,}")
+        workdir_lib.write_config(workdir, config, start_step)  # config.json stays the first start's
+
+        # --- Loop: step -> metrics -> eval -> checkpoint -> preemption -----------------------------
+        train_step = jit_train_step(task, abstract_state, mesh)
+        hooks = loop_hooks(config, workdir, writer, num_steps, start_step)
+        preempted, interval = _Preempted(), _Interval(config, steps_per_epoch, start_step)
+        batches, step, loop_t0 = train_batches(start_step), start_step, time.perf_counter()
         if evaluate_first:
-            evaluate(state, start_step)
+            saved.evaluate(state, start_step)
         elif start_step == 0 and task.eval_every_steps:
-            # Where every curve starts (the fine-tuned encoder before its new head has learnt, the
-            # probe on a random encoder): a diagnostic, neither a best/ candidate nor an early stop.
-            t0 = time.perf_counter()
-            scalars = task.evaluate(state)
-            if scalars:
-                writer.write_scalars(0, scalars)
-            timing["eval_s"] += time.perf_counter() - t0
-        while step < num_steps and not stopper.stopped:
+            saved.diagnostic(state)
+        while step < num_steps and not saved.stopper.stopped:
             t0 = time.perf_counter()
             try:
                 host_batch = next(batches)
             except ShardError:  # a damaged training shard
-                keep_steps(state, step)
+                saved.keep_steps(state, step)
                 raise
             batch = sharding.host_batch_to_global(host_batch, mesh)
-            wait_s += time.perf_counter() - t0
-            if step_flops is None:  # an abstract trace: no compile, no device memory
-                step_flops = flops.count_flops(train_step, state, batch).model / jax.device_count()
-                logging.info("Train step: %.4g TFLOP per device (convolutions and matmuls).",
-                             step_flops / 1e12)
+            interval.wait_s += time.perf_counter() - t0
+            interval.count_flops(train_step, state, batch)
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, step_metrics = train_step(state, batch)
             if step == start_step:  # compilation happens here: timed apart from training
                 jax.block_until_ready(state)
-                timing["first_step_s"] = time.perf_counter() - t0
+                saved.timing["first_step_s"] = time.perf_counter() - t0
             step += 1
-            pending = step_metrics if pending is None else pending.merge(step_metrics)
+            interval.add(step_metrics)
             for hook in hooks:
                 hook(step)
-
             last = step == num_steps
             stop = preempted.check(step)  # every step, on every host (see _Preempted)
             save = last or step % config.checkpoint_every_steps == 0 or stop
             if save or step % config.log_every_steps == 0:
-                # Every checkpoint is preceded by this check, so a non-finite state is never saved.
-                summary = _summary(pending)
-                _stop_if_not_finite(summary, checked_step, step, checkpoints)
-                elapsed = time.perf_counter() - interval_t0
-                summary["input_wait_fraction"] = wait_s / max(elapsed, 1e-9)
-                # Achieved model throughput of the interval, pauses for eval included;
-                # recomputation (GradCache's second forward, remat) is not model work.
-                summary["tflops_per_device"] = (step_flops * (step - checked_step)
-                                                / max(elapsed, 1e-9) / 1e12)
-                if peak:
-                    summary["mfu"] = summary["tflops_per_device"] * 1e12 / peak
-                summary["epoch"] = step / steps_per_epoch
-                writer.write_scalars(step, {f"train/{k}": v for k, v in summary.items()})
-                if summary["input_wait_fraction"] > config.input_bound_warning:
-                    logging.warning("Input-bound: %.0f%% of the time since step %d was spent waiting "
-                                    "for batches.", 100 * summary["input_wait_fraction"], checked_step)
-                pending, checked_step, wait_s, interval_t0 = None, step, 0.0, time.perf_counter()
-            # --- Eval hooks -----------------------------------------------------------------------------
+                writer.write_scalars(step, interval.close(step, saved.checkpoints))
             if last or (task.eval_every_steps and step % task.eval_every_steps == 0):
-                if evaluate(state, step) and not last:
-                    logging.info("Early stop at step %d: %s", step, stopper.reason)
+                if saved.evaluate(state, step) and not last:
+                    logging.info("Early stop at step %d: %s", step, saved.stopper.reason)
                     last = save = True
-            # --- Checkpoint, preemption -----------------------------------------------------------------
             if save:
-                t0 = time.perf_counter()
-                if best is not None:  # best/ at this step complete first: a checkpoint at step N
-                    best.wait()       # means best/ holds every evaluation up to N
-                checkpoints.save(step, state, spec,
-                                 {**progress, "next_step": step, "early_stop": stopper.state()},
-                                 force=True)
-                timing["checkpoint_s"] += time.perf_counter() - t0
+                saved.save(state, step)
             if last:
                 break
             if stop:
                 logging.warning("Preempted at step %d; checkpoint saved in %s.", step,
-                                checkpoints.directory)
+                                saved.checkpoints.directory)
                 return {}
-        # --- Final evaluation: of the best checkpoint when the task keeps one -------------------------
-        timing["loop_s"] = time.perf_counter() - loop_t0
-        timing["steps_this_start"] = step - start_step
-        timing["train_steps_s"] = max(0.0, timing["loop_s"] - timing["first_step_s"]
-                                      - timing["eval_s"] - timing["checkpoint_s"])
-        results = {"workdir": os.path.abspath(workdir), "step": step, "task": config.task,
-                   "num_steps": num_steps, "early_stop": stopper.summary(), "timing": timing}
-        final_state = state
-        if best is not None:
-            best.wait()
-            results["best_step"] = best.best_step()
-            final_state, _, _ = best.restore(
-                results["best_step"], ckpt_lib.abstract_like(abstract_state, state_shardings))
-        results.update(task.final(final_state))
+        results = {"workdir": os.path.abspath(workdir), "task": config.task, "num_steps": num_steps,
+                   **saved.final(state, abstract_state, step, start_step, loop_t0)}
         ckpt_lib.write_json(os.path.join(workdir, "eval_results.json"), results)
         return results
     finally:
-        preempted.restore()
-        checkpoints.close()
-        if best is not None:
-            best.close()
+        if preempted is not None:
+            preempted.restore()
+        saved.close()
         writer.flush()
         lock.release()
 
