@@ -23,6 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
+from lcssl import files
 from lcssl.errors import UserError
 from lcssl.predict import sinks as sinks_lib
 from lcssl.predict.blend import Blender, Rows
@@ -270,36 +271,12 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
         indexes = band_indexes(aerial_path, "--aerial-bands", src.descriptions, src.count,
                                spec["aerial"]["bands"], aerial_bands)
         mosaic_gsd = abs(src.transform.a)
-        win = (size if math.isclose(mosaic_gsd, gsd_m, rel_tol=1e-3)
-               else round(size * gsd_m / mosaic_gsd))
-        if win != size:
-            log.info("The mosaic is at %g m, the checkpoint at %g m: each %d px window is resampled "
-                     "to %d px (area average when finer, bilinear when coarser) and its logits back "
-                     "(bilinear); the map stays on the mosaic's grid.",
-                     mosaic_gsd, gsd_m, win, size)
-        if src.width < win or src.height < win:
-            raise UserError(f"--aerial={aerial_path}: {src.width} x {src.height} px is smaller "
-                            f"than one window ({win} px = {size} px at {gsd_m} m)")
+        win = _window_px(src, aerial_path, size, gsd_m)
         plan = Plan.make(src.width, src.height, win, overlap)
 
         # --- Sentinel-2: dates, contract, footprint -------------------------------------------------
-        if needs_sits and sits_path:
-            dates = find_sits(sits_path, spec["sits"]["bands"], sits_bands)
-            check_overlap(sits_path, dates, src)
-            sits_reader = SitsReader(dates, src.crs, src.bounds, float(spec["sits"]["gsd_m"]),
-                                     int(spec["sits"]["size"]))
-            log.info("Sentinel-2: %d dates %s .. %s; preprocessing %s", len(dates), dates[0].date,
-                     dates[-1].date, opts)
-        elif needs_sits and not fallback:
-            raise UserError(f"--sits is required: the checkpoint's model {variant!r} fuses "
-                            "Sentinel-2 with the aerial image"
-                            + ("" if variant != "utt" else " and was not trained with modality "
-                               "dropout (model.modality_dropout = 0), so it cannot predict from "
-                               "the aerial image alone"))
-        elif needs_sits:
-            log.warning("No --sits: the whole mosaic is predicted from the aerial image alone "
-                        "(the model was trained with modality_dropout=%s).",
-                        model_cfg.get("modality_dropout"))
+        if needs_sits:
+            sits_reader = _sits_reader(sits_path, sits_bands, spec, src, opts, variant, fallback)
 
         # --- The model -------------------------------------------------------------------------------
         logits_fn, spec, class_names = (load_model(checkpoint, mesh) if isinstance(checkpoint, str)
@@ -317,34 +294,20 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
         out = [kind(out_path, class_names) for kind in kinds]
         if fallback:
             out.append(sinks_lib.AerialOnly(out_path, class_names))
-        profile = dict(width=src.width, height=src.height, crs=src.crs, transform=src.transform)
         for sink in out:
-            sink.open(profile)
+            sink.open(dict(width=src.width, height=src.height, crs=src.crs, transform=src.transform))
 
         total_km2 = src.width * src.height * mosaic_gsd ** 2 / 1e6
         bar = tqdm(total=round(total_km2, 4), unit="km2", disable=not progress, desc="predict",
                    bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} km2 [{elapsed}<{remaining}]")
         emit = RowWriter(out, inputs, bar, mosaic_gsd ** 2 / 1e6)
 
-        # --- Column blocks, each top to bottom; the next batch is read while one runs -----------------
-        for block in plan.blocks(block_width):
-            blender = Blender(block, win, len(class_names), hann_weight(win))
-            in_flight = None
-            for host, windows in inputs.batches(block.windows):
-                result = step(host)     # asynchronous
-                if in_flight is not None:
-                    emit(_accumulate(blender, *in_flight))
-                in_flight = (result, windows, host)
-            if in_flight is not None:
-                emit(_accumulate(blender, *in_flight))
-            emit(blender.close(src.height))
+        _predict_blocks(plan, block_width, inputs, step, emit, len(class_names), src.height)
         bar.close()
 
         for sink in out:
             sink.finish()
         qml = os.path.splitext(out_path)[0] + ".qml"
-        from lcssl import files
-
         files.atomic_write_bytes(qml, sinks_lib.qml_style(class_names).encode())
         for sink in out:
             sink.commit()
@@ -372,6 +335,60 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
              out_path, src.width, src.height, area_km2, elapsed, summary["km2_per_hour"],
              counts["windows"])
     return summary
+
+
+def _window_px(src, aerial_path: str, size: int, gsd_m: float) -> int:
+    """The mosaic's window covering the checkpoint's `size` px at `gsd_m`: the same size when the
+    resolutions agree, else resampled to the model's input and back."""
+    mosaic_gsd = abs(src.transform.a)
+    win = size if math.isclose(mosaic_gsd, gsd_m, rel_tol=1e-3) else round(size * gsd_m / mosaic_gsd)
+    if win != size:
+        log.info("The mosaic is at %g m, the checkpoint at %g m: each %d px window is resampled "
+                 "to %d px (area average when finer, bilinear when coarser) and its logits back "
+                 "(bilinear); the map stays on the mosaic's grid.", mosaic_gsd, gsd_m, win, size)
+    if src.width < win or src.height < win:
+        raise UserError(f"--aerial={aerial_path}: {src.width} x {src.height} px is smaller "
+                        f"than one window ({win} px = {size} px at {gsd_m} m)")
+    return win
+
+
+def _sits_reader(sits_path, sits_bands, spec, src, opts, variant: str, fallback: bool):
+    """The Sentinel-2 series over the mosaic's footprint (dates, bands by the checkpoint's
+    contract), or None when the model may predict from the aerial image alone."""
+    if sits_path:
+        dates = find_sits(sits_path, spec["sits"]["bands"], sits_bands)
+        check_overlap(sits_path, dates, src)
+        reader = SitsReader(dates, src.crs, src.bounds, float(spec["sits"]["gsd_m"]),
+                            int(spec["sits"]["size"]))
+        log.info("Sentinel-2: %d dates %s .. %s; preprocessing %s", len(dates), dates[0].date,
+                 dates[-1].date, opts)
+        return reader
+    if not fallback:
+        raise UserError(f"--sits is required: the checkpoint's model {variant!r} fuses "
+                        "Sentinel-2 with the aerial image"
+                        + ("" if variant != "utt" else " and was not trained with modality "
+                           "dropout (model.modality_dropout = 0), so it cannot predict from "
+                           "the aerial image alone"))
+    log.warning("No --sits: the whole mosaic is predicted from the aerial image alone "
+                "(the model was trained with modality_dropout=%s).",
+                spec["model"].get("modality_dropout"))
+    return None
+
+
+def _predict_blocks(plan, block_width: int, inputs, step, emit, num_classes: int, height: int) -> None:
+    """Column blocks, each top to bottom; the next batch is read while one runs on the devices."""
+    win = plan.win
+    for block in plan.blocks(block_width):
+        blender = Blender(block, win, num_classes, hann_weight(win))
+        in_flight = None
+        for host, windows in inputs.batches(block.windows):
+            result = step(host)     # asynchronous
+            if in_flight is not None:
+                emit(_accumulate(blender, *in_flight))
+            in_flight = (result, windows, host)
+        if in_flight is not None:
+            emit(_accumulate(blender, *in_flight))
+        emit(blender.close(height))
 
 
 class RowWriter:
