@@ -54,6 +54,7 @@ def main(argv):
         _data_prep("build", f"--src={raw}", f"--out={data}", *BUILD)
 
     logging.set_verbosity(logging.WARNING)
+    cli.quiet_logging(0)  # without the warnings that ask nothing of a user (Orbax's save waits)
     ssl = ssl_flair2.get_config("tiny")
     ssl.data_dir, ssl.num_steps = str(data), _STEPS.value
     print(f"SimCLR pre-training ({ssl.num_steps} steps) -> {workdir / 'ssl'}", flush=True)
