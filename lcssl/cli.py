@@ -9,7 +9,9 @@ machine rather than of the code that `explain` can put in one line naming the fi
 (disk full, permission denied, missing file, read-only filesystem), TensorFlow's data-loss / disk
 errors while reading or writing shards. Any other exception is a bug and keeps its traceback.
 
-Logs at the default verbosity (absl's `--verbosity=0`): INFO lines of lcssl and data_prep, clu's
+Every module logs through absl's `logging` (one library, one line format for the trainer, the study
+and predict); entry points without absl's app.run call `start_logging`. Logs at the default
+verbosity (absl's `--verbosity=0`): INFO lines of lcssl and data_prep, clu's
 progress (steps/s, ETA) and metric lines, and every warning or error of any library. Orbax's
 per-checkpoint INFO lines (temp directories, metadata, throughput), optax's and the rest come back
 with `-v 1` (`--verbosity=1`); `--verbosity=-1` keeps warnings only.
@@ -70,6 +72,19 @@ def quiet_logging(verbosity: int) -> None:
     handler.removeFilter(_FILTER)
     if verbosity < 1:
         handler.addFilter(_FILTER)
+
+
+def start_logging(verbosity: int = 0) -> None:
+    """For an entry point without absl's app.run (argparse): absl's log lines on stderr, as under
+    app.run, INFO and up, with the default filter (`quiet_logging`)."""
+    from absl import flags
+    from absl import logging as absl_logging
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # else absl prefixes "Logging before flag parsing goes to stderr"
+    absl_logging.use_absl_handler()
+    absl_logging.set_verbosity(absl_logging.INFO)
+    quiet_logging(verbosity)
 
 
 # What to do, by errno, for an OSError that names its file.

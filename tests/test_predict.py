@@ -4,6 +4,7 @@ it was computed in nor on the CRS of the series, keeps nodata, refuses what does
 checkpoint, and never leaves a half map under the final name."""
 import datetime
 import os
+import re
 import subprocess
 
 import jax
@@ -28,6 +29,8 @@ WIDTH, HEIGHT = 160, 128                      # 5 x 4 windows
 DATES = [datetime.date(2021, m, 10) for m in (3, 5, 7, 9)]
 S2_BANDS = list(schema.S2_BANDS)
 AERIAL_BANDS = list(schema.FLAIR2_AERIAL_BANDS)
+# absl's log line, as the trainer writes it: "I1207 04:07:25.387131 1397810 mosaic.py:334] text"
+ABSL_LINE = re.compile(r"([DIWEF])\d{4} [\d:.]+ +\d+ ([^:]+):\d+\] (.*)")
 
 
 def tiny_card() -> dict:
@@ -263,7 +266,7 @@ def test_series_in_utm_gives_the_map_of_the_series_in_lambert93(loaded, tmp_path
     kw = dict(overlap=0.25, batch_size=8, probabilities=True, progress=False)
     predict.predict_mosaic(loaded, aerial, write_s2_folder(tmp_path / "l93"), str(tmp_path / "a.tif"),
                            **kw)
-    caplog.set_level("INFO", logger="lcssl.predict")
+    caplog.set_level("INFO", logger="absl")
     predict.predict_mosaic(loaded, aerial, write_s2_folder(tmp_path / "utm", crs=UTM31),
                            str(tmp_path / "b.tif"), **kw)
     assert "warped 4 file(s) onto the aerial CRS EPSG:2154" in caplog.text
@@ -282,7 +285,7 @@ def test_nodata_and_partial_sentinel2_coverage_are_kept(loaded, tmp_path, caplog
     data[:, :40, :50] = 0                                   # a hole in the mosaic
     aerial = write_aerial(tmp_path / "mosaic.tif", data, nodata=0)
     s2 = write_s2_folder(tmp_path / "s2", cover=0.5)        # the series covers the west only
-    caplog.set_level("INFO", logger="lcssl.predict")
+    caplog.set_level("INFO", logger="absl")
     summary = predict.predict_mosaic(loaded, aerial, s2, str(tmp_path / "map.tif"), overlap=0.25,
                                      batch_size=8, progress=False)
     classes = read(tmp_path / "map.tif")[0][0]
@@ -334,8 +337,28 @@ def test_cli_refuses_with_one_line_and_no_traceback(run_dir, tmp_path):
     assert proc.returncode == 2
     assert "error: --sits=" in proc.stderr and "does not overlap" in proc.stderr
     assert "EPSG:32631" in proc.stderr and "Traceback" not in proc.stderr
-    assert not [line for line in proc.stderr.splitlines() if "WARNING" in line]   # no Orbax noise
+    assert not [line for line in proc.stderr.splitlines() if ABSL_LINE.match(line)]   # no Orbax noise
     assert not (tmp_path / "map.tif").exists()
+
+
+def test_cli_says_what_it_did_in_the_trainers_log_format(run_dir, tmp_path, capsys, monkeypatch):
+    import sys
+
+    from absl import logging as absl_logging
+
+    from lcssl.predict.__main__ import main as predict_main
+
+    # absl's handler keeps the stderr of its creation: point it at this test's captured one.
+    monkeypatch.setattr(absl_logging.get_absl_handler().python_handler, "stream", sys.stderr)
+    aerial, s2 = write_aerial(tmp_path / "mosaic.tif"), write_s2_folder(tmp_path / "s2")
+    assert predict_main([f"--checkpoint={run_dir}", f"--aerial={aerial}", f"--sits={s2}",
+                         f"--out={tmp_path / 'map.tif'}", "--no-progress"]) == 0
+    logged = [m.groups() for m in map(ABSL_LINE.match, capsys.readouterr().err.splitlines()) if m]
+    said = " ".join(text for _, _, text in logged)
+    assert "Loaded " in said and "Sentinel-2: 4 dates" in said and "Wrote " in said
+    # lcssl's lines only: Orbax's per-restore INFO lines (its own files) are left out.
+    assert {level for level, _, _ in logged} == {"I"}
+    assert {source for _, source, _ in logged} <= {"model.py", "mosaic.py", "sits.py", "inputs.py"}
 
 
 def test_interrupted_prediction_leaves_no_file_under_the_final_name(loaded, tmp_path):
@@ -364,7 +387,7 @@ def test_finer_mosaic_is_resampled_per_window_and_mapped_on_its_own_grid(loaded,
     fine = np.repeat(np.repeat(aerial_array(), 2, axis=1), 2, axis=2)
     aerial = write_aerial(tmp_path / "fine.tif", fine, gsd=GSD_M / 2)
     s2 = write_s2_folder(tmp_path / "s2")
-    caplog.set_level("INFO", logger="lcssl.predict")
+    caplog.set_level("INFO", logger="absl")
     summary = predict.predict_mosaic(loaded, aerial, s2, str(tmp_path / "map.tif"), overlap=0.0,
                                      batch_size=8, probabilities=True, progress=False)
     assert summary["window_px"] == 64 and "the checkpoint at 3.2 m" in caplog.text
@@ -475,7 +498,7 @@ def test_windows_without_sentinel2_are_mapped_from_the_aerial_image_and_flagged(
                                                                                 caplog):
     aerial = write_aerial(tmp_path / "mosaic.tif")
     s2 = write_s2_folder(tmp_path / "s2", cover=0.5)    # crops of windows x >= 64 px lack data
-    caplog.set_level("INFO", logger="lcssl.predict")
+    caplog.set_level("INFO", logger="absl")
     summary = predict.predict_mosaic(with_modality_dropout(loaded), aerial, s2,
                                      str(tmp_path / "map.tif"), overlap=0.0, batch_size=8,
                                      probabilities=True, progress=False)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
-import logging
 import math
 import os
 import pathlib
@@ -40,13 +39,12 @@ import struct
 import threading
 from typing import Callable, Iterator, Optional
 
+from absl import logging
 import numpy as np
 
 from lcssl.data import pipeline
 from lcssl.data.records import _FOOTER_BYTES, _HEADER_BYTES, ShardError, masked_crc32c, record_shapes
 from lcssl.errors import UserError
-
-log = logging.getLogger(__name__)
 
 INDEX_SUFFIX = ".index.npz"
 
@@ -118,7 +116,7 @@ def shard_index(shard, *, sha256: str, num_records: int, num_bytes: int) -> tupl
     try:
         files.atomic_write_bytes(cache, buffer.getvalue())
     except OSError as e:  # a read-only dataset folder: the index lives in memory for this run
-        log.info("Record index of %s kept in memory (cannot write %s: %s)", shard, cache, e.strerror)
+        logging.info("Record index of %s kept in memory (cannot write %s: %s)", shard, cache, e.strerror)
     return offsets, lengths
 
 

@@ -50,6 +50,7 @@ import os
 import pathlib
 from typing import Iterator, Optional
 
+from absl import logging
 import numpy as np
 
 from lcssl.data.schema import CARD_CHECKSUM, CARD_NAME, FORMAT_VERSIONS, PLAN_NAME, card_checksum
@@ -85,9 +86,7 @@ def choose_reader(reader: str) -> str:
             import tensorflow  # noqa: F401
         except ImportError:
             if not _FELL_BACK:
-                import logging
-
-                logging.getLogger(__name__).info(
+                logging.info(
                     "TensorFlow is not installed: reading the shards with the native reader (input=native).")
                 _FELL_BACK.append(True)
             return "native"

@@ -6,7 +6,6 @@ User errors (a flag, an input or a checkpoint that does not fit) are one `error:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Sequence
 
@@ -80,8 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for name in ("checkpoint", "aerial", "sits", "out", "records"):
         refuse_remote(getattr(args, name), f"--{name}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax's per-restore INFO lines
+    cli.start_logging()   # lcssl's INFO lines; Orbax's per-restore ones are filtered out
     if bool(args.aerial) == bool(args.records):
         raise UserError("give either --aerial (a mosaic) or --records (a prepared dataset)")
     if args.records:

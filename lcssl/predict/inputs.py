@@ -2,12 +2,11 @@
 and finding the checkpoint's bands in a file (by band descriptions, or chosen by number)."""
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
-from lcssl.errors import UserError
+from absl import logging
 
-log = logging.getLogger(__name__)
+from lcssl.errors import UserError
 
 
 def open_raster(path: str, flag: str):
@@ -49,5 +48,5 @@ def band_indexes(path: str, flag: str, descriptions: Sequence[str | None], count
         raise UserError(f"{path}: the checkpoint expects {len(expected)} bands {expected}, the "
                            f"file has {count}; choose them with {flag}=i,j,... (1-based, in the "
                            "checkpoint's order).")
-    log.info("%s: no band descriptions; its %d bands are taken as %s.", path, count, expected)
+    logging.info("%s: no band descriptions; its %d bands are taken as %s.", path, count, expected)
     return list(range(1, count + 1))

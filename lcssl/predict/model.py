@@ -8,14 +8,12 @@ test-time augmentation, and the device step (normalize, forward, resample, weigh
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any, Callable
 
+from absl import logging
 import numpy as np
 
 from lcssl.errors import UserError
-
-log = logging.getLogger(__name__)
 
 CHECKPOINT_ADVICE = ("Point --checkpoint at the workdir of a supervised or fine-tuning run "
                      "(python -m lcssl.main --config=configs/finetune_*.py), or at its "
@@ -102,8 +100,8 @@ def load_model(path: str, mesh=None) -> tuple[Forward, dict, list[str]]:
     model_cfg = ml_collections.ConfigDict(spec["model"])
     mesh = mesh or sharding.make_mesh()
     variables = jax.device_put(variables, sharding.replicated(mesh))
-    log.info("Loaded %s step %d: model %r, %d classes", directory, step, models.variant(model_cfg),
-             model_cfg.num_classes)
+    logging.info("Loaded %s step %d: model %r, %d classes", directory, step, models.variant(model_cfg),
+                 model_cfg.num_classes)
     return Forward(models.build_model(model_cfg), variables), spec, list(spec["classes"])
 
 

@@ -14,13 +14,13 @@ files go to temporary names and are renamed at the end.
 """
 from __future__ import annotations
 
-import logging
 import math
 import os
 import tempfile
 import time
 from typing import Iterator
 
+from absl import logging
 import numpy as np
 
 from lcssl import files
@@ -32,8 +32,6 @@ from lcssl.predict.model import (TTA_VIEWS, DeviceStep, global_batch_size, load_
                                  load_spec, trained_without_sits)
 from lcssl.predict.sits import SitsReader, check_overlap, find_sits, sits_options, window_series
 from lcssl.predict.windows import Plan, Window, hann_weight
-
-log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_WIDTH = 4096
 WITHOUT_SITS = ("auto", "nodata")   # windows without a usable series: aerial-only if trained so, or nodata
@@ -286,8 +284,8 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
         step = DeviceStep(logits_fn, stats, mesh, hann_weight(win), win, tta,
                           aerial_only=fallback)
         if tta != "none":
-            log.info("Test-time augmentation %r: %d forward passes per window.", tta,
-                     len(TTA_VIEWS[tta]))
+            logging.info("Test-time augmentation %r: %d forward passes per window.", tta,
+                         len(TTA_VIEWS[tta]))
 
         # --- Outputs ----------------------------------------------------------------------------------
         kinds = [sinks_lib.ClassMap] + [optional[k] for k, on in outputs.items() if on]
@@ -331,9 +329,9 @@ def _predict_mosaic(checkpoint: str | tuple, aerial_path: str, sits_path: str | 
                "stride_px": plan.stride, "area_km2": area_km2, "seconds": elapsed,
                "km2_per_hour": area_km2 / elapsed * 3600, "no_prediction_fraction": share,
                "tta_views": len(TTA_VIEWS[tta]), **counts}
-    log.info("Wrote %s (%d x %d px, %.3f km2) in %.1f s: %.2f km2/h, %d windows",
-             out_path, src.width, src.height, area_km2, elapsed, summary["km2_per_hour"],
-             counts["windows"])
+    logging.info("Wrote %s (%d x %d px, %.3f km2) in %.1f s: %.2f km2/h, %d windows",
+                 out_path, src.width, src.height, area_km2, elapsed, summary["km2_per_hour"],
+                 counts["windows"])
     return summary
 
 
@@ -343,9 +341,9 @@ def _window_px(src, aerial_path: str, size: int, gsd_m: float) -> int:
     mosaic_gsd = abs(src.transform.a)
     win = size if math.isclose(mosaic_gsd, gsd_m, rel_tol=1e-3) else round(size * gsd_m / mosaic_gsd)
     if win != size:
-        log.info("The mosaic is at %g m, the checkpoint at %g m: each %d px window is resampled "
-                 "to %d px (area average when finer, bilinear when coarser) and its logits back "
-                 "(bilinear); the map stays on the mosaic's grid.", mosaic_gsd, gsd_m, win, size)
+        logging.info("The mosaic is at %g m, the checkpoint at %g m: each %d px window is resampled "
+                     "to %d px (area average when finer, bilinear when coarser) and its logits back "
+                     "(bilinear); the map stays on the mosaic's grid.", mosaic_gsd, gsd_m, win, size)
     if src.width < win or src.height < win:
         raise UserError(f"--aerial={aerial_path}: {src.width} x {src.height} px is smaller "
                         f"than one window ({win} px = {size} px at {gsd_m} m)")
@@ -360,8 +358,8 @@ def _sits_reader(sits_path, sits_bands, spec, src, opts, variant: str, fallback:
         check_overlap(sits_path, dates, src)
         reader = SitsReader(dates, src.crs, src.bounds, float(spec["sits"]["gsd_m"]),
                             int(spec["sits"]["size"]))
-        log.info("Sentinel-2: %d dates %s .. %s; preprocessing %s", len(dates), dates[0].date,
-                 dates[-1].date, opts)
+        logging.info("Sentinel-2: %d dates %s .. %s; preprocessing %s", len(dates), dates[0].date,
+                     dates[-1].date, opts)
         return reader
     if not fallback:
         raise UserError(f"--sits is required: the checkpoint's model {variant!r} fuses "
@@ -369,9 +367,9 @@ def _sits_reader(sits_path, sits_bands, spec, src, opts, variant: str, fallback:
                         + ("" if variant != "utt" else " and was not trained with modality "
                            "dropout (model.modality_dropout = 0), so it cannot predict from "
                            "the aerial image alone"))
-    log.warning("No --sits: the whole mosaic is predicted from the aerial image alone "
-                "(the model was trained with modality_dropout=%s).",
-                spec["model"].get("modality_dropout"))
+    logging.warning("No --sits: the whole mosaic is predicted from the aerial image alone "
+                    "(the model was trained with modality_dropout=%s).",
+                    spec["model"].get("modality_dropout"))
     return None
 
 
@@ -427,14 +425,14 @@ def _log_without_sits(counts, share, fallback, trained_alone, model_cfg, flag_pa
     head = (f"{missing} of {counts['windows']} windows had too few clear Sentinel-2 dates in their "
             "footprint (no coverage, nodata or clouds)")
     if fallback:
-        log.warning("%s; they were predicted from the aerial image alone (the model was trained "
-                    "with modality_dropout=%s), flagged 1 in %s.", head,
-                    model_cfg.get("modality_dropout"), flag_path)
+        logging.warning("%s; they were predicted from the aerial image alone (the model was trained "
+                        "with modality_dropout=%s), flagged 1 in %s.", head,
+                        model_cfg.get("modality_dropout"), flag_path)
     elif trained_alone:
-        log.warning("%s; %.1f%% of the mosaic has no prediction (nodata): --without-sits=nodata.",
-                    head, 100 * share)
+        logging.warning("%s; %.1f%% of the mosaic has no prediction (nodata): --without-sits=nodata.",
+                        head, 100 * share)
     else:
-        log.warning("%s; %.1f%% of the mosaic has no prediction (nodata). The model was trained "
-                    "without modality dropout (model.modality_dropout=0), so it cannot predict "
-                    "from the aerial image alone; fine-tune with modality_dropout > 0 to fill "
-                    "such windows.", head, 100 * share)
+        logging.warning("%s; %.1f%% of the mosaic has no prediction (nodata). The model was trained "
+                        "without modality dropout (model.modality_dropout=0), so it cannot predict "
+                        "from the aerial image alone; fine-tune with modality_dropout > 0 to fill "
+                        "such windows.", head, 100 * share)

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import logging
 import math
 import os
 import re
 from typing import Sequence
 
+from absl import logging
 import numpy as np
 
 from lcssl.errors import UserError
 from lcssl.predict.inputs import band_indexes, open_raster
-
-log = logging.getLogger(__name__)
 
 _DATE = re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})(?!\d)")
 
@@ -35,9 +33,9 @@ def sits_options(spec: dict):
     sits = spec["sits"]
     pre = dict(spec.get("sits_preprocessing") or {})
     if not pre:
-        log.warning("The checkpoint does not record its Sentinel-2 preprocessing (written before "
-                    "input specs had 'sits_preprocessing'); using the data_prep defaults with its "
-                    "max_dates=%s and date_encoding=%s.", sits["max_dates"], sits["date_encoding"])
+        logging.warning("The checkpoint does not record its Sentinel-2 preprocessing (written before "
+                        "input specs had 'sits_preprocessing'); using the data_prep defaults with its "
+                        "max_dates=%s and date_encoding=%s.", sits["max_dates"], sits["date_encoding"])
     fields = {f.name for f in dataclasses.fields(SitsOptions)}
     kwargs = {k: v for k, v in pre.items() if k in fields}
     kwargs.update(max_dates=int(sits["max_dates"]), date_encoding=str(sits["date_encoding"]))
@@ -119,14 +117,14 @@ def _find_in_folder(path: str, bands: Sequence[str], chosen: str | None) -> list
                         f"{list(bands)}")
     orphans = sorted(set(masks) - set(dates))
     if orphans:
-        log.warning("--sits=%s: mask files for dates without data are ignored: %s", path,
-                    ", ".join(map(str, orphans)))
+        logging.warning("--sits=%s: mask files for dates without data are ignored: %s", path,
+                        ", ".join(map(str, orphans)))
     unmasked = [d for d in dates if d not in masks]
     if masks and unmasked:
-        log.warning("--sits=%s: %d of %d dates have no cloud mask (%s); they are taken as clear, "
-                    "the others are cloud-filtered as in training.", path, len(unmasked),
-                    len(dates), ", ".join(map(str, sorted(unmasked)[:5]))
-                    + (" ..." if len(unmasked) > 5 else ""))
+        logging.warning("--sits=%s: %d of %d dates have no cloud mask (%s); they are taken as clear, "
+                        "the others are cloud-filtered as in training.", path, len(unmasked),
+                        len(dates), ", ".join(map(str, sorted(unmasked)[:5]))
+                        + (" ..." if len(unmasked) > 5 else ""))
     out = []
     for date, full in sorted(dates.items()):
         with open_raster(full, "--sits") as src:
@@ -198,9 +196,9 @@ class SitsReader:
         self.sources = [[None if p is None else self._source(p, aerial_crs, aerial_bounds)
                          for p in (d.path, d.mask_path)] for d in dates]
         if self._warped:
-            log.info("Sentinel-2: warped %d file(s) onto the aerial CRS %s at %g m (bilinear): %s",
-                     len(self._warped), aerial_crs.to_string(), gsd_m,
-                     ", ".join(sorted(self._warped)[:3]) + (" ..." if len(self._warped) > 3 else ""))
+            logging.info("Sentinel-2: warped %d file(s) onto the aerial CRS %s at %g m (bilinear): %s",
+                         len(self._warped), aerial_crs.to_string(), gsd_m,
+                         ", ".join(sorted(self._warped)[:3]) + (" ..." if len(self._warped) > 3 else ""))
 
     def _source(self, path, aerial_crs, aerial_bounds):
         """(reader, col, row of its pixel (0, 0) on the lattice): the file itself when it is on

@@ -4,16 +4,14 @@ reader; the native reader needs none)."""
 from __future__ import annotations
 
 import io
-import logging
 import os
 
+from absl import logging
 import numpy as np
 
 from lcssl.errors import UserError
 from lcssl.predict.model import global_batch_size, load_model, normalize
 from lcssl.predict.sinks import NODATA, PatchMaps
-
-log = logging.getLogger(__name__)
 
 
 def _sample(host: dict, i: int, spec: dict) -> dict:
@@ -104,6 +102,6 @@ def predict_split(checkpoint: str | tuple, data_dir: str, split: str, out_dir: s
     summary = {"split": split, "data_dir": os.path.abspath(data_dir), "num_patches": index,
                "scores": scores, "patches": patches}
     files.write_json(os.path.join(out_dir, "summary.json"), summary)
-    log.info("Wrote %d per-patch maps of %s/%s to %s (mIoU %s)", index, data_dir, split, out_dir,
-             scores.get("miou"))
+    logging.info("Wrote %d per-patch maps of %s/%s to %s (mIoU %s)", index, data_dir, split, out_dir,
+                 scores.get("miou"))
     return summary

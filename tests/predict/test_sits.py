@@ -63,7 +63,7 @@ def test_a_folder_with_masks_for_some_dates(tmp_path, caplog):
                                width=4, height=4, count=2, dtype="uint8", crs="EPSG:2154",
                                transform=from_origin(650_000, 6_860_000, 10, 10)):
                 pass
-    caplog.set_level(logging.WARNING, logger="lcssl.predict")
+    caplog.set_level(logging.WARNING, logger="absl")
     found = find_sits(str(tmp_path), list(schema.S2_BANDS))
     assert [d.mask_path is not None for d in found] == [False, True, True, False]
     assert "2 of 4 dates have no cloud mask (2021-03-10, 2021-09-10)" in caplog.text
