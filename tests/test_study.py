@@ -60,6 +60,26 @@ def test_report_on_hand_made_results(tmp_path):
     assert len(csv_rows) == 1 + 8 and csv_rows[0].startswith("arm,kind,seed,label_fraction,status,test_miou")
 
 
+def test_methods_with_two_seeds_are_screened_seed_by_seed_against_the_oracle(tmp_path):
+    # At 1%: from scratch 30 / 34, the oracle 44 / 46 (+14 / +12), VICReg 36 / 35 (+6 / +1),
+    # BYOL 31 / 30 (+1 / -4); SimCLR has 3 seeds (a figure, not a screen).
+    scores = {"scratch_utt": [0.30, 0.34, 0.32], "oracle": [0.44, 0.46], "vicreg": [0.36, 0.35],
+              "byol": [0.31, 0.30], "simclr": [0.40, 0.40, 0.40]}
+    records = [_record(arm, s, 0.01, m, 0.8, [m, m, m]) for arm, ms in scores.items() for s, m in enumerate(ms)]
+    labels = {"scratch_utt": "from scratch", "oracle": "oracle", "vicreg": "VICReg", "byol": "BYOL",
+              "simclr": "SimCLR"}
+    meta = {"command": "c", "commit": "abc", "machine": "m", "date": "d", "wall_seconds_this_invocation": 1.0,
+            "run_seconds_total": 1.0, "workdir": "/runs", "label_fractions": [0.01], "seeds": [0, 1, 2],
+            "pretrained_arms": ["vicreg", "byol", "simclr"]}
+    out = tmp_path / "RESULTS.md"
+    study.write_results(records, labels, {}, meta, out)
+    screen = out.read_text().split("## Screening")[1].split("\n## ")[0]
+    rows = [line for line in screen.splitlines() if line.startswith("| 1% |")]
+    # best first; share of the oracle's gain over the same seeds: 3.5 / 13 = 27%, -1.5 / 13 = -12%
+    assert rows == ["| 1% | VICReg | seed 0: +6.0 / +14.0; seed 1: +1.0 / +12.0 | +3.5 | 27% |",
+                    "| 1% | BYOL | seed 0: +1.0 / +14.0; seed 1: -4.0 / +12.0 | -1.5 | -12% |"]
+
+
 def test_plan_pretrains_once_per_arm_and_seed_and_draws_the_labels_with_the_seed(tmp_path):
     config = study_synth.get_config()
     assert config.pretrain_per_seed

@@ -10,7 +10,8 @@ import numpy as np
 
 from lcssl.files import atomic_write_bytes, write_json
 from lcssl.study.plan import BASELINE, ORACLE
-from lcssl.study.stats import MIN_SEEDS, _mean_std, _pm, _pm_ci, best_arm, per_class_iou, summarize
+from lcssl.study.stats import (MIN_SEEDS, _mean_std, _pm, _pm_ci, best_arm, paired_differences, per_class_iou,
+                                summarize)
 
 PLOT_NAME = "results_label_efficiency.png"
 
@@ -211,6 +212,31 @@ def _answer(summary: dict, labels: dict, meta: dict, fractions: Sequence[float])
     return lines
 
 
+def _screen_section(records: Sequence[dict], labels: dict, meta: dict) -> list[str]:
+    """Pre-trained methods with 1 to MIN_SEEDS - 1 seeds: each seed's paired difference beside the
+    oracle's of the same seed. It ranks which methods get more seeds; it is not a result."""
+    pretrained = set(meta.get("pretrained_arms") or [])
+    by_seed = paired_differences(records)
+    rows = sorted(((f, -float(np.mean(list(d.values()))), arm, d) for (arm, f), d in by_seed.items()
+                   if arm in pretrained and 0 < len(d) < MIN_SEEDS), key=lambda row: row[:2])
+    if not rows:
+        return []
+    lines = ["", f"## Screening: methods with fewer than {MIN_SEEDS} seeds (no claim)", "",
+             "Each seed's paired difference to from scratch (test mIoU points, method / oracle of the same "
+             f"seed), best first. It decides which methods get more seeds; a figure needs {MIN_SEEDS}.", "",
+             "| labels | method | per seed (method / oracle) | mean | share of the oracle's gain, same seeds |",
+             "|---|---|---|---|---|"]
+    for f, minus_mean, arm, diffs in rows:
+        oracle = by_seed.get((ORACLE, f), {})
+        seeds = "; ".join(f"seed {s}: {d:+.1f}" + (f" / {oracle[s]:+.1f}" if s in oracle else "")
+                          for s, d in diffs.items())
+        gain = [oracle[s] for s in diffs if s in oracle]
+        share = (f"{100 * -minus_mean / np.mean(gain):.0f}%" if len(gain) == len(diffs) and np.mean(gain) > 0
+                 else "-")
+        lines.append(f"| {_frac(f)} | {labels.get(arm, arm)} | {seeds} | {-minus_mean:+.1f} | {share} |")
+    return lines
+
+
 def _frac(f: float) -> str:
     return f"{100 * f:g}%"
 
@@ -352,6 +378,7 @@ def write_results(records: Sequence[dict], labels: dict, unavailable: dict, meta
     lines = _header(meta) + _score_tables(summary, labels, arms, fractions, meta)
     lines += _budget_section(records, meta)
     lines += _answer(summary, labels, meta, fractions)
+    lines += _screen_section(records, labels, meta)
     lines += _per_class_section(records, shown, labels, meta, fractions)
     lines += ["", f"![test mIoU vs label fraction]({PLOT_NAME})", ""]
     lines += _pretraining_section(records, labels)

@@ -34,6 +34,28 @@ def paired_ci(diffs: Sequence[float], level: float = 0.95) -> tuple:
     return float(v.mean() - half), float(v.mean() + half)
 
 
+def _finished(records: Sequence[dict]) -> dict:
+    """{(arm, fraction): {seed: record}} of the fine-tuning runs with a test score."""
+    by_cell = {}
+    for r in records:
+        if r.get("status") == "done" and r.get("test_miou") is not None and r.get("kind", "finetune") == "finetune":
+            by_cell.setdefault((r["arm"], r["label_fraction"]), {})[r["seed"]] = r
+    return by_cell
+
+
+def paired_differences(records: Sequence[dict]) -> dict:
+    """{(arm, fraction): {seed: test mIoU points of the arm's run minus the from-scratch U-T&T run of
+    the same seed and label fraction}} for every arm but the baseline, seeds in order."""
+    by_cell = _finished(records)
+    out = {}
+    for (arm, fraction), seeds in by_cell.items():
+        base = by_cell.get((BASELINE, fraction), {})
+        if arm != BASELINE:
+            out[(arm, fraction)] = {s: 100 * (seeds[s]["test_miou"] - base[s]["test_miou"])
+                                    for s in sorted(seeds) if s in base}
+    return out
+
+
 def summarize(records: Sequence[dict]) -> dict:
     """{(arm, fraction): {'miou': (mean, std, n), 'oa': ..., 'diff': (mean, std, n) vs BASELINE,
     'ci': (low, high) of diff's 95% interval, 'gap': share of the oracle's gain}}, percent.
@@ -42,15 +64,10 @@ def summarize(records: Sequence[dict]) -> dict:
     U-T&T. 'gap' is the arm's mean paired difference over the oracle's (ORACLE, the ceiling): 1.0
     = as good as an encoder trained with every label, 0 = no better than from scratch.
     """
-    done = [r for r in records if r.get("status") == "done" and r.get("test_miou") is not None
-            and r.get("kind", "finetune") == "finetune"]
-    by_cell = {}
-    for r in done:
-        by_cell.setdefault((r["arm"], r["label_fraction"]), {})[r["seed"]] = r
+    by_cell, by_seed = _finished(records), paired_differences(records)
     out = {}
     for (arm, fraction), seeds in by_cell.items():
-        base = by_cell.get((BASELINE, fraction), {})
-        diffs = [100 * (seeds[s]["test_miou"] - base[s]["test_miou"]) for s in sorted(seeds) if s in base]
+        diffs = list(by_seed.get((arm, fraction), {}).values())
         out[(arm, fraction)] = {
             "miou": _mean_std([100 * r["test_miou"] for r in seeds.values()]),
             "oa": _mean_std([100 * r["test_oa"] for r in seeds.values() if r.get("test_oa") is not None]),
