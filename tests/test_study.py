@@ -23,9 +23,10 @@ def _record(arm, seed, fraction, miou, oa, iou):
 
 
 def test_report_on_hand_made_results(tmp_path):
-    # from scratch mIoU 30, 40, 50 and SimCLR 35, 47, 50 (seeds 0, 1, 2) at 10% labels:
-    # scratch mean 40, std (ddof=1) 10; paired differences 5, 7, 0 -> mean 4, std sqrt(13) = 3.606.
-    scratch, simclr = [0.30, 0.40, 0.50], [0.35, 0.47, 0.50]
+    # from scratch mIoU 30, 35, 40, 45, 50 and SimCLR 35, 42, 40, 49, 54 (seeds 0-4) at 10% labels:
+    # scratch mean 40, std (ddof=1) sqrt(62.5) = 7.9; paired differences 5, 7, 0, 4, 4 -> mean 4,
+    # std sqrt(6.5) = 2.550, 95% interval 4 -+ t(0.975, 4) 2.776 x 2.550 / sqrt(5) = [0.8, 7.2].
+    scratch, simclr = [0.30, 0.35, 0.40, 0.45, 0.50], [0.35, 0.42, 0.40, 0.49, 0.54]
     records = [_record("scratch_utt", s, 0.1, m, 0.8, [0.2, None, 0.4]) for s, m in enumerate(scratch)]
     records += [_record("simclr", s, 0.1, m, 0.9, [0.3, None, 0.6]) for s, m in enumerate(simclr)]
     records += [_record("scratch_utt", 0, 1.0, 0.6, 0.9, [0.5, 0.5, 0.5])]
@@ -33,43 +34,43 @@ def test_report_on_hand_made_results(tmp_path):
                  "seconds": 2.0, "workdir": "/runs/x"}]
     summary = study.summarize(records)
     mean, std, n = summary[("scratch_utt", 0.1)]["miou"]
-    assert (mean, n) == (pytest.approx(40.0), 3) and std == pytest.approx(10.0)
+    assert (mean, n) == (pytest.approx(40.0), 5) and std == pytest.approx(np.sqrt(62.5))
     mean, std, n = summary[("simclr", 0.1)]["diff"]
-    assert (mean, n) == (pytest.approx(4.0), 3) and std == pytest.approx(np.sqrt(13.0))
+    assert (mean, n) == (pytest.approx(4.0), 5) and std == pytest.approx(np.sqrt(6.5))
     assert summary[("scratch_utt", 1.0)]["miou"][2] == 1 and np.isnan(summary[("scratch_utt", 1.0)]["miou"][1])
     assert study.best_arm(summary, 0.1) == "simclr"
 
     labels = {"scratch_utt": "from scratch", "simclr": "SimCLR", "vicreg": "VICReg"}
     meta = {"command": "python -m lcssl.study --config=x", "commit": "abc", "machine": "m", "date": "d",
             "wall_seconds_this_invocation": 5.0, "run_seconds_total": 9.0, "workdir": "/runs",
-            "label_fractions": [0.1, 1.0], "seeds": [0, 1, 2]}
+            "label_fractions": [0.1, 1.0], "seeds": [0, 1, 2, 3, 4]}
     out = tmp_path / "docs" / "RESULTS.md"
     content = study.write_results(records, labels, {"vicreg": "no task 'vicreg'"}, meta, out)
     text = out.read_text()
-    assert ("| from scratch | 40.0 ± 10.0 | 80.0 ± 0.0 | pending (1 of 3 seeds) | pending (1 of 3 seeds) |"
-            in text)                                         # no figure from fewer than 3 seeds
-    assert "| SimCLR | +4.0 ± 3.6 [-5.0, +13.0] | - |" in text      # paired difference [95% CI]
+    assert ("| from scratch | 40.0 ± 7.9 | 80.0 ± 0.0 | pending (1 of 5 seeds) | pending (1 of 5 seeds) |"
+            in text)                                         # no figure from fewer than 5 seeds
+    assert "| SimCLR | +4.0 ± 2.5 [+0.8, +7.2] | - |" in text      # paired difference [95% CI]
     assert "| a | 20.0 | 30.0 | 10.0 |" in text and "| b | - | - | - |" in text   # per class at 10%
     assert "VICReg (`vicreg`): no task 'vicreg'" in text
     assert "simclr seed 0 at 100%: failed, exit code 1" in text
     png = (tmp_path / "docs" / study.PLOT_NAME).read_bytes()
     assert png.startswith(b"\x89PNG")
     saved = json.loads((tmp_path / "docs" / "results_label_efficiency.json").read_text())
-    assert saved["runs"] == json.loads(json.dumps(content["runs"])) and len(saved["runs"]) == 8
+    assert saved["runs"] == json.loads(json.dumps(content["runs"])) and len(saved["runs"]) == 12
     csv_rows = (tmp_path / "docs" / "results_label_efficiency.csv").read_text().strip().splitlines()
-    assert len(csv_rows) == 1 + 8 and csv_rows[0].startswith("arm,kind,seed,label_fraction,status,test_miou")
+    assert len(csv_rows) == 1 + 12 and csv_rows[0].startswith("arm,kind,seed,label_fraction,status,test_miou")
 
 
 def test_methods_with_two_seeds_are_screened_seed_by_seed_against_the_oracle(tmp_path):
     # At 1%: from scratch 30 / 34, the oracle 44 / 46 (+14 / +12), VICReg 36 / 35 (+6 / +1),
-    # BYOL 31 / 30 (+1 / -4); SimCLR has 3 seeds (a figure, not a screen).
-    scores = {"scratch_utt": [0.30, 0.34, 0.32], "oracle": [0.44, 0.46], "vicreg": [0.36, 0.35],
-              "byol": [0.31, 0.30], "simclr": [0.40, 0.40, 0.40]}
+    # BYOL 31 / 30 (+1 / -4); SimCLR has 5 seeds (a figure, not a screen).
+    scores = {"scratch_utt": [0.30, 0.34, 0.32, 0.32, 0.32], "oracle": [0.44, 0.46], "vicreg": [0.36, 0.35],
+              "byol": [0.31, 0.30], "simclr": [0.40] * 5}
     records = [_record(arm, s, 0.01, m, 0.8, [m, m, m]) for arm, ms in scores.items() for s, m in enumerate(ms)]
     labels = {"scratch_utt": "from scratch", "oracle": "oracle", "vicreg": "VICReg", "byol": "BYOL",
               "simclr": "SimCLR"}
     meta = {"command": "c", "commit": "abc", "machine": "m", "date": "d", "wall_seconds_this_invocation": 1.0,
-            "run_seconds_total": 1.0, "workdir": "/runs", "label_fractions": [0.01], "seeds": [0, 1, 2],
+            "run_seconds_total": 1.0, "workdir": "/runs", "label_fractions": [0.01], "seeds": [0, 1, 2, 3, 4],
             "pretrained_arms": ["vicreg", "byol", "simclr"]}
     out = tmp_path / "RESULTS.md"
     study.write_results(records, labels, {}, meta, out)
