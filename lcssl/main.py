@@ -75,8 +75,9 @@ def main(argv):
     config = _CONFIG.value
     from lcssl.files import refuse_remote
 
-    for flag, value in (("--workdir", _WORKDIR.value), ("--config.init_from", config.init_from),
-                        ("--config.init_encoder_from", config.init_encoder_from)):
+    for flag, value in (("--workdir", _WORKDIR.value),
+                        ("--config.supervised.init_from", config.supervised.init_from),
+                        ("--config.supervised.init_encoder_from", config.supervised.init_encoder_from)):
         refuse_remote(value, flag)
     cli.require_dataset(config.data_dir, config.dataset)  # refuses a remote data_dir too
     # TensorFlow (tf.data only) must not grab GPU memory meant for JAX.

@@ -157,7 +157,7 @@ def test_predict_and_the_config_paths_refuse_remote_paths(tmp_path, monkeypatch,
         predict_main(["--checkpoint=gs://bucket/run", "--records=data", "--out=maps"])
     assert e.value.code == cli.EXIT_USER_ERROR
     assert "error: --checkpoint=gs://bucket/run: remote paths (gs://)" in capsys.readouterr().err
-    with pytest.raises(UserError, match="--config.init_from=hdfs://nn/run: remote paths"):
-        refuse_remote("hdfs://nn/run", "--config.init_from")
+    with pytest.raises(UserError, match="--config.supervised.init_from=hdfs://nn/run: remote paths"):
+        refuse_remote("hdfs://nn/run", "--config.supervised.init_from")
     refuse_remote("runs/gs:/not-a-url", "--workdir")  # a local name with a colon is a local path
     assert list(tmp_path.iterdir()) == []

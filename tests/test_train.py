@@ -148,7 +148,7 @@ def test_finetuning_loads_exactly_the_pretrained_encoder(ssl_run, data_dir):
     assert ckpt_lib.read_input_spec(str(workdir))["transfer"] == {
         "prefix": "backbone", "keys": list(models.ENCODER_KEYS)}
     card = pipeline.load_card(data_dir)
-    task, ctx = build_task(tiny_config("finetune_flair2", data_dir, init_from=str(workdir)), card)
+    task, ctx = build_task(tiny_config("finetune_flair2", data_dir, **{"supervised.init_from": str(workdir)}), card)
     shapes = jax.eval_shape(task.init, jax.random.key(0, impl=train.RNG_IMPL))
     # A fresh segmentation state, all zeros, so whatever is not loaded is recognisable.
     state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
@@ -190,7 +190,7 @@ def test_finetuning_from_a_supervised_run_loads_its_encoder(data_dir, tmp_path):
     assert ckpt_lib.read_input_spec(str(sup / "best"))["transfer"] == {
         "prefix": None, "keys": list(models.ENCODER_KEYS)}
     card = pipeline.load_card(data_dir)
-    task, _ = build_task(tiny_config("finetune_flair2", data_dir, init_from=str(sup / "best")), card)
+    task, _ = build_task(tiny_config("finetune_flair2", data_dir, **{"supervised.init_from": str(sup / "best")}), card)
     shapes = jax.eval_shape(task.init, jax.random.key(0, impl=train.RNG_IMPL))
     state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     state, report = task.warm_start(state)
@@ -338,7 +338,7 @@ def test_blockwise_and_gradient_cached_nt_xent_make_the_same_update_as_the_plain
 def test_supervised_step_accumulates_micro_batches_and_linear_mode_freezes_the_encoder(
         ssl_run, data_dir):
     """The supervised task's real step on 8 devices (SITS-only variant, no dropout, to keep compiles
-    short): 2 accumulated micro-batches make the whole batch's update, and finetune_mode='linear'
+    short): 2 accumulated micro-batches make the whole batch's update, and the linear finetune_mode
     leaves every weight the pre-training declared untouched. U-TAE's decoder and L-TAE MLP use batch
     norm, whose statistics are per micro-batch, so deep-layer gradients differ and only the head's
     update is compared (within 5%; a mis-scaled accumulation is off by 50-100%). Exact accumulation
@@ -349,11 +349,11 @@ def test_supervised_step_accumulates_micro_batches_and_linear_mode_freezes_the_e
     batch = sharding.host_batch_to_global(random_host_batch(card, 16, with_label=True), mesh)
     # Dropout off: a micro-batch draws its own dropout masks, the whole batch another set.
     overrides = {"model.variant": "utae", "model.ltae_dropout": 0.0, "model.attn_dropout": 0.0,
-                 "class_weights": "none", "init_from": str(workdir), **PLAIN_SGD}
+                 "supervised.class_weights": "none", "supervised.init_from": str(workdir), **PLAIN_SGD}
     results = {}
     for mode, accum in (("full", 1), ("full", 2), ("linear", 1)):
-        config = tiny_config("finetune_flair2", data_dir, finetune_mode=mode,
-                             grad_accum_steps=accum, **overrides)
+        config = tiny_config("finetune_flair2", data_dir, **overrides, **{
+            "supervised.finetune_mode": mode, "supervised.grad_accum_steps": accum})
         task, _ = build_task(config, card, mesh)
         state = sharding.init_sharded(task.init, mesh, jax.random.key(0, impl=train.RNG_IMPL))
         before = jax.tree.map(np.asarray, state.params)
