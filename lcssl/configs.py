@@ -25,7 +25,9 @@ Field reference (units in the names):
                        the logits per block), num_chunks (gradcache)
   probe.*              online linear probe of every pre-training task: every_steps, train_split,
                        eval_split, examples, ridge
-  supervised.*         the supervised task's (lcssl/tasks/supervised.py, default_config()):
+  supervised.*         the supervised task's (lcssl/tasks/supervised.py, default_config()); they
+                       were top-level fields once, and an old flag (`--config.init_from=X`) fails
+                       naming the new one (MOVED):
     init_from          a pre-training workdir (or its checkpoints/ dir); finetune_mode 'linear'
                        (frozen encoder) | 'partial' (encoder at encoder_lr_scale x lr) | 'full'
     init_encoder_from  published weights instead: a torchvision/timm ResNet34 state dict
@@ -61,6 +63,22 @@ from lcssl.errors import UserError
 SEED_LEARNING_RATE = 0.001
 
 Preset = Callable[[ml_collections.ConfigDict], None]
+
+# Fields that left the top level: old name -> new path. An old command's override of one fails
+# naming the new flag (`moved_flag`: lcssl.main's flag parser, the study's trainer configs).
+MOVED = {name: f"supervised.{name}" for name in (
+    "init_from", "init_encoder_from", "finetune_mode", "adapt_bands", "encoder_lr_scale",
+    "class_weights", "aux_loss_weight", "grad_accum_steps")}
+
+
+def moved_flag(flag: str) -> str | None:
+    """What to say about an override of a field that moved (`--config.init_from=X`), else None."""
+    name = flag.split("=", 1)[0]
+    root, _, old = name.lstrip("-").partition(".")
+    if root != "config" or old not in MOVED:
+        return None
+    return f"{name} is now --config.{MOVED[old]} (supervised settings moved under config.supervised)"
+
 
 def base(dataset: str, task: str) -> ml_collections.ConfigDict:
     """The modern default for `dataset` (a layout of data_prep/layouts.py) and `task` (a name in lcssl.tasks):

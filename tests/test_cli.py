@@ -56,6 +56,17 @@ def test_a_user_error_is_one_message_without_a_traceback(tmp_path, args, expecte
         assert text.format(tmp=tmp_path) in proc.stderr
 
 
+def test_an_old_flag_of_a_moved_field_names_its_new_flag(tmp_path):
+    """Commands written before the supervised settings moved under config.supervised."""
+    proc = run_main("--config=configs/finetune_hameln.py:tiny", f"--workdir={tmp_path}/run",
+                    "--config.init_from=runs/ssl_hameln")
+    assert proc.returncode == cli.EXIT_USER_ERROR
+    assert proc.stderr.splitlines() == [
+        "error: --config.init_from is now --config.supervised.init_from (supervised settings moved "
+        "under config.supervised)"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_user_errors_exit_2_with_the_message_and_bugs_keep_their_exception(capsys):
     def missing():
         raise MissingInputError("data/x: no such dataset card")

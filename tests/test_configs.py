@@ -6,7 +6,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from lcssl import tasks
+from lcssl import configs, tasks
 from tests._train_helpers import ROOT
 
 EXPERIMENTS = ["ssl_flair2", "ssl_hameln", "finetune_flair2", "finetune_hameln", "sup_flair2",
@@ -69,6 +69,19 @@ def test_finetune_configs_point_at_their_pretraining_run():
     assert load("finetune_hameln").supervised.init_from == "runs/ssl_hameln"
     assert load("sup_hameln").supervised.init_from is None
 
+
+def test_supervised_settings_live_under_supervised_and_their_old_flags_name_the_new_ones():
+    c = parse(f"--config={ROOT}/configs/finetune_flair2.py:tiny", "--config.supervised.finetune_mode=linear",
+              "--config.supervised.grad_accum_steps=2")
+    assert (c.supervised.finetune_mode, c.supervised.grad_accum_steps) == ("linear", 2)
+    assert not set(configs.MOVED) & set(c.keys())  # none is left at the top level
+    assert {f"supervised.{name}" for name in c.supervised.keys()} == set(configs.MOVED.values())
+    assert configs.moved_flag("--config.class_weights=none") == (
+        "--config.class_weights is now --config.supervised.class_weights (supervised settings moved "
+        "under config.supervised)")
+    assert configs.moved_flag("--config.init_encoder_from").startswith("--config.init_encoder_from is now")
+    for other in ("--config.supervised.init_from=x", "--config.seed=1", "--init_from=x", "--config.label_seed=1"):
+        assert configs.moved_flag(other) is None
 
 
 def test_command_line_overrides_reach_nested_fields():

@@ -169,6 +169,11 @@ def test_arms_the_trainer_does_not_know_are_not_available():
     made_up = {"name": "x", "label": "x", "pretrain": None,
                "finetune": {"config": "configs/sup_hameln.py:tiny", "overrides": ["--config.no_such_field=1"]}}
     assert "no_such_field" in study.unavailable_reason(made_up, arms)
+    old = {**arms["simclr_seed_linear"], "name": "x",
+           "finetune": {**arms["simclr_seed_linear"]["finetune"], "overrides": ["--config.finetune_mode=linear"]}}
+    assert study.unavailable_reason(old, {**arms, "x": old}).endswith(
+        "--config.finetune_mode is now --config.supervised.finetune_mode (supervised settings moved under "
+        "config.supervised)")
     unknown = {**arms["vicreg"], "name": "x",
                "pretrain": {**arms["vicreg"]["pretrain"], "overrides": ["--config.task=mae"]}}
     assert "no task 'mae'" in study.unavailable_reason(unknown, {**arms, "x": unknown})
