@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lcssl import checkpoint as ckpt_lib
-from lcssl import models, sharding, tasks, train
+from lcssl import configs, models, sharding, tasks, train
 from lcssl.data import pipeline, schema
 from lcssl.tasks import supervised
 from tests._train_helpers import build_task, compilation_cache, saved_state, tiny_config, tiny_dataset
@@ -58,6 +58,12 @@ def test_ssl_run_writes_checkpoints_with_their_input_spec_and_a_probe(ssl_run, d
     assert spec["model"]["aerial_size"] == 32 and spec["model"]["num_classes"] == 13
     probe = results["probe"]
     assert probe["num_train"] > 0 and probe["num_eval"] > 0 and 0 <= probe["accuracy"] <= 1
+    # A checkpoint saves the model's config and the data position, no other config field: one
+    # written before the supervised settings moved under config.supervised resumes and fine-tunes
+    # as it did (config.json beside it is a record for a reader; no code reads it back).
+    saved = "".join(f.read_text() for item in ("input_spec", "progress")
+                    for f in (workdir / "checkpoints" / "6" / item).rglob("*") if f.is_file())
+    assert '"label_seed"' in saved and [name for name in configs.MOVED if name in saved] == []
     assert json.loads((workdir / "eval_results.json").read_text())["probe"] == probe
 
 
