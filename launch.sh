@@ -23,9 +23,9 @@
 # step and exit (JAX's preemption service; tested with two processes). Compiled programs are
 # cached in $JAX_COMPILATION_CACHE_DIR (default ~/.cache/lcssl/jax) so restarts start fast.
 #
-# Relative paths in --workdir, --config.data_dir, --config.init_from and init_encoder_from are taken from the
-# directory you call launch.sh from; a relative --config too, unless it exists only in the
-# repository (configs/...). LCSSL_DRY_RUN=1 prints the command instead of running it.
+# Relative paths in --workdir, --config.data_dir, --config.supervised.init_from and
+# --config.supervised.init_encoder_from are taken from the directory you call launch.sh from; a
+# relative --config too, unless it exists only in the repository (configs/...). LCSSL_DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 caller="$PWD"
 cd "$(dirname "$0")"
@@ -100,10 +100,10 @@ config_path() {  # configs/x.py[:presets]: the caller's file, else the repositor
 user_args=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --workdir=*|--config.data_dir=*|--config.init_from=*|--config.init_encoder_from=*)
+    --workdir=*|--config.data_dir=*|--config.supervised.init_from=*|--config.supervised.init_encoder_from=*)
       user_args+=("${1%%=*}=$(absolute "${1#*=}")") ;;
     --config=*) user_args+=("--config=$(config_path "${1#*=}")") ;;
-    --workdir|--config.data_dir|--config.init_from|--config.init_encoder_from)
+    --workdir|--config.data_dir|--config.supervised.init_from|--config.supervised.init_encoder_from)
       user_args+=("$1=$(absolute "${2:-}")"); shift ;;
     --config) user_args+=("--config=$(config_path "${2:-}")"); shift ;;
     *) user_args+=("$1") ;;

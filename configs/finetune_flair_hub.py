@@ -1,9 +1,10 @@
 """Fine-tune a SimCLR-pre-trained encoder for FLAIR-HUB segmentation (new decoder and heads).
 
     python -m lcssl.main --config=configs/finetune_flair_hub.py --workdir=runs/finetune_flair_hub \
-        --config.init_from=runs/ssl_flair_hub
+        --config.supervised.init_from=runs/ssl_flair_hub
     python -m lcssl.main --config=configs/finetune_flair_hub.py --workdir=runs/ft_hub_from_flair2 \
-        --config.init_from=runs/ssl_flair2 --config.adapt_bands=True    # FLAIR #2's 5 bands -> RGBI
+        --config.supervised.init_from=runs/ssl_flair2 \
+        --config.supervised.adapt_bands=True                  # FLAIR #2's 5 bands -> RGBI
 
 Presets: default (SGD + momentum, warm-up + cosine, batch 64, 10 epochs); tiny. Few labels:
 --config.label_fraction=0.1.
@@ -12,7 +13,7 @@ from lcssl import configs as common
 
 
 def _finetune(c):
-    c.init_from = "runs/ssl_flair_hub"
+    c.supervised.init_from = "runs/ssl_flair_hub"
     c.num_epochs = 10
 
 

@@ -1,11 +1,11 @@
 """Fine-tune a SimCLR-pre-trained encoder for Hameln segmentation (new decoder and heads).
 
     python -m lcssl.main --config=configs/finetune_hameln.py --workdir=runs/finetune_hameln \
-        --config.init_from=runs/ssl_hameln
+        --config.supervised.init_from=runs/ssl_hameln
     python -m lcssl.main --config=configs/finetune_hameln.py:ssl2 --workdir=runs/ssl2_finetune_hameln \
-        --config.init_from=runs/ssl2_hameln                                       # seminar SSL2
+        --config.supervised.init_from=runs/ssl2_hameln                 # seminar SSL2
     python -m lcssl.main --config=configs/finetune_hameln.py:ssl3 --workdir=runs/ssl3_finetune_hameln \
-        --config.init_from=runs/ssl3_hameln                                       # seminar SSL3
+        --config.supervised.init_from=runs/ssl3_hameln                 # seminar SSL3
 
 Presets: default (SGD + momentum, warm-up + cosine, batch 64); ssl2 (20 epochs, batch 16, SGD lr
 0.001); ssl3 (20 epochs, batch 8); tiny. Few labels: --config.label_fraction=0.1.
@@ -19,7 +19,7 @@ PRESETS = {
 
 
 def _finetune(c):
-    c.init_from = "runs/ssl_hameln"
+    c.supervised.init_from = "runs/ssl_hameln"
     c.num_epochs = 50
 
 

@@ -70,10 +70,11 @@ def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batc
             {"name": name, "label": label, "note": note,
              "pretrain": {"config": ssl, "overrides": [f"--config.batch_size={large_batch}",
                                                       *large_batch_overrides, *pretrain_overrides]},
-             "finetune": {"config": finetune, "overrides": ["--config.init_from={pretrain}"]}},
+             "finetune": {"config": finetune, "overrides": ["--config.supervised.init_from={pretrain}"]}},
             {"name": f"{name}_linear", "label": f"{label}, linear", "pretrain_of": name,
              "finetune": {"config": finetune,
-                          "overrides": ["--config.init_from={pretrain}", "--config.finetune_mode=linear"]}},
+                          "overrides": ["--config.supervised.init_from={pretrain}",
+                                        "--config.supervised.finetune_mode=linear"]}},
         ]
 
     arms = [
@@ -81,7 +82,7 @@ def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batc
         # The ceiling: what an encoder that already knows the task gives through the same path.
         {"name": "oracle", "label": "oracle (encoder trained with every label)", "pretrain": None,
          "init_run": {"arm": "scratch_utt", "label_fraction": 1.0}, "label_fractions": (0.01, 0.1),
-         "finetune": {"config": finetune, "overrides": ["--config.init_from={source}/best"]}},
+         "finetune": {"config": finetune, "overrides": ["--config.supervised.init_from={source}/best"]}},
         scratch("scratch_unet", "from scratch, aerial only", "unet"),
         scratch("scratch_utae", "from scratch, Sentinel-2 only", "utae"),
         # SimCLR as its paper: LARS, lr 0.3 x batch / 256 (the config's rule), a large batch.

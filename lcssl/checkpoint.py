@@ -134,7 +134,7 @@ class Checkpoints:
                 + "\n  ".join(lines)
                 + "\nResume with the original dataset and --config.model.* (see config.json beside "
                   "the checkpoints), or start a new --workdir (fine-tune from this one with "
-                  "--config.init_from).")
+                  "--config.supervised.init_from).")
         state, _, saved = self.restore(step, target)
         older = {"label_seed": 0, "input": "tfdata"}  # checkpoints from before the fields: their values then
         changed = {k: (saved.get(k, older.get(k)), v) for k, v in progress.items()
@@ -415,7 +415,7 @@ def check_input_spec(spec: Mapping[str, Any], card: Mapping[str, Any], *, source
             + "\n  ".join(problems)
             + "\nRebuild the dataset with the checkpoint's bands and date encoding, or pre-train on "
               "this dataset" + ("" if adapt_bands else
-                                 ", or set --config.adapt_bands=True to map bands by name") + ".")
+                                 ", or set --config.supervised.adapt_bands=True to map bands by name") + ".")
     return warnings
 
 
@@ -460,7 +460,7 @@ def resolve_checkpoint_dir(path: str) -> str:
             return os.path.abspath(candidate)
     raise MissingInputError(
         f"No checkpoint found under {path!r} (looked for numbered step folders in {path}/checkpoints "
-        f"and {path}). Point --config.init_from at the workdir of a finished pre-training run.")
+        f"and {path}). Point --config.supervised.init_from at the workdir of a finished pre-training run.")
 
 
 def load_encoder(directory: str, encoder_keys: Sequence[str], *, prefix: str | None = "backbone",

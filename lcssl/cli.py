@@ -182,10 +182,11 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else str(text)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], moved: Callable[[str], str | None] = lambda flag: None) -> list[str]:
     """absl's flag parsing (app.run(..., flags_parser=cli.parse_flags)) with one-line errors for
     a bad flag value, an unknown --config.* field or a config file that does not load: absl and
-    ml_collections report some of these with a traceback of their own."""
+    ml_collections report some of these with a traceback of their own. `moved(flag)` says where
+    the field of an unknown override went, if it moved (lcssl.configs.moved_flag)."""
     from absl import flags
     from ml_collections.config_flags import config_flags
 
@@ -202,8 +203,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
         field = text.splitlines()[0].strip("'\"")
         given = [a.split("=")[0] for a in argv[1:] if a.startswith("--") and f".{field}" in a]
-        _fail(f"{given[0] if given else 'a --config.* override'}: the config has no field "
-              f"{field!r}. " + "".join(f"{t} " for t in text.splitlines()[1:]) + "(fields and presets: the "
+        flag = given[0] if given else "a --config.* override"
+        _fail(moved(flag) or f"{flag}: the config has no field {field!r}. "
+              + "".join(f"{t} " for t in text.splitlines()[1:]) + "(fields and presets: the "
               "config file's docstring and lcssl/configs.py)")
     for name, flag in flags.FLAGS._flags().items():
         if isinstance(flag, config_flags._ConfigFlag) and isinstance(flag.value,

@@ -25,19 +25,25 @@ Field reference (units in the names):
                        the logits per block), num_chunks (gradcache)
   probe.*              online linear probe of every pre-training task: every_steps, train_split,
                        eval_split, examples, ridge
-  grad_accum_steps     supervised only: the global batch is split into this many micro-batches
-  init_from            a pre-training workdir (or its checkpoints/ dir); finetune_mode 'linear' (frozen
-                       encoder) | 'partial' (encoder at encoder_lr_scale x lr) | 'full'
-  init_encoder_from    published weights instead: a torchvision/timm ResNet34 state dict (.safetensors;
-                       .pth with torch installed) into the aerial encoder, or an smp Unet('resnet34')
-                       (IGN's FLAIR U-Nets) into encoder, decoder and head; bands by name, other
-                       bands zero (lcssl/pretrained.py); not with init_from
-  adapt_bands          fine-tuning from a checkpoint of other bands (e.g. Hameln's 4 -> FLAIR #2's
+  supervised.*         the supervised task's (lcssl/tasks/supervised.py, default_config()); they
+                       were top-level fields once, and an old flag (`--config.init_from=X`) fails
+                       naming the new one (MOVED):
+    init_from          a pre-training workdir (or its checkpoints/ dir); finetune_mode 'linear'
+                       (frozen encoder) | 'partial' (encoder at encoder_lr_scale x lr) | 'full'
+    init_encoder_from  published weights instead: a torchvision/timm ResNet34 state dict
+                       (.safetensors; .pth with torch installed) into the aerial encoder, or an smp
+                       Unet('resnet34') (IGN's FLAIR U-Nets) into encoder, decoder and head; bands by
+                       name, other bands zero (lcssl/pretrained.py); not with init_from
+    adapt_bands        fine-tuning from a checkpoint of other bands (e.g. Hameln's 4 -> FLAIR #2's
                        5): map the first convolutions' input channels by band name, new bands
                        zero-initialised (False: refuse, naming both band lists)
-  class_weights        'card' (from dataset_card.json) | 'none' | comma-separated floats
-  aux_loss_weight      weight of the time-series branch loss on aux_logits
-  label_fraction       share of labelled training patches used (few-label experiments)
+    class_weights      'card' (from dataset_card.json) | 'none' | comma-separated floats
+    aux_loss_weight    weight of the time-series branch loss on aux_logits
+    grad_accum_steps   the global batch is split into this many micro-batches
+  label_fraction       share of labelled training patches used (few-label experiments); with
+                       label_seed at the top level, not under supervised.*: the loop reads both
+                       (lcssl/train.py: the epoch's length, the input pipeline's subset, the
+                       checkpoint's data position) for any task that uses labels
   label_seed           which patches that share is (a seeded draw; vary it with the seed so the
                        spread over seeds includes the choice of labelled patches)
   early_stop           metric ('' = the task's best metric), patience (evaluations without an
@@ -57,6 +63,21 @@ from lcssl.errors import UserError
 SEED_LEARNING_RATE = 0.001
 
 Preset = Callable[[ml_collections.ConfigDict], None]
+
+# Fields that left the top level: old name -> new path. An old command's override of one fails
+# naming the new flag (`moved_flag`: lcssl.main's flag parser, the study's trainer configs).
+MOVED = {name: f"supervised.{name}" for name in (
+    "init_from", "init_encoder_from", "finetune_mode", "adapt_bands", "encoder_lr_scale",
+    "class_weights", "aux_loss_weight", "grad_accum_steps")}
+
+
+def moved_flag(flag: str) -> str | None:
+    """What to say about an override of a field that moved (`--config.init_from=X`), else None."""
+    name = flag.split("=", 1)[0]
+    root, _, old = name.lstrip("-").partition(".")
+    if root != "config" or old not in MOVED:
+        return None
+    return f"{name} is now --config.{MOVED[old]} (supervised settings moved under config.supervised)"
 
 
 def base(dataset: str, task: str) -> ml_collections.ConfigDict:
@@ -83,7 +104,6 @@ def base(dataset: str, task: str) -> ml_collections.ConfigDict:
     c.eval_batch_size = 64
     c.num_epochs = 100 if pretrain else 50
     c.num_steps = config_dict.placeholder(int)
-    c.grad_accum_steps = 1
 
     c.optimizer = ml_collections.ConfigDict()
     if pretrain:
@@ -108,23 +128,13 @@ def base(dataset: str, task: str) -> ml_collections.ConfigDict:
     # Every task's hyperparameters, whichever task runs: `--config.task=X --config.X.y=...` works
     # with any experiment config, and the config stays locked.
     for name in tasks.NAMES:
-        own = tasks.get(name).default_config()
-        if own is not None:
-            c[name] = own
+        c[name] = tasks.get(name).default_config()
     c.probe = task_base.probe_config()
 
     c.dtype = "float32"  # compute dtype of the model: 'float32' | 'bfloat16' (params stay fp32)
     c.model = models.default_config()
     c.model.dtype = c.get_ref("dtype")
     c.augment = augment.default_config()
-
-    c.init_from = config_dict.placeholder(str)
-    c.init_encoder_from = config_dict.placeholder(str)
-    c.finetune_mode = "full"
-    c.adapt_bands = False
-    c.encoder_lr_scale = 0.1
-    c.class_weights = "card"
-    c.aux_loss_weight = 0.5
 
     # Stop when early_stop.metric ('' = the task's best metric, e.g. val/miou; pre-training:
     # e.g. probe/accuracy) has not improved by more than min_delta in `patience` evaluations.

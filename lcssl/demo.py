@@ -66,7 +66,7 @@ def main(argv):
 
     finetune = finetune_flair2.get_config("tiny")
     finetune.data_dir, finetune.num_steps = str(data), _STEPS.value
-    finetune.init_from = str(workdir / "ssl")
+    finetune.supervised.init_from = str(workdir / "ssl")
     print(f"Fine-tuning ({finetune.num_steps} steps) -> {workdir / 'finetune'}", flush=True)
     results = train.run(finetune, str(workdir / "finetune"))
     print(evaluate.format_scores(results["test"], f"Test split, best checkpoint (step "

@@ -4,7 +4,8 @@
     python -m lcssl.main --config=configs/ssl_hameln.py:ssl3 --workdir=runs/ssl3 \
         --config.batch_size=512 --config.simclr.temperature=0.2
 
-The config is locked: an override of a field that does not exist fails before anything runs.
+The config is locked: an override of a field that does not exist fails before anything runs (one
+that moved, such as --config.init_from, names its new flag).
 Rerunning the same command resumes from the latest checkpoint in --workdir. User errors (no
 dataset, a checkpoint that does not fit, ...) print one message and exit 2 without a traceback;
 `-v 1` adds every library's INFO lines to the default output (lcssl/cli.py).
@@ -17,12 +18,13 @@ TPU pod's metadata) say there is more than one process; --coordinator_address, -
 Compiled programs are cached in ~/.cache/lcssl/jax (--compilation_cache; '' turns it off), so a
 resumed run does not compile again.
 """
+import functools
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lcssl import cli
+from lcssl import cli, configs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: configs/<name>.py[:presets]",
                                           lock_config=True)
@@ -75,8 +77,9 @@ def main(argv):
     config = _CONFIG.value
     from lcssl.files import refuse_remote
 
-    for flag, value in (("--workdir", _WORKDIR.value), ("--config.init_from", config.init_from),
-                        ("--config.init_encoder_from", config.init_encoder_from)):
+    for flag, value in (("--workdir", _WORKDIR.value),
+                        ("--config.supervised.init_from", config.supervised.init_from),
+                        ("--config.supervised.init_encoder_from", config.supervised.init_encoder_from)):
         refuse_remote(value, flag)
     cli.require_dataset(config.data_dir, config.dataset)  # refuses a remote data_dir too
     # TensorFlow (tf.data only) must not grab GPU memory meant for JAX.
@@ -104,4 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(cli.user_errors(main), flags_parser=cli.parse_flags)
+    app.run(cli.user_errors(main), flags_parser=functools.partial(cli.parse_flags, moved=configs.moved_flag))

@@ -3,7 +3,7 @@ segmentation_models_pytorch U-Net (ResNet34 encoder; IGN's FLAIR baselines) -> l
 
     state_dict = read_state_dict(path)                     # .safetensors (or .pth where torch is installed)
     params, stats, report = resnet34_to_encoder(state_dict, source=path, ...)
-    state, report = warm_start(state, path, card)          # fine-tuning: --config.init_encoder_from=PATH
+    state, report = warm_start(state, path, card)          # fine-tuning: --config.supervised.init_encoder_from=PATH
 
 torchvision's `resnet34()` and timm's `resnet34` share their key names (conv1, bn1, layer1.0.conv1,
 ..., layer2.0.downsample.0/1, fc); smp's encoder is the same under 'encoder.', and checkpoints of
@@ -67,6 +67,7 @@ _ALIASES = {"IR": "NIR"}  # Hameln's name for the near infrared
 SMP_DECODER_CHANNELS = (256, 128, 64, 32, 16)  # smp Unet's default decoder_channels
 DECODER_KEY, HEAD_KEY = "aerial_decoder", "seg_head"
 ENCODER_KEY = "aerial_encoder"  # the top-level param subtree the weights go to (lcssl.models.utt)
+_FIELD = "supervised.init_encoder_from"  # the config field a message names
 _PREFIXES = ("module.", "model.", "encoder.", "backbone.")
 _IGNORED = re.compile(r"^fc\.|num_batches_tracked$")
 _BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
@@ -76,7 +77,7 @@ _BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
     """{key: array} of a .safetensors file, or of a .pth / .pt file where torch is installed."""
     if not os.path.isfile(path):
-        raise UserError(f"init_encoder_from={path}: no such file")
+        raise UserError(f"{_FIELD}={path}: no such file")
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
@@ -84,23 +85,23 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         try:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"init_encoder_from={path}: not a readable .safetensors file ({e})") from None
+            raise UserError(f"{_FIELD}={path}: not a readable .safetensors file ({e})") from None
     if path.endswith((".pth", ".pt")):
         try:
             import torch
         except ImportError:
-            raise UserError(f"init_encoder_from={path}: reading a .pth file needs torch, which is not "
+            raise UserError(f"{_FIELD}={path}: reading a .pth file needs torch, which is not "
                             "installed; convert it once where torch is (safetensors.torch.save_file("
                             "torch.load(path), 'weights.safetensors')) and pass the .safetensors file") from None
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a bad file
-            raise UserError(f"init_encoder_from={path}: torch cannot read it ({type(e).__name__}: {e})") from None
+            raise UserError(f"{_FIELD}={path}: torch cannot read it ({type(e).__name__}: {e})") from None
         loaded = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
         if not isinstance(loaded, Mapping):
-            raise UserError(f"init_encoder_from={path}: expected a state dict, found {type(loaded).__name__}")
+            raise UserError(f"{_FIELD}={path}: expected a state dict, found {type(loaded).__name__}")
         return {k: v.detach().cpu().numpy() for k, v in loaded.items() if hasattr(v, "detach")}
-    raise UserError(f"init_encoder_from={path}: expected a .safetensors file (or .pth / .pt with torch installed)")
+    raise UserError(f"{_FIELD}={path}: expected a .safetensors file (or .pth / .pt with torch installed)")
 
 
 def _strip_prefixes(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -136,7 +137,7 @@ def resnet34_to_encoder(state_dict: Mapping[str, np.ndarray], *, source: str, ba
     if model_cfg is not None:
         have = (tuple(model_cfg["stage_sizes"]), tuple(model_cfg["widths"]), int(model_cfg["stem_width"]))
         if have != (RESNET34_STAGES, RESNET34_WIDTHS, 64):
-            raise UserError(f"init_encoder_from={source}: a ResNet34 needs model.stage_sizes={RESNET34_STAGES}, "
+            raise UserError(f"{_FIELD}={source}: a ResNet34 needs model.stage_sizes={RESNET34_STAGES}, "
                             f"model.widths={RESNET34_WIDTHS}, model.stem_width=64; this model has {have}")
     sd = _strip_prefixes(state_dict)
     mapping = _expected_keys(RESNET34_STAGES)
@@ -146,7 +147,7 @@ def resnet34_to_encoder(state_dict: Mapping[str, np.ndarray], *, source: str, ba
             what = ("an smp U-Net whose keys do not start with 'encoder.', 'decoder.blocks.', 'segmentation_head.'"
                     if key.startswith(("decoder.", "segmentation_head.")) else
                     "not a torchvision/timm ResNet34 (a ResNet50 has conv3 and 4 x width; a ResNet18 lacks layer1.2)")
-            raise UserError(f"init_encoder_from={source}: unexpected key {key!r}: {what}")
+            raise UserError(f"{_FIELD}={source}: unexpected key {key!r}: {what}")
     params: dict = {}
     batch_stats: dict = {}
     tree = {"params": params, "batch_stats": batch_stats}
@@ -155,11 +156,11 @@ def resnet34_to_encoder(state_dict: Mapping[str, np.ndarray], *, source: str, ba
         for leaf in (("weight",) if is_conv else tuple(_BN)):
             key = f"{src}.{leaf}"
             if key not in sd:
-                raise UserError(f"init_encoder_from={source}: missing key {key!r} of a torchvision ResNet34")
+                raise UserError(f"{_FIELD}={source}: missing key {key!r} of a torchvision ResNet34")
             value = np.asarray(sd[key], np.float32)
             if is_conv:
                 if value.ndim != 4:
-                    raise UserError(f"init_encoder_from={source}: {key!r} has shape {value.shape}, "
+                    raise UserError(f"{_FIELD}={source}: {key!r} has shape {value.shape}, "
                                     "expected a conv weight [out, in, kh, kw]")
                 collection, name, value = "params", "kernel", value.transpose(2, 3, 1, 0)
             else:
@@ -197,7 +198,7 @@ def _check_shapes(params: dict, source: str) -> None:
         if any(w is not None and w != f for w, f in zip(shape, found)):
             key = "conv1" if path == ("stem_conv",) else _torch_name(path)
             torch_shape = lambda s: (s[3], s[2], s[0], s[1])  # [kh, kw, in, out] -> [out, in, kh, kw]
-            raise UserError(f"init_encoder_from={source}: {key}.weight has shape {torch_shape(found)}, "
+            raise UserError(f"{_FIELD}={source}: {key}.weight has shape {torch_shape(found)}, "
                             f"a ResNet34's is {torch_shape(shape)}")
 
 
@@ -212,14 +213,14 @@ def _adapt_stem(kernel: np.ndarray, bands: Sequence[str], source: str) -> tuple[
     bands copied by name, the dataset's others zero, the file's others dropped (reported)."""
     file_bands = FILE_BANDS_BY_CHANNELS.get(kernel.shape[2])
     if file_bands is None:
-        raise UserError(f"init_encoder_from={source}: conv1.weight has {kernel.shape[2]} input channels, "
+        raise UserError(f"{_FIELD}={source}: conv1.weight has {kernel.shape[2]} input channels, "
                         "expected 3 (R, G, B, ImageNet order), 4 (R, G, B, NIR) or 5 (FLAIR's R, G, B, NIR, "
                         "elevation)")
     bands = list(bands)
     names = [_ALIASES.get(b, b) for b in bands]
     missing = [b for b in FILE_BANDS if b not in names]
     if missing:
-        raise UserError(f"init_encoder_from={source}: the dataset's aerial bands {bands} lack {missing}; "
+        raise UserError(f"{_FIELD}={source}: the dataset's aerial bands {bands} lack {missing}; "
                         f"these weights need {list(FILE_BANDS)}")
     zero = np.zeros_like(kernel[:, :, 0])
     out = np.stack([kernel[:, :, file_bands.index(n)] if n in file_bands else zero for n in names], axis=2)
@@ -239,7 +240,7 @@ def smp_unet_to_aerial(state_dict: Mapping[str, np.ndarray], *, source: str, ban
     Unet('resnet34') state dict. The head is loaded when it has `num_classes` outputs, else left new
     (reported). UserError names `source` and the first key or shape that does not map."""
     if model_cfg is not None and tuple(model_cfg["decoder_channels"]) != SMP_DECODER_CHANNELS:
-        raise UserError(f"init_encoder_from={source}: an smp U-Net's decoder needs model.decoder_channels="
+        raise UserError(f"{_FIELD}={source}: an smp U-Net's decoder needs model.decoder_channels="
                         f"{SMP_DECODER_CHANNELS}; this model has {tuple(model_cfg['decoder_channels'])}")
     sd = _strip_prefixes(state_dict)
     encoder = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
@@ -254,11 +255,11 @@ def smp_unet_to_aerial(state_dict: Mapping[str, np.ndarray], *, source: str, ban
             conv, bn = f"decoder.blocks.{i}.conv{j}.0", f"decoder.blocks.{i}.conv{j}.1"
             for key in (f"{conv}.weight", *(f"{bn}.{leaf}" for leaf in _BN)):
                 if key not in sd:
-                    raise UserError(f"init_encoder_from={source}: missing key {key!r} of an smp Unet('resnet34') "
+                    raise UserError(f"{_FIELD}={source}: missing key {key!r} of an smp Unet('resnet34') "
                                     "decoder (decoder_use_batchnorm=True)")
             kernel = np.asarray(sd[f"{conv}.weight"], np.float32)
             if kernel.ndim != 4 or kernel.shape[0] != width or kernel.shape[2:] != (3, 3):
-                raise UserError(f"init_encoder_from={source}: {conv}.weight has shape {kernel.shape}, expected "
+                raise UserError(f"{_FIELD}={source}: {conv}.weight has shape {kernel.shape}, expected "
                                 f"({width}, in, 3, 3) (decoder_channels {SMP_DECODER_CHANNELS})")
             block_p[f"conv{j}"] = {"kernel": kernel.transpose(2, 3, 1, 0)}
             block_p[f"bn{j}"] = {"scale": np.asarray(sd[f"{bn}.weight"], np.float32),
@@ -275,7 +276,7 @@ def smp_unet_to_aerial(state_dict: Mapping[str, np.ndarray], *, source: str, ban
         used |= {"segmentation_head.0.weight", "segmentation_head.0.bias"}
         head_w = np.asarray(head_w, np.float32)
         if head_w.shape[1:] != (SMP_DECODER_CHANNELS[-1], 3, 3):
-            raise UserError(f"init_encoder_from={source}: segmentation_head.0.weight has shape {head_w.shape}, "
+            raise UserError(f"{_FIELD}={source}: segmentation_head.0.weight has shape {head_w.shape}, "
                             f"expected (classes, {SMP_DECODER_CHANNELS[-1]}, 3, 3)")
         if head_w.shape[0] == num_classes:
             params[HEAD_KEY] = {"kernel": head_w.transpose(2, 3, 1, 0), "bias": np.asarray(head_b, np.float32)}
@@ -285,7 +286,7 @@ def smp_unet_to_aerial(state_dict: Mapping[str, np.ndarray], *, source: str, ban
                                          f"{num_classes}: {HEAD_KEY} starts new")
     other = sorted(k for k in sd if k not in used and not k.startswith("encoder."))
     if other:
-        raise UserError(f"init_encoder_from={source}: unexpected key {other[0]!r} of an smp U-Net: lcssl's "
+        raise UserError(f"{_FIELD}={source}: unexpected key {other[0]!r} of an smp U-Net: lcssl's "
                         "decoder has no attention (decoder_attention_type=None) and no center block")
     report["loaded"] = sorted([*(f"encoder.{k}" for k in enc_report["loaded"]),
                                *(k for k in used if k in sd and not k.endswith("num_batches_tracked")
@@ -305,7 +306,7 @@ def warm_start(state, path: str, card: Mapping[str, Any], model_cfg) -> tuple[An
     """`state` with its 'aerial_encoder' params and batch stats replaced by the file's ResNet34,
     each array placed like the one it replaces; the report goes to loaded_weights.json."""
     if ENCODER_KEY not in state.params:
-        raise UserError(f"init_encoder_from={path}: this model (variant without an aerial branch) has no "
+        raise UserError(f"{_FIELD}={path}: this model (variant without an aerial branch) has no "
                         f"{ENCODER_KEY!r} to load a ResNet34 into")
     state_dict = read_state_dict(path)
     if is_smp_unet(state_dict):
@@ -319,17 +320,17 @@ def warm_start(state, path: str, card: Mapping[str, Any], model_cfg) -> tuple[An
 
     def place(key, have, new, collection):
         if jax.tree.structure(have) != jax.tree.structure(new):
-            raise UserError(f"init_encoder_from={path}: the {collection} of {key} do not match the file's "
+            raise UserError(f"{_FIELD}={path}: the {collection} of {key} do not match the file's "
                             "(model.fused_bn_act or another change of the layers?)")
         for (where, h), n in zip(jax.tree_util.tree_leaves_with_path(have), jax.tree.leaves(new)):
             if h.shape != n.shape:
-                raise UserError(f"init_encoder_from={path}: {key}{jax.tree_util.keystr(where)} is "
+                raise UserError(f"{_FIELD}={path}: {key}{jax.tree_util.keystr(where)} is "
                                 f"{h.shape} in this model, {n.shape} in the file")
         return jax.tree.map(lambda h, n: jax.device_put(n.astype(h.dtype), h.sharding), have, new)
 
     for key in params:
         if key not in state.params:
-            raise UserError(f"init_encoder_from={path}: this model has no {key!r} for the file's weights")
+            raise UserError(f"{_FIELD}={path}: this model has no {key!r} for the file's weights")
     new_params = {**state.params, **{k: place(k, state.params[k], v, "params") for k, v in params.items()}}
     new_stats = {**state.batch_stats, **{k: place(k, state.batch_stats[k], v, "batch_stats")
                                          for k, v in batch_stats.items()}}

@@ -56,6 +56,17 @@ def test_a_user_error_is_one_message_without_a_traceback(tmp_path, args, expecte
         assert text.format(tmp=tmp_path) in proc.stderr
 
 
+def test_an_old_flag_of_a_moved_field_names_its_new_flag(tmp_path):
+    """Commands written before the supervised settings moved under config.supervised."""
+    proc = run_main("--config=configs/finetune_hameln.py:tiny", f"--workdir={tmp_path}/run",
+                    "--config.init_from=runs/ssl_hameln")
+    assert proc.returncode == cli.EXIT_USER_ERROR
+    assert proc.stderr.splitlines() == [
+        "error: --config.init_from is now --config.supervised.init_from (supervised settings moved "
+        "under config.supervised)"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_user_errors_exit_2_with_the_message_and_bugs_keep_their_exception(capsys):
     def missing():
         raise MissingInputError("data/x: no such dataset card")
@@ -157,7 +168,7 @@ def test_predict_and_the_config_paths_refuse_remote_paths(tmp_path, monkeypatch,
         predict_main(["--checkpoint=gs://bucket/run", "--records=data", "--out=maps"])
     assert e.value.code == cli.EXIT_USER_ERROR
     assert "error: --checkpoint=gs://bucket/run: remote paths (gs://)" in capsys.readouterr().err
-    with pytest.raises(UserError, match="--config.init_from=hdfs://nn/run: remote paths"):
-        refuse_remote("hdfs://nn/run", "--config.init_from")
+    with pytest.raises(UserError, match="--config.supervised.init_from=hdfs://nn/run: remote paths"):
+        refuse_remote("hdfs://nn/run", "--config.supervised.init_from")
     refuse_remote("runs/gs:/not-a-url", "--workdir")  # a local name with a colon is a local path
     assert list(tmp_path.iterdir()) == []

@@ -6,7 +6,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from lcssl import tasks
+from lcssl import configs, tasks
 from tests._train_helpers import ROOT
 
 EXPERIMENTS = ["ssl_flair2", "ssl_hameln", "finetune_flair2", "finetune_hameln", "sup_flair2",
@@ -66,8 +66,22 @@ def test_modern_ssl_default_is_large_batch_lars_with_warmup_and_cosine():
 
 
 def test_finetune_configs_point_at_their_pretraining_run():
-    assert load("finetune_hameln").init_from == "runs/ssl_hameln"
-    assert load("sup_hameln").init_from is None
+    assert load("finetune_hameln").supervised.init_from == "runs/ssl_hameln"
+    assert load("sup_hameln").supervised.init_from is None
+
+
+def test_supervised_settings_live_under_supervised_and_their_old_flags_name_the_new_ones():
+    c = parse(f"--config={ROOT}/configs/finetune_flair2.py:tiny", "--config.supervised.finetune_mode=linear",
+              "--config.supervised.grad_accum_steps=2")
+    assert (c.supervised.finetune_mode, c.supervised.grad_accum_steps) == ("linear", 2)
+    assert not set(configs.MOVED) & set(c.keys())  # none is left at the top level
+    assert {f"supervised.{name}" for name in c.supervised.keys()} == set(configs.MOVED.values())
+    assert configs.moved_flag("--config.class_weights=none") == (
+        "--config.class_weights is now --config.supervised.class_weights (supervised settings moved "
+        "under config.supervised)")
+    assert configs.moved_flag("--config.init_encoder_from").startswith("--config.init_encoder_from is now")
+    for other in ("--config.supervised.init_from=x", "--config.seed=1", "--init_from=x", "--config.label_seed=1"):
+        assert configs.moved_flag(other) is None
 
 
 def test_command_line_overrides_reach_nested_fields():
@@ -142,9 +156,7 @@ def test_the_task_is_a_config_field_and_every_task_has_its_own_subtree():
     assert (c.task, c.simclr.temperature, c.probe.every_steps) == ("simclr", 0.3, 7)
     assert load("sup_hameln").task == "supervised" and load("finetune_flair2").task == "supervised"
     supervised = load("sup_flair2")  # every task's subtree is there, at its defaults
-    subtrees = [name for name in tasks.NAMES if tasks.get(name).default_config() is not None]
-    assert "simclr" in subtrees
-    for name in subtrees:
+    for name in tasks.NAMES:
         assert supervised[name].to_dict() == tasks.get(name).default_config().to_dict()
     with pytest.raises(Exception, match="temprature"):
         parse(f"--config={ROOT}/configs/ssl_hameln.py", "--config.simclr.temprature=0.2")

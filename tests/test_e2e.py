@@ -38,7 +38,7 @@ def test_pretrain_then_finetune_with_the_real_commands(tmp_path_factory, tmp_pat
     assert "model.stem_width: checkpoint 8, now 4" in other.stderr
 
     finetune = ["-m", "lcssl.main", "--config=configs/finetune_flair2.py:tiny", f"--workdir={ft_dir}",
-                f"--config.data_dir={data_dir}", f"--config.init_from={ssl_dir}"]
+                f"--config.data_dir={data_dir}", f"--config.supervised.init_from={ssl_dir}"]
     run_cli(finetune, env=env)
     loaded = json.loads((ft_dir / "loaded_weights.json").read_text())
     assert loaded["new"] == ["aerial_decoder", "aux_head", "seg_head"] and loaded["step"] == 6

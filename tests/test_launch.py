@@ -21,14 +21,14 @@ def launch(*args, cwd, **env):
 def test_relative_paths_resolve_from_the_callers_directory(tmp_path):
     (tmp_path / "mine.py").write_text("")
     proc = launch("--config=mine.py:tiny", "--workdir=runs/a", "--config.data_dir", "data/x",
-                  "--config.init_from=/abs/ssl", "--config.init_encoder_from=w/r34.safetensors",
+                  "--config.supervised.init_from=/abs/ssl", "--config.supervised.init_encoder_from=w/r34.safetensors",
                   "--config.batch_size=4", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     args = proc.stdout.split()
     assert args[1:4] == ["-m", "lcssl.main", "--multiprocess=off"]
     assert args[4:] == [f"--config={tmp_path}/mine.py:tiny", f"--workdir={tmp_path}/runs/a",
-                        f"--config.data_dir={tmp_path}/data/x", "--config.init_from=/abs/ssl",
-                        f"--config.init_encoder_from={tmp_path}/w/r34.safetensors", "--config.batch_size=4"]
+                        f"--config.data_dir={tmp_path}/data/x", "--config.supervised.init_from=/abs/ssl",
+                        f"--config.supervised.init_encoder_from={tmp_path}/w/r34.safetensors", "--config.batch_size=4"]
 
 
 def test_a_config_only_in_the_repository_is_found_there(tmp_path):

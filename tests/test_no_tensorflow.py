@@ -68,7 +68,7 @@ def test_pretrain_finetune_evaluate_and_predict_without_tensorflow(tmp_path_fact
     assert "probe/accuracy" in scalars and "steps_per_sec" in scalars
 
     finetune = ["--config=configs/finetune_flair2.py:tiny", f"--workdir={ft_dir}",
-                f"--config.data_dir={data_dir}", f"--config.init_from={ssl_dir}", "--config.input=native"]
+                f"--config.data_dir={data_dir}", f"--config.supervised.init_from={ssl_dir}", "--config.input=native"]
     run_without_tensorflow("lcssl.main", finetune, env)
     results = json.loads((ft_dir / "eval_results.json").read_text())
     assert len(results["test"]["iou"]) == 13 and 0.0 <= results["test"]["miou"] <= 1.0

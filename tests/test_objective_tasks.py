@@ -91,8 +91,8 @@ def test_run_checkpoints_declare_the_transfer_and_probe(objective_run):
 
 def test_finetuning_loads_exactly_the_declared_subtrees(objective_run, data_dir, tmp_path):
     name, _, workdir, _ = objective_run
-    config = tiny_config("finetune_flair2", data_dir, init_from=str(workdir), num_steps=1,
-                         finetune_mode="linear")
+    config = tiny_config("finetune_flair2", data_dir, num_steps=1, **{
+        "supervised.init_from": str(workdir), "supervised.finetune_mode": "linear"})
     ft_dir = tmp_path / "ft"
     train.run(config, str(ft_dir))
     report = json.loads((ft_dir / "loaded_weights.json").read_text())

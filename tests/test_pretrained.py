@@ -322,12 +322,12 @@ def test_fine_tuning_from_a_resnet34_file_with_the_real_command(weights, tmp_pat
     env = cli_env(compilation_cache(tmp_path_factory))
     data_dir = tiny_dataset(tmp_path_factory)
     command = ["-m", "lcssl.main", "--config=configs/sup_flair2.py:tiny", f"--workdir={tmp_path / 'ft'}",
-               f"--config.data_dir={data_dir}", f"--config.init_encoder_from={path}", "--config.num_steps=2",
-               "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2"]
+               f"--config.data_dir={data_dir}", f"--config.supervised.init_encoder_from={path}",
+               "--config.num_steps=2", "--config.eval_every_steps=2", "--config.checkpoint_every_steps=2"]
     # The tiny model is no ResNet34: refused in one line before anything trains.
     tiny = subprocess.run([PYTHON, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert tiny.returncode == 2 and "Traceback" not in tiny.stderr, tiny.stderr[-3000:]
-    assert f"error: init_encoder_from={path}: a ResNet34 needs model.stage_sizes" in tiny.stderr
+    assert f"error: supervised.init_encoder_from={path}: a ResNet34 needs model.stage_sizes" in tiny.stderr
     run_cli([*command, "--config.model.stage_sizes=(3, 4, 6, 3)", "--config.model.widths=(64, 128, 256, 512)",
              "--config.model.stem_width=64"], env=env)
     loaded = json.loads((tmp_path / "ft" / "loaded_weights.json").read_text())

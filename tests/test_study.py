@@ -93,8 +93,8 @@ def test_plan_pretrains_once_per_arm_and_seed_and_draws_the_labels_with_the_seed
     linear = next(r for r in finetune if r.arm == "simclr_seed_linear" and r.seed == 1 and r.fraction == 0.01)
     assert linear.needs == tmp_path / "runs" / "simclr_seed" / "seed1" / "pretrain"
     assert linear.record == tmp_path / "records" / "simclr_seed_linear" / "seed1_frac0.01.json"
-    assert f"--config.init_from={linear.needs}" in linear.overrides
-    assert "--config.finetune_mode=linear" in linear.overrides
+    assert f"--config.supervised.init_from={linear.needs}" in linear.overrides
+    assert "--config.supervised.finetune_mode=linear" in linear.overrides
     assert {"--config.seed=1", "--config.label_fraction=0.01", "--config.label_seed=1"} <= set(linear.overrides)
     assert runs.index(next(r for r in pretrain if r.workdir == linear.needs)) < runs.index(linear)
     # every run of an available arm builds a trainer config from exactly these flags
@@ -114,7 +114,7 @@ def test_the_oracle_fine_tunes_the_encoder_of_the_same_seeds_run_with_every_labe
         source = tmp_path / "runs" / "scratch_utt" / f"seed{seed}" / "frac1"
         assert sorted(r.fraction for r in oracle) == [0.01, 0.1]
         for r in oracle:
-            assert r.needs == source and f"--config.init_from={source}/best" in r.overrides
+            assert r.needs == source and f"--config.supervised.init_from={source}/best" in r.overrides
             assert runs.index(next(x for x in runs if x.workdir == source)) < runs.index(r)
     # Without its source's checkpoint here (records committed elsewhere), the source runs again.
     src = next(r for r in runs if r.arm == "scratch_utt" and r.seed == 0 and r.fraction == 1.0)
@@ -190,6 +190,11 @@ def test_arms_the_trainer_does_not_know_are_not_available():
     made_up = {"name": "x", "label": "x", "pretrain": None,
                "finetune": {"config": "configs/sup_hameln.py:tiny", "overrides": ["--config.no_such_field=1"]}}
     assert "no_such_field" in study.unavailable_reason(made_up, arms)
+    old = {**arms["simclr_seed_linear"], "name": "x",
+           "finetune": {**arms["simclr_seed_linear"]["finetune"], "overrides": ["--config.finetune_mode=linear"]}}
+    assert study.unavailable_reason(old, {**arms, "x": old}).endswith(
+        "--config.finetune_mode is now --config.supervised.finetune_mode (supervised settings moved under "
+        "config.supervised)")
     unknown = {**arms["vicreg"], "name": "x",
                "pretrain": {**arms["vicreg"]["pretrain"], "overrides": ["--config.task=mae"]}}
     assert "no task 'mae'" in study.unavailable_reason(unknown, {**arms, "x": unknown})

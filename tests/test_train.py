@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lcssl import checkpoint as ckpt_lib
-from lcssl import models, sharding, tasks, train
+from lcssl import configs, models, sharding, tasks, train
 from lcssl.data import pipeline, schema
 from lcssl.tasks import supervised
 from tests._train_helpers import build_task, compilation_cache, saved_state, tiny_config, tiny_dataset
@@ -58,6 +58,12 @@ def test_ssl_run_writes_checkpoints_with_their_input_spec_and_a_probe(ssl_run, d
     assert spec["model"]["aerial_size"] == 32 and spec["model"]["num_classes"] == 13
     probe = results["probe"]
     assert probe["num_train"] > 0 and probe["num_eval"] > 0 and 0 <= probe["accuracy"] <= 1
+    # A checkpoint saves the model's config and the data position, no other config field: one
+    # written before the supervised settings moved under config.supervised resumes and fine-tunes
+    # as it did (config.json beside it is a record for a reader; no code reads it back).
+    saved = "".join(f.read_text() for item in ("input_spec", "progress")
+                    for f in (workdir / "checkpoints" / "6" / item).rglob("*") if f.is_file())
+    assert '"label_seed"' in saved and [name for name in configs.MOVED if name in saved] == []
     assert json.loads((workdir / "eval_results.json").read_text())["probe"] == probe
 
 
@@ -148,7 +154,7 @@ def test_finetuning_loads_exactly_the_pretrained_encoder(ssl_run, data_dir):
     assert ckpt_lib.read_input_spec(str(workdir))["transfer"] == {
         "prefix": "backbone", "keys": list(models.ENCODER_KEYS)}
     card = pipeline.load_card(data_dir)
-    task, ctx = build_task(tiny_config("finetune_flair2", data_dir, init_from=str(workdir)), card)
+    task, ctx = build_task(tiny_config("finetune_flair2", data_dir, **{"supervised.init_from": str(workdir)}), card)
     shapes = jax.eval_shape(task.init, jax.random.key(0, impl=train.RNG_IMPL))
     # A fresh segmentation state, all zeros, so whatever is not loaded is recognisable.
     state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
@@ -190,7 +196,7 @@ def test_finetuning_from_a_supervised_run_loads_its_encoder(data_dir, tmp_path):
     assert ckpt_lib.read_input_spec(str(sup / "best"))["transfer"] == {
         "prefix": None, "keys": list(models.ENCODER_KEYS)}
     card = pipeline.load_card(data_dir)
-    task, _ = build_task(tiny_config("finetune_flair2", data_dir, init_from=str(sup / "best")), card)
+    task, _ = build_task(tiny_config("finetune_flair2", data_dir, **{"supervised.init_from": str(sup / "best")}), card)
     shapes = jax.eval_shape(task.init, jax.random.key(0, impl=train.RNG_IMPL))
     state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     state, report = task.warm_start(state)
@@ -338,7 +344,7 @@ def test_blockwise_and_gradient_cached_nt_xent_make_the_same_update_as_the_plain
 def test_supervised_step_accumulates_micro_batches_and_linear_mode_freezes_the_encoder(
         ssl_run, data_dir):
     """The supervised task's real step on 8 devices (SITS-only variant, no dropout, to keep compiles
-    short): 2 accumulated micro-batches make the whole batch's update, and finetune_mode='linear'
+    short): 2 accumulated micro-batches make the whole batch's update, and the linear finetune_mode
     leaves every weight the pre-training declared untouched. U-TAE's decoder and L-TAE MLP use batch
     norm, whose statistics are per micro-batch, so deep-layer gradients differ and only the head's
     update is compared (within 5%; a mis-scaled accumulation is off by 50-100%). Exact accumulation
@@ -349,11 +355,11 @@ def test_supervised_step_accumulates_micro_batches_and_linear_mode_freezes_the_e
     batch = sharding.host_batch_to_global(random_host_batch(card, 16, with_label=True), mesh)
     # Dropout off: a micro-batch draws its own dropout masks, the whole batch another set.
     overrides = {"model.variant": "utae", "model.ltae_dropout": 0.0, "model.attn_dropout": 0.0,
-                 "class_weights": "none", "init_from": str(workdir), **PLAIN_SGD}
+                 "supervised.class_weights": "none", "supervised.init_from": str(workdir), **PLAIN_SGD}
     results = {}
     for mode, accum in (("full", 1), ("full", 2), ("linear", 1)):
-        config = tiny_config("finetune_flair2", data_dir, finetune_mode=mode,
-                             grad_accum_steps=accum, **overrides)
+        config = tiny_config("finetune_flair2", data_dir, **overrides, **{
+            "supervised.finetune_mode": mode, "supervised.grad_accum_steps": accum})
         task, _ = build_task(config, card, mesh)
         state = sharding.init_sharded(task.init, mesh, jax.random.key(0, impl=train.RNG_IMPL))
         before = jax.tree.map(np.asarray, state.params)

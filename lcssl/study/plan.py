@@ -10,6 +10,9 @@ from typing import Optional, Sequence
 from absl import flags
 from ml_collections import config_flags
 
+from lcssl import configs
+from lcssl.errors import UserError
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BASELINE = "scratch_utt"
 ORACLE = "oracle"
@@ -147,7 +150,11 @@ def records_folder(records_dir: pathlib.Path, config) -> pathlib.Path:
 
 
 def trainer_config(config_path: str, overrides: Sequence[str]):
-    """The locked trainer config that `lcssl.main` would build from these flags (raises on a bad one)."""
+    """The locked trainer config that `lcssl.main` would build from these flags (raises on a bad one,
+    a UserError naming the new flag for a field that moved)."""
+    moved = next(filter(None, map(configs.moved_flag, overrides)), None)
+    if moved:
+        raise UserError(moved)
     module_path, _, presets = config_path.partition(":")
     path = str((ROOT / module_path).resolve()) + (f":{presets}" if presets else "")
     values = flags.FlagValues()

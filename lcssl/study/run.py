@@ -48,7 +48,7 @@ def make_record(run: Run, seconds: float) -> dict:
            "num_steps": results.get("num_steps"), "early_stop": results.get("early_stop"),
            "timing": results.get("timing"), "config": run.config,
            "overrides": [o for o in run.overrides if not o.startswith(("--config.data_dir=",
-                                                                       "--config.init_from="))],
+                                                                       "--config.supervised.init_from="))],
            "commit": _git_commit(), "machine": _machine(),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     if run.kind == "pretrain":

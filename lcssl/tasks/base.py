@@ -10,7 +10,7 @@
 
 A task module (lcssl/tasks/<name>.py) provides `USES_LABELS` (does the step read labels: then the
 epoch is over config.label_fraction of the split), `default_config()` (its hyperparameters,
-`config.<name>.*`, or None) and `build(ctx) -> Task`. See docs/DESIGN.md, "Tasks".
+`config.<name>.*`) and `build(ctx) -> Task`. See docs/DESIGN.md, "Tasks".
 """
 from __future__ import annotations
 
@@ -115,12 +115,13 @@ class Task:
 # Shared by the tasks: optimizer, fresh state, update
 # ------------------------------------------------------------------------------------------------
 
-def make_optimizer(config, lr: optax.Schedule, encoder_keys=()) -> optax.GradientTransformation:
+def make_optimizer(config, lr: optax.Schedule, encoder_keys=(),
+                   finetune: ml_collections.ConfigDict | None = None) -> optax.GradientTransformation:
     """SGD / LARS / AdamW; weight decay and LARS trust ratio skip biases and norm scales (ndim 1).
 
-    With `encoder_keys` (fine-tuning), config.finetune_mode acts on those subtrees: 'linear'
-    freezes them (zero updates), 'partial' trains them at encoder_lr_scale x the learning rate,
-    'full' like the rest.
+    With `encoder_keys` (fine-tuning), finetune.finetune_mode (finetune: config.supervised) acts on
+    those subtrees: 'linear' freezes them (zero updates), 'partial' trains them at
+    finetune.encoder_lr_scale x the learning rate, 'full' like the rest.
     """
     opt = config.optimizer
 
@@ -140,8 +141,8 @@ def make_optimizer(config, lr: optax.Schedule, encoder_keys=()) -> optax.Gradien
             return optax.adamw(schedule, weight_decay=opt.weight_decay, mask=decay_mask)
         raise UserError(f"optimizer.name must be 'sgd', 'lars' or 'adamw', found {opt.name!r}")
 
-    mode = config.finetune_mode
-    if mode == "full" or not encoder_keys:
+    mode = finetune.finetune_mode if encoder_keys else "full"
+    if mode == "full":
         return build(lr)
 
     def labels(params):  # top-level subtrees: the loaded ones are 'encoder', the rest 'head'
@@ -150,9 +151,9 @@ def make_optimizer(config, lr: optax.Schedule, encoder_keys=()) -> optax.Gradien
     if mode == "linear":
         encoder_tx = optax.set_to_zero()
     elif mode == "partial":
-        encoder_tx = build(lambda step: config.encoder_lr_scale * lr(step))
+        encoder_tx = build(lambda step: finetune.encoder_lr_scale * lr(step))
     else:
-        raise UserError(f"finetune_mode must be 'linear', 'partial' or 'full', found {mode!r}")
+        raise UserError(f"supervised.finetune_mode must be 'linear', 'partial' or 'full', found {mode!r}")
     return optax.multi_transform({"encoder": encoder_tx, "head": build(lr)}, labels)
 
 

@@ -1,5 +1,6 @@
-"""Supervised segmentation, from scratch or fine-tuning a pre-trained checkpoint (`init_from`) or
-published ResNet34 weights (`init_encoder_from`, lcssl/pretrained.py).
+"""Supervised segmentation, from scratch or fine-tuning a pre-trained checkpoint
+(`supervised.init_from`) or published ResNet34 weights (`supervised.init_encoder_from`,
+lcssl/pretrained.py).
 
 Flips / rot90, class-weighted cross-entropy on the segmentation logits plus `aux_loss_weight` x the
 time-series branch's, optional exact gradient accumulation (`grad_accum_steps`). Fine-tuning copies
@@ -13,10 +14,12 @@ import functools
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
 from clu import metrics
+from ml_collections import config_dict
 
 from lcssl import checkpoint as ckpt_lib
 from lcssl import evaluate, gradcache, losses, models, pretrained, sharding
@@ -28,8 +31,22 @@ from lcssl.tasks import base
 USES_LABELS = True
 
 
-def default_config():
-    return None  # its fields are the top-level ones every fine-tuning run shares (lcssl/configs.py)
+def default_config() -> ml_collections.ConfigDict:
+    """config.supervised: where fine-tuning starts (init_from, a checkpoint; or init_encoder_from,
+    published weights; neither: from scratch), what it trains (finetune_mode, encoder_lr_scale),
+    adapt_bands, the loss's class_weights and aux_loss_weight, grad_accum_steps. Field reference:
+    lcssl/configs.py. label_fraction and label_seed are not here: the loop reads them (the epoch's
+    length, the labelled subset the input pipeline draws, the checkpoint's data position)."""
+    c = ml_collections.ConfigDict()
+    c.init_from = config_dict.placeholder(str)
+    c.init_encoder_from = config_dict.placeholder(str)
+    c.finetune_mode = "full"
+    c.adapt_bands = False
+    c.encoder_lr_scale = 0.1
+    c.class_weights = "card"
+    c.aux_loss_weight = 0.5
+    c.grad_accum_steps = 1
+    return c
 
 
 # clu reads these annotations at run time: no `from __future__ import annotations` in this module.
@@ -70,19 +87,20 @@ def train_step(state: base.TrainState, batch, *, model, tx, stats, augment_cfg, 
 
 
 def class_weights_for(config, card) -> np.ndarray | None:
-    spec, k = config.class_weights, len(card["classes"])
+    spec, k = config.supervised.class_weights, len(card["classes"])
     if spec == "none":
         return None
     if spec == "card":
         weights = card.get("class_weights")
         if weights is None:
-            raise UserError(f"class_weights='card' but {config.data_dir}/dataset_card.json has no "
-                             "class_weights; rebuild the dataset or set --config.class_weights=none")
+            raise UserError(f"supervised.class_weights='card' but {config.data_dir}/dataset_card.json "
+                            "has no class_weights; rebuild the dataset or set "
+                            "--config.supervised.class_weights=none")
     else:
         weights = [float(w) for w in spec.split(",")]
     if len(weights) != k:
-        raise UserError(f"class_weights has {len(weights)} values but the dataset has {k} classes "
-                         f"{card['classes']}")
+        raise UserError(f"supervised.class_weights has {len(weights)} values but the dataset has {k} "
+                        f"classes {card['classes']}")
     return np.asarray(weights, np.float32)
 
 
@@ -140,7 +158,7 @@ def load_pretrained(state: base.TrainState, init_from: str, keys, card, data_dir
         init_from, keys, prefix=prefix, sharding=sharding.replicated(mesh))
     for warning in ckpt_lib.check_input_spec(spec, card, source=init_from, target=data_dir,
                                              adapt_bands=adapt_bands):
-        logging.warning("init_from: %s", warning)
+        logging.warning("supervised.init_from: %s", warning)
     adapted = {}
     if adapt_bands:
         params = jax.tree.map(lambda x: x, params)  # a copy of the containers, arrays shared
@@ -151,9 +169,9 @@ def load_pretrained(state: base.TrainState, init_from: str, keys, card, data_dir
         found = jax.tree.map(lambda x: (x.shape, x.dtype), new)
         if want != found:
             raise UserError(
-                f"init_from={init_from}: the {name} {sorted(new)} in the checkpoint do not fit this "
-                "model (different model config?). Use the same --config.model.* as the pre-training "
-                "run (its model config is in the checkpoint's input_spec).")
+                f"supervised.init_from={init_from}: the {name} {sorted(new)} in the checkpoint do not "
+                "fit this model (different model config?). Use the same --config.model.* as the "
+                "pre-training run (its model config is in the checkpoint's input_spec).")
     report = {
         "init_from": ckpt_lib.resolve_checkpoint_dir(init_from), "step": step,
         "loaded": [jax.tree_util.keystr(p) for p, _ in
@@ -172,28 +190,28 @@ def load_pretrained(state: base.TrainState, init_from: str, keys, card, data_dir
 # ------------------------------------------------------------------------------------------------
 
 def build(ctx: base.Context) -> base.Task:
-    config, card, mesh = ctx.config, ctx.card, ctx.mesh
+    config, cfg, card, mesh = ctx.config, ctx.config.supervised, ctx.card, ctx.mesh
     model = models.build_model(ctx.model_cfg)
     encoder_keys = models.encoder_keys(ctx.model_cfg)
     transfer, prefix = encoder_keys, "backbone"
-    if config.init_from and config.init_encoder_from:
-        raise UserError("set one of --config.init_from (an lcssl checkpoint) and --config.init_encoder_from "
-                        "(published ResNet34 weights), not both")
-    if config.init_from:
-        transfer, prefix = declared_transfer(config.init_from, encoder_keys)
-    elif config.init_encoder_from:
+    if cfg.init_from and cfg.init_encoder_from:
+        raise UserError("set one of --config.supervised.init_from (an lcssl checkpoint) and "
+                        "--config.supervised.init_encoder_from (published ResNet34 weights), not both")
+    if cfg.init_from:
+        transfer, prefix = declared_transfer(cfg.init_from, encoder_keys)
+    elif cfg.init_encoder_from:
         transfer = (pretrained.ENCODER_KEY,)
-    fine_tuning = bool(config.init_from or config.init_encoder_from)
-    tx = base.make_optimizer(config, ctx.lr, transfer if fine_tuning else ())
-    frozen = transfer if fine_tuning and config.finetune_mode == "linear" else ()
+    fine_tuning = bool(cfg.init_from or cfg.init_encoder_from)
+    tx = base.make_optimizer(config, ctx.lr, transfer if fine_tuning else (), cfg)
+    frozen = transfer if fine_tuning and cfg.finetune_mode == "linear" else ()
 
     def warm_start(state):
         if not fine_tuning:
             return state, None
-        if config.init_encoder_from:
-            return pretrained.warm_start(state, config.init_encoder_from, card, ctx.model_cfg)
-        return load_pretrained(state, config.init_from, transfer, card, config.data_dir, mesh,
-                               config.adapt_bands, prefix)
+        if cfg.init_encoder_from:
+            return pretrained.warm_start(state, cfg.init_encoder_from, card, ctx.model_cfg)
+        return load_pretrained(state, cfg.init_from, transfer, card, config.data_dir, mesh,
+                               cfg.adapt_bands, prefix)
 
     confusion_step = jax.jit(functools.partial(evaluate.confusion_step, model=model,
                                                stats=ctx.stats, num_classes=len(ctx.class_names)))
@@ -232,8 +250,8 @@ def build(ctx: base.Context) -> base.Task:
         init=base.state_init(model, ctx.model_cfg, ctx.num_dates, tx, config.seed),
         train_step=functools.partial(
             train_step, model=model, tx=tx, stats=ctx.stats, augment_cfg=ctx.augment_cfg,
-            class_weights=class_weights_for(config, card), aux_loss_weight=config.aux_loss_weight,
-            grad_accum_steps=config.grad_accum_steps, frozen_keys=frozen, lr=ctx.lr, mesh=mesh),
+            class_weights=class_weights_for(config, card), aux_loss_weight=cfg.aux_loss_weight,
+            grad_accum_steps=cfg.grad_accum_steps, frozen_keys=frozen, lr=ctx.lr, mesh=mesh),
         metrics=Metrics,
         batch_keys=(*models.INPUT_KEYS, "label"),
         # A segmentation run's encoder can start another fine-tuning (the study's oracle: the
