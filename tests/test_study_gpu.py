@@ -7,7 +7,7 @@ import tarfile
 
 import pytest
 
-from tests._train_helpers import ROOT, cli_env
+from tests._train_helpers import PYTHON, ROOT, cli_env
 
 SCRIPT = str(ROOT / "bench" / "study_gpu.sh")
 
@@ -15,7 +15,7 @@ SCRIPT = str(ROOT / "bench" / "study_gpu.sh")
 @pytest.mark.slow
 def test_prepare_on_cpu_then_run_without_tensorflow(tmp_path):
     carry, out = tmp_path / "carry", tmp_path / "out"
-    env = cli_env(devices=1)
+    env = dict(cli_env(devices=1), PYTHON=PYTHON)  # the script's python: this test's, wherever it runs
     prep = subprocess.run([SCRIPT, "prepare", str(carry), "tiny"], cwd=ROOT, capture_output=True, text=True,
                           timeout=900, env=dict(env, BUILD_DIR=str(tmp_path / "build")))
     assert prep.returncode == 0, prep.stdout[-3000:] + prep.stderr[-3000:]
