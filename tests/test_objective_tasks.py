@@ -1,6 +1,6 @@
-"""The cross-modal, VICReg, dense, BYOL and masked-date pre-training tasks with the real tiny U-T&T on 8 virtual CPU
-devices: each one's loss falls over a few steps on a fixed batch, each logs its health, and
-fine-tuning from each one's checkpoint loads exactly the subtrees the task declares.
+"""The cross-modal, VICReg, dense, BYOL and masked-date pre-training tasks with the real tiny U-T&T
+on 8 virtual CPU devices: each one's loss falls over a few steps on a fixed batch, each logs its
+health, and fine-tuning from each one's checkpoint loads exactly the subtrees the task declares.
 
 Compile time dominates on 2 cores: one fixed-batch run per task uses the tiny SSL config unchanged,
 so that the `train.run` that follows hits the persistent compilation cache.

@@ -96,8 +96,8 @@ class DateReconstructionHead(nn.Module):
     pixel part and a date part, which is the same Dense on the concatenation, computed once per
     pixel and once per date instead of once per (date, pixel).
     """
+    out_dim: int                         # the Sentinel-2 bands
     hidden_dim: int = 128
-    out_dim: int = 10
     date_dim: int = 16
     date_period: float = 1000.0
     dtype: Any = jnp.float32
@@ -194,7 +194,7 @@ class PretrainModel(nn.Module):
                 raise ValueError("model.projector.date_reconstruction needs the Sentinel-2 branch "
                                  "(model.variant='utt' or 'utae')")
             out["date_reconstruction"] = DateReconstructionHead(
-                self.date_hidden_dim, sits.shape[-1], self.backbone.d_model // self.backbone.n_head,
+                sits.shape[-1], self.date_hidden_dim, self.backbone.d_model // self.backbone.n_head,
                 self.backbone.date_period, self.dtype, name="date_reconstructor")(
                 feats["sits_map"], dates)
         return out

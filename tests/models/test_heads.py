@@ -137,7 +137,7 @@ def test_heads_on_add_their_own_subtrees_and_outputs(name):
 def test_date_reconstruction_head_is_an_mlp_on_the_pixel_and_the_date_encoding():
     from lcssl.models.utae import positional_encoding
 
-    head = models.DateReconstructionHead(hidden_dim=6, out_dim=3, date_dim=4)
+    head = models.DateReconstructionHead(out_dim=3, hidden_dim=6, date_dim=4)
     rng = np.random.default_rng(0)
     fmap, dates = jnp.asarray(rng.normal(size=(2, 3, 3, 5)), jnp.float32), jnp.array([[30, 200], [90, 91]])
     variables = head.init(jax.random.key(0), fmap, dates)
