@@ -452,3 +452,26 @@ def test_hide_dates_hides_them_from_the_encoder_and_keeps_the_targets():
     np.testing.assert_array_equal(hidden_views.targets["sits"], sits)
     # The two views of a patch (rows 2i, 2i + 1) hide their own dates.
     assert any((hidden[0::2] != hidden[1::2]).any(1))
+
+
+def test_the_encoder_sees_nothing_of_a_hidden_date():
+    """Another value or date at a hidden date changes neither the U-TAE's embedding nor the
+    reconstruction of the other dates: the task hides the date's values, and the U-TAE ignores
+    the date of an invalid entry (only the head reads it, as its query)."""
+    from lcssl import models
+    from lcssl.tasks import masked_dates
+
+    cfg = masked_dates.model_config(models.tiny_config())
+    model = models.build_ssl_model(cfg)
+    variables = model.init(jax.random.key(0), *models.dummy_inputs(cfg, 2, 5), train=False)
+    rng = np.random.default_rng(6)
+    aerial, sits, dates, _ = models.dummy_inputs(cfg, 2, 5)
+    sits = jnp.asarray(rng.normal(size=sits.shape), jnp.float32)
+    dates = jnp.array([[20, 80, 140, 200, 260], [10, 50, 90, 130, 170]])
+    visible = jnp.array([[True, False, True, True, False], [False, True, True, True, True]])
+    run = jax.jit(lambda s, d: model.apply(variables, aerial, s, d, visible, train=False))
+    out = run(sits, dates)
+    other = run(jnp.where(visible[:, :, None, None, None], sits, 7.0), jnp.where(visible, dates, 300))
+    np.testing.assert_array_equal(other["embedding"], out["embedding"])
+    np.testing.assert_array_equal(np.asarray(other["date_reconstruction"])[np.asarray(visible)],
+                                  np.asarray(out["date_reconstruction"])[np.asarray(visible)])

@@ -90,7 +90,8 @@ def masked_mse(prediction: jax.Array, target: jax.Array, hidden: jax.Array) -> j
     """[N, T, h, w, C] twice, hidden [N, T] -> the mean of (prediction - target)^2 over the hidden
     dates' cells of the whole batch (0 when no date is hidden)."""
     error = jnp.where(hidden[:, :, None, None, None], (prediction - target) ** 2, 0.0)
-    cells = jnp.sum(hidden) * (error[0, 0].size)
+    # A float count: the cells of a large batch overflow int32.
+    cells = jnp.sum(hidden).astype(error.dtype) * error[0, 0].size
     return jnp.sum(error) / jnp.maximum(cells, 1)
 
 
