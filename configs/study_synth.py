@@ -99,6 +99,9 @@ def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batc
                     ["--config.task=crossmodal", "--config.crossmodal.sits_weight=1.0",
                      "--config.augment.sits_view_gain=0.1", "--config.augment.sits_view_offset=0.3",
                      "--config.augment.sits_date_gain=0.05", "--config.augment.date_dropout_rate=0.5"]),
+        # A temporal pretext: the U-TAE reconstructs the Sentinel-2 bands of dates hidden from it
+        # (Presto-style), so its map has to hold each pixel's phenology (lcssl/tasks/masked_dates.py).
+        *pretrained("maskdates", "masked-date reconstruction", ["--config.task=masked_dates"]),
         # The seminar's SimCLR: batch 16, plain SGD at lr 0.001, constant schedule, tau 0.1. Kept as
         # its recipe: at this budget it barely moves its weights (the report says so).
         *pretrained("simclr_seed", "SimCLR as the seed (batch 16, SGD 1e-3)",

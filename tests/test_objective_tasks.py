@@ -1,6 +1,6 @@
-"""The cross-modal, VICReg, dense and BYOL pre-training tasks with the real tiny U-T&T on 8 virtual CPU
-devices: each one's loss falls over a few steps on a fixed batch, each logs its health, and
-fine-tuning from each one's checkpoint loads exactly the subtrees the task declares.
+"""The cross-modal, VICReg, dense, BYOL and masked-date pre-training tasks with the real tiny U-T&T
+on 8 virtual CPU devices: each one's loss falls over a few steps on a fixed batch, each logs its
+health, and fine-tuning from each one's checkpoint loads exactly the subtrees the task declares.
 
 Compile time dominates on 2 cores: one fixed-batch run per task uses the tiny SSL config unchanged,
 so that the `train.run` that follows hits the persistent compilation cache.
@@ -18,16 +18,18 @@ from tests._train_helpers import build_task, compilation_cache, saved_state, tin
 from tests.numerics import F32_EPS
 from tests.test_train import Interrupted, random_host_batch, tamper_with_batches
 
-OBJECTIVES = ("crossmodal", "vicreg", "dense", "byol")
+OBJECTIVES = ("crossmodal", "vicreg", "dense", "byol", "masked_dates")
 HEALTH = {"crossmodal": ("pos_accuracy", "aerial_embedding_std", "sits_embedding_std", "cross_loss"),
           "vicreg": ("invariance", "variance", "covariance", "embedding_std", "raw_std"),
           "dense": ("pos_accuracy", "pos_cosine", "valid_fraction", "embedding_std", "dense_loss",
                     "global_loss"),
-          "byol": ("pos_cosine", "embedding_std", "target_momentum")}
+          "byol": ("pos_cosine", "embedding_std", "target_momentum"),
+          "masked_dates": ("mean_baseline_mse", "nearest_baseline_mse", "relative_mse", "hidden_dates")}
 TRANSFER = {"crossmodal": ["aerial_encoder", "utae"],
             "vicreg": list(models.ENCODER_KEYS),
             "dense": list(models.ENCODER_KEYS) + ["aerial_decoder"],
-            "byol": list(models.ENCODER_KEYS)}
+            "byol": list(models.ENCODER_KEYS),
+            "masked_dates": ["utae"]}
 STEPS = 8
 pytestmark = pytest.mark.slow
 

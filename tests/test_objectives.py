@@ -342,3 +342,136 @@ def test_byol_target_momentum_goes_from_the_base_to_one_along_a_cosine():
     want = [1 - (1 - base_momentum) * (np.cos(np.pi * k / steps) + 1) / 2 for k in (0, 25, 50, 100, 100)]
     np.testing.assert_allclose(taus, want, rtol=0, atol=1e-7)  # float32 of numbers near 1
     assert taus[0] == np.float32(base_momentum) and taus[3] == 1.0
+
+
+# -- Masked-date reconstruction ---------------------------------------------------------------------
+
+def numpy_masked_dates(prediction, sits, dates, hidden, visible):
+    """Float64 loops: the MSE over hidden (date, pixel, band) cells of the prediction, of each
+    visible-date mean and of the visible date nearest in time."""
+    errors = {"loss": [], "mean": [], "nearest": []}
+    for n, t in zip(*np.nonzero(hidden)):
+        seen = np.flatnonzero(visible[n])
+        nearest = seen[np.argmin(np.abs(dates[n, seen] - dates[n, t]))]
+        for name, guess in (("loss", prediction[n, t]), ("mean", sits[n, seen].mean(axis=0)),
+                            ("nearest", sits[n, nearest])):
+            errors[name].append(((guess - sits[n, t]) ** 2).ravel())
+    return {name: np.concatenate(e).mean() for name, e in errors.items()}
+
+
+def masked_dates_case(n=8, t=5, hw=2, c=3, seed=11):
+    """A batch of n series, hidden dates chosen by hand: row i hides dates i % t and (i + 2) % t
+    where valid; dates 3 and 4 are padding in the odd rows; at least one date stays visible."""
+    rng = np.random.default_rng(seed)
+    sits = rng.normal(size=(n, t, hw, hw, c))
+    prediction = sits + rng.normal(scale=0.5, size=sits.shape)
+    dates = np.sort(rng.choice(np.arange(1, 366), size=(n, t)), axis=1)
+    valid = np.ones((n, t), bool)
+    valid[1::2, 3:] = False
+    hidden = np.zeros((n, t), bool)
+    for i in range(n):
+        hidden[i, [i % t, (i + 2) % t]] = True
+    hidden &= valid
+    return prediction, sits, dates, hidden, valid & ~hidden
+
+
+def test_masked_dates_loss_of_a_hand_made_series():
+    from lcssl.tasks import masked_dates
+
+    # One pixel, one band, dates 10, 20, 40 with values 1, 2, 4; date 20 hidden, predicted as 5.
+    sits = np.array([1.0, 2.0, 4.0]).reshape(1, 3, 1, 1, 1)
+    prediction = np.array([0.0, 5.0, 0.0]).reshape(1, 3, 1, 1, 1)
+    dates, hidden = np.array([[10, 20, 40]]), np.array([[False, True, False]])
+    loss, health = masked_dates.reconstruction_terms(prediction, sits, dates, hidden, ~hidden)
+    np.testing.assert_allclose(loss, 9.0)                           # (5 - 2)^2
+    np.testing.assert_allclose(health["mean_baseline_mse"], 0.25)   # ((1 + 4) / 2 - 2)^2
+    np.testing.assert_allclose(health["nearest_baseline_mse"], 1.0)  # date 10: (1 - 2)^2
+    np.testing.assert_allclose(health["relative_mse"], 36.0)        # 9 / min(0.25, 1)
+    np.testing.assert_allclose(health["hidden_dates"], 1.0)
+
+
+def test_masked_dates_loss_and_gradients_match_float64_on_1_2_4_8_devices(x64):
+    from lcssl.tasks import masked_dates
+
+    prediction, sits, dates, hidden, visible = masked_dates_case()
+    want = numpy_masked_dates(prediction, sits, dates, hidden, visible)
+    cells = hidden.sum() * sits[0, 0].size
+    want_grad = 2 * (prediction - sits) * hidden[:, :, None, None, None] / cells
+
+    def value_and_grads(mesh, *arrays):
+        return jax.value_and_grad(masked_dates.reconstruction_terms, has_aux=True)(*arrays)
+
+    for k in DEVICE_COUNTS:
+        (loss, health), grad = on_devices(value_and_grads, (prediction, sits, dates, hidden, visible), k)
+        numerics.assert_trees_close(loss, np.float64(want["loss"]), f"loss on {k} devices")
+        numerics.assert_trees_close(grad, want_grad, f"gradient on {k} devices")
+        numerics.assert_trees_close(
+            (health["mean_baseline_mse"], health["nearest_baseline_mse"], health["hidden_dates"]),
+            (np.float64(want["mean"]), np.float64(want["nearest"]), np.float64(hidden.sum(1).mean())),
+            f"health on {k} devices")
+
+
+def test_hidden_dates_are_valid_ones_leave_one_visible_and_follow_the_key():
+    from lcssl.tasks import base, masked_dates
+
+    rng = np.random.default_rng(4)
+    valid = rng.random((16, 6)) < 0.7
+    valid[0], valid[1], valid[2] = False, [True] + [False] * 5, [True, True] + [False] * 4
+    n = valid.sum(1)
+    draws = []
+    for seed in range(4):
+        key = jax.random.key(seed, impl=base.RNG_IMPL)
+        hidden = np.asarray(masked_dates.hidden_dates(key, valid, 0.5))
+        assert not (hidden & ~valid).any()                              # only valid dates
+        assert np.all((valid & ~hidden).sum(1) >= np.minimum(n, 1))       # one stays visible
+        np.testing.assert_array_equal(hidden.sum(1), np.minimum(np.floor(0.5 * n + 0.5), np.maximum(n - 1, 0)))
+        # The draw depends on the key and each row's position only, not on the sharding.
+        for k in DEVICE_COUNTS[1:]:
+            np.testing.assert_array_equal(
+                on_devices(lambda mesh, v: masked_dates.hidden_dates(key, v, 0.5), (valid,), k), hidden)
+        draws.append(hidden)
+    assert len({d.tobytes() for d in draws}) == len(draws)             # another key, other dates
+
+
+def test_hide_dates_hides_them_from_the_encoder_and_keeps_the_targets():
+    from lcssl.tasks import base, masked_dates, pretraining
+
+    rng = np.random.default_rng(5)
+    sits = jnp.asarray(rng.normal(size=(8, 6, 2, 2, 3)), jnp.float32)
+    dates = jnp.tile(jnp.arange(1, 7) * 30, (8, 1))
+    inputs = {"sits": sits, "dates": dates, "sits_valid": jnp.ones((8, 6), bool), "aerial": jnp.zeros(8)}
+    views = pretraining.Views(inputs=inputs, key=jax.random.key(0, impl=base.RNG_IMPL), batch={})
+    hidden_views = masked_dates.hide_dates(views, mask_ratio=0.5)
+    hidden = np.asarray(hidden_views.targets["hidden"])
+    x = hidden_views.inputs
+    assert np.all(hidden.sum(1) == 3)
+    np.testing.assert_array_equal(x["sits_valid"], ~hidden)
+    np.testing.assert_array_equal(np.asarray(x["sits"])[hidden], 0.0)
+    np.testing.assert_array_equal(np.asarray(x["sits"])[~hidden], np.asarray(sits)[~hidden])
+    np.testing.assert_array_equal(x["dates"], dates)             # the head's query dates
+    np.testing.assert_array_equal(hidden_views.targets["sits"], sits)
+    # The two views of a patch (rows 2i, 2i + 1) hide their own dates.
+    assert any((hidden[0::2] != hidden[1::2]).any(1))
+
+
+def test_the_encoder_sees_nothing_of_a_hidden_date():
+    """Another value or date at a hidden date changes neither the U-TAE's embedding nor the
+    reconstruction of the other dates: the task hides the date's values, and the U-TAE ignores
+    the date of an invalid entry (only the head reads it, as its query)."""
+    from lcssl import models
+    from lcssl.tasks import masked_dates
+
+    cfg = masked_dates.model_config(models.tiny_config())
+    model = models.build_ssl_model(cfg)
+    variables = model.init(jax.random.key(0), *models.dummy_inputs(cfg, 2, 5), train=False)
+    rng = np.random.default_rng(6)
+    aerial, sits, dates, _ = models.dummy_inputs(cfg, 2, 5)
+    sits = jnp.asarray(rng.normal(size=sits.shape), jnp.float32)
+    dates = jnp.array([[20, 80, 140, 200, 260], [10, 50, 90, 130, 170]])
+    visible = jnp.array([[True, False, True, True, False], [False, True, True, True, True]])
+    run = jax.jit(lambda s, d: model.apply(variables, aerial, s, d, visible, train=False))
+    out = run(sits, dates)
+    other = run(jnp.where(visible[:, :, None, None, None], sits, 7.0), jnp.where(visible, dates, 300))
+    np.testing.assert_array_equal(other["embedding"], out["embedding"])
+    np.testing.assert_array_equal(np.asarray(other["date_reconstruction"])[np.asarray(visible)],
+                                  np.asarray(out["date_reconstruction"])[np.asarray(visible)])

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lcssl.models.heads import DenseProjectionHead, PredictionHead, ProjectionHead, PretrainModel
+from lcssl.models.heads import (DateReconstructionHead, DenseProjectionHead, PredictionHead,
+                                ProjectionHead, PretrainModel)
 from lcssl.models.utt import ENCODER_SUBTREES, UTT, VARIANTS
 
 # The model's inputs, in the order of UTT.__call__ (batch fields of the same names).
@@ -99,6 +100,7 @@ def tiny_config() -> ml_collections.ConfigDict:
     cfg.projector.predictor_hidden_dim = 32
     cfg.projector.dense_hidden_dim = 32
     cfg.projector.dense_out_dim = 16
+    cfg.projector.date_hidden_dim = 32
     return cfg
 
 
@@ -166,6 +168,6 @@ def count_params(params) -> int:
 
 
 __all__ = ["ENCODER_KEYS", "INPUT_KEYS", "DATA_KEYS", "VARIANTS", "UTT", "PretrainModel", "ProjectionHead", "PredictionHead",
-           "DenseProjectionHead", "default_config",
+           "DenseProjectionHead", "DateReconstructionHead", "default_config",
            "tiny_config", "encoder_keys", "build_model", "build_ssl_model", "dummy_inputs",
            "param_shapes", "count_params"]

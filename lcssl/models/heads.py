@@ -21,9 +21,10 @@ PretrainModel holds the backbone under the attribute name 'backbone', so params[
 exactly the encoder subtrees of the segmentation model's params (lcssl.models.encoder_keys) and
 fine-tuning copies them over. The other heads sit beside 'projector' as optional submodules reading
 the same encode() dict: 'aerial_projector'/'sits_projector' (per_modality), 'predictor' (on
-'projection') and 'dense_projector'; dense_source='decoder' also runs the backbone's
-'aerial_decoder', which then appears in params['backbone']. With all of them off the param tree is {'backbone',
-'projector'}, as it was before they existed, so older checkpoints load unchanged.
+'projection'), 'dense_projector' and 'date_reconstructor'; dense_source='decoder' also runs the
+backbone's 'aerial_decoder', which then appears in params['backbone']. With all of them off the
+param tree is {'backbone', 'projector'}, as it was before they existed, so older checkpoints load
+unchanged.
 """
 from typing import Any
 
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 
 from lcssl.models import ops
 from lcssl.models.unet import batch_norm
+from lcssl.models.utae import positional_encoding
 
 
 class ProjectionHead(nn.Module):
@@ -85,6 +87,30 @@ class DenseProjectionHead(ProjectionHead):
         return super().__call__(x, train)
 
 
+class DateReconstructionHead(nn.Module):
+    """Masked-date reconstruction (lcssl/tasks/masked_dates.py): the U-TAE map [B, h, w, C] and
+    the dates [B, T] -> every date's Sentinel-2 bands at every pixel [B, T, h, w, out_dim] float32.
+
+    An MLP with one hidden layer on [pixel features, the date's sinusoidal encoding] (the L-TAE's
+    encoding, date_dim dims of period date_period). Its first layer is written as the sum of a
+    pixel part and a date part, which is the same Dense on the concatenation, computed once per
+    pixel and once per date instead of once per (date, pixel).
+    """
+    out_dim: int                         # the Sentinel-2 bands
+    hidden_dim: int = 128
+    date_dim: int = 16
+    date_period: float = 1000.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, fmap, dates):
+        pixel = nn.Dense(self.hidden_dim, dtype=self.dtype, name="pixel_proj")(fmap)
+        encoding = positional_encoding(dates, self.date_dim, self.date_period)
+        date = nn.Dense(self.hidden_dim, use_bias=False, dtype=self.dtype, name="date_proj")(encoding)
+        x = nn.relu(pixel[:, None] + date[:, :, None, None])
+        return ops.upcast(nn.Dense(self.out_dim, dtype=self.dtype, name="out")(x))
+
+
 def _pool_to_grid(fmap, grid: int):
     """[B, h, w, C] -> [B, grid, grid, C], the mean of each (h / grid) x (w / grid) cell: the
     pixel embeddings of a dense loss at a fixed resolution, before the head (its 1x1 convs then run
@@ -107,7 +133,9 @@ class PretrainModel(nn.Module):
     [B, h, w, dense_out_dim] (DenseProjectionHead on the map 'embedding' pools: levels[-1], or
     sits_map for 'utae'; with dense_source='decoder', on the aerial decoder's output
     [B, H, W, decoder_channels[-1]]; with dense_grid > 0, that map average-pooled to dense_grid^2
-    cells first); all float32. Each objective reads the outputs it needs.
+    cells first); with date_reconstruction ('utt' or 'utae'), 'date_reconstruction'
+    [B, T, h, w, Cs] (DateReconstructionHead on the U-TAE map and the input dates, with the L-TAE's
+    date encoding); all float32. Each objective reads the outputs it needs.
     """
     backbone: nn.Module
     hidden_dim: int = 2048
@@ -124,6 +152,8 @@ class PretrainModel(nn.Module):
     dense_batch_norm: bool = False
     dense_source: str = "encoder"        # 'encoder' | 'decoder' (runs backbone.aerial_decoder)
     dense_grid: int = 0                  # > 0: average-pool the map to dense_grid^2 cells first
+    date_reconstruction: bool = False
+    date_hidden_dim: int = 128
 
     @nn.compact
     def __call__(self, aerial, sits, dates, sits_valid, train: bool = False):
@@ -159,4 +189,12 @@ class PretrainModel(nn.Module):
             out["dense_projection"] = DenseProjectionHead(
                 self.dense_hidden_dim, self.dense_out_dim, use_batch_norm=self.dense_batch_norm,
                 dtype=self.dtype, name="dense_projector")(fmap, train)
+        if self.date_reconstruction:
+            if "sits_map" not in feats:
+                raise ValueError("model.projector.date_reconstruction needs the Sentinel-2 branch "
+                                 "(model.variant='utt' or 'utae')")
+            out["date_reconstruction"] = DateReconstructionHead(
+                sits.shape[-1], self.date_hidden_dim, self.backbone.d_model // self.backbone.n_head,
+                self.backbone.date_period, self.dtype, name="date_reconstructor")(
+                feats["sits_map"], dates)
         return out

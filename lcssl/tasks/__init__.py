@@ -16,7 +16,7 @@ from lcssl.errors import UserError
 from lcssl.tasks.base import Context, Task, TrainState
 
 # name -> module under lcssl.tasks; imported on first use.
-NAMES = ("supervised", "simclr", "crossmodal", "vicreg", "dense", "byol")
+NAMES = ("supervised", "simclr", "crossmodal", "vicreg", "dense", "byol", "masked_dates")
 
 
 def get(name: str) -> ModuleType:

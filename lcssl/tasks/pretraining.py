@@ -1,10 +1,11 @@
 """What every pre-training task shares: two augmented views in, one update, the online probe out.
 
-A pre-training objective (simclr.py, crossmodal.py, vicreg.py, dense.py, byol.py) is its loss on
-the model's outputs, the health scalars it logs beside the loss, and its config; `build_task` makes
-the rest:
+A pre-training objective (simclr.py, crossmodal.py, vicreg.py, dense.py, byol.py,
+masked_dates.py) is its loss on the model's outputs, the health scalars it logs beside the loss,
+and its config; `build_task` makes the rest:
 
     views = two_view_inputs(state, batch, stats, augment_cfg)   # [2B] interleaved, dropout keys
+    views = prepare_views(views)                                # a task's own change, e.g. hiding dates
     out = model.apply(params, views.inputs)                     # PretrainModel: the two views together
     loss, health = objective_loss(out, views, state)            # the objective's own part
     state = apply_gradients(...); state.task_state = update_task_state(old, new)   # e.g. an EMA
@@ -42,10 +43,13 @@ class Views:
             view1[0], view2[0], view1[1], ...), and 'dropout_key' [2B] per row
     key:    the augmentation key (augment.view_geometry(key, batch, cfg) gives the views' geometry)
     batch:  the normalised batch the views were drawn from [B, ...]
+    targets: what a task's prepare_views set aside for its loss before changing the inputs (the
+            hidden dates and their values for masked_dates); {} for most tasks
     """
     inputs: dict[str, jax.Array]
     key: jax.Array
     batch: dict[str, jax.Array]
+    targets: Mapping[str, jax.Array] = dataclasses.field(default_factory=dict)
 
 
 def interleave(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -81,14 +85,17 @@ def metrics_for(*health: str) -> type:
 
 def train_step(state: base.TrainState, batch, *, model, tx, stats, augment_cfg, lr,
                objective_loss: ObjectiveLoss, metrics: type, outputs: tuple[str, ...] | None = None,
-               grad_chunks: int = 0, update_task_state=None, mesh=None):
+               grad_chunks: int = 0, update_task_state=None, prepare_views=None, mesh=None):
     """One update on a global batch of B patches (2B views through the model together).
 
     outputs: the model outputs objective_loss reads (None: all). grad_chunks > 0: gradient caching
     (lcssl.gradcache) with the model run in that many chunks; the loss then sees only `outputs`.
     update_task_state(old_state, new_state) -> the new task_state, after the optimizer update.
+    prepare_views(views) -> views: the task's change to the inputs before the forward.
     """
     views = two_view_inputs(state, batch, stats, augment_cfg)
+    if prepare_views is not None:
+        views = prepare_views(views)
 
     def forward(params, x):
         out, mutated = base.apply_model(model, params, state.batch_stats, x, train=True)
@@ -120,11 +127,14 @@ def build_task(ctx: base.Context, name: str, objective_loss: ObjectiveLoss, heal
                *, model_cfg=None, transfer_keys: tuple[str, ...] | None = None,
                outputs: tuple[str, ...] | None = None, grad_chunks: int = 0,
                init_task_state: Callable[[Any], Any] | None = None,
-               update_task_state=None) -> base.Task:
+               update_task_state=None, prepare_views: Callable[[Views], Views] | None = None
+               ) -> base.Task:
     """The Task of a pre-training objective: PretrainModel of `model_cfg` (default: the run's),
     the config's optimizer, train_step above, the online linear probe as evaluate and final, and
     fine-tuning loading `transfer_keys` (default: the encoder) from params['backbone'].
-    init_task_state(params) -> the task's own state at step 0 (see base.TrainState.task_state)."""
+    init_task_state(params) -> the task's own state at step 0 (see base.TrainState.task_state).
+    prepare_views(views) -> views: changes the two views' inputs before the forward, keeping what
+    the loss needs in views.targets (masked_dates hides dates from the encoder)."""
     config = ctx.config
     model_cfg = model_cfg or ctx.model_cfg
     model = models.build_ssl_model(model_cfg)
@@ -137,7 +147,8 @@ def build_task(ctx: base.Context, name: str, objective_loss: ObjectiveLoss, heal
         train_step=functools.partial(
             train_step, model=model, tx=tx, stats=ctx.stats, augment_cfg=ctx.augment_cfg,
             lr=ctx.lr, objective_loss=objective_loss, metrics=metrics, outputs=outputs,
-            grad_chunks=grad_chunks, update_task_state=update_task_state, mesh=ctx.mesh),
+            grad_chunks=grad_chunks, update_task_state=update_task_state,
+            prepare_views=prepare_views, mesh=ctx.mesh),
         metrics=metrics,
         batch_keys=models.INPUT_KEYS,  # never the label: it stays off the host->device link
         transfer_keys=transfer_keys or models.encoder_keys(model_cfg), transfer_prefix="backbone",

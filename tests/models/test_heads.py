@@ -102,7 +102,7 @@ def test_heads_off_by_default_leave_the_simclr_param_tree_unchanged():
     default = models.param_shapes(models.build_ssl_model(cfg), cfg)
     # A model config without the new fields (one saved in a checkpoint before they existed).
     for field in ("predictor", "predictor_hidden_dim", "dense", "dense_hidden_dim", "dense_out_dim",
-                  "dense_batch_norm"):
+                  "dense_batch_norm", "date_reconstruction", "date_hidden_dim"):
         del cfg.projector[field]
     before = models.param_shapes(models.build_ssl_model(cfg), cfg)
     assert shapes(default) == shapes(before)
@@ -132,6 +132,40 @@ def test_heads_on_add_their_own_subtrees_and_outputs(name):
     hw = cfg.sits_size if name == "utae" else cfg.aerial_size // 32
     assert out["dense_projection"].shape == (B, hw, hw, p.dense_out_dim)
     assert out["prediction"].dtype == out["dense_projection"].dtype == jnp.float32
+
+
+def test_date_reconstruction_head_is_an_mlp_on_the_pixel_and_the_date_encoding():
+    from lcssl.models.utae import positional_encoding
+
+    head = models.DateReconstructionHead(out_dim=3, hidden_dim=6, date_dim=4)
+    rng = np.random.default_rng(0)
+    fmap, dates = jnp.asarray(rng.normal(size=(2, 3, 3, 5)), jnp.float32), jnp.array([[30, 200], [90, 91]])
+    variables = head.init(jax.random.key(0), fmap, dates)
+    out = head.apply(variables, fmap, dates)
+    assert out.shape == (2, 2, 3, 3, 3) and out.dtype == jnp.float32
+    # Dense on the concatenation [pixel features, date encoding], ReLU, Dense: per (date, pixel).
+    p = jax.tree.map(np.asarray, variables["params"])
+    pixels = np.broadcast_to(np.asarray(fmap)[:, None], (2, 2, 3, 3, 5))
+    encoding = np.broadcast_to(np.asarray(positional_encoding(dates, 4))[:, :, None, None], (2, 2, 3, 3, 4))
+    kernel = np.concatenate([p["pixel_proj"]["kernel"], p["date_proj"]["kernel"]])
+    hidden = np.maximum(np.concatenate([pixels, encoding], -1) @ kernel + p["pixel_proj"]["bias"], 0)
+    np.testing.assert_allclose(out, hidden @ p["out"]["kernel"] + p["out"]["bias"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["utt", "utae", "unet"])
+def test_date_reconstruction_in_the_pretrain_model(name):
+    cfg = models.tiny_config()
+    cfg.variant, cfg.projector.date_reconstruction = name, True
+    model = models.build_ssl_model(cfg)
+    if name == "unet":
+        with pytest.raises(ValueError, match="Sentinel-2 branch"):
+            models.param_shapes(model, cfg)
+        return
+    variables = models.param_shapes(model, cfg)
+    assert sorted(variables["params"]) == ["backbone", "date_reconstructor", "projector"]
+    inputs = make_inputs(cfg)
+    out = jax.eval_shape(lambda v, *a: model.apply(v, *a, train=False), variables, *inputs)
+    assert out["date_reconstruction"].shape == inputs[1].shape[:2] + (cfg.sits_size,) * 2 + (cfg.sits_bands,)
 
 
 @pytest.fixture(scope="module")
