@@ -454,7 +454,7 @@ def test_hide_dates_hides_them_from_the_encoder_and_keeps_the_targets():
     assert any((hidden[0::2] != hidden[1::2]).any(1))
 
 
-@pytest.mark.slow  # a whole U-T&T forward and backward per case: ~50 s on one core
+@pytest.mark.slow  # about 50 s on one core: the pre-merge tier
 def test_the_encoder_sees_nothing_of_a_hidden_date():
     """Another value or date at a hidden date changes neither the U-TAE's embedding nor the
     reconstruction of the other dates: the task hides the date's values, and the U-TAE ignores
