@@ -47,7 +47,10 @@ def _finished(records: Sequence[dict]) -> dict:
 def paired_differences(records: Sequence[dict]) -> dict:
     """{(arm, fraction): {seed: test mIoU points of the arm's run minus the from-scratch U-T&T run of
     the same seed and label fraction}} for every arm but the baseline, seeds in order."""
-    by_cell = _finished(records)
+    return _paired(_finished(records))
+
+
+def _paired(by_cell: dict) -> dict:
     out = {}
     for (arm, fraction), seeds in by_cell.items():
         base = by_cell.get((BASELINE, fraction), {})
@@ -65,7 +68,8 @@ def summarize(records: Sequence[dict]) -> dict:
     U-T&T. 'gap' is the arm's mean paired difference over the oracle's (ORACLE, the ceiling): 1.0
     = as good as an encoder trained with every label, 0 = no better than from scratch.
     """
-    by_cell, by_seed = _finished(records), paired_differences(records)
+    by_cell = _finished(records)
+    by_seed = _paired(by_cell)
     out = {}
     for (arm, fraction), seeds in by_cell.items():
         diffs = list(by_seed.get((arm, fraction), {}).values())
