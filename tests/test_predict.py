@@ -401,6 +401,7 @@ def test_finer_mosaic_is_resampled_per_window_and_mapped_on_its_own_grid(loaded,
         np.testing.assert_allclose(got, want, atol=1)
 
 
+@pytest.mark.slow
 def test_a_prepared_split_is_mapped_patch_by_patch(loaded, tmp_path_factory, tmp_path):
     from tests._train_helpers import tiny_dataset
 
@@ -466,6 +467,7 @@ def with_modality_dropout(loaded, p=0.3):
     return logits_fn, dict(spec, model=dict(spec["model"], modality_dropout=p)), names
 
 
+@pytest.mark.slow
 def test_aerial_only_is_the_path_modality_dropout_trains(loaded):
     """logits_fn.aerial_only equals the model with its Fusion returning the aerial levels
     unchanged, which is what modality dropout does to a sample in training."""

@@ -121,6 +121,7 @@ def weights(tmp_path_factory):
     return sd, str(path)
 
 
+@pytest.mark.slow
 def test_torchvision_resnet34_file_gives_torchvisions_features(weights):
     sd, path = weights
     params, stats, report = pretrained.resnet34_to_encoder(pretrained.read_state_dict(path), source=path,

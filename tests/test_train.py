@@ -275,6 +275,7 @@ def test_finetuning_adapts_a_checkpoint_to_other_bands_when_asked(ssl_run, data_
     assert logits.shape[-1] == 13 and np.isfinite(np.asarray(logits)).all()
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_before_exiting(data_dir, tmp_path, monkeypatch):
     import os
     import signal

@@ -86,7 +86,7 @@ def assert_same_run(uninterrupted, workdir, resumed):
     assert as_written(resumed) == as_written(reference)
 
 
-@pytest.mark.parametrize("kill_at", ["between best/4 and checkpoints/4",
+@pytest.mark.parametrize("kill_at", [pytest.param("between best/4 and checkpoints/4", marks=pytest.mark.slow),
                                      pytest.param("inside best/4", marks=pytest.mark.slow),
                                      pytest.param("inside checkpoints/4", marks=pytest.mark.slow)])
 def test_a_run_killed_at_any_point_of_a_save_resumes_to_the_uninterrupted_result(

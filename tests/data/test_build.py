@@ -248,6 +248,7 @@ def test_rerun_with_other_options_refuses(tmp_path, fake):
 # --- end to end on the synthetic raw layouts (real readers) -------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_synth_build_flair2_parallel_then_resume(tmp_path):
     raw, out = tmp_path / "raw", tmp_path / "tfr"
     run = lambda *a: subprocess.run([sys.executable, "-m", "data_prep", *a], cwd=ROOT, capture_output=True,

@@ -175,6 +175,7 @@ def tiny_with_heads():
     return cfg, model, init(model, cfg)
 
 
+@pytest.mark.slow
 def test_prediction_is_its_own_head_and_trains_the_backbone(tiny_with_heads):
     cfg, model, variables = tiny_with_heads
     inputs = make_inputs(cfg)
@@ -222,6 +223,7 @@ def test_bfloat16_compute_gives_float32_ssl_outputs():
     assert {k: v.dtype for k, v in out.items()} == {k: np.dtype("float32") for k in out}
 
 
+@pytest.mark.slow
 def test_dense_head_on_the_decoder_pretrains_the_decoder():
     # dense_source='decoder': the head reads the aerial decoder's full-resolution map, and the
     # backbone's 'aerial_decoder' (same shapes as the segmentation model's) gets gradients. The

@@ -118,6 +118,7 @@ def test_batch_norm_act_statistics_outputs_have_exact_gradients(x64):
     _close(jax.grad(fused)(x), jax.grad(plain)(x))
 
 
+@pytest.mark.slow
 def test_low_precision_resample_within_bf16_rounding_of_the_fp32_one():
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.bfloat16)
@@ -169,7 +170,7 @@ def test_decoder_block_with_the_fast_forms_equals_the_plain_one(x64, with_skip):
     _same_block(plain, plain.clone(phase_conv=True, fused_bn_act=True), *inputs)
 
 
-@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("strides", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_basic_block_with_fused_bn_act_equals_the_plain_one(x64, strides):
     from lcssl.models.unet import BasicBlock
     x = jnp.asarray(np.random.default_rng(7).normal(size=(2, 6, 6, 4)))
