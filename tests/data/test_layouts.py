@@ -32,10 +32,14 @@ def test_every_layout_is_one_registry_entry_with_the_whole_contract():
 
 
 def test_no_code_branches_on_a_layout_name():
-    branch = re.compile(r"""(layout|dataset)\s*(==|!=|in)\s*[("']""")
-    for path in [*(ROOT / "data_prep").glob("*.py"), ROOT / "lcssl" / "configs.py"]:
+    """What depends on a layout is in its module (data_prep/layouts.py), not in an `if` elsewhere."""
+    names = "|".join(layouts.NAMES)
+    branch = re.compile(rf"""(layout|dataset)\s*(==|!=|in)\s*[("']|(==|!=)\s*["']({names})["']"""
+                        rf"""|\bin\s*[(\[{{][^)\]}}]*["']({names})["']""")
+    for path in [*(ROOT / "data_prep").glob("*.py"), ROOT / "lcssl" / "configs.py", *(ROOT / "configs").glob("*.py")]:
         hits = [line for line in path.read_text().splitlines() if branch.search(line)]
         assert not hits, f"{path}: {hits}"
+    assert branch.search('if preset in ("hameln", "flair2"):') and branch.search('x = 1 if name == "flair_hub" else 2')
 
 
 def _labels_by_split(out: pathlib.Path, card: dict) -> dict:
