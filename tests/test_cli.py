@@ -159,8 +159,10 @@ REMOTE_PATHS = [
     ("lcssl.main", ["--config.supervised.init_encoder_from=s3://b/resnet34.safetensors"],
      "--config.supervised.init_encoder_from=s3://b/resnet34.safetensors"),
     ("lcssl.main", ["--compilation_cache=gs://bucket/cache"], "--compilation_cache=gs://bucket/cache"),
-    ("lcssl.predict", ["--checkpoint=gs://bucket/run", "--records=data", "--out=maps"], "--checkpoint=gs://bucket/run"),
-    ("lcssl.predict", ["--checkpoint=run", "--records=gs://bucket/data", "--out=maps"], "--records=gs://bucket/data"),
+    ("lcssl.predict", ["--checkpoint=gs://bucket/run", "--records=data", "--out=maps"],
+     "--checkpoint=gs://bucket/run"),
+    ("lcssl.predict", ["--checkpoint=run", "--records=gs://bucket/data", "--out=maps"],
+     "--records=gs://bucket/data"),
     ("lcssl.predict", ["--checkpoint=run", "--records=data", "--out=gs://bucket/maps"], "--out=gs://bucket/maps"),
     ("lcssl.predict", ["--checkpoint=run", "--aerial=gs://bucket/mosaic.tif", "--out=map.tif"],
      "--aerial=gs://bucket/mosaic.tif"),
@@ -203,8 +205,8 @@ def run_in_process(command: str, argv: list, monkeypatch) -> None:
                                  (module._CACHE, given.get("compilation_cache", ""))):
             cli.user_errors(module.main)([command])
     elif command in ("lcssl.study", "lcssl.demo"):
-        required = [f"--config={ROOT}/configs/study_synth.py:tiny", "--workdir=runs/study"] * (command == "lcssl.study")
-        argv = [command, *required, *argv]
+        required = {"lcssl.study": [f"--config={ROOT}/configs/study_synth.py:tiny", "--workdir=runs/study"]}
+        argv = [command, *required.get(command, []), *argv]
         values = flags.FlagValues()
         monkeypatch.setattr(flags, "FLAGS", values)
         monkeypatch.setattr(sys, "argv", argv)  # where ml_collections finds the --config.* overrides
@@ -214,7 +216,8 @@ def run_in_process(command: str, argv: list, monkeypatch) -> None:
         cli.user_errors(module.main)(argv)
 
 
-@pytest.mark.parametrize("command, argv, flag", REMOTE_PATHS, ids=[f"{c}:{f.split('=')[0]}" for c, _, f in REMOTE_PATHS])
+@pytest.mark.parametrize("command, argv, flag", REMOTE_PATHS,
+                         ids=[f"{c}:{f.split('=')[0]}" for c, _, f in REMOTE_PATHS])
 def test_every_path_option_of_every_command_refuses_a_remote_path_in_one_line(tmp_path, monkeypatch, capsys,
                                                                                command, argv, flag):
     monkeypatch.chdir(tmp_path)
