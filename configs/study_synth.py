@@ -143,6 +143,9 @@ def _steps_per_epoch(batch: int) -> int:
 
 
 FINETUNE_BATCH = 8
+# The real-data presets (a dataset built by `python -m data_prep build` in data/<preset>), each with
+# the seminar's SimCLR preset of that dataset's configs as the `simclr_seed` arm.
+SEMINAR_SIMCLR = {"hameln": "ssl2", "flair2": "ssl1"}
 
 
 def finetune_steps(fractions, min_steps: int = 600, epochs: int = 10) -> tuple:
@@ -179,7 +182,7 @@ def _budget(pretrain_epochs: int, finetune_steps: int) -> tuple[list, list]:
 
 def get_config(arg=None):
     preset = arg or "default"
-    if preset not in ("default", "cpu", "gpu", "tiny", "hameln", "flair2"):
+    if preset not in ("default", "cpu", "gpu", "tiny", *SEMINAR_SIMCLR):
         raise ValueError(f"Unknown study preset {preset!r}; expected one of default (= cpu), gpu, tiny, "
                          "hameln, flair2 (e.g. --config=configs/study_synth.py:tiny).")
     c = ml_collections.ConfigDict()
@@ -216,12 +219,13 @@ def get_config(arg=None):
             if arm["name"] == "oracle":
                 arm["init_run"]["label_fraction"] = 0.5
                 arm["label_fractions"] = (0.5,)
-    elif preset in ("hameln", "flair2"):
-        # Real data on GPUs: the configs' own defaults (model sizes, epochs, optimizers); the seed's
-        # SimCLR is the configs' seminar preset (ssl2 on Hameln, ssl1 on FLAIR #2).
-        seed_preset = "ssl2" if preset == "hameln" else "ssl1"
+    elif preset in SEMINAR_SIMCLR:
+        # Real data on GPUs: the configs' own defaults (model sizes, epochs, optimizers, and the
+        # pre-training split, their layout's: data_prep.layouts); the seed's SimCLR is the configs'
+        # seminar preset.
+        seed_preset = SEMINAR_SIMCLR[preset]
         c.data.data_dir = f"data/{preset}"
-        c.pretrain_overrides = [] if preset == "flair2" else ["--config.split=unlabelled"]
+        c.pretrain_overrides = []
         c.finetune_overrides = []
         c.finetune_steps = ()
         c.run_overrides = []

@@ -630,6 +630,7 @@ def _build(src, out: pathlib.Path, layout: str, options: BuildOptions, t0: float
         "classes": meta["classes"],
         "ignore_label": 255,
         **({"official_miou": meta["official_miou"]} if "official_miou" in meta else {}),
+        **({"modalities_not_read": meta["not_read"]} if meta.get("not_read") else {}),
         "aerial": {"bands": meta["aerial_bands"], "size": shapes.aerial[0], "gsd_m": good[0]["gsd_m"],
                    "mean": _mean(aerial_m), "std": _std(aerial_m)},
         "sits": {"bands": _sits_bands(), "size": shapes.sits[1], "gsd_m": meta["sits_gsd_m"],

@@ -11,8 +11,9 @@ docs/DATA.md. Paths as in IGN's FLAIR-HUB repository (csv/FLAIR-HUB_TOY.zip, the
 
 patch_id = <DOMAIN>_<ROI>_<r>-<c>; a patch is one AERIAL_RGBI file, its zone the ROI (of its domain).
 A patch without its COSIA label file is unlabelled. The other modalities (DEM_ELEV, SPOT_RGBI,
-SENTINEL1-ASC_TS, SENTINEL1-DESC_TS, AERIAL-RLT_PAN, ALL_LABEL-LPIS) are not read: lcssl's model
-takes aerial + Sentinel-2; `build` names the ones present (`metadata()['not_read']`).
+SENTINEL1-ASC_TS, SENTINEL1-DESC_TS, AERIAL-RLT_PAN, ALL_LABEL-LPIS, any other folder) are not read:
+lcssl's model takes aerial + Sentinel-2; `build` names the ones present once, in its output, its
+summary and the dataset card (`metadata()['not_read']`).
 """
 from __future__ import annotations
 
@@ -51,8 +52,7 @@ DATA_DIR = "data"
 MTD_DIR = "GLOBAL_ALL_MTD"
 S2_DATES = "GLOBAL_SENTINEL2_MTD_DATES.gpkg"
 AERIAL, LABEL, S2, S2_MASKS = "AERIAL_RGBI", "AERIAL_LABEL-COSIA", "SENTINEL2_TS", "SENTINEL2_MSK-SC"
-OTHER_MODALITIES = ("DEM_ELEV", "SPOT_RGBI", "SENTINEL1-ASC_TS", "SENTINEL1-DESC_TS", "AERIAL-RLT_PAN",
-                    "ALL_LABEL-LPIS")
+READ = (AERIAL, LABEL, S2, S2_MASKS)  # the modalities read; any other <DOMAIN>_<MODALITY> folder is not
 AERIAL_SIZE = 512
 AERIAL_GSD_M = 0.2
 CRS = "EPSG:2154"
@@ -112,9 +112,9 @@ def list_patches(root) -> list[PatchRef]:
 
 def metadata(root) -> dict:
     """Class names, band names, Sentinel-2 GSD, the official metric, and the modalities present that
-    are not read."""
+    are not read (SENTINEL1-ASC_TS, DEM_ELEV, ...: every <DOMAIN>_<MODALITY> folder but READ's)."""
     root = pathlib.Path(root)
-    present = sorted({mod for _, mod in _folders(root)} & set(OTHER_MODALITIES)) if (root / DATA_DIR).is_dir() else []
+    present = sorted({mod for _, mod in _folders(root)} - set(READ)) if (root / DATA_DIR).is_dir() else []
     return {"classes": list(CLASSES), "aerial_bands": list(AERIAL_BANDS), "sits_gsd_m": float(S2_GSD_M),
             "official_miou": OFFICIAL_MIOU, "not_read": present}
 

@@ -31,7 +31,7 @@ Field reference (units in the names):
     init_from          a pre-training workdir (or its checkpoints/ dir); finetune_mode 'linear'
                        (frozen encoder) | 'partial' (encoder at encoder_lr_scale x lr) | 'full'
     init_encoder_from  published weights instead: a torchvision/timm ResNet34 state dict
-                       (.safetensors; .pth with torch installed) into the aerial encoder, or an smp
+                       (.safetensors; .pth/.pt/.ckpt with torch) into the aerial encoder, or an smp
                        Unet('resnet34') (IGN's FLAIR U-Nets) into encoder, decoder and head; bands by
                        name, other bands zero (lcssl/pretrained.py); not with init_from
     adapt_bands        fine-tuning from a checkpoint of other bands (e.g. Hameln's 4 -> FLAIR #2's

@@ -19,8 +19,12 @@ from absl import app, flags, logging
 
 from lcssl import cli
 
-_WORKDIR = flags.DEFINE_string("workdir", "demo", "Where data, runs and results go.")
-_STEPS = flags.DEFINE_integer("steps", 40, "Training steps of each stage.")
+
+def _define_flags(values: flags.FlagValues) -> None:
+    """The command's flags (defined when it runs: lcssl.main has a --workdir too)."""
+    flags.DEFINE_string("workdir", "demo", "Where data, runs and results go.", flag_values=values)
+    flags.DEFINE_integer("steps", 40, "Training steps of each stage.", flag_values=values)
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SYNTH = ["--layout=flair2", "--num-zones=4", "--patches-per-zone=8", "--patch-size=32",
@@ -39,10 +43,10 @@ def main(argv):
     cli.quiet_native_logs()  # before TensorFlow is imported, here and in data_prep's processes
     from lcssl.files import refuse_remote
 
-    refuse_remote(_WORKDIR.value, "--workdir")
+    refuse_remote(flags.FLAGS.workdir, "--workdir")
     import jax
 
-    workdir = pathlib.Path(_WORKDIR.value).resolve()
+    workdir = pathlib.Path(flags.FLAGS.workdir).resolve()
     jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
     sys.path.insert(0, str(ROOT))
     from configs import finetune_flair2, ssl_flair2
@@ -56,7 +60,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     cli.quiet_logging(0)  # without the warnings that ask nothing of a user (Orbax's save waits)
     ssl = ssl_flair2.get_config("tiny")
-    ssl.data_dir, ssl.num_steps = str(data), _STEPS.value
+    ssl.data_dir, ssl.num_steps = str(data), flags.FLAGS.steps
     print(f"SimCLR pre-training ({ssl.num_steps} steps) -> {workdir / 'ssl'}", flush=True)
     probe = train.run(ssl, str(workdir / "ssl"))["probe"]
     print(f"  online linear probe (majority class of a patch): accuracy {probe['accuracy']:.2f}, "
@@ -65,7 +69,7 @@ def main(argv):
           flush=True)
 
     finetune = finetune_flair2.get_config("tiny")
-    finetune.data_dir, finetune.num_steps = str(data), _STEPS.value
+    finetune.data_dir, finetune.num_steps = str(data), flags.FLAGS.steps
     finetune.supervised.init_from = str(workdir / "ssl")
     print(f"Fine-tuning ({finetune.num_steps} steps) -> {workdir / 'finetune'}", flush=True)
     results = train.run(finetune, str(workdir / "finetune"))
@@ -75,4 +79,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags(flags.FLAGS)
     app.run(cli.user_errors(main))

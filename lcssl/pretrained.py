@@ -1,13 +1,16 @@
 """Published weights: a torchvision / timm ResNet34 state dict -> lcssl's U-Net encoder, or a whole
 segmentation_models_pytorch U-Net (ResNet34 encoder; IGN's FLAIR baselines) -> lcssl's aerial U-Net.
 
-    state_dict = read_state_dict(path)                     # .safetensors (or .pth where torch is installed)
+    state_dict = read_state_dict(path)                     # .safetensors (.pth / .pt / .ckpt with torch)
     params, stats, report = resnet34_to_encoder(state_dict, source=path, ...)
     state, report = warm_start(state, path, card)          # fine-tuning: --config.supervised.init_encoder_from=PATH
 
 torchvision's `resnet34()` and timm's `resnet34` share their key names (conv1, bn1, layer1.0.conv1,
 ..., layer2.0.downsample.0/1, fc); smp's encoder is the same under 'encoder.', and checkpoints of
-DataParallel or Lightning add 'module.' / 'model.': those prefixes are stripped. The mapping onto
+DataParallel or Lightning add 'module.' / 'model.': those prefixes are stripped. IGN's FLAIR-1 /
+FLAIR-INC training checkpoints (PyTorch Lightning .ckpt files, the smp U-Net under
+'model.seg_model.') are read as IGN's own loader reads them: the keys under 'model.seg_model.' are
+the model, the task's others (a loss's class weights) are not used. The mapping onto
 `lcssl.models.unet.ResNetEncoder` (the 'aerial_encoder' subtree):
 
     conv1.weight [O, I, kh, kw]          -> stem_conv/kernel [kh, kw, I, O]
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
 from typing import Any, Mapping, Sequence
 
@@ -68,14 +72,20 @@ SMP_DECODER_CHANNELS = (256, 128, 64, 32, 16)  # smp Unet's default decoder_chan
 DECODER_KEY, HEAD_KEY = "aerial_decoder", "seg_head"
 ENCODER_KEY = "aerial_encoder"  # the top-level param subtree the weights go to (lcssl.models.utt)
 _FIELD = "supervised.init_encoder_from"  # the config field a message names
-_PREFIXES = ("module.", "model.", "encoder.", "backbone.")
+# Wrappers around a model's keys, stripped where every key has them, in this order: DataParallel's,
+# a Lightning task's attribute, IGN's FLAIR task's smp model, a backbone's.
+_PREFIXES = ("module.", "model.", "seg_model.", "encoder.", "backbone.")
+_IGN_TASK = "model.seg_model."  # IGN's FLAIR-1 / FLAIR-INC checkpoints: the smp U-Net's keys under it
+_TORCH_SUFFIXES = (".pth", ".pt", ".ckpt")
 _IGNORED = re.compile(r"^fc\.|num_batches_tracked$")
 _BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
        "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """{key: array} of a .safetensors file, or of a .pth / .pt file where torch is installed."""
+    """{key: array} of a .safetensors file, or where torch is installed of a .pth / .pt file or a
+    PyTorch Lightning .ckpt (its 'state_dict'). torch files are read with weights_only=True: tensors
+    and plain containers, never other pickled objects."""
     if not os.path.isfile(path):
         raise UserError(f"{_FIELD}={path}: no such file")
     if path.endswith(".safetensors"):
@@ -86,30 +96,61 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
             return load_file(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{_FIELD}={path}: not a readable .safetensors file ({e})") from None
-    if path.endswith((".pth", ".pt")):
+    if path.endswith(_TORCH_SUFFIXES):
         try:
             import torch
         except ImportError:
-            raise UserError(f"{_FIELD}={path}: reading a .pth file needs torch, which is not "
-                            "installed; convert it once where torch is (safetensors.torch.save_file("
+            raise UserError(f"{_FIELD}={path}: reading a {os.path.splitext(path)[1]} file needs torch, which "
+                            "is not installed; convert it once where torch is (safetensors.torch.save_file("
                             "torch.load(path), 'weights.safetensors')) and pass the .safetensors file") from None
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for a bad file
-            raise UserError(f"{_FIELD}={path}: torch cannot read it ({type(e).__name__}: {e})") from None
+            if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower():
+                raise UserError(f"{_FIELD}={path}: the file holds Python objects besides tensors, which lcssl "
+                                "does not unpickle (torch.load(weights_only=True)); where you trust the file, "
+                                "save its weights once: torch.save(torch.load(path, weights_only=False)"
+                                "['state_dict'], 'weights.pth')") from None
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise UserError(f"{_FIELD}={path}: torch cannot read it ({type(e).__name__}: {first})") from None
         loaded = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
         if not isinstance(loaded, Mapping):
             raise UserError(f"{_FIELD}={path}: expected a state dict, found {type(loaded).__name__}")
         return {k: v.detach().cpu().numpy() for k, v in loaded.items() if hasattr(v, "detach")}
-    raise UserError(f"{_FIELD}={path}: expected a .safetensors file (or .pth / .pt with torch installed)")
+    raise UserError(f"{_FIELD}={path}: expected a .safetensors file (or .pth / .pt / .ckpt with torch installed)")
 
 
-def _strip_prefixes(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _unwrap(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """(the model's keys without their wrapper prefixes, the file's keys that are not the model's:
+    those beside 'model.seg_model.' in an IGN checkpoint)."""
     out = dict(state_dict)
+    if out and all(k.startswith("module.") for k in out):
+        out = {k[len("module."):]: v for k, v in out.items()}
+    outside = []
+    if any(k.startswith(_IGN_TASK) for k in out):  # as IGN's loader: the model is what is under it
+        outside = sorted(k for k in out if not k.startswith(_IGN_TASK))
+        out = {k: v for k, v in out.items() if k.startswith(_IGN_TASK)}
     for prefix in _PREFIXES:
         if out and all(k.startswith(prefix) for k in out):
             out = {k[len(prefix):]: v for k, v in out.items()}
-    return out
+    return out, outside
+
+
+def _looks_like(keys: Sequence[str]) -> str:
+    """What a file the ResNet34 reader cannot map is, from its keys (for the error's hint)."""
+    smp = next((k for k in keys if "decoder.blocks." in k), None)
+    if smp is not None:
+        prefix = smp[:smp.index("decoder.blocks.")]
+        if not prefix:
+            return ("an smp U-Net: this reader takes its encoder only (warm_start loads the whole U-Net "
+                    "into the aerial U-Net)")
+        return (f"an smp U-Net under the prefix {prefix!r}, which lcssl does not strip (it strips "
+                f"{', '.join(map(repr, (_IGN_TASK, *_PREFIXES)))}); save its state dict without it")
+    if any(re.match(r"layer\d\.\d+\.conv3\.", k) for k in keys):
+        return "a bottleneck ResNet (ResNet50/101/152: conv3 in every block), not a ResNet34"
+    tops = sorted({k.split(".")[0] for k in keys})
+    return ("neither a torchvision/timm ResNet34 nor an smp U-Net: its keys start with "
+            f"{', '.join(repr(t + '.') for t in tops[:6])}{' ...' if len(tops) > 6 else ''}")
 
 
 def _expected_keys(stages: Sequence[int]) -> dict[str, tuple[str, ...]]:
@@ -139,15 +180,13 @@ def resnet34_to_encoder(state_dict: Mapping[str, np.ndarray], *, source: str, ba
         if have != (RESNET34_STAGES, RESNET34_WIDTHS, 64):
             raise UserError(f"{_FIELD}={source}: a ResNet34 needs model.stage_sizes={RESNET34_STAGES}, "
                             f"model.widths={RESNET34_WIDTHS}, model.stem_width=64; this model has {have}")
-    sd = _strip_prefixes(state_dict)
+    sd, outside = _unwrap(state_dict)
     mapping = _expected_keys(RESNET34_STAGES)
     for key in sorted(sd):
         module, _, _ = key.rpartition(".")
         if module not in mapping and not _IGNORED.search(key):
-            what = ("an smp U-Net whose keys do not start with 'encoder.', 'decoder.blocks.', 'segmentation_head.'"
-                    if key.startswith(("decoder.", "segmentation_head.")) else
-                    "not a torchvision/timm ResNet34 (a ResNet50 has conv3 and 4 x width; a ResNet18 lacks layer1.2)")
-            raise UserError(f"{_FIELD}={source}: unexpected key {key!r}: {what}")
+            raise UserError(f"{_FIELD}={source}: unexpected key {key!r}: the file looks like "
+                            f"{_looks_like(list(sd))}")
     params: dict = {}
     batch_stats: dict = {}
     tree = {"params": params, "batch_stats": batch_stats}
@@ -156,7 +195,10 @@ def resnet34_to_encoder(state_dict: Mapping[str, np.ndarray], *, source: str, ba
         for leaf in (("weight",) if is_conv else tuple(_BN)):
             key = f"{src}.{leaf}"
             if key not in sd:
-                raise UserError(f"{_FIELD}={source}: missing key {key!r} of a torchvision ResNet34")
+                block = ".".join(src.split(".")[:2])  # layer{s}.{b}
+                fewer = (f" (the file has no block {block}: a ResNet18, 2 blocks per stage?)"
+                         if src.startswith("layer") and not any(k.startswith(f"{block}.") for k in sd) else "")
+                raise UserError(f"{_FIELD}={source}: missing key {key!r} of a torchvision ResNet34{fewer}")
             value = np.asarray(sd[key], np.float32)
             if is_conv:
                 if value.ndim != 4:
@@ -174,7 +216,7 @@ def resnet34_to_encoder(state_dict: Mapping[str, np.ndarray], *, source: str, ba
     report = {"init_encoder_from": os.path.abspath(source), "sha256": _sha256(source),
               "format": "torchvision/timm ResNet34 state dict", "into": ENCODER_KEY,
               "loaded": sorted(k for k in sd if not _IGNORED.search(k)),
-              "not_used": sorted(k for k in sd if _IGNORED.search(k)), "bands": adapted}
+              "not_used": sorted([*(k for k in sd if _IGNORED.search(k)), *outside]), "bands": adapted}
     return params, batch_stats, report
 
 
@@ -230,8 +272,9 @@ def _adapt_stem(kernel: np.ndarray, bands: Sequence[str], source: str) -> tuple[
 
 
 def is_smp_unet(state_dict: Mapping[str, np.ndarray]) -> bool:
-    """A segmentation_models_pytorch U-Net state dict (its decoder blocks are there)."""
-    return any(k.startswith("decoder.blocks.") for k in _strip_prefixes(state_dict))
+    """A segmentation_models_pytorch U-Net state dict (its decoder blocks are there), bare or in a
+    wrapper lcssl strips (IGN's 'model.seg_model.', 'module.', 'model.', 'seg_model.')."""
+    return any(k.startswith("decoder.blocks.") for k in _unwrap(state_dict)[0])
 
 
 def smp_unet_to_aerial(state_dict: Mapping[str, np.ndarray], *, source: str, bands: Sequence[str],
@@ -242,7 +285,7 @@ def smp_unet_to_aerial(state_dict: Mapping[str, np.ndarray], *, source: str, ban
     if model_cfg is not None and tuple(model_cfg["decoder_channels"]) != SMP_DECODER_CHANNELS:
         raise UserError(f"{_FIELD}={source}: an smp U-Net's decoder needs model.decoder_channels="
                         f"{SMP_DECODER_CHANNELS}; this model has {tuple(model_cfg['decoder_channels'])}")
-    sd = _strip_prefixes(state_dict)
+    sd, outside = _unwrap(state_dict)
     encoder = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     enc_params, enc_stats, enc_report = resnet34_to_encoder(encoder, source=source, bands=bands,
                                                             model_cfg=model_cfg)
@@ -271,7 +314,8 @@ def smp_unet_to_aerial(state_dict: Mapping[str, np.ndarray], *, source: str, ban
     stats = {ENCODER_KEY: enc_stats, DECODER_KEY: dec_stats}
     head_w, head_b = sd.get("segmentation_head.0.weight"), sd.get("segmentation_head.0.bias")
     report = {**enc_report, "format": "segmentation_models_pytorch Unet('resnet34') state dict",
-              "into": [ENCODER_KEY, DECODER_KEY]}
+              "into": [ENCODER_KEY, DECODER_KEY],
+              "not_used": sorted([*(f"encoder.{k}" for k in enc_report["not_used"]), *outside])}
     if head_w is not None and head_b is not None:
         used |= {"segmentation_head.0.weight", "segmentation_head.0.bias"}
         head_w = np.asarray(head_w, np.float32)

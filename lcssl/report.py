@@ -414,6 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "the --out folder of `python -m lcssl.predict --records=DATA`")
     p.add_argument("--out", required=True, help="folder for report.html and the SVG figures")
     args = p.parse_args(argv)
+    for flag, value in (("--workdir", args.workdir), *(("--compare", c) for c in args.compare),
+                        ("--maps", args.maps), ("--out", args.out)):
+        files.refuse_remote(value, flag)
     path = write_report(args.workdir, args.out, args.compare, args.split, args.maps)
     print(f"wrote {path}")
     return 0

@@ -11,10 +11,14 @@ import orbax.checkpoint as ocp
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-# 32 px aerial and a 16 px Sentinel-2 crop: the smallest layout the tiny model and augmentations take.
-SYNTH_ARGS = ["--layout=flair2", "--num-zones=4", "--patches-per-zone=8", "--patch-size=32",
-              "--sits-size=16", "--num-dates=6", "--seed=0"]
-BUILD_ARGS = ["--layout=flair2", "--expect-size=32", "--sits-size=16", "--no-progress"]
+# 32 px aerial and a 16 px Sentinel-2 crop: the smallest layout the tiny model and augmentations take
+# (FLAIR-HUB's series files are 10 px as published: its build's own 8 px crop).
+SYNTH_ARGS = {"flair2": ["--layout=flair2", "--num-zones=4", "--patches-per-zone=8", "--patch-size=32",
+                         "--sits-size=16", "--num-dates=6", "--seed=0"],
+              "flair_hub": ["--layout=flair_hub", "--num-zones=4", "--patches-per-zone=8", "--patch-size=32",
+                            "--num-dates=6", "--seed=0"]}
+BUILD_ARGS = {"flair2": ["--layout=flair2", "--expect-size=32", "--sits-size=16", "--no-progress"],
+              "flair_hub": ["--layout=flair_hub", "--expect-size=32", "--no-progress"]}
 
 
 def session_dir(tmp_path_factory, name: str) -> pathlib.Path:
@@ -30,13 +34,13 @@ def compilation_cache(tmp_path_factory) -> str:
     return path
 
 
-def tiny_dataset(tmp_path_factory) -> str:
-    """`python -m data_prep synth` + `build`, once per session (FLAIR #2 layout, 33 patches)."""
-    out = session_dir(tmp_path_factory, "flair2_tiny")
+def tiny_dataset(tmp_path_factory, layout: str = "flair2") -> str:
+    """`python -m data_prep synth` + `build`, once per session and layout (FLAIR #2: 33 patches)."""
+    out = session_dir(tmp_path_factory, f"{layout}_tiny")
     if not (out / "dataset_card.json").exists():
-        raw = session_dir(tmp_path_factory, "flair2_raw")
-        run_cli(["-m", "data_prep", "synth", f"--out={raw}", *SYNTH_ARGS])
-        run_cli(["-m", "data_prep", "build", f"--src={raw}", f"--out={out}", *BUILD_ARGS])
+        raw = session_dir(tmp_path_factory, f"{layout}_raw")
+        run_cli(["-m", "data_prep", "synth", f"--out={raw}", *SYNTH_ARGS[layout]])
+        run_cli(["-m", "data_prep", "build", f"--src={raw}", f"--out={out}", *BUILD_ARGS[layout]])
     return str(out)
 
 

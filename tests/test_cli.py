@@ -1,14 +1,19 @@
 """The real command line on user errors: one message naming the flag or file and what to do, exit
 status 2, no Python traceback; bugs keep theirs (lcssl/cli.py)."""
 import errno
+import importlib
 import json
 import subprocess
+import sys
 
 import pytest
+from absl import flags
+from absl.testing import flagsaver
 
 from lcssl import cli
 from lcssl.data import schema
 from lcssl.errors import MissingInputError, UserError
+from lcssl.study.plan import trainer_config
 from tests._train_helpers import PYTHON, ROOT, cli_env
 
 
@@ -145,30 +150,87 @@ def test_a_remote_workdir_is_refused_naming_the_flag_and_no_local_gs_folder_appe
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["synth", "--layout=hameln", "--out=gs://bucket/raw"], "--out=gs://bucket/raw"),
-    (["build", "--layout=flair_hub", "--src=s3://bucket/FLAIR-HUB", "--out=data"], "--src=s3://bucket/FLAIR-HUB"),
-    (["verify", "gs://bucket/data"], "data_dir=gs://bucket/data"),
-])
-def test_data_prep_refuses_remote_paths_naming_the_option(tmp_path, monkeypatch, argv, flag):
-    from data_prep.__main__ import main as data_prep_main
+# Every path-taking option of every entry point, given a URL: (command, its argv, the option as
+# named in the one-line error). The config-file options name their --config.* override.
+REMOTE_PATHS = [
+    ("lcssl.main", ["--workdir=gs://bucket/run"], "--workdir=gs://bucket/run"),
+    ("lcssl.main", ["--config.data_dir=gs://bucket/data"], "--config.data_dir=gs://bucket/data"),
+    ("lcssl.main", ["--config.supervised.init_from=hdfs://nn/run"], "--config.supervised.init_from=hdfs://nn/run"),
+    ("lcssl.main", ["--config.supervised.init_encoder_from=s3://b/resnet34.safetensors"],
+     "--config.supervised.init_encoder_from=s3://b/resnet34.safetensors"),
+    ("lcssl.main", ["--compilation_cache=gs://bucket/cache"], "--compilation_cache=gs://bucket/cache"),
+    ("lcssl.predict", ["--checkpoint=gs://bucket/run", "--records=data", "--out=maps"],
+     "--checkpoint=gs://bucket/run"),
+    ("lcssl.predict", ["--checkpoint=run", "--records=gs://bucket/data", "--out=maps"],
+     "--records=gs://bucket/data"),
+    ("lcssl.predict", ["--checkpoint=run", "--records=data", "--out=gs://bucket/maps"], "--out=gs://bucket/maps"),
+    ("lcssl.predict", ["--checkpoint=run", "--aerial=gs://bucket/mosaic.tif", "--out=map.tif"],
+     "--aerial=gs://bucket/mosaic.tif"),
+    ("lcssl.predict", ["--checkpoint=run", "--aerial=mosaic.tif", "--sits=gs://bucket/s2", "--out=map.tif"],
+     "--sits=gs://bucket/s2"),
+    *[("lcssl.study", [f"--{name}=gs://bucket/{name}"], f"--{name}=gs://bucket/{name}")
+      for name in ("workdir", "results", "records")],
+    ("lcssl.study", ["--config.data.data_dir=gs://bucket/data"], "--config.data.data_dir=gs://bucket/data"),
+    ("lcssl.demo", ["--workdir=gs://bucket/demo"], "--workdir=gs://bucket/demo"),
+    ("data_prep", ["synth", "--layout=hameln", "--out=gs://bucket/raw"], "--out=gs://bucket/raw"),
+    ("data_prep", ["build", "--layout=flair_hub", "--src=s3://bucket/FLAIR-HUB", "--out=data"],
+     "--src=s3://bucket/FLAIR-HUB"),
+    ("data_prep", ["build", "--layout=flair2", "--src=raw", "--out=gs://bucket/data"], "--out=gs://bucket/data"),
+    ("data_prep", ["verify", "gs://bucket/data"], "data_dir=gs://bucket/data"),
+    ("lcssl.report", ["--workdir=gs://bucket/run", "--out=report"], "--workdir=gs://bucket/run"),
+    ("lcssl.report", ["--workdir=run", "--compare=other", "--compare=gs://bucket/sup", "--out=report"],
+     "--compare=gs://bucket/sup"),
+    ("lcssl.report", ["--workdir=run", "--maps=gs://bucket/maps", "--out=report"], "--maps=gs://bucket/maps"),
+    ("lcssl.report", ["--workdir=run", "--out=gs://bucket/report"], "--out=gs://bucket/report"),
+]
 
+
+COMMANDS = {"lcssl.main": "lcssl.main", "lcssl.predict": "lcssl.predict.__main__",
+            "lcssl.study": "lcssl.study.__main__", "lcssl.demo": "lcssl.demo",
+            "data_prep": "data_prep.__main__", "lcssl.report": "lcssl.report"}
+
+
+def run_in_process(command: str, argv: list, monkeypatch) -> None:
+    """`python -m COMMAND ARGV` in this process, through the command's own argument handling: the
+    argparse commands' main(argv); lcssl.study's and lcssl.demo's flags defined and parsed as when
+    they run; lcssl.main's flag holders set to what its flags parse to (its config with the
+    --config.* overrides, as lcssl.study.plan.trainer_config builds it)."""
+    module = importlib.import_module(COMMANDS[command])
+    if command == "lcssl.main":
+        config = trainer_config("configs/sup_hameln.py:tiny", [a for a in argv if a.startswith("--config.")])
+        given = dict(a[2:].split("=", 1) for a in argv if not a.startswith("--config."))
+        monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")  # main sets it (cli.quiet_native_logs)
+        monkeypatch.setitem(vars(flags.FLAGS), "__flags_parsed", True)  # as after app.run's parse
+        with flagsaver.flagsaver((module._CONFIG, config), (module._WORKDIR, given.get("workdir", "runs/x")),
+                                 (module._CACHE, given.get("compilation_cache", ""))):
+            cli.user_errors(module.main)([command])
+    elif command in ("lcssl.study", "lcssl.demo"):
+        required = {"lcssl.study": [f"--config={ROOT}/configs/study_synth.py:tiny", "--workdir=runs/study"]}
+        argv = [command, *required.get(command, []), *argv]
+        values = flags.FlagValues()
+        monkeypatch.setattr(flags, "FLAGS", values)
+        monkeypatch.setattr(sys, "argv", argv)  # where ml_collections finds the --config.* overrides
+        module._define_flags(values)
+        cli.user_errors(module.main)(cli.parse_flags(argv))
+    else:
+        cli.user_errors(module.main)(argv)
+
+
+@pytest.mark.parametrize("command, argv, flag", REMOTE_PATHS,
+                         ids=[f"{c}:{f.split('=')[0]}" for c, _, f in REMOTE_PATHS])
+def test_every_path_option_of_every_command_refuses_a_remote_path_in_one_line(tmp_path, monkeypatch, capsys,
+                                                                               command, argv, flag):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=f"^{flag}: remote paths"):
-        data_prep_main(argv)
-    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_process(command, argv, monkeypatch)
+    assert exit_info.value.code == cli.EXIT_USER_ERROR
+    scheme = flag.split("=", 1)[1].split("://")[0]
+    assert capsys.readouterr().err == (f"error: {flag}: remote paths ({scheme}://) are not supported; use a local "
+                                       "or mounted folder (docs/DESIGN.md, 'Remote paths')\n")
+    assert list(tmp_path.iterdir()) == []  # no local 'gs:' folder, nothing else either
 
 
-def test_predict_and_the_config_paths_refuse_remote_paths(tmp_path, monkeypatch, capsys):
+def test_a_local_name_with_a_colon_is_a_local_path():
     from lcssl.files import refuse_remote
-    from lcssl.predict.__main__ import main as predict_main
 
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as e:
-        predict_main(["--checkpoint=gs://bucket/run", "--records=data", "--out=maps"])
-    assert e.value.code == cli.EXIT_USER_ERROR
-    assert "error: --checkpoint=gs://bucket/run: remote paths (gs://)" in capsys.readouterr().err
-    with pytest.raises(UserError, match="--config.supervised.init_from=hdfs://nn/run: remote paths"):
-        refuse_remote("hdfs://nn/run", "--config.supervised.init_from")
-    refuse_remote("runs/gs:/not-a-url", "--workdir")  # a local name with a colon is a local path
-    assert list(tmp_path.iterdir()) == []
+    refuse_remote("runs/gs:/not-a-url", "--workdir")

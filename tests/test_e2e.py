@@ -1,6 +1,7 @@
 """End to end through the real commands, as the README tells a user: synthetic FLAIR #2 data ->
 SimCLR pre-training -> fine-tuning from it -> scores on the test split; then the same fine-tuning
-command again, which resumes from its checkpoint instead of starting over."""
+command again, which resumes from its checkpoint instead of starting over. FLAIR-HUB's synthetic
+twin through its supervised, pre-training and fine-tuning configs."""
 import json
 import re
 import subprocess
@@ -54,3 +55,30 @@ def test_pretrain_then_finetune_with_the_real_commands(tmp_path_factory, tmp_pat
     again = run_cli(finetune, env=env)
     assert "Resumed from" in again.stderr
     assert json.loads((ft_dir / "eval_results.json").read_text())["test"] == test
+
+
+@pytest.mark.slow
+def test_flair_hub_trains_supervised_pretrains_and_fine_tunes_with_the_real_commands(tmp_path_factory, tmp_path):
+    """FLAIR-HUB's three experiments (configs/*_flair_hub.py:tiny) on its synthetic twin, as
+    docs/DATA.md gives them: 19 classes, IGN's 15 scored beside them."""
+    env = cli_env(compilation_cache(tmp_path_factory))
+    data_dir = tiny_dataset(tmp_path_factory, "flair_hub")
+    card = json.loads((tmp_path_factory.getbasetemp() / "flair_hub_tiny" / "dataset_card.json").read_text())
+    assert card["layout"] == "flair_hub" and card["aerial"]["bands"] == ["R", "G", "B", "NIR"]
+
+    def train(config, workdir, *overrides):
+        run_cli(["-m", "lcssl.main", f"--config=configs/{config}.py:tiny", f"--workdir={workdir}",
+                 f"--config.data_dir={data_dir}", *overrides], env=env)
+        return json.loads((workdir / "eval_results.json").read_text()) if config != "ssl_flair_hub" else None
+
+    test = train("sup_flair_hub", tmp_path / "sup")["test"]
+    assert len(test["iou"]) == len(test["class_names"]) == 19
+    assert len(test["official_classes"]) == 15 and "undefined" not in test["official_classes"]
+    assert 0.0 <= test["miou_official"] <= 1.0 and sum(map(sum, test["confusion_matrix"])) == test["num_pixels"] > 0
+
+    train("ssl_flair_hub", tmp_path / "ssl")
+    assert (tmp_path / "ssl" / "checkpoints" / "6").is_dir()
+    results = train("finetune_flair_hub", tmp_path / "finetune", f"--config.supervised.init_from={tmp_path / 'ssl'}")
+    loaded = json.loads((tmp_path / "finetune" / "loaded_weights.json").read_text())
+    assert loaded["new"] == ["aerial_decoder", "aux_head", "seg_head"] and loaded["step"] == 6
+    assert len(results["test"]["iou"]) == 19 and 0.0 <= results["test"]["miou_official"] <= 1.0

@@ -2,7 +2,10 @@
 through lcssl's encoder, the features of torchvision's ResNet34 forward (written here in float64
 numpy with torchvision's key names: conv, eval-mode batch norm, ReLU, max-pool, BasicBlock)."""
 import json
+import pathlib
+import pickle
 import subprocess
+import sys
 
 import flax
 import jax
@@ -164,8 +167,12 @@ def test_prefixed_keys_of_smp_or_dataparallel_load(weights, tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda sd: sd.pop("layer3.1.bn2.running_var"), "missing key 'layer3.1.bn2.running_var'"),
     (lambda sd: sd.update({"layer1.0.conv3.weight": np.zeros((256, 64, 1, 1), np.float32)}),
-     "unexpected key 'layer1.0.conv3.weight'"),
-    (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("layer1.2.")], "missing key 'layer1.2.conv1.weight'"),
+     r"unexpected key 'layer1.0.conv3.weight': the file looks like a bottleneck ResNet \(ResNet50"),
+    (lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("layer1.2.")],
+     "missing key 'layer1.2.conv1.weight' of a torchvision ResNet34 .the file has no block layer1.2: a ResNet18"),
+    (lambda sd: sd.update({"blocks.0.attn.qkv.weight": np.zeros((9, 3), np.float32)}),
+     "unexpected key 'blocks.0.attn.qkv.weight': the file looks like neither a torchvision/timm ResNet34 nor an "
+     "smp U-Net: its keys start with 'blocks.', 'bn1.', 'conv1.', 'fc.', 'layer1.', 'layer2.' ..."),
     (lambda sd: sd.update({"layer2.0.conv1.weight": np.zeros((96, 64, 3, 3), np.float32)}),
      r"layer2.0.conv1.weight has shape \(96, 64, 3, 3\), a ResNet34's is \(128, 64, 3, 3\)"),
     (lambda sd: sd.update({"conv1.weight": np.zeros((64, 6, 7, 7), np.float32)}), "6 input channels"),
@@ -287,8 +294,78 @@ def test_an_smp_unet_maps_bands_by_name_and_refuses_what_lcssl_cannot_hold(tmp_p
     with pytest.raises(UserError, match=r"model.decoder_channels=\(256, 128, 64, 32, 16\)"):
         pretrained.smp_unet_to_aerial(sd, source=path, bands=["R", "G", "B"], num_classes=19, model_cfg=cfg)
     # The ResNet34 reader alone names what such a file is.
-    with pytest.raises(UserError, match="unexpected key 'decoder.blocks.0.conv1.0.weight': an smp U-Net"):
+    with pytest.raises(UserError, match="unexpected key 'decoder.blocks.0.conv1.0.weight': the file looks like an "
+                                        "smp U-Net: this reader takes its encoder only"):
         pretrained.resnet34_to_encoder(sd, source=path, bands=["R", "G", "B"])
+
+
+class TorchStandIn:
+    """What `torch.load(path, map_location='cpu', weights_only=True)` returns for a file (torch is not
+    a dependency of lcssl): tensors as objects with detach().cpu().numpy(), or the error torch raises
+    when weights_only meets a pickled object that is not a tensor or a plain container."""
+
+    class Tensor:
+        def __init__(self, array):
+            self.array = array
+
+        def detach(self):
+            return self
+
+        def cpu(self):
+            return self
+
+        def numpy(self):
+            return self.array
+
+    def __init__(self, checkpoint=None, error=None):
+        self.checkpoint, self.error = checkpoint, error
+
+    def load(self, path, map_location, weights_only):
+        assert map_location == "cpu" and weights_only is True  # never an arbitrary unpickle
+        if self.error:
+            raise self.error
+        return {k: {n: self.Tensor(a) for n, a in v.items()} if k == "state_dict" else v
+                for k, v in self.checkpoint.items()}
+
+
+def test_ign_flair_training_checkpoints_load_as_smp_unets(tmp_path, monkeypatch):
+    """IGN's FLAIR-1 / FLAIR-INC checkpoints: a PyTorch Lightning .ckpt whose state_dict holds the
+    smp U-Net under 'model.seg_model.' beside the task's loss weights (IGN's loader keeps the former)."""
+    sd = random_smp_unet_state_dict(classes=15)
+    path = str(tmp_path / "FLAIR-INC_RGBIE_resnet34_unet.ckpt")
+    pathlib.Path(path).write_bytes(b"a torch zip")
+    lightning = {"epoch": 12, "global_step": 3400, "pytorch-lightning_version": "2.1.0",
+                 "state_dict": {**{f"model.seg_model.{k}": v for k, v in sd.items()},
+                                "criterion.weight": np.ones(15, np.float32)}}
+    monkeypatch.setitem(sys.modules, "torch", TorchStandIn(lightning))
+    state_dict = pretrained.read_state_dict(path)
+    assert pretrained.is_smp_unet(state_dict)
+    bands = ["R", "G", "B", "NIR", "elevation"]
+    params, stats, report = pretrained.smp_unet_to_aerial(state_dict, source=path, bands=bands, num_classes=15)
+    assert report["into"] == ["aerial_encoder", "aerial_decoder", "seg_head"]
+    assert [k for k in report["not_used"] if not k.endswith("num_batches_tracked")] == ["criterion.weight"]
+    assert report["bands"]["copied"] == bands
+    np.testing.assert_array_equal(params["aerial_encoder"]["stem_conv"]["kernel"],
+                                  sd["encoder.conv1.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(params["aerial_decoder"]["block4"]["conv2"]["kernel"],
+                                  sd["decoder.blocks.4.conv2.0.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(stats["aerial_decoder"]["block0"]["bn1"]["var"],
+                                  sd["decoder.blocks.0.conv1.1.running_var"])
+    np.testing.assert_array_equal(params["seg_head"]["bias"], sd["segmentation_head.0.bias"])
+    # The other wrappers of a model's keys: DataParallel, a Lightning task's attribute, IGN's model.
+    for prefix in ("module.", "model.", "seg_model.", "module.model.seg_model."):
+        assert pretrained.is_smp_unet({f"{prefix}{k}": v for k, v in sd.items()}), prefix
+    # One it does not know: the hint says what the file is and what to do, not "a ResNet50 ...".
+    with pytest.raises(UserError, match="unexpected key 'net.decoder.blocks.0.conv1.0.weight': the file looks "
+                                        "like an smp U-Net under the prefix 'net.', which lcssl does not strip"):
+        pretrained.resnet34_to_encoder({f"net.{k}": v for k, v in sd.items()}, source=path, bands=bands)
+    # A checkpoint holding other Python objects (Lightning's hyper-parameters): refused, never unpickled.
+    monkeypatch.setitem(sys.modules, "torch", TorchStandIn(
+        error=pickle.UnpicklingError("Weights only load failed. This file can still be loaded ...\n"
+                                     "WeightsUnpickler error: Unsupported global: GLOBAL omegaconf.DictConfig")))
+    with pytest.raises(UserError, match=r"holds Python objects besides tensors, which lcssl does not unpickle") as e:
+        pretrained.read_state_dict(path)
+    assert "\n" not in str(e.value)
 
 
 @flax.struct.dataclass

@@ -11,21 +11,21 @@ from lcssl.errors import UserError
 from lcssl.study.run import run_study
 
 
-def _define_flags():
+def _define_flags(values: flags.FlagValues) -> None:
     """The command's flags (defined here, when the command runs: lcssl.main has flags of the same
     names)."""
     config_flags.DEFINE_config_file("config", None, "Study config: configs/study_synth.py[:preset]",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "Where the data, every run and its logs go.")
+                                    flag_values=values, lock_config=True)
+    flags.DEFINE_string("workdir", None, "Where the data, every run and its logs go.", flag_values=values)
     flags.DEFINE_string("results", "docs/RESULTS.md",
-                        "The report; the plot, JSON and CSV are written beside it.")
+                        "The report; the plot, JSON and CSV are written beside it.", flag_values=values)
     flags.DEFINE_string("records", "", "Where finished runs' records go ('' = study_records/ beside "
-                        "--results); commit them to resume the study elsewhere.")
+                        "--results); commit them to resume the study elsewhere.", flag_values=values)
     flags.DEFINE_integer("parallel", 1, "Runs side by side, each in its own worker process with "
-                         "1/N of the host's cores (and of the GPU's memory).")
+                         "1/N of the host's cores (and of the GPU's memory).", flag_values=values)
     flags.DEFINE_bool("report_only", False, "Write the report from the records as they are, "
-                      "running nothing (runs without a record show as 'not run').")
-    flags.mark_flags_as_required(["config", "workdir"])
+                      "running nothing (runs without a record show as 'not run').", flag_values=values)
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=values)
 
 
 def main(argv):
@@ -51,5 +51,5 @@ def main(argv):
 if __name__ == "__main__":
     from lcssl import cli
 
-    _define_flags()
+    _define_flags(flags.FLAGS)
     app.run(cli.user_errors(main), flags_parser=cli.parse_flags)

@@ -32,10 +32,16 @@ def test_every_layout_is_one_registry_entry_with_the_whole_contract():
 
 
 def test_no_code_branches_on_a_layout_name():
-    branch = re.compile(r"""(layout|dataset)\s*(==|!=|in)\s*[("']""")
-    for path in [*(ROOT / "data_prep").glob("*.py"), ROOT / "lcssl" / "configs.py"]:
+    """What depends on a layout is in its module (data_prep/layouts.py), not in an `if` elsewhere."""
+    names = "|".join(layouts.NAMES)
+    branch = re.compile(rf"""(layout|dataset)\s*(==|!=|in)\s*[("']|(==|!=)\s*["']({names})["']"""
+                        rf"""|\bin\s*[(\[{{][^)\]}}]*["']({names})["']""")
+    for path in [*(ROOT / "data_prep").glob("*.py"), ROOT / "lcssl" / "configs.py",
+                 *(ROOT / "configs").glob("*.py")]:
         hits = [line for line in path.read_text().splitlines() if branch.search(line)]
         assert not hits, f"{path}: {hits}"
+    assert branch.search('if preset in ("hameln", "flair2"):')
+    assert branch.search('x = 1 if name == "flair_hub" else 2')
 
 
 def _labels_by_split(out: pathlib.Path, card: dict) -> dict:
@@ -140,10 +146,23 @@ def test_flair_hub_bad_series_and_dates_name_the_file(hub, tmp_path):
         flair_hub.read_patch(dataclasses.replace(ref, files={**ref.files, "dates": str(broken)}), expect_size=32)
 
 
-def test_flair_hub_other_modalities_are_named_as_not_read(hub, tmp_path):
-    assert flair_hub.metadata(hub)["not_read"] == []
-    (hub / "data" / "D001-2021_DEM_ELEV").mkdir()
-    try:
-        assert flair_hub.metadata(hub)["not_read"] == ["DEM_ELEV"]
-    finally:
-        (hub / "data" / "D001-2021_DEM_ELEV").rmdir()
+def test_flair_hub_modalities_not_read_are_named_once_per_build_and_in_the_card(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    synth.write_dataset(raw, layout="flair_hub", num_zones=4, patches_per_zone=1, unlabelled_per_zone=1,
+                        patch_size=32, num_dates=4, seed=0)
+    assert flair_hub.metadata(raw)["not_read"] == []
+    # Sentinel-1 and the DEM beside every patch, as a FLAIR-HUB download has them.
+    for aerial in (raw / "data").glob("*_AERIAL_RGBI/*/*.tif"):
+        for modality in ("SENTINEL1-ASC_TS", "DEM_ELEV"):
+            copy = pathlib.Path(str(aerial).replace("AERIAL_RGBI", modality))
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_bytes(aerial.read_bytes())
+    options = build.BuildOptions(workers=1, shard_size=8, sits=SITS, progress=False, tfds_metadata=False,
+                                 expect_size=32, val_fraction=0.25, test_fraction=0.25, seed=0)
+    summary = build.build(raw, tmp_path / "out", layout="flair_hub", options=options)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "not read" in line]
+    assert lines == [f"build flair_hub: {raw} also holds DEM_ELEV, SENTINEL1-ASC_TS: not read (lcssl's model "
+                     "takes aerial + Sentinel-2)"]
+    card = json.loads((tmp_path / "out" / "dataset_card.json").read_text())
+    assert card["modalities_not_read"] == summary["modalities_not_read"] == ["DEM_ELEV", "SENTINEL1-ASC_TS"]
+    assert summary["patches_found"] == 8 and summary["skipped_total"] == 0
