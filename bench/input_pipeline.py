@@ -7,6 +7,8 @@ JSON.
 
     .venv/bin/python bench/input_pipeline.py                         # 512 px, realistic
     .venv/bin/python bench/input_pipeline.py --patch-size=64 --steps=20 --json=/tmp/bench_input.json
+    .venv/bin/python bench/input_pipeline.py --data-dir=DIR --readers=native --global-batch-size=128
+                                                  # a built dataset, e.g. the study's benchmark
 """
 from __future__ import annotations
 
@@ -69,6 +71,8 @@ def time_reader(data_dir, reader: str, args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default=None, help="time this built dataset instead of a synthetic "
+                                                    "one (the flags of the synthetic one are then unused)")
     p.add_argument("--patch-size", type=int, default=512, help="aerial px (FLAIR #2: 512)")
     p.add_argument("--num-zones", type=int, default=4)
     p.add_argument("--patches-per-zone", type=int, default=16)
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
 
     workdir = pathlib.Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    data_dir = dataset(workdir, args)
+    data_dir = pathlib.Path(args.data_dir) if args.data_dir else dataset(workdir, args)
     card = pipeline.load_card(data_dir)
 
     result = {
@@ -97,7 +101,8 @@ def main(argv=None) -> int:
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
                    f"{len(os.sched_getaffinity(0))} usable",
         "command": " ".join([sys.executable, *sys.argv]),
-        "patch_size": args.patch_size, "max_dates": card["sits"]["max_dates"], "sits_size": card["sits"]["size"],
+        "data_dir": str(data_dir), "patch_size": card["aerial"]["size"], "max_dates": card["sits"]["max_dates"],
+        "sits_size": card["sits"]["size"],
         "train_examples": card["splits"]["train"]["num_examples"], "global_batch_size": args.global_batch_size,
         "timed_batches": args.steps, "readers": {},
     }

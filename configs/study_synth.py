@@ -46,6 +46,8 @@ settings as the `simclr_seed` arm so its SSL-vs-supervised result can be reprodu
 import ml_collections
 from ml_collections import config_dict
 
+from lcssl.data import pipeline
+
 # The version of the benchmark and budget that records are made under; records of another version
 # are never mixed into a report (they stay in their own folder, docs/study_records/protocol<N>/).
 PROTOCOL = 4
@@ -199,6 +201,9 @@ def get_config(arg=None):
     c.arms = _arms("configs/ssl_hameln.py:tiny", "configs/finetune_hameln.py:tiny",
                    "configs/sup_hameln.py:tiny", large_batch=PRETRAIN_BATCH)
     c.only_arms = ""       # comma-separated arm names to run (others skipped); '' = all
+    # Every run's --config.input (tfdata | native); 'tfdata' becomes 'native' where TensorFlow is not
+    # installed, said once in the study's log. Each record says which reader ran.
+    c.input = pipeline.DEFAULT_READER
     if preset == "gpu":
         # The same protocol and budget on one GPU (16 cores) with --parallel=4: records compare.
         pass

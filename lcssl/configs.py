@@ -84,7 +84,7 @@ def base(dataset: str, task: str) -> ml_collections.ConfigDict:
     """The modern default for `dataset` (a layout of data_prep/layouts.py) and `task` (a name in lcssl.tasks):
     pre-training defaults for every task but 'supervised'."""
     from lcssl import models, tasks
-    from lcssl.data import augment
+    from lcssl.data import augment, pipeline
     from lcssl.tasks import base as task_base
 
     tasks.get(task)  # a clear error for an unknown task
@@ -98,7 +98,7 @@ def base(dataset: str, task: str) -> ml_collections.ConfigDict:
     c.test_split = "test"
     c.label_fraction = 1.0
     c.label_seed = 0
-    c.input = "tfdata"
+    c.input = pipeline.DEFAULT_READER
 
     c.batch_size = 256 if pretrain else 64
     c.eval_batch_size = 64

@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from lcssl import cli
 
 
-def _define_flags(values: flags.FlagValues) -> None:
+def define_flags(values: flags.FlagValues = flags.FLAGS) -> None:
     """The command's flags (defined when it runs: lcssl.main has a --workdir too)."""
     flags.DEFINE_string("workdir", "demo", "Where data, runs and results go.", flag_values=values)
     flags.DEFINE_integer("steps", 40, "Training steps of each stage.", flag_values=values)
@@ -79,5 +79,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _define_flags(flags.FLAGS)
+    define_flags()
     app.run(cli.user_errors(main))

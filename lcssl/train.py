@@ -403,7 +403,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 saved.checkpoints.directory)
                 return {}
         results = {"workdir": os.path.abspath(workdir), "task": config.task, "num_steps": num_steps,
-                   **saved.final(state, abstract_state, step, start_step, loop_t0)}
+                   "input": reader, **saved.final(state, abstract_state, step, start_step, loop_t0)}
         ckpt_lib.write_json(os.path.join(workdir, "eval_results.json"), results)
         return results
     finally:

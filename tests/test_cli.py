@@ -210,7 +210,7 @@ def run_in_process(command: str, argv: list, monkeypatch) -> None:
         values = flags.FlagValues()
         monkeypatch.setattr(flags, "FLAGS", values)
         monkeypatch.setattr(sys, "argv", argv)  # where ml_collections finds the --config.* overrides
-        module._define_flags(values)
+        module.define_flags(values)
         cli.user_errors(module.main)(cli.parse_flags(argv))
     else:
         cli.user_errors(module.main)(argv)

@@ -3,6 +3,7 @@ model): the map keeps the mosaic's grid, equals patch-wise prediction, does not 
 it was computed in nor on the CRS of the series, keeps nodata, refuses what does not fit the
 checkpoint, and never leaves a half map under the final name."""
 import datetime
+import json
 import os
 import re
 import subprocess
@@ -402,12 +403,18 @@ def test_finer_mosaic_is_resampled_per_window_and_mapped_on_its_own_grid(loaded,
 
 
 @pytest.mark.slow
-def test_a_prepared_split_is_mapped_patch_by_patch(loaded, tmp_path_factory, tmp_path):
+def test_a_prepared_split_is_mapped_patch_by_patch(run_dir, loaded, tmp_path_factory, tmp_path):
+    from lcssl.predict.__main__ import main as predict_main
     from tests._train_helpers import tiny_dataset
 
     data_dir = tiny_dataset(tmp_path_factory)
     summary = predict.predict_split(loaded, data_dir, "test", str(tmp_path), batch_size=8,
                                     progress=False)
+    # The command with the native reader asked for by name: the same patches, maps and scores.
+    native = tmp_path / "native"
+    assert predict_main([f"--checkpoint={run_dir}", f"--records={data_dir}", "--split=test", f"--out={native}",
+                         "--input=native", "--batch-size=8", "--no-progress"]) == 0
+    assert json.loads((native / "summary.json").read_text()) == json.loads((tmp_path / "summary.json").read_text())
     card = files_card(data_dir)
     assert summary["num_patches"] == card["splits"]["test"]["num_examples"] > 0
     with rasterio.open(tmp_path / summary["patches"][0]["file"]) as m:

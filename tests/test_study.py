@@ -152,6 +152,42 @@ def test_the_budget_is_the_same_for_every_objective_and_never_stopped_on_the_pro
             assert (steps, cfg.schedule.warmup_steps, cfg.early_stop.patience) == (cap, 20, 0), run.arm
 
 
+def test_the_study_passes_its_reader_to_every_run(tmp_path):
+    from lcssl.data import pipeline
+
+    config = study_synth.get_config("tiny")
+    assert config.input == pipeline.DEFAULT_READER  # the trainer's default, unless --config.input=...
+    for reader in (None, "native"):  # run_study passes the one that runs here (TensorFlow or not)
+        runs = study.plan(config, tmp_path, tmp_path / "data", reader=reader)
+        for run in (runs[0], runs[-1]):  # a pre-training and a fine-tuning
+            assert study.trainer_config(run.config, run.overrides).input == (reader or config.input)
+
+
+def test_the_report_says_where_each_run_ran_and_with_which_reader(tmp_path):
+    records = [{**_record("scratch_utt", 0, 0.1, 0.3, 0.8, [0.3]), "input": "tfdata", "device": "1 x cpu"},
+               {**_record("scratch_utt", 1, 0.1, 0.4, 0.8, [0.4]), "input": "native",
+                "device": "1 x NVIDIA H100 80GB HBM3"},
+               _record("scratch_utt", 2, 0.1, 0.5, 0.8, [0.5])]  # a record from before the fields
+    meta = {"command": "c", "commit": "abc", "machine": "m", "date": "d", "wall_seconds_this_invocation": 1.0,
+            "run_seconds_total": 1.0, "workdir": "/runs", "label_fractions": [0.1], "seeds": [0, 1, 2]}
+    study.write_results(records, {"scratch_utt": "from scratch"}, {}, meta, tmp_path / "RESULTS.md")
+    assert ("Finished runs by device and input reader (`input` of each record): 1 on 1 x NVIDIA H100 80GB "
+            "HBM3 with native; 1 on 1 x cpu with tfdata; 1 on device not recorded with reader not recorded."
+            in (tmp_path / "RESULTS.md").read_text())
+    rows = (tmp_path / "results_label_efficiency.csv").read_text().splitlines()
+    assert "input,device" in rows[0] and ",native,1 x NVIDIA H100 80GB HBM3," in rows[2]
+
+
+def test_no_run_is_launched_after_the_budget(tmp_path):
+    import time
+
+    runs = study.plan(study_synth.get_config("tiny"), tmp_path, tmp_path / "data")
+    ended = []
+    failed = study_run.execute_all(runs, 1, tmp_path / "jax_cache", lambda run, outcome: ended.append(run),
+                                   launch_until=time.monotonic() - 1.0)
+    assert failed == {} and ended == []
+
+
 def test_paired_interval_and_records_of_another_protocol():
     # differences 5, 7, 0: mean 4, std sqrt(13); t(0.975, 2 dof) = 4.3027 -> half width 8.957
     low, high = study.paired_ci([5.0, 7.0, 0.0])

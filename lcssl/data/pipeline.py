@@ -58,6 +58,7 @@ from lcssl.errors import UserError
 from lcssl.files import read_json
 
 READERS = ("tfdata", "native")
+DEFAULT_READER = "tfdata"  # --config.input of training and of the study, predict's --input
 HOST_KEYS = ("aerial", "sits", "dates", "sits_valid", "label")
 _SEED_STRIDE = 1_000_003
 SPLIT_FIELDS = ("num_examples", "files", "shard_examples", "shard_bytes", "shard_sha256")

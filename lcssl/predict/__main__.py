@@ -10,6 +10,7 @@ import sys
 from typing import Sequence
 
 from lcssl import cli
+from lcssl.data import pipeline
 from lcssl.errors import UserError
 from lcssl.predict import mosaic, sinks
 from lcssl.predict.model import TTA_VIEWS
@@ -36,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--records", help="instead of a mosaic: a dataset folder from `python -m "
                                      "data_prep build`; writes one map per patch of --split")
     p.add_argument("--split", default="test", help="with --records: the split (default test)")
-    p.add_argument("--input", choices=("tfdata", "native"), default="tfdata",
+    p.add_argument("--input", choices=pipeline.READERS, default=pipeline.DEFAULT_READER,
                    help="with --records: the reader of the shards, tf.data or the native reader (no "
                         "TensorFlow; chosen by itself where TensorFlow is not installed); both give "
                         "the same patches in the same order (default %(default)s)")

@@ -24,6 +24,9 @@ protocol version: records of different versions are never mixed), meant to be co
 is never run again, on this machine or another, and the report is made from the records alone
 (checkpoints stay in --workdir, out of git). A run whose checkpoint another run starts from (a
 pre-training, the oracle's source) is run again only when a run that needs it has no record yet. Any other run resumes from its checkpoints.
+`--budget_s=S` launches no run after S seconds (the running ones finish, the report is written, the
+same command continues later); every run reads the shards with `--config.input` (tfdata | native:
+'native' where TensorFlow is absent), and its record says which reader and device it ran with.
 `--report_only` writes the report from the records as they are; a hand-written `NOTES.md` beside
 them becomes the report's "What was tried". An arm whose overrides the trainer's config rejects (a field it
 does not have, such as `task` before the objectives exist) is "not available" in the report, with

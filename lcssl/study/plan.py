@@ -77,17 +77,20 @@ def selected_arms(config) -> list[str]:
 
 
 def plan(config, workdir: pathlib.Path, data_dir: pathlib.Path,
-         records: Optional[pathlib.Path] = None) -> list[Run]:
+         records: Optional[pathlib.Path] = None, reader: Optional[str] = None) -> list[Run]:
     """Every run of the study, each after the run it starts from (its pre-training, or for an arm
     with `init_run` another arm's fine-tuning run of the same seed); seeds outermost, so a partial
     study already has every cell at one seed. Without config.pretrain_per_seed, each arm pre-trains
     once (with the first seed) and every fine-tuning seed starts from it. Records go to
-    <records>/<arm>/...; `records` is the protocol's own folder (see `records_folder`)."""
+    <records>/<arm>/...; `records` is the protocol's own folder (see `records_folder`). Every run
+    reads the shards with `reader` (default config.input; the study passes the one that runs here)."""
     arms_by_name = {a["name"]: a for a in config.arms}
     only = selected_arms(config)
+    reader = reader or config.input
     runs, pretrains, finetunes = [], {}, {}
     for seed in config.seeds:
-        common = [f"--config.data_dir={data_dir}", f"--config.seed={seed}", *config.run_overrides]
+        common = [f"--config.data_dir={data_dir}", f"--config.seed={seed}", f"--config.input={reader}",
+                  *config.run_overrides]
         for arm in config.arms:
             if only and arm["name"] not in only:
                 continue
@@ -100,7 +103,7 @@ def plan(config, workdir: pathlib.Path, data_dir: pathlib.Path,
                     f"seed{pre_seed}/pretrain" if config.pretrain_per_seed else "pretrain")
                 if pre_dir not in pretrains:
                     pre_common = [f"--config.data_dir={data_dir}", f"--config.seed={pre_seed}",
-                                  *config.run_overrides]
+                                  f"--config.input={reader}", *config.run_overrides]
                     pretrains[pre_dir] = Run(source["name"], "pretrain", pre_seed, None, pre_dir,
                                              source["pretrain"]["config"],
                                              [*pre_common, *config.pretrain_overrides,

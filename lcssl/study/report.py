@@ -262,6 +262,21 @@ def _header(meta: dict) -> list[str]:
             f"comes from the runs' records in {meta.get('records', meta['workdir'])}.", ""]
 
 
+def _readers_note(records: Sequence[dict]) -> list[str]:
+    """Where the finished runs ran and how they read the shards: tf.data and the native reader give
+    the same examples in different training orders, so records of both compare like two shuffles."""
+    done = [r for r in records if r["status"] == "done"]
+    groups = {}
+    for r in done:
+        key = (r.get("device") or "device not recorded", r.get("input") or "reader not recorded")
+        groups[key] = groups.get(key, 0) + 1
+    if not groups:
+        return []
+    parts = [f"{n} on {device} with {reader}" for (device, reader), n in sorted(groups.items())]
+    return [f"Finished runs by device and input reader (`input` of each record): {'; '.join(parts)}. "
+            "The two readers (tfdata, native) give the same examples in different training orders.", ""]
+
+
 def _score_tables(summary: dict, labels: dict, arms: list, fractions: list, meta: dict) -> list[str]:
     """Test mIoU / OA per cell, the paired difference to from scratch, the share of the oracle's gain."""
     lines = ["## Test mIoU and OA (%), mean ± std over seeds (std with ddof=1)", "",
@@ -357,7 +372,7 @@ def _write_tables(records, summary: dict, labels: dict, unavailable: dict, meta:
                            for (arm, f), s in sorted(summary.items())]}
     write_json(folder / "results_label_efficiency.json", content)
     fields = ["arm", "kind", "seed", "label_fraction", "status", "test_miou", "test_miou_official", "test_oa",
-              "val_miou", "best_step", "steps", "seconds", "workdir"]
+              "val_miou", "best_step", "steps", "seconds", "input", "device", "workdir"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
@@ -375,7 +390,7 @@ def write_results(records: Sequence[dict], labels: dict, unavailable: dict, meta
     summary = summarize(records)
     shown = {k: v for k, v in summary.items() if v["miou"][2] >= MIN_SEEDS}  # cells with a figure
     arms = [a for a in labels if a not in unavailable]
-    lines = _header(meta) + _score_tables(summary, labels, arms, fractions, meta)
+    lines = _header(meta) + _readers_note(records) + _score_tables(summary, labels, arms, fractions, meta)
     lines += _budget_section(records, meta)
     lines += _answer(summary, labels, meta, fractions)
     lines += _screen_section(records, labels, meta)

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from lcssl.data import pipeline
 from lcssl.errors import UserError
 from lcssl.files import read_json, write_json
 from lcssl.study.plan import ROOT, Run, _pretrain_of, plan, records_folder, selected_arms, trainer_config, \
@@ -46,7 +47,8 @@ def make_record(run: Run, seconds: float) -> dict:
     rec = {"arm": run.arm, "kind": run.kind, "seed": run.seed, "label_fraction": run.fraction,
            "protocol": run.protocol, "status": "done", "seconds": seconds, "steps": results.get("step"),
            "num_steps": results.get("num_steps"), "early_stop": results.get("early_stop"),
-           "timing": results.get("timing"), "config": run.config,
+           "timing": results.get("timing"), "input": results.get("input"), "device": _device(),
+           "config": run.config,
            "overrides": [o for o in run.overrides if not o.startswith(("--config.data_dir=",
                                                                        "--config.supervised.init_from="))],
            "commit": _git_commit(), "machine": _machine(),
@@ -61,6 +63,13 @@ def make_record(run: Run, seconds: float) -> dict:
                    best_step=results.get("best_step"), class_names=test.get("class_names"),
                    test_iou=test.get("iou"), probe=results.get("probe"))
     return rec
+
+
+def _device() -> str:
+    """The accelerator the run trained on, as JAX names it ('cpu', 'NVIDIA H100 80GB HBM3', ...)."""
+    import jax
+
+    return f"{jax.device_count()} x {jax.devices()[0].device_kind}"
 
 
 def execute(run: Run, cache_dir: str) -> dict:
@@ -147,9 +156,11 @@ def _cpu_sets(parallel: int) -> list:
     return [set(int(c) for c in part) for part in np.array_split(cores, parallel)]
 
 
-def execute_all(todo: Sequence[Run], parallel: int, cache_dir: pathlib.Path, on_done) -> dict:
+def execute_all(todo: Sequence[Run], parallel: int, cache_dir: pathlib.Path, on_done,
+                launch_until: Optional[float] = None) -> dict:
     """Runs `todo` on `parallel` worker processes, a run only once the run it starts from is
-    trained; calls on_done(run, outcome) as each ends. Returns {workdir: message} of failed runs."""
+    trained, and none after time.monotonic() passes `launch_until` (the runs running then finish);
+    calls on_done(run, outcome) as each ends. Returns {workdir: message} of failed runs."""
     import concurrent.futures as cf
     import multiprocessing
 
@@ -165,7 +176,7 @@ def execute_all(todo: Sequence[Run], parallel: int, cache_dir: pathlib.Path, on_
                                 initargs=(cpu_sets, str(cache_dir))) as pool:
         while waiting or running:
             for run in list(waiting):
-                if len(running) >= parallel:
+                if len(running) >= parallel or (launch_until is not None and time.monotonic() > launch_until):
                     break
                 if run.needs is not None and run.needs in failed:
                     waiting.remove(run)
@@ -236,10 +247,11 @@ def _todo(runs: Sequence[Run]) -> list[Run]:
 
 def run_study(config, workdir: pathlib.Path, results_path: pathlib.Path, command: str,
               records_dir: Optional[pathlib.Path] = None, parallel: int = 1,
-              report_only: bool = False) -> dict:
-    """Runs what is not finished, then writes the report from the records; returns the results
-    written to JSON."""
+              report_only: bool = False, budget_s: float = 0.0) -> dict:
+    """Runs what is not finished (launching none after `budget_s` seconds, if > 0), then writes the
+    report from the records; returns the results written to JSON."""
     started = time.perf_counter()
+    launch_until = time.monotonic() + budget_s if budget_s > 0 else None
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     records_dir = (records_dir or pathlib.Path(results_path).parent / "study_records").resolve()
@@ -248,11 +260,13 @@ def run_study(config, workdir: pathlib.Path, results_path: pathlib.Path, command
     arms_by_name = {a["name"]: a for a in config.arms}
     unavailable = {a["name"]: r for a in config.arms if (r := unavailable_reason(a, arms_by_name))}
     records_dir = records_folder(records_dir, config)
-    runs = [r for r in plan(config, workdir, data_dir, records_dir) if r.arm not in unavailable]
+    # The reader every run gets: 'tfdata' becomes 'native' where TensorFlow is absent (one log line).
+    reader = config.input if report_only else pipeline.choose_reader(config.input)
+    runs = [r for r in plan(config, workdir, data_dir, records_dir, reader) if r.arm not in unavailable]
     todo = [] if report_only else _todo(runs)
     print(f"Study: {len(runs)} runs ({sum(r.finished for r in runs)} already finished), "
           f"{len(unavailable)} arm(s) not available: {', '.join(sorted(unavailable)) or 'none'}; "
-          f"{parallel} worker(s)", flush=True)
+          f"{parallel} worker(s), input={reader}", flush=True)
     durations, train_steps_s, ended = {"pretrain": [], "finetune": []}, [], [0]  # ended: a counter
 
     def on_done(run, outcome):
@@ -268,7 +282,10 @@ def run_study(config, workdir: pathlib.Path, results_path: pathlib.Path, command
               + (f" ({outcome['message']})" if outcome["message"] else "")
               + f"; ETA {_fmt_duration(eta)}", flush=True)
 
-    failed = execute_all(todo, parallel, workdir / "jax_cache", on_done) if todo else {}
+    failed = execute_all(todo, parallel, workdir / "jax_cache", on_done, launch_until) if todo else {}
+    if ended[0] < len(todo):
+        print(f"Budget of {budget_s:g} s: {len(todo) - ended[0]} run(s) not launched; the same command "
+              "continues from the records.", flush=True)
     wall = time.perf_counter() - started
     records = collect(runs, failed)
     meta = {"command": command, "commit": _git_commit(), "machine": _machine(),
