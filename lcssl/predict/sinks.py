@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -291,18 +292,21 @@ class PatchMaps:
 
     def write(self, index: int, pred: np.ndarray, label: np.ndarray) -> str:
         import rasterio
+        import rasterio.errors
 
         name = f"{self.split}_{index:05d}.tif"
         tmp = os.path.join(self.out_dir, f".{name}.tmp-{os.getpid()}.tif")
         try:
-            with _writing(os.path.join(self.out_dir, name)), rasterio.open(
-                    tmp, "w", driver="GTiff", width=pred.shape[1], height=pred.shape[0], count=2,
-                    dtype="uint8", nodata=NODATA) as dst:
-                dst.write_colormap(1, colour_table(self.class_names))   # before the pixels
-                dst.write(np.stack([pred, label]).astype(np.uint8))
-                dst.set_band_description(1, "prediction")
-                dst.set_band_description(2, "label")
-                dst.update_tags(classes=",".join(self.class_names))
+            with warnings.catch_warnings():   # records carry no georeferencing, by design
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                with _writing(os.path.join(self.out_dir, name)), rasterio.open(
+                        tmp, "w", driver="GTiff", width=pred.shape[1], height=pred.shape[0],
+                        count=2, dtype="uint8", nodata=NODATA) as dst:
+                    dst.write_colormap(1, colour_table(self.class_names))   # before the pixels
+                    dst.write(np.stack([pred, label]).astype(np.uint8))
+                    dst.set_band_description(1, "prediction")
+                    dst.set_band_description(2, "label")
+                    dst.update_tags(classes=",".join(self.class_names))
             os.replace(tmp, os.path.join(self.out_dir, name))
         finally:
             if os.path.exists(tmp):
