@@ -8,7 +8,10 @@ import errno
 import json
 import logging
 import shutil
+import signal
 import struct
+import subprocess
+import textwrap
 
 import jax
 import numpy as np
@@ -19,7 +22,8 @@ from lcssl import checkpoint as ckpt_lib
 from lcssl import files, train
 from lcssl.data import pipeline
 from lcssl.errors import CheckpointWriteError, NonFiniteError, ShardError, UserError
-from tests._train_helpers import compilation_cache, saved_state, tiny_config, tiny_dataset, tiny_state
+from tests._train_helpers import (PYTHON, ROOT, cli_env, compilation_cache, saved_state, tiny_config,
+                                  tiny_dataset, tiny_state)
 
 
 class Killed(Exception):
@@ -164,6 +168,48 @@ def test_a_checkpoint_is_logged_once_it_is_on_disk_never_before_a_save_that_fail
     checkpoints.close()
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Checkpoint step")]
     assert logged == [f"Checkpoint step 2 -> {tmp_path}/checkpoints/2"]
+
+
+# Steps 2, 4 and 6 with keep=2: saving 6 retires step 2, and the process is killed (SIGKILL) while
+# the folders of step 2 are being removed, wherever that happens.
+KILLED_WHILE_AN_OLD_STEP_IS_REMOVED = textwrap.dedent("""
+    import os, signal, sys
+    from lcssl import checkpoint
+    from tests._train_helpers import tiny_state
+
+    checkpoints = checkpoint.Checkpoints(sys.argv[1], keep=2)
+    for step in (2, 4):
+        checkpoints.save(step, tiny_state(step), {}, {"next_step": step})
+    checkpoints.wait()
+    real_rmdir = os.rmdir
+
+    def rmdir(path, *args, **kwargs):
+        if os.path.basename(path) == "input_spec":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_rmdir(path, *args, **kwargs)
+
+    os.rmdir = rmdir
+    checkpoints.save(6, tiny_state(6), {}, {"next_step": 6})
+    checkpoints.wait()
+""")
+
+
+def test_a_kill_9_while_an_old_step_is_removed_leaves_no_half_deleted_step_and_the_rerun_resumes(
+        tmp_path):
+    """Orbax used to remove a retired step in place: killed then, it left a numbered folder without
+    its input_spec that every rerun refused until it was moved by hand."""
+    folder = tmp_path / "checkpoints"
+    killed = subprocess.run([PYTHON, "-c", KILLED_WHILE_AN_OLD_STEP_IS_REMOVED, str(folder)], cwd=ROOT,
+                            env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert steps(folder) == [4, 6]
+    checkpoints = ckpt_lib.Checkpoints(str(folder), keep=2)  # what the rerun opens
+    assert checkpoints.latest_step() == 6
+    state, _, progress = checkpoints.restore(6, tiny_state(0))
+    np.testing.assert_array_equal(state.params["w"], tiny_state(6).params["w"])
+    assert progress["next_step"] == 6
+    assert not (folder / ckpt_lib.RETIRED).exists()  # the removal the kill cut short, finished
+    checkpoints.close()
 
 
 def test_orbax_s_own_report_of_a_full_disk_is_named_too():
