@@ -12,7 +12,10 @@ Layout of `<workdir>/checkpoints/<step>/` (Orbax CheckpointManager, async saves,
 `Checkpoints` owns the run's saved state and guards it: `resume` refuses a checkpoint made for other
 data, another model or another data order before restoring it; `save` refuses a non-finite state;
 `forget_after` drops what a killed run saved past the step it resumes from (best/); a full disk or
-a permission problem while saving is one `CheckpointWriteError` naming the folder.
+a permission problem while saving is one `CheckpointWriteError` naming the folder and the step a
+rerun resumes from. A step Orbax retires (keep N, or best/'s ranking) is first renamed, whole, into
+`<directory>/.deleting/` and removed from there afterwards, so a kill while it is being removed
+never leaves a half-deleted numbered step folder behind (the next run finishes the removal).
 
 Restore builds its target from the *current* mesh (`jax.ShapeDtypeStruct` with the sharding the
 trainer wants now), so a checkpoint written on 8 GPUs restores on 1 CPU and vice versa: Orbax reads
@@ -26,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -69,6 +73,11 @@ with _without_orbax_warnings("overriding"):
         override=True)
 
 
+# Where Orbax moves a step it retires (one rename, so the step folder vanishes at once); what is
+# here is removed by `Checkpoints` (`_remove_retired`), again by the next run if a kill cut that short.
+RETIRED = ".deleting"
+
+
 def _manager(directory: str, *, keep: int | None, best_metric: str | None = None,
              read_only: bool = False, partial: bool = False) -> ocp.CheckpointManager:
     with _without_orbax_warnings("read_only=True"):  # reading is all we want
@@ -82,6 +91,7 @@ def _manager(directory: str, *, keep: int | None, best_metric: str | None = None
             enable_async_checkpointing=not read_only,
             # A killed save leaves `<step>.orbax-checkpoint-tmp-*` behind; the next run sweeps it.
             cleanup_tmp_directories=not read_only,
+            todelete_subdir=None if read_only else RETIRED,
         )
     # Partial reads (only the encoder of a SimCLR state) need the PyTree handler's partial_restore.
     state_handler = ocp.PyTreeCheckpointHandler() if partial else ocp.StandardCheckpointHandler()
@@ -93,13 +103,20 @@ def _manager(directory: str, *, keep: int | None, best_metric: str | None = None
 
 
 class Checkpoints:
-    """Periodic (or best-by-metric) checkpoints of one run under `directory`."""
+    """Periodic (or best-by-metric) checkpoints of one run under `directory`. `resumes_from`: the
+    Checkpoints a rerun of the command resumes from, when not these (best/: checkpoints/); a
+    failed save names its complete steps."""
 
-    def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None):
+    def __init__(self, directory: str, *, keep: int = 3, best_metric: str | None = None,
+                 resumes_from: Checkpoints | None = None):
         self.directory = os.path.abspath(directory)
         check_step_folders(self.directory)
         self._mngr = _manager(directory, keep=keep, best_metric=best_metric)
-        self._saving = None  # the step of the save under way, for the message if it fails
+        self._remove_retired()  # what a run killed while removing them left
+        self._resumes_from = resumes_from or self
+        # (step, log line) of the save under way: the step for the message if it fails, the line
+        # logged once it is on disk.
+        self._saving: tuple[int, str] | None = None
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
@@ -153,6 +170,7 @@ class Checkpoints:
         ahead = [s for s in self.all_steps() if step is None or s > step]
         for s in ahead:
             self._mngr.delete(s)
+        self._remove_retired()
         if ahead:
             logging.info("%s: removed step(s) %s saved after step %s by the run that stopped; this "
                          "run saves them again.", self.directory, ahead, step)
@@ -182,15 +200,30 @@ class Checkpoints:
             saved = self._mngr.save(step, args=args, metrics=dict(metrics) if metrics else None,
                                     force=force)
         if saved:
-            self._saving = step
-            logging.info("Checkpoint step %d -> %s%s", step, os.path.join(self.directory, str(step)),
-                         "".join(f", {k}={v:.4g}" for k, v in (metrics or {}).items()))
+            self._saving = (step, f"Checkpoint step {step} -> {os.path.join(self.directory, str(step))}"
+                                  + "".join(f", {k}={v:.4g}" for k, v in (metrics or {}).items()))
         return saved
 
     def wait(self) -> None:
-        with self._write_errors(self._saving):
+        """Blocks until the save under way is on disk (then logs it) and what it retired is gone."""
+        with self._write_errors(self._saving and self._saving[0]):
             self._mngr.wait_until_finished()
-        self._saving = None
+        if self._saving is not None:
+            logging.info("%s", self._saving[1])
+            self._saving = None
+        self._remove_retired()
+
+    def _remove_retired(self) -> None:
+        if jax.process_index() != 0:  # Orbax retires steps on the primary process only
+            return
+        retired = os.path.join(self.directory, RETIRED)
+        try:
+            shutil.rmtree(retired)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            logging.warning("%s: cannot remove the checkpoints Orbax retired there (%s); delete the "
+                            "folder by hand to free its space.", retired, e)
 
     def close(self) -> None:
         """Waits for the last save and closes. While an exception is already on its way up (the
@@ -215,17 +248,23 @@ class Checkpoints:
             problem = _disk_problem(e)
             if problem is None:
                 raise
-            latest = self._complete_steps(exclude=step)
+            rerun = self._resumes_from
+            if rerun is not self:  # its save under way, if any, decides where a rerun resumes
+                with contextlib.suppress(Exception):
+                    rerun.wait()
+            latest = rerun._complete_steps(exclude=step if rerun is self else None)
             where = self.directory if step is None else os.path.join(self.directory, str(step))
+            there = "" if rerun is self else f" in {rerun.directory}"
             raise CheckpointWriteError(
                 f"{where}: cannot write this checkpoint: {problem}. "
-                + (f"The complete checkpoints ({', '.join(map(str, latest))}) are intact; "
-                   if latest else "No checkpoint was complete yet; ")
+                + (f"The complete checkpoints{there} ({', '.join(map(str, latest))}) are intact; "
+                   if latest else f"No checkpoint{there} was complete yet; ")
                 + "free space (or use a --workdir on another disk) and re-run the same command: "
                 + (f"it resumes from step {latest[-1]}." if latest else "it starts from step 0.")
             ) from None
 
     def _complete_steps(self, exclude: int | None) -> list[int]:
+        """The steps on disk, `exclude` (the failed save) left out: only for a message."""
         try:
             self._mngr.reload()
             return [s for s in self.all_steps() if s != exclude]

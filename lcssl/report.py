@@ -23,6 +23,7 @@ import math
 import os
 import struct
 import sys
+import tokenize
 import warnings
 import zipfile
 import zlib
@@ -271,6 +272,14 @@ def _inside(folder: str, name, listed_in: str) -> str:
     return path
 
 
+# What numpy's .npz reader raises for a damaged file, besides OSError / ValueError / EOFError:
+# zipfile's BadZipFile (a bad CRC, no zip), NotImplementedError (an unknown compression method)
+# and RuntimeError (a member marked encrypted); zlib.error (a damaged deflate stream); the .npy
+# header's parser, tokenize.TokenError and SyntaxError; MemoryError (the array size it claims).
+_DAMAGED_NPZ = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error,
+                NotImplementedError, RuntimeError, tokenize.TokenError, SyntaxError, MemoryError)
+
+
 def sample_panels(maps_dir: str) -> list[str]:
     """Rows of panels for the patches `python -m lcssl.predict --records` saved samples of:
     aerial RGB, NDVI over time, label, prediction, errors (red: wrong, grey: no label)."""
@@ -300,7 +309,7 @@ def sample_panels(maps_dir: str) -> list[str]:
             with np.load(sample_path) as z:  # pickles refused (allow_pickle=False, numpy's default)
                 sample = {k: z[k] for k in z.files}
             rgb = sample["rgb"]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        except _DAMAGED_NPZ as e:
             raise ReportError(f"{sample_path}: unreadable sample panel ({type(e).__name__}: "
                               f"{str(e)[:120]}); re-run `python -m lcssl.predict --records` into "
                               f"--maps={maps_dir}") from None

@@ -217,7 +217,8 @@ class _Saved:
                                                 keep=config.keep_checkpoints)
         self.best_tag = task.best_metric.replace("/", "_") if task.best_metric else None
         self.best = None if self.best_tag is None else ckpt_lib.Checkpoints(
-            os.path.join(workdir, "best"), keep=1, best_metric=self.best_tag)
+            os.path.join(workdir, "best"), keep=1, best_metric=self.best_tag,
+            resumes_from=self.checkpoints)  # a failed best/ save names checkpoints/' steps
         self.stopper = EarlyStop(config.early_stop.metric or task.best_metric,
                                  config.early_stop.patience, config.early_stop.min_delta)
         self.timing = {"first_step_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "loop_s": 0.0}

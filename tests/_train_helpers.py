@@ -1,11 +1,14 @@
 """Shared pieces of the trainer tests: one tiny synthetic dataset and one compilation cache per
-pytest session, the tiny configs, and readers for what a run leaves in its workdir."""
+pytest session, the tiny configs, readers for what a run leaves in its workdir, and a tiny state
+for lcssl.checkpoint.Checkpoints on its own."""
 import os
 import pathlib
 import subprocess
 import sys
 
+import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -105,3 +108,14 @@ def saved_state(workdir, step: int | None = None, folder: str = "checkpoints") -
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
                             checkpointer.metadata(path).item_metadata.tree)
     return checkpointer.restore(path, restore_args=as_numpy)
+
+
+@flax.struct.dataclass
+class TinyState:
+    """The least `Checkpoints.save` takes: parameters and batch statistics (checked finite)."""
+    params: dict
+    batch_stats: dict
+
+
+def tiny_state(value: float) -> TinyState:
+    return TinyState({"w": jnp.full(3, value, jnp.float32)}, {"mean": jnp.zeros(2, jnp.float32)})

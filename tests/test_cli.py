@@ -3,6 +3,7 @@ status 2, no Python traceback; bugs keep theirs (lcssl/cli.py)."""
 import errno
 import importlib
 import json
+import re
 import subprocess
 import sys
 
@@ -59,6 +60,15 @@ def test_a_user_error_is_one_message_without_a_traceback(tmp_path, args, expecte
     assert sum(line.startswith("error: ") for line in proc.stderr.splitlines()) == 1
     for text in expected:
         assert text.format(tmp=tmp_path) in proc.stderr
+
+
+def test_the_advice_for_an_unknown_config_field_names_files_that_exist(tmp_path):
+    proc = run_main("--config=configs/ssl_hameln.py", "--config.simclr.temprature=0.2",
+                    f"--workdir={tmp_path}/run")
+    assert proc.returncode == cli.EXIT_USER_ERROR
+    named = re.findall(r"[\w/]+\.py\b", proc.stderr.splitlines()[-1])
+    assert "lcssl/configs.py" in named
+    assert [path for path in named if not (ROOT / path).is_file()] == []
 
 
 def test_an_old_flag_of_a_moved_field_names_its_new_flag(tmp_path):

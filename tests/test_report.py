@@ -1,9 +1,12 @@
 """lcssl.report on two tiny runs' workdirs, written as lcssl.train writes them: scalars through
 clu's TensorBoard writer and eval_results.json from lcssl.metrics."""
+import io
 import json
 import re
+import struct
 import subprocess
 import sys
+import zipfile
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -113,7 +116,41 @@ def test_paths_read_from_a_predict_summary_must_stay_in_its_folder(tmp_path, nam
         report.sample_panels(str(maps))
 
 
-@pytest.mark.parametrize("damage", [b"not a zip file", b"PK\x03\x04 cut short"])
+def sample_panel(rgb_npy: bytes | None = None) -> bytearray:
+    """A sample panel as predict writes it (np.savez_compressed), or one holding `rgb_npy` as its
+    rgb.npy."""
+    buffer = io.BytesIO()
+    if rgb_npy is None:
+        np.savez_compressed(buffer, rgb=np.arange(64 * 64 * 3).astype(np.uint8).reshape(64, 64, 3))
+    else:
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("rgb.npy", rgb_npy)
+    return bytearray(buffer.getvalue())
+
+
+def damaged_panel(where: str) -> bytes:
+    """One byte of a sample panel damaged, where each numpy / zipfile error comes from."""
+    if where == "npy header":  # its opening brace: the header no longer tokenizes
+        buffer = io.BytesIO()
+        np.save(buffer, np.zeros((64, 64, 3), np.uint8))
+        npy = bytearray(buffer.getvalue())
+        npy[npy.index(b"{")] ^= 0x01
+        return bytes(sample_panel(bytes(npy)))
+    raw = sample_panel()
+    local, central = raw.index(b"PK\x03\x04"), raw.index(b"PK\x01\x02")
+    if where == "deflate stream":  # the first block's type bits set to 11, which deflate reserves
+        name_length, extra_length = struct.unpack("<HH", raw[local + 26:local + 30])
+        raw[local + 30 + name_length + extra_length] |= 0x06
+    elif where == "compression method":
+        raw[central + 10] ^= 0xFF
+    elif where == "encryption flag":
+        raw[central + 8] ^= 0x01
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("damage", [b"not a zip file", b"PK\x03\x04 cut short"] + [
+    pytest.param(damaged_panel(where), id=where)
+    for where in ("deflate stream", "npy header", "compression method", "encryption flag")])
 def test_a_damaged_sample_panel_is_one_line_naming_it(tmp_path, damage, capsys):
     maps = tmp_path / "maps"
     maps.mkdir()

@@ -6,8 +6,12 @@ The supervised tiny run evaluates at steps 4 and 6 (best/ by val mIoU) and check
 that point (in the trainer's thread, or in Orbax's background thread that commits a save)."""
 import errno
 import json
+import logging
 import shutil
+import signal
 import struct
+import subprocess
+import textwrap
 
 import jax
 import numpy as np
@@ -18,7 +22,8 @@ from lcssl import checkpoint as ckpt_lib
 from lcssl import files, train
 from lcssl.data import pipeline
 from lcssl.errors import CheckpointWriteError, NonFiniteError, ShardError, UserError
-from tests._train_helpers import compilation_cache, saved_state, tiny_config, tiny_dataset
+from tests._train_helpers import (PYTHON, ROOT, cli_env, compilation_cache, saved_state, tiny_config,
+                                  tiny_dataset, tiny_state)
 
 
 class Killed(Exception):
@@ -108,18 +113,103 @@ def test_a_run_killed_at_any_point_of_a_save_resumes_to_the_uninterrupted_result
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("folder", ["checkpoints", "best"])
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_rerun_ends_identical(
-        data_dir, uninterrupted, tmp_path, monkeypatch, caplog):
-    kill_commit_of(monkeypatch, "checkpoints", 4, OSError(errno.ENOSPC, "No space left on device"))
+        data_dir, uninterrupted, tmp_path, monkeypatch, caplog, folder):
+    """best/4 is saved before checkpoints/4, so on a real full disk it is the first to fail; either
+    way the message names checkpoints/' complete steps, where the rerun resumes."""
+    kill_commit_of(monkeypatch, folder, 4, OSError(errno.ENOSPC, "No space left on device"))
     with pytest.raises(CheckpointWriteError) as e:
         train.run(sup_config(data_dir), str(tmp_path))
     message = str(e.value)
     assert "\n" not in message
     assert not [r for r in caplog.records if r.exc_info]  # Orbax's logged copies of the traceback
-    assert message.startswith(f"{tmp_path / 'checkpoints' / '4'}: cannot write this checkpoint: the disk is full")
-    assert "The complete checkpoints (2) are intact" in message and "resumes from step 2" in message
+    assert message.startswith(f"{tmp_path / folder / '4'}: cannot write this checkpoint: the disk is full")
+    there = "" if folder == "checkpoints" else f" in {tmp_path / 'checkpoints'}"
+    assert f"The complete checkpoints{there} (2) are intact" in message and "resumes from step 2" in message
     monkeypatch.undo()
     assert_same_run(uninterrupted, tmp_path, train.run(sup_config(data_dir), str(tmp_path)))
+
+
+def save(checkpoints, step: int, **metrics) -> None:
+    checkpoints.save(step, tiny_state(step), {}, {"next_step": step}, metrics=metrics or None,
+                     force=True)
+
+
+def test_a_full_disk_at_best_names_the_step_a_rerun_resumes_from(tmp_path, monkeypatch):
+    """As the trainer at step 4: best/4 first (it fails), checkpoints/4 never started. best/ has no
+    complete step, checkpoints/2 is intact, and the rerun resumes from it."""
+    checkpoints = ckpt_lib.Checkpoints(str(tmp_path / "checkpoints"))
+    best = ckpt_lib.Checkpoints(str(tmp_path / "best"), keep=1, best_metric="val_miou",
+                                resumes_from=checkpoints)
+    save(checkpoints, 2)
+    kill_commit_of(monkeypatch, "best", 4, OSError(errno.ENOSPC, "No space left on device"))
+    save(best, 4, val_miou=0.5)
+    with pytest.raises(CheckpointWriteError) as e:
+        best.wait()
+    assert str(e.value) == (
+        f"{tmp_path}/best/4: cannot write this checkpoint: the disk is full. The complete checkpoints "
+        f"in {tmp_path}/checkpoints (2) are intact; free space (or use a --workdir on another disk) "
+        "and re-run the same command: it resumes from step 2.")
+    best.close()
+    checkpoints.close()
+
+
+def test_a_checkpoint_is_logged_once_it_is_on_disk_never_before_a_save_that_fails(
+        tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    checkpoints = ckpt_lib.Checkpoints(str(tmp_path / "checkpoints"))
+    save(checkpoints, 2)
+    checkpoints.wait()
+    kill_commit_of(monkeypatch, "checkpoints", 4, OSError(errno.ENOSPC, "No space left on device"))
+    save(checkpoints, 4)
+    with pytest.raises(CheckpointWriteError, match="checkpoints/4: cannot write"):
+        checkpoints.wait()
+    checkpoints.close()
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Checkpoint step")]
+    assert logged == [f"Checkpoint step 2 -> {tmp_path}/checkpoints/2"]
+
+
+# Steps 2, 4 and 6 with keep=2: saving 6 retires step 2, and the process is killed (SIGKILL) while
+# the folders of step 2 are being removed, wherever that happens.
+KILLED_WHILE_AN_OLD_STEP_IS_REMOVED = textwrap.dedent("""
+    import os, signal, sys
+    from lcssl import checkpoint
+    from tests._train_helpers import tiny_state
+
+    checkpoints = checkpoint.Checkpoints(sys.argv[1], keep=2)
+    for step in (2, 4):
+        checkpoints.save(step, tiny_state(step), {}, {"next_step": step})
+    checkpoints.wait()
+    real_rmdir = os.rmdir
+
+    def rmdir(path, *args, **kwargs):
+        if os.path.basename(path) == "input_spec":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_rmdir(path, *args, **kwargs)
+
+    os.rmdir = rmdir
+    checkpoints.save(6, tiny_state(6), {}, {"next_step": 6})
+    checkpoints.wait()
+""")
+
+
+def test_a_kill_9_while_an_old_step_is_removed_leaves_no_half_deleted_step_and_the_rerun_resumes(
+        tmp_path):
+    """Orbax used to remove a retired step in place: killed then, it left a numbered folder without
+    its input_spec that every rerun refused until it was moved by hand."""
+    folder = tmp_path / "checkpoints"
+    killed = subprocess.run([PYTHON, "-c", KILLED_WHILE_AN_OLD_STEP_IS_REMOVED, str(folder)], cwd=ROOT,
+                            env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert steps(folder) == [4, 6]
+    checkpoints = ckpt_lib.Checkpoints(str(folder), keep=2)  # what the rerun opens
+    assert checkpoints.latest_step() == 6
+    state, _, progress = checkpoints.restore(6, tiny_state(0))
+    np.testing.assert_array_equal(state.params["w"], tiny_state(6).params["w"])
+    assert progress["next_step"] == 6
+    assert not (folder / ckpt_lib.RETIRED).exists()  # the removal the kill cut short, finished
+    checkpoints.close()
 
 
 def test_orbax_s_own_report_of_a_full_disk_is_named_too():

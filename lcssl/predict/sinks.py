@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -95,26 +96,40 @@ class _GdalErrors(logging.Handler):
             self.messages.append(text.split("msg=", 1)[-1].strip("'\""))
 
 
+# Where rasterio logs what GDAL signals: its environment's handler, and its error wrappers (a
+# dataset's close).
+_GDAL_LOGGERS = ("rasterio._env", "rasterio._err")
+
+
 @contextlib.contextmanager
 def _writing(final: str):
     """Raises a UserError naming `final` (the name the raster would get) when GDAL fails while the
-    block writes to its temporary file, whether rasterio raises or GDAL only logs the error."""
+    block writes to its temporary file, whether rasterio raises (a RasterioError, or a CPLE_*Error
+    from a copy, which is not one) or GDAL only logs the error; what GDAL logged is absorbed into
+    that one message. Under a rasterio.Env of its own (nested in the caller's, if any): without
+    one, GDAL prints the errors of a dataset's close on stderr instead of logging them."""
+    import rasterio
     import rasterio.errors
+    from rasterio._err import CPLE_BaseError
 
-    logger = logging.getLogger("rasterio._env")
-    errors, level, propagate = _GdalErrors(), logger.level, logger.propagate
-    logger.addHandler(errors)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    errors = _GdalErrors()
+    loggers = [logging.getLogger(name) for name in _GDAL_LOGGERS]
+    saved = [(logger.level, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(errors)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
     try:
-        yield
-    except (rasterio.errors.RasterioError, OSError) as e:
+        with rasterio.Env():
+            yield
+    except (rasterio.errors.RasterioError, CPLE_BaseError, OSError) as e:
         cause = e.__cause__ or e
         errors.messages.append(getattr(cause, "strerror", None) or str(cause))
     finally:
-        logger.removeHandler(errors)
-        logger.setLevel(level)
-        logger.propagate = propagate
+        for logger, (level, propagate) in zip(loggers, saved):
+            logger.removeHandler(errors)
+            logger.setLevel(level)
+            logger.propagate = propagate
     if errors.messages:
         raise UserError(
             f"{final}: cannot write this raster (GDAL: {errors.messages[0]}); is the disk full? Free "
@@ -277,18 +292,21 @@ class PatchMaps:
 
     def write(self, index: int, pred: np.ndarray, label: np.ndarray) -> str:
         import rasterio
+        import rasterio.errors
 
         name = f"{self.split}_{index:05d}.tif"
         tmp = os.path.join(self.out_dir, f".{name}.tmp-{os.getpid()}.tif")
         try:
-            with _writing(os.path.join(self.out_dir, name)), rasterio.open(
-                    tmp, "w", driver="GTiff", width=pred.shape[1], height=pred.shape[0], count=2,
-                    dtype="uint8", nodata=NODATA) as dst:
-                dst.write_colormap(1, colour_table(self.class_names))   # before the pixels
-                dst.write(np.stack([pred, label]).astype(np.uint8))
-                dst.set_band_description(1, "prediction")
-                dst.set_band_description(2, "label")
-                dst.update_tags(classes=",".join(self.class_names))
+            with warnings.catch_warnings():   # records carry no georeferencing, by design
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                with _writing(os.path.join(self.out_dir, name)), rasterio.open(
+                        tmp, "w", driver="GTiff", width=pred.shape[1], height=pred.shape[0],
+                        count=2, dtype="uint8", nodata=NODATA) as dst:
+                    dst.write_colormap(1, colour_table(self.class_names))   # before the pixels
+                    dst.write(np.stack([pred, label]).astype(np.uint8))
+                    dst.set_band_description(1, "prediction")
+                    dst.set_band_description(2, "label")
+                    dst.update_tags(classes=",".join(self.class_names))
             os.replace(tmp, os.path.join(self.out_dir, name))
         finally:
             if os.path.exists(tmp):

@@ -1,6 +1,9 @@
 """Output sinks: finished rows -> uint8 rasters with nodata, a new format is one class, and a
 failure leaves no file behind, also when GDAL only logs it (a full disk at close)."""
 
+import logging
+import warnings
+
 import numpy as np
 import pytest
 import rasterio
@@ -76,9 +79,11 @@ def test_each_optional_sink_is_a_flag():
         _parser().parse_args(["--checkpoint=r", "--out=m.tif", "--entropy"])
 
 
-def test_a_patch_map_gdal_failed_to_write_is_named_and_never_renamed_into_place(tmp_path):
+def test_a_patch_map_gdal_failed_to_write_is_named_and_never_renamed_into_place(tmp_path, caplog):
     """GDAL flushes a small raster's blocks at close and only logs its write errors there: rasterio
-    raises nothing, and the corrupt file used to be renamed to its final name."""
+    raises nothing, and the corrupt file used to be renamed to its final name. What GDAL logged is
+    in the one message, not in the log."""
+    caplog.set_level(logging.INFO)
     maps = sinks.PatchMaps(str(tmp_path), "test", NAMES)
     pred = np.random.default_rng(0).integers(0, 3, (64, 64)).astype(np.uint8)
     with pytest.raises(UserError, match=rf"^{tmp_path}/test_00000.tif: cannot write this raster \(GDAL: "
@@ -86,7 +91,10 @@ def test_a_patch_map_gdal_failed_to_write_is_named_and_never_renamed_into_place(
         maps.write(0, pred, pred)
     assert "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
-    assert maps.write(0, pred, pred) == "test_00000.tif"  # space again: written whole
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("rasterio")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                     # nothing printed: no georeferencing is by design
+        assert maps.write(0, pred, pred) == "test_00000.tif"  # space again: written whole
     with rasterio.open(tmp_path / "test_00000.tif") as m:
         assert (m.read(1) == pred).all()
 
@@ -108,3 +116,34 @@ def test_a_map_gdal_failed_to_write_is_named_and_leaves_nothing(tmp_path, limit)
             s.abort()  # as predict_mosaic does
             raise
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("size,limit", [(300, 20_000), (1024, 1_100_000)],
+                         ids=["flush at close", "COG copy"])
+def test_a_map_that_fails_in_finish_is_one_line_naming_it_and_leaves_nothing(tmp_path, caplog, size,
+                                                                             limit):
+    """A real mosaic arrives in row blocks, so a full disk shows up in finish(): GDAL flushes its
+    cached blocks at close (and only logs the errors), or the COG copy fails (a CPLE_*Error, which
+    is not a RasterioError). Either way: one message naming the map, nothing under its name, and
+    none of GDAL's own lines in the log."""
+    caplog.set_level(logging.INFO)
+    profile = dict(PROFILE, width=size, height=size)
+    s = sinks.Confidence(str(tmp_path / "map.tif"), NAMES)
+    logits = np.random.default_rng(0).normal(size=(size, size, 3)).astype(np.float32)
+    valid = np.ones((size, size), bool)
+    with file_size_limit(limit):
+        s.open(profile)
+        for y in range(0, size, 150):   # as RowWriter does
+            block = slice(y, y + 150)
+            s.write(Rows(0, y, logits[block], valid[block], np.zeros_like(valid[block]), valid[block]))
+        with pytest.raises(UserError, match=rf"^{tmp_path}/map_confidence.tif: cannot write this raster "
+                                            r"\(GDAL: .*\); is the disk full\?") as e:
+            try:
+                s.finish()
+                s.commit()
+            except BaseException:
+                s.abort()  # as predict_mosaic does
+                raise
+    assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("rasterio")]
