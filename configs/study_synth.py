@@ -59,6 +59,12 @@ OBJECTIVE_LABELS = {"crossmodal": "cross-modal InfoNCE", "vicreg": "VICReg", "de
                     "byol": "BYOL"}
 
 
+# Views that differ in their Sentinel-2 radiometry (a per-band gain and offset and a per-date gain
+# drawn for each view, the way held-out zones differ) and in more of their dates.
+RADIOMETRY_VIEWS = ("--config.augment.sits_view_gain=0.1", "--config.augment.sits_view_offset=0.3",
+                    "--config.augment.sits_date_gain=0.05", "--config.augment.date_dropout_rate=0.5")
+
+
 def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batch_overrides=()) -> tuple:
     """The arm table. ssl / finetune / supervised: config module paths with presets. Every
     pre-training method but the seminar's runs at batch `large_batch` under the config's rule
@@ -95,12 +101,12 @@ def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batc
         # differ in their Sentinel-2 radiometry (per band, per date) and in more of their dates, the
         # way held-out zones differ, so the encoder keeps the phenology and drops the radiometry.
         *pretrained("simclr_radiometry", f"SimCLR, batch {large_batch}, Sentinel-2 radiometry views",
-                    ["--config.augment.sits_view_gain=0.1", "--config.augment.sits_view_offset=0.3",
-                     "--config.augment.sits_date_gain=0.05", "--config.augment.date_dropout_rate=0.5"]),
+                    list(RADIOMETRY_VIEWS)),
         *pretrained("crossmodal_series", "cross-modal InfoNCE + series term, radiometry views",
-                    ["--config.task=crossmodal", "--config.crossmodal.sits_weight=1.0",
-                     "--config.augment.sits_view_gain=0.1", "--config.augment.sits_view_offset=0.3",
-                     "--config.augment.sits_date_gain=0.05", "--config.augment.date_dropout_rate=0.5"]),
+                    ["--config.task=crossmodal", "--config.crossmodal.sits_weight=1.0", *RADIOMETRY_VIEWS]),
+        # BYOL (the first screen's leader on seed 0) with the same views.
+        *pretrained("byol_radiometry", "BYOL, Sentinel-2 radiometry views",
+                    ["--config.task=byol", *RADIOMETRY_VIEWS]),
         # A temporal pretext: the U-TAE reconstructs the Sentinel-2 bands of dates hidden from it
         # (Presto-style), so its map has to hold each pixel's phenology (lcssl/tasks/masked_dates.py).
         *pretrained("maskdates", "masked-date reconstruction", ["--config.task=masked_dates"]),
