@@ -94,7 +94,7 @@ class Split:
 def read_split(data_dir, card, split: str, batch_size: int) -> Split:
     """The split once in the eval reader's order; zones read by the same reader's record decoding,
     in its interleave order, and checked row by row against the batches' aerial images."""
-    from lcssl.data import native, records
+    from lcssl.data import native, records, schema
 
     if split not in card["splits"] or not card["splits"][split]["num_examples"]:
         raise UserError(f"{data_dir}/dataset_card.json: no examples in split {split!r} (splits: "
@@ -111,10 +111,8 @@ def read_split(data_dir, card, split: str, batch_size: int) -> Split:
         if not np.array_equal(record["aerial"], aerial[row]):
             raise RuntimeError(f"{split}: row {row} of the eval batches is not record {i} of the "
                                "interleave order; native.make_eval_iterator's order changed")
-        # A zone of a domain, as data_prep/build.py's _split_unit names the card's split zones
-        # (FLAIR #2 reuses zone names in every department).
-        domain, zone = record["domain"].decode(), record["zone"].decode()
-        zones.append(f"{domain}/{zone}" if domain else zone)
+        # A zone of a domain, as the card names its split zones (FLAIR #2 reuses zone names).
+        zones.append(schema.zone_key(record["domain"].decode(), record["zone"].decode()))
     shards.close()
     listed = card["splits"][split].get("zones")
     if listed is not None and set(zones) != set(listed):

@@ -110,6 +110,15 @@ def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batc
         # A temporal pretext: the U-TAE reconstructs the Sentinel-2 bands of dates hidden from it
         # (Presto-style), so its map has to hold each pixel's phenology (lcssl/tasks/masked_dates.py).
         *pretrained("maskdates", "masked-date reconstruction", ["--config.task=masked_dates"]),
+        # In-domain negatives (DARLING, Zhang et al. 2022): the contrastive encoders learnt to tell
+        # the zones apart (docs/study_records/protocol4/NOTES.md, "What the pre-trained encoders
+        # encode"): most negatives of an anchor come from other zones, told apart by the zone's
+        # acquisition alone. With an anchor's negatives drawn from its own zone only, that nuisance
+        # separates nothing and the land cover has to.
+        *pretrained("simclr_zone", f"SimCLR, batch {large_batch}, same-zone negatives",
+                    ["--config.simclr.negatives=same_zone"]),
+        *pretrained("crossmodal_zone", "cross-modal InfoNCE, same-zone negatives",
+                    ["--config.task=crossmodal", "--config.crossmodal.negatives=same_zone"]),
         # The seminar's SimCLR: batch 16, plain SGD at lr 0.001, constant schedule, tau 0.1. Kept as
         # its recipe: at this budget it barely moves its weights (the report says so).
         *pretrained("simclr_seed", "SimCLR as the seed (batch 16, SGD 1e-3)",

@@ -43,7 +43,8 @@ import numpy as np
 
 from data_prep import layouts
 from data_prep.patch import REASONS, BadPatch, RawPatch
-from lcssl.data.schema import CARD_NAME, FORMAT_VERSION, PLAN_NAME, SHARD_INDEX_NAME, SUMMARY_NAME, seal_card
+from lcssl.data.schema import (CARD_NAME, FORMAT_VERSION, PLAN_NAME, SHARD_INDEX_NAME, SUMMARY_NAME, seal_card,
+                               zone_key)
 from lcssl.errors import BuildError
 from lcssl.files import FolderLock, read_json, to_json, write_json
 
@@ -291,9 +292,8 @@ def _shard_names(split: str, num_shards: int) -> list:
 
 
 def _split_unit(info: dict) -> str:
-    """What a split keeps together: a zone of a domain. FLAIR #2 reuses zone names (Z1_UU, ...) in
-    every department, so the zone name alone would join zones of different departments."""
-    return f"{info['domain']}/{info['zone']}" if info.get("domain") else info["zone"]
+    """What a split keeps together: a zone of a domain (schema.zone_key)."""
+    return zone_key(info.get("domain"), info["zone"])
 
 
 def _plan(infos: list, options: BuildOptions) -> tuple:

@@ -22,7 +22,7 @@ Field reference (units in the names):
                        (wins when set: fine-tuning on 1% or 100% of the labels warms up alike)
   <task>.*             each task's own hyperparameters (its default_config()), e.g. simclr.*:
                        temperature, loss_impl 'naive'|'blockwise'|'gradcache', block_size (rows of
-                       the logits per block), num_chunks (gradcache)
+                       the logits per block), num_chunks (gradcache), negatives 'all'|'same_zone'
   probe.*              online linear probe of every pre-training task: every_steps, train_split,
                        eval_split, examples, ridge
   supervised.*         the supervised task's (lcssl/tasks/supervised.py, default_config()); they

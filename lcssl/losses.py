@@ -5,10 +5,20 @@ Contrastive (SimCLR, Chen et al. 2020): `nt_xent` builds the whole [2N, 2N] simi
 jit, with z sharded on 'data', both see the *global* batch: every anchor has all 2N - 2 negatives from
 all devices, and the gradient is that of the global loss (no per-device loss, no 1/devices factor).
 
+Same-zone negatives (`zones`, of nt_xent[_blockwise], cross_modal_info_nce[_blockwise] and their
+metrics): an anchor's negatives are only the rows of its own zone, as DARLING's in-domain negatives
+(Zhang et al. 2022, "Towards Unsupervised Domain Generalization"): patches of one zone share their
+acquisition (dates, clouds, radiometric gain and offset), so that nuisance cannot tell them apart and
+the objective has to use the land cover. A logit between two zones is no term of the denominator;
+the positive (the same patch) always stays. The loss is still the mean over all anchors of the
+global batch. zones=None (every row a negative of every other) is the plain loss, computed exactly
+as without the argument.
+
 Supervised: `weighted_cross_entropy` with the ignore label skipped.
 
 Shapes: z1, z2 [N, D] (any float dtype; maths in float32, or in float64 for float64 inputs in
-jax's x64 mode, where the tests compare code paths); logits [..., K]; labels [...] int.
+jax's x64 mode, where the tests compare code paths); zones [N] int (zone index of row i, shared by
+its two views or modalities); logits [..., K]; labels [...] int.
 """
 from __future__ import annotations
 
@@ -50,6 +60,17 @@ def _views(z1: jax.Array, z2: jax.Array) -> jax.Array:
     return l2_normalize(jnp.concatenate([z1, z2], axis=0))  # [2N, D]
 
 
+def _check_zones(zones, n: int) -> None:
+    if zones is not None and zones.shape != (n,):
+        raise ValueError(f"zones must be [N] = ({n},), one per pair of rows; got {zones.shape}.")
+
+
+def _view_zones(zones: jax.Array, n: int) -> jax.Array:
+    """zones [N] -> [2N], the zone of each row of `_views` (the two views of a patch share it)."""
+    _check_zones(zones, n)
+    return jnp.concatenate([zones, zones])
+
+
 def _positive_logits(zn: jax.Array, temperature) -> jax.Array:
     """s(i, pos(i)) / T for the 2N anchors, pos(i) = i + N mod 2N; O(N D), no matrix."""
     n = zn.shape[0] // 2
@@ -57,16 +78,22 @@ def _positive_logits(zn: jax.Array, temperature) -> jax.Array:
     return jnp.sum(zn * partner, axis=-1) / temperature
 
 
-def nt_xent(z1: jax.Array, z2: jax.Array, temperature) -> jax.Array:
+def nt_xent(z1: jax.Array, z2: jax.Array, temperature, zones: jax.Array | None = None) -> jax.Array:
     """SimCLR NT-Xent, mean over the 2N anchors; z1[i] and z2[i] are the positive pair.
 
     loss_i = -log( exp(s_ip / T) / sum_{k != i} exp(s_ik / T) ), s = cosine similarity: the
     denominator has 2N - 1 terms (the positive and the 2N - 2 negatives; self excluded).
+    zones [N]: same-zone negatives, the sum over k != i with zone(k) = zone(i) (both views of the
+    other patches of anchor i's zone).
     """
     zn = _views(z1, z2)
     two_n = zn.shape[0]
     logits = jnp.dot(zn, zn.T, precision=_PRECISION) / temperature  # [2N, 2N] float32
-    logits = jnp.where(jnp.eye(two_n, dtype=bool), _MASKED, logits)
+    excluded = jnp.eye(two_n, dtype=bool)
+    if zones is not None:
+        view_zones = _view_zones(zones, z1.shape[0])
+        excluded = excluded | (view_zones[:, None] != view_zones[None, :])
+    logits = jnp.where(excluded, _MASKED, logits)
     lse = jax.nn.logsumexp(logits, axis=-1)
     return jnp.mean(lse - _positive_logits(zn, temperature))
 
@@ -82,9 +109,15 @@ def nt_xent(z1: jax.Array, z2: jax.Array, temperature) -> jax.Array:
 # psum_scatter. Each device does 1/devices of the tiles, as the naive loss under GSPMD does.
 
 
-def _tile_mask(rows: jax.Array, cols: jax.Array, num_keys: int) -> jax.Array:
-    """True where the logit is not a term: self-pairs and padding columns."""
-    return (rows[:, None] == cols[None, :]) | (cols[None, :] >= num_keys)
+def _tile_mask(rows: jax.Array, cols: jax.Array, num_keys: int, row_zones=None, col_zones=None) -> jax.Array:
+    """True where the logit is not a term: self-pairs, padding columns and, with zones, pairs of
+    two zones."""
+    mask = (rows[:, None] == cols[None, :]) | (cols[None, :] >= num_keys)
+    return mask if row_zones is None else mask | _other_zone(row_zones, col_zones)
+
+
+def _other_zone(row_zones, col_zones) -> jax.Array:
+    return row_zones[:, None] != col_zones[None, :]
 
 
 def _tiles(u: jax.Array, block_size: int, first_id=0):
@@ -95,6 +128,14 @@ def _tiles(u: jax.Array, block_size: int, first_id=0):
     return u.reshape(nb, block_size, -1), (first_id + jnp.arange(padded)).reshape(nb, block_size)
 
 
+def _id_tiles(ids: jax.Array | None, block_size: int) -> jax.Array | None:
+    """[M] ints (zones) -> [nb, block] padded with -1 (padding rows and columns are masked anyway)."""
+    if ids is None:
+        return None
+    padded = ids.shape[0] + (-ids.shape[0]) % block_size
+    return jnp.pad(ids, (0, padded - ids.shape[0]), constant_values=-1).reshape(-1, block_size)
+
+
 def _keys(u: jax.Array, axis_name):
     """The key rows (whole global batch) and the global id of this device's first query row."""
     if axis_name is None:
@@ -103,87 +144,93 @@ def _keys(u: jax.Array, axis_name):
             jax.lax.axis_index(axis_name) * u.shape[0])
 
 
-def _row_lse(u: jax.Array, keys: jax.Array, first_id, block_size: int) -> jax.Array:
-    """Per query row log-sum-exp over keys k != self of u_i . u_k, online over key tiles."""
+def _row_lse(u: jax.Array, keys: jax.Array, first_id, block_size: int, zones=None,
+             key_zones=None) -> jax.Array:
+    """Per query row log-sum-exp over keys k != self of u_i . u_k (of the row's zone, with zones),
+    online over key tiles."""
     num_keys = keys.shape[0]
     qb, qid = _tiles(u, block_size, first_id)
     kb, kid = _tiles(keys, block_size)
 
     def row_block(_, row):
-        ur, ir = row
+        ur, ir, zr = row
 
         def col_block(carry, col):
             m, s = carry
-            uc, ic = col
+            uc, ic, zc = col
             t = jnp.dot(ur, uc.T, precision=_PRECISION)
-            t = jnp.where(_tile_mask(ir, ic, num_keys), _MASKED, t)
+            t = jnp.where(_tile_mask(ir, ic, num_keys, zr, zc), _MASKED, t)
             m_new = jnp.maximum(m, jnp.max(t, axis=1))
             s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(t - m_new[:, None]), axis=1)
             return (m_new, s), None
 
         zeros = jnp.zeros_like(ur[:, 0])  # like ur, so that it is device-varying inside shard_map
-        (m, s), _ = jax.lax.scan(col_block, (zeros + _MASKED, zeros), (kb, kid))
+        (m, s), _ = jax.lax.scan(col_block, (zeros + _MASKED, zeros), (kb, kid, _id_tiles(key_zones, block_size)))
         return None, m + jnp.log(s)
 
-    _, lse = jax.lax.scan(row_block, None, (qb, qid))
+    _, lse = jax.lax.scan(row_block, None, (qb, qid, _id_tiles(zones, block_size)))
     return lse.reshape(-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _sum_lse(u: jax.Array, block_size: int, axis_name) -> jax.Array:
+# zones: [M] ints of the query rows u (None: no zone mask); an integer input, so no cotangent.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _sum_lse(u: jax.Array, zones, block_size: int, axis_name) -> jax.Array:
     keys, first_id = _keys(u, axis_name)
-    return jnp.sum(_row_lse(u, keys, first_id, block_size)[: u.shape[0]])
+    lse = _row_lse(u, keys, first_id, block_size, zones, _gather_zones(zones, axis_name))
+    return jnp.sum(lse[: u.shape[0]])
 
 
-def _sum_lse_fwd(u, block_size, axis_name):
+def _sum_lse_fwd(u, zones, block_size, axis_name):
     keys, first_id = _keys(u, axis_name)
-    lse = _row_lse(u, keys, first_id, block_size)
-    return jnp.sum(lse[: u.shape[0]]), (u, lse)
+    lse = _row_lse(u, keys, first_id, block_size, zones, _gather_zones(zones, axis_name))
+    return jnp.sum(lse[: u.shape[0]]), (u, zones, lse)
 
 
 def _sum_lse_bwd(block_size, axis_name, residuals, g):
-    u, lse = residuals
+    u, zones, lse = residuals
     keys, first_id = _keys(u, axis_name)  # re-gathered rather than kept: O(N D) either way
     num_rows, num_keys = u.shape[0], keys.shape[0]
     qb, qid = _tiles(u, block_size, first_id)
     kb, kid = _tiles(keys, block_size)
+    qz, kz = _id_tiles(zones, block_size), _id_tiles(_gather_zones(zones, axis_name), block_size)
     lse_b = lse.reshape(qb.shape[0], block_size)
     row_weight = jnp.where(jnp.arange(qid.size).reshape(qid.shape) < num_rows, g, 0.0)  # no padding
 
     def row_block(du_keys, row):
-        ur, ir, lr, wr = row
+        ur, ir, lr, wr, zr = row
 
         def col_block(du_r, col):
-            uc, ic = col
+            uc, ic, zc = col
             t = jnp.dot(ur, uc.T, precision=_PRECISION)
-            p = jnp.where(_tile_mask(ir, ic, num_keys), 0.0, jnp.exp(t - lr[:, None]))
+            p = jnp.where(_tile_mask(ir, ic, num_keys, zr, zc), 0.0, jnp.exp(t - lr[:, None]))
             p = p * wr[:, None]
             du_r = du_r + jnp.dot(p, uc, precision=_PRECISION)
             return du_r, jnp.dot(p.T, ur, precision=_PRECISION)
 
-        du_r, du_k = jax.lax.scan(col_block, jnp.zeros_like(ur), (kb, kid))
+        du_r, du_k = jax.lax.scan(col_block, jnp.zeros_like(ur), (kb, kid, kz))
         return du_keys + du_k, du_r
 
-    du_keys, du_rows = jax.lax.scan(row_block, jnp.zeros_like(kb), (qb, qid, lse_b, row_weight))
+    du_keys, du_rows = jax.lax.scan(row_block, jnp.zeros_like(kb), (qb, qid, lse_b, row_weight, qz))
     du_keys = du_keys.reshape(-1, u.shape[1])[:num_keys]
     if axis_name is not None:  # every device's P^T u_query lands on the rows' owners
         du_keys = jax.lax.psum_scatter(du_keys, axis_name, tiled=True)
-    return (du_rows.reshape(-1, u.shape[1])[:num_rows] + du_keys,)
+    return du_rows.reshape(-1, u.shape[1])[:num_rows] + du_keys, None
 
 
 _sum_lse.defvjp(_sum_lse_fwd, _sum_lse_bwd)
 
 
-def _blockwise_terms(z1, z2, temperature, block_size, axis_name):
+def _blockwise_terms(z1, z2, temperature, block_size, axis_name, zones=None):
     """sum over the given anchors of (lse_i - positive logit_i); z1[i], z2[i] on the same device."""
     zn = _views(z1, z2)
+    view_zones = None if zones is None else _view_zones(zones, z1.shape[0])
     inv_sqrt_t = jax.lax.rsqrt(jnp.asarray(temperature, zn.dtype))
-    sum_lse = _sum_lse(zn * inv_sqrt_t, min(block_size, zn.shape[0]), axis_name)
+    sum_lse = _sum_lse(zn * inv_sqrt_t, view_zones, min(block_size, zn.shape[0]), axis_name)
     return sum_lse - jnp.sum(_positive_logits(zn, temperature))
 
 
 def nt_xent_blockwise(z1: jax.Array, z2: jax.Array, temperature, block_size: int = 512,
-                      mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+                      mesh: jax.sharding.Mesh | None = None, zones: jax.Array | None = None) -> jax.Array:
     """`nt_xent` without the [2N, 2N] matrix: [block_size, block_size] tiles, forward and backward.
 
     Working memory is O(block_size^2 + N D); time is that of the naive loss plus one recomputation
@@ -191,33 +238,40 @@ def nt_xent_blockwise(z1: jax.Array, z2: jax.Array, temperature, block_size: int
     need not divide 2N (the last tile is padded and masked).
     mesh: pass the training mesh when z1, z2 are sharded on 'data' so that each device computes only
     its own anchors' tiles (shard_map); without it XLA runs every tile on every device (same result).
+    zones [N]: same-zone negatives, as `nt_xent`.
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}.")
     two_n = 2 * z1.shape[0]
+    extra = () if zones is None else (zones,)
     if mesh is None or mesh.shape[DATA_AXIS] == 1:
-        return _blockwise_terms(z1, z2, temperature, block_size, None) / two_n
+        return _blockwise_terms(z1, z2, temperature, block_size, None, *extra) / two_n
     if z1.shape[0] % mesh.shape[DATA_AXIS]:
         raise ValueError(f"The number of pairs ({z1.shape[0]}) is not divisible by the number of data "
                          f"devices ({mesh.shape[DATA_AXIS]}).")
 
-    def local(a, b, t):
+    def local(a, b, t, *zones):
         # Local anchors are z1[rows] and z2[rows] of this device, so positives stay on-device; the
         # keys are gathered in device order, a permutation of the batch, which lse does not see.
-        return jax.lax.psum(_blockwise_terms(a, b, t, block_size, DATA_AXIS), DATA_AXIS) / two_n
+        return jax.lax.psum(_blockwise_terms(a, b, t, block_size, DATA_AXIS, *zones), DATA_AXIS) / two_n
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(DATA_AXIS), P(DATA_AXIS), P()), out_specs=P())(
-        z1, z2, jnp.asarray(temperature, _float(z1)))
+    specs = (P(DATA_AXIS), P(DATA_AXIS), P()) + (P(DATA_AXIS),) * len(extra)
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(
+        z1, z2, jnp.asarray(temperature, _float(z1)), *extra)
 
 
-def contrastive_metrics(z1: jax.Array, z2: jax.Array, temperature, block_size: int = 512) -> dict:
+def contrastive_metrics(z1: jax.Array, z2: jax.Array, temperature, block_size: int = 512,
+                        zones: jax.Array | None = None) -> dict:
     """SSL health diagnostics (no gradient), tiled like `nt_xent_blockwise`.
 
     pos_accuracy: fraction of the 2N anchors whose positive beats every one of its 2N - 2
-        negatives (strictly; a collapsed encoder, where all similarities tie, scores 0).
+        negatives (strictly; a collapsed encoder, where all similarities tie, scores 0); with
+        zones, every one of the negatives the loss uses, those of the anchor's zone (an anchor
+        alone in its zone wins).
     embedding_std: mean over dims of the per-dim std of the L2-normalised embeddings: about
         1/sqrt(D) when spread over the sphere, -> 0 on collapse.
-    pos_cosine / neg_cosine: mean cosine similarity of positive pairs / of negative pairs.
+    pos_cosine / neg_cosine: mean cosine similarity of positive pairs / of negative pairs (all
+        pairs of two patches of the batch, zones or not).
     temperature is accepted for symmetry with the loss; rankings and cosines do not depend on it.
     """
     del temperature
@@ -227,21 +281,22 @@ def contrastive_metrics(z1: jax.Array, z2: jax.Array, temperature, block_size: i
     block_size = min(block_size, two_n)
     pos = jnp.sum(zn * jnp.roll(zn, n, axis=0), axis=-1)  # [2N]
     ub, idx = _tiles(zn, block_size)
+    zb = None if zones is None else _id_tiles(_view_zones(zones, n), block_size)
 
     def row_block(_, row):
-        ur, ir = row
+        ur, ir, zr = row
         partner = (ir + n) % two_n
 
         def col_block(best, col):
-            uc, ic = col
+            uc, ic, zc = col
             t = jnp.dot(ur, uc.T, precision=_PRECISION)
-            excluded = _tile_mask(ir, ic, two_n) | (partner[:, None] == ic[None, :])
+            excluded = _tile_mask(ir, ic, two_n, zr, zc) | (partner[:, None] == ic[None, :])
             return jnp.maximum(best, jnp.max(jnp.where(excluded, _MASKED, t), axis=1)), None
 
-        best, _ = jax.lax.scan(col_block, jnp.full((block_size,), _MASKED, zn.dtype), (ub, idx))
+        best, _ = jax.lax.scan(col_block, jnp.full((block_size,), _MASKED, zn.dtype), (ub, idx, zb))
         return None, best
 
-    _, best_negative = jax.lax.scan(row_block, None, (ub, idx))
+    _, best_negative = jax.lax.scan(row_block, None, (ub, idx, zb))
     best_negative = best_negative.reshape(-1)[:two_n]
     # Sum over all ordered pairs minus self-pairs and positive pairs, from the column sum: O(N D).
     total = jnp.sum(jnp.square(jnp.sum(zn, axis=0)))
@@ -294,47 +349,60 @@ def _pair(a: jax.Array, s: jax.Array, what: str) -> tuple[jax.Array, jax.Array]:
     return l2_normalize(a), l2_normalize(s)
 
 
-def cross_modal_info_nce(a: jax.Array, s: jax.Array, temperature) -> jax.Array:
+def cross_modal_info_nce(a: jax.Array, s: jax.Array, temperature, zones: jax.Array | None = None
+                         ) -> jax.Array:
     """Symmetric cross-modal InfoNCE, naive: the [N, N] logits a s^T / T in memory.
 
     loss = (mean_i [lse_j(a_i.s_j / T) - a_i.s_i / T] + mean_j [lse_i(a_i.s_j / T) - a_j.s_j / T]) / 2,
     cosine similarities; the mean of the aerial -> S2 and S2 -> aerial cross-entropies.
+    zones [N]: same-zone negatives, each lse over the other modality's rows of the anchor's zone.
     """
     an, sn = _pair(a, s, "cross_modal_info_nce")
+    _check_zones(zones, an.shape[0])
     logits = jnp.dot(an, sn.T, precision=_PRECISION) / temperature  # [N, N] float32
+    if zones is not None:
+        logits = jnp.where(_other_zone(zones, zones), _MASKED, logits)
     pos = jnp.sum(an * sn, axis=-1) / temperature
     lse_a = jax.nn.logsumexp(logits, axis=1)
     lse_s = jax.nn.logsumexp(logits, axis=0)
     return 0.5 * (jnp.mean(lse_a - pos) + jnp.mean(lse_s - pos))
 
 
-# _sum_weighted_lse(q, k, w) = sum_i w_i lse_j(q_i . k_j) over all key rows j (no self mask), tiled
+# _sum_weighted_lse(q, k, w, zones) = sum_i w_i lse_j(q_i . k_j) over all key rows j (no self
+# mask; with zones [M], those of q_i's zone: q and k are then rows of the same M places), tiled
 # like _sum_lse: the backward recomputes each tile, P = w_i exp(tile - lse_i), d/dq = P k and
 # d/dk = P^T q. w is a constant weight (1, or 0 for an anchor without a positive); it gets no
-# gradient. On a mesh the queries (and w) are the device's rows, the keys the all-gathered global
-# key rows, and the key gradients are psum_scattered back onto their owners.
+# gradient. On a mesh the queries (and w, zones) are the device's rows, the keys the all-gathered
+# global key rows, and the key gradients are psum_scattered back onto their owners.
 
 
-def _weighted_row_lse(q, keys, block_size):
+def _key_mask(ic, num_keys, zr, zc):
+    mask = ic[None, :] >= num_keys
+    return mask if zr is None else mask | _other_zone(zr, zc)
+
+
+def _weighted_row_lse(q, keys, block_size, zones=None, key_zones=None):
     num_keys = keys.shape[0]
     qb, _ = _tiles(q, block_size)
     kb, kid = _tiles(keys, block_size)
 
-    def row_block(_, ur):
+    def row_block(_, row):
+        ur, zr = row
+
         def col_block(carry, col):
             m, s = carry
-            uc, ic = col
+            uc, ic, zc = col
             t = jnp.dot(ur, uc.T, precision=_PRECISION)
-            t = jnp.where(ic[None, :] >= num_keys, _MASKED, t)
+            t = jnp.where(_key_mask(ic, num_keys, zr, zc), _MASKED, t)
             m_new = jnp.maximum(m, jnp.max(t, axis=1))
             s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(t - m_new[:, None]), axis=1)
             return (m_new, s), None
 
         zeros = jnp.zeros_like(ur[:, 0])
-        (m, s), _ = jax.lax.scan(col_block, (zeros + _MASKED, zeros), (kb, kid))
+        (m, s), _ = jax.lax.scan(col_block, (zeros + _MASKED, zeros), (kb, kid, _id_tiles(key_zones, block_size)))
         return None, m + jnp.log(s)
 
-    _, lse = jax.lax.scan(row_block, None, qb)
+    _, lse = jax.lax.scan(row_block, None, (qb, _id_tiles(zones, block_size)))
     return lse.reshape(-1)
 
 
@@ -342,43 +410,49 @@ def _gather_keys(k, axis_name):
     return k if axis_name is None else jax.lax.all_gather(k, axis_name, tiled=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _sum_weighted_lse(q, k, w, block_size, axis_name):
-    lse = _weighted_row_lse(q, _gather_keys(k, axis_name), block_size)[: q.shape[0]]
+def _gather_zones(zones, axis_name):
+    return None if zones is None else _gather_keys(zones, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _sum_weighted_lse(q, k, w, zones, block_size, axis_name):
+    lse = _weighted_row_lse(q, _gather_keys(k, axis_name), block_size, zones,
+                            _gather_zones(zones, axis_name))[: q.shape[0]]
     return jnp.sum(w * lse)
 
 
-def _sum_weighted_lse_fwd(q, k, w, block_size, axis_name):
-    lse = _weighted_row_lse(q, _gather_keys(k, axis_name), block_size)
-    return jnp.sum(w * lse[: q.shape[0]]), (q, k, w, lse)
+def _sum_weighted_lse_fwd(q, k, w, zones, block_size, axis_name):
+    lse = _weighted_row_lse(q, _gather_keys(k, axis_name), block_size, zones, _gather_zones(zones, axis_name))
+    return jnp.sum(w * lse[: q.shape[0]]), (q, k, w, zones, lse)
 
 
 def _sum_weighted_lse_bwd(block_size, axis_name, residuals, g):
-    q, k, w, lse = residuals
+    q, k, w, zones, lse = residuals
     keys = _gather_keys(k, axis_name)
     num_rows, num_keys = q.shape[0], keys.shape[0]
     qb, _ = _tiles(q, block_size)
     kb, kid = _tiles(keys, block_size)
+    qz, kz = _id_tiles(zones, block_size), _id_tiles(_gather_zones(zones, axis_name), block_size)
     nb = qb.shape[0]
     weight = jnp.pad(w.astype(g.dtype) * g, (0, nb * block_size - num_rows)).reshape(nb, block_size)
 
     def row_block(dk, row):
-        ur, lr, wr = row
+        ur, lr, wr, zr = row
 
         def col_block(du_r, col):
-            uc, ic = col
+            uc, ic, zc = col
             t = jnp.dot(ur, uc.T, precision=_PRECISION)
-            p = jnp.where(ic[None, :] >= num_keys, 0.0, jnp.exp(t - lr[:, None])) * wr[:, None]
+            p = jnp.where(_key_mask(ic, num_keys, zr, zc), 0.0, jnp.exp(t - lr[:, None])) * wr[:, None]
             return du_r + jnp.dot(p, uc, precision=_PRECISION), jnp.dot(p.T, ur, precision=_PRECISION)
 
-        du_r, du_k = jax.lax.scan(col_block, jnp.zeros_like(ur), (kb, kid))
+        du_r, du_k = jax.lax.scan(col_block, jnp.zeros_like(ur), (kb, kid, kz))
         return dk + du_k, du_r
 
-    dk, dq = jax.lax.scan(row_block, jnp.zeros_like(kb), (qb, lse.reshape(nb, block_size), weight))
+    dk, dq = jax.lax.scan(row_block, jnp.zeros_like(kb), (qb, lse.reshape(nb, block_size), weight, qz))
     dk = dk.reshape(-1, q.shape[1])[:num_keys]
     if axis_name is not None:
         dk = jax.lax.psum_scatter(dk, axis_name, tiled=True)
-    return dq.reshape(-1, q.shape[1])[:num_rows], dk, jnp.zeros_like(w)
+    return dq.reshape(-1, q.shape[1])[:num_rows], dk, jnp.zeros_like(w), None
 
 
 _sum_weighted_lse.defvjp(_sum_weighted_lse_fwd, _sum_weighted_lse_bwd)
@@ -398,47 +472,56 @@ def _on_mesh(local, mesh, args, num_rows: int, what: str):
 
 
 def cross_modal_info_nce_blockwise(a: jax.Array, s: jax.Array, temperature, block_size: int = 512,
-                                   mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+                                   mesh: jax.sharding.Mesh | None = None,
+                                   zones: jax.Array | None = None) -> jax.Array:
     """`cross_modal_info_nce` without the [N, N] matrix: [block_size, block_size] tiles forward and
     backward, O(block_size^2 + N D) memory. mesh: as for `nt_xent_blockwise` (each device computes
-    the tiles of its own rows; the positives a_i, s_i sit on the same device)."""
+    the tiles of its own rows; the positives a_i, s_i sit on the same device). zones [N]: same-zone
+    negatives, as `cross_modal_info_nce`."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}.")
     n = a.shape[0]
+    _check_zones(zones, n)
     inv_sqrt_t = jax.lax.rsqrt(jnp.asarray(temperature, _float(a)))
 
-    def local(a, s, axis_name):
+    def local(a, s, *rest):
+        *zones, axis_name = rest
+        zones = zones[0] if zones else None
         an, sn = _pair(a, s, "cross_modal_info_nce_blockwise")
         ua, us = an * inv_sqrt_t, sn * inv_sqrt_t
         ones = jnp.ones(ua.shape[0], ua.dtype)
         block = min(block_size, n)
-        lse = (_sum_weighted_lse(ua, us, ones, block, axis_name)
-               + _sum_weighted_lse(us, ua, ones, block, axis_name))
+        lse = (_sum_weighted_lse(ua, us, ones, zones, block, axis_name)
+               + _sum_weighted_lse(us, ua, ones, zones, block, axis_name))
         return lse - 2 * jnp.sum(ua * us)
 
-    return _on_mesh(local, mesh, (a, s), n, "cross_modal_info_nce_blockwise") / (2 * n)
+    args = (a, s) if zones is None else (a, s, zones)
+    return _on_mesh(local, mesh, args, n, "cross_modal_info_nce_blockwise") / (2 * n)
 
 
-def _best_other(q: jax.Array, keys: jax.Array, positive: jax.Array, block_size: int) -> jax.Array:
-    """max_{j != positive_i} q_i . k_j per query row, tiled over [block, block]; [Mq]."""
+def _best_other(q: jax.Array, keys: jax.Array, positive: jax.Array, block_size: int,
+                zones: jax.Array | None = None) -> jax.Array:
+    """max_{j != positive_i} q_i . k_j per query row (over the keys of q_i's zone, with zones [M]
+    of the M places that q and keys both hold), tiled over [block, block]; [Mq]."""
     num_rows, num_keys = q.shape[0], keys.shape[0]
     qb, _ = _tiles(q, block_size)
     pos = jnp.pad(positive, (0, qb.shape[0] * block_size - num_rows)).reshape(qb.shape[0], block_size)
     kb, kid = _tiles(keys, block_size)
+    zb = _id_tiles(zones, block_size)
 
     def row_block(_, row):
-        ur, pr = row
+        ur, pr, zr = row
 
         def col_block(best, col):
-            uc, ic = col
+            uc, ic, zc = col
             t = jnp.dot(ur, uc.T, precision=_PRECISION)
-            excluded = (ic[None, :] >= num_keys) | (ic[None, :] == pr[:, None])
+            excluded = _key_mask(ic, num_keys, zr, zc) | (ic[None, :] == pr[:, None])
             return jnp.maximum(best, jnp.max(jnp.where(excluded, _MASKED, t), axis=1)), None
 
-        best, _ = jax.lax.scan(col_block, jnp.full((block_size,), _MASKED, q.dtype), (kb, kid))
+        best, _ = jax.lax.scan(col_block, jnp.full((block_size,), _MASKED, q.dtype), (kb, kid, zb))
         return None, best
 
-    _, best = jax.lax.scan(row_block, None, (qb, pos))
+    _, best = jax.lax.scan(row_block, None, (qb, pos, zb))
     return best.reshape(-1)[:num_rows]
 
 
@@ -448,20 +531,24 @@ def embedding_std(z: jax.Array) -> jax.Array:
     return jnp.mean(jnp.std(l2_normalize(z), axis=0))
 
 
-def cross_modal_metrics(a: jax.Array, s: jax.Array, block_size: int = 512) -> dict:
+def cross_modal_metrics(a: jax.Array, s: jax.Array, block_size: int = 512,
+                        zones: jax.Array | None = None) -> dict:
     """Health of the cross-modal objective (no gradient).
 
     pos_accuracy: fraction of the 2N anchors (N aerial, N Sentinel-2) whose positive in the other
-        modality beats every one of the N - 1 negatives there (strictly: 0 on collapse).
+        modality beats every one of the N - 1 negatives there (strictly: 0 on collapse); with
+        zones [N], every one of the negatives the loss uses, those of the anchor's zone.
     aerial_embedding_std / sits_embedding_std: `embedding_std` of each modality (-> 0 on collapse).
     pos_cosine: mean cosine of the positive pairs.
     """
     an, sn = jax.lax.stop_gradient(_pair(a, s, "cross_modal_metrics"))
     n = an.shape[0]
+    _check_zones(zones, n)
     block = min(block_size, n)
     pos = jnp.sum(an * sn, axis=-1)
     ids = jnp.arange(n)
-    wins = jnp.concatenate([pos > _best_other(an, sn, ids, block), pos > _best_other(sn, an, ids, block)])
+    wins = jnp.concatenate([pos > _best_other(an, sn, ids, block, zones),
+                            pos > _best_other(sn, an, ids, block, zones)])
     return {"pos_accuracy": jnp.mean(wins.astype(jnp.float32)),
             "aerial_embedding_std": jnp.mean(jnp.std(an, axis=0)),
             "sits_embedding_std": jnp.mean(jnp.std(sn, axis=0)),
@@ -588,7 +675,8 @@ def dense_info_nce_blockwise(f1, f2, match12, valid12, match21, valid21, tempera
         w12 = valid12.reshape(-1).astype(q1.dtype)
         w21 = valid21.reshape(-1).astype(q1.dtype)
         block = min(block_size, q1.shape[0])
-        lse = _sum_weighted_lse(q1, q2, w12, block, axis_name) + _sum_weighted_lse(q2, q1, w21, block, axis_name)
+        lse = (_sum_weighted_lse(q1, q2, w12, None, block, axis_name)
+               + _sum_weighted_lse(q2, q1, w21, None, block, axis_name))
         pos = (jnp.sum(jnp.where(valid12, _dense_positive_logits(u1, u2, match12), 0.0))
                + jnp.sum(jnp.where(valid21, _dense_positive_logits(u2, u1, match21), 0.0)))
         return jnp.stack([lse - pos / temperature, jnp.sum(w12) + jnp.sum(w21)])

@@ -17,15 +17,18 @@ RTOL, ATOL = 1e-5, 1e-6
 contrastive_metrics = jax.jit(losses.contrastive_metrics, static_argnames="block_size")
 
 
-def numpy_nt_xent(z1, z2, temperature):
-    """Float64 reference written from the SimCLR paper's definition, one anchor at a time."""
+def numpy_nt_xent(z1, z2, temperature, zones=None):
+    """Float64 reference written from the SimCLR paper's definition, one anchor at a time; with
+    zones [N], the denominator keeps only the rows of the anchor's zone (DARLING)."""
     z = np.concatenate([z1, z2]).astype(np.float64)
     z /= np.linalg.norm(z, axis=1, keepdims=True)
     n2 = len(z)
+    zone = np.zeros(n2, int) if zones is None else np.concatenate([zones, zones])
     total = 0.0
     for i in range(n2):
         pos = (i + n2 // 2) % n2
-        others = [k for k in range(n2) if k != i]  # 2N - 1 denominator terms
+        # 2N - 1 denominator terms; with zones, the positive and the anchor's zone's negatives
+        others = [k for k in range(n2) if k != i and zone[k] == zone[i]]
         sims = np.array([z[i] @ z[k] for k in others]) / temperature
         total += -(z[i] @ z[pos] / temperature) + np.log(np.sum(np.exp(sims)))
     return total / n2
@@ -112,6 +115,60 @@ def test_contrastive_metrics_detect_alignment_and_collapse():
     np.testing.assert_allclose(spread["neg_cosine"], sims[neg_mask].mean(), atol=1e-5)
 
 
+# -- same-zone negatives (DARLING) ----------------------------------------------------------------
+
+ZONES = np.array([0, 1, 0, 2, 1, 0, 2, 2, 1, 0, 0, 3], np.int32)  # zone 3: an anchor with no negative
+
+
+def numpy_pos_accuracy(z1, z2, zones):
+    """Share of the 2N anchors whose positive beats every same-zone negative, from the definition."""
+    z = np.concatenate([z1, z2]).astype(np.float64)
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    n2, zone = len(z), np.concatenate([zones, zones])
+    wins = []
+    for i in range(n2):
+        pos = (i + n2 // 2) % n2
+        negatives = [z[i] @ z[k] for k in range(n2) if k not in (i, pos) and zone[k] == zone[i]]
+        wins.append(all(z[i] @ z[pos] > s for s in negatives))
+    return np.mean(wins)
+
+
+def test_same_zone_nt_xent_matches_float64_reference():
+    z1, z2 = random_views(12, 3, seed=5)
+    expected = numpy_nt_xent(z1, z2, 0.2, ZONES)
+    np.testing.assert_allclose(losses.nt_xent(z1, z2, 0.2, zones=ZONES), expected, rtol=RTOL)
+    np.testing.assert_allclose(losses.nt_xent_blockwise(z1, z2, 0.2, 5, zones=ZONES), expected, rtol=RTOL)
+    # Fewer negatives than the whole batch: a different loss.
+    assert abs(expected - numpy_nt_xent(z1, z2, 0.2)) > 0.1
+    metrics = contrastive_metrics(z1, z2, 0.2, block_size=5, zones=ZONES)
+    np.testing.assert_allclose(metrics["pos_accuracy"], numpy_pos_accuracy(z1, z2, ZONES))
+    assert float(metrics["pos_accuracy"]) > float(contrastive_metrics(z1, z2, 0.2)["pos_accuracy"])
+
+
+def test_one_zone_is_the_plain_nt_xent():
+    z1, z2 = random_views(12, 3, seed=6)
+    one_zone = np.full(12, 7, np.int32)
+    for fn in (losses.nt_xent, lambda a, b, t, **kw: losses.nt_xent_blockwise(a, b, t, 5, **kw)):
+        np.testing.assert_allclose(fn(z1, z2, 0.2, zones=one_zone), fn(z1, z2, 0.2), rtol=1e-7)
+    for k, v in contrastive_metrics(z1, z2, 0.2, block_size=5, zones=one_zone).items():
+        np.testing.assert_allclose(v, contrastive_metrics(z1, z2, 0.2, block_size=5)[k], rtol=1e-7, err_msg=k)
+
+
+def test_same_zone_blockwise_equals_naive_value_and_gradients(x64):
+    z1, z2 = numerics.as_float64(random_views(12, 7, seed=7))
+    grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(z1, z2)  # noqa: E731
+    naive = grad(lambda u, v: losses.nt_xent(u, v, 0.1, zones=ZONES))
+    np.testing.assert_allclose(naive[0], numpy_nt_xent(z1, z2, 0.1, ZONES), rtol=1e-12)
+    blockwise = grad(lambda u, v: losses.nt_xent_blockwise(u, v, 0.1, 5, zones=ZONES))
+    numerics.assert_trees_close(blockwise, naive, "blockwise vs naive: ")
+
+
+def test_zones_must_be_one_per_pair():
+    z1, z2 = random_views(4, 3)
+    with pytest.raises(ValueError, match=r"zones must be \[N\] = \(4,\)"):
+        losses.nt_xent(z1, z2, 0.1, zones=np.zeros(8, np.int32))
+
+
 class TinyEncoder(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
@@ -157,6 +214,36 @@ def test_loss_and_gradients_identical_on_1_2_4_8_devices(x64):
         numerics.assert_trees_close(blockwise, results[1][1], "blockwise vs naive: ")
     with pytest.raises(ValueError, match=r"pairs \(12\).*data devices \(8\)"):
         losses.nt_xent_blockwise(z1[:12], z2[:12], 0.2, 4, mesh=mesh)
+
+
+def test_same_zone_loss_and_gradients_identical_on_1_2_4_8_devices(x64):
+    # 16 patches of 3 zones, in runs that straddle the devices' rows (2 per device on 8): an
+    # anchor's same-zone negatives sit on its own and on other devices.
+    rng = np.random.default_rng(8)
+    x1, x2 = rng.normal(size=(16, 5)), rng.normal(size=(16, 5))  # float64
+    zones = np.array([0, 0, 0, 1, 1, 2, 0, 2, 2, 2, 1, 0, 1, 1, 0, 2], np.int32)
+    encoder = TinyEncoder(param_dtype=jnp.float64)
+    params = encoder.init(jax.random.key(0), x1)
+
+    def param_loss(p, a, b, zones, mesh=None, blockwise=False):
+        u, v = encoder.apply(p, a), encoder.apply(p, b)
+        if blockwise:
+            return losses.nt_xent_blockwise(u, v, 0.2, 3, mesh=mesh, zones=zones)
+        return losses.nt_xent(u, v, 0.2, zones=zones)
+
+    z1, z2 = encoder.apply(params, x1), encoder.apply(params, x2)
+    np.testing.assert_allclose(param_loss(params, x1, x2, zones), numpy_nt_xent(z1, z2, 0.2, zones), rtol=1e-12)
+    results = {}
+    for k in (1, 2, 4, 8):
+        mesh = sharding.make_mesh(devices=jax.devices()[:k])
+        put = lambda x: jax.device_put(x, sharding.data_sharding(mesh))  # noqa: E731
+        p = jax.device_put(params, sharding.replicated(mesh))
+        args = (p, put(x1), put(x2), put(zones))
+        results[k] = jax.jit(jax.value_and_grad(param_loss))(*args)
+        blockwise = jax.jit(jax.value_and_grad(param_loss), static_argnums=(4, 5))(*args, mesh, True)
+        numerics.assert_trees_close(blockwise, results[1], f"blockwise on {k} devices vs naive on 1: ")
+    for k in (2, 4, 8):
+        numerics.assert_trees_close(results[k], results[1], f"{k} devices vs 1: ")
 
 
 # -- weighted cross-entropy ----------------------------------------------------------------------

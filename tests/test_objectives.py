@@ -44,12 +44,14 @@ def random_pair(n, d, seed=0, scale=1.0):
 
 # -- cross-modal InfoNCE ----------------------------------------------------------------------------
 
-def numpy_cross_modal(a, s, temperature):
-    """Float64, from the definition: row i's positive is the other modality's row i."""
+def numpy_cross_modal(a, s, temperature, zones=None):
+    """Float64, from the definition: row i's positive is the other modality's row i; with zones [N],
+    its negatives are only the other modality's rows of its zone (DARLING)."""
     logits = normalize(a) @ normalize(s).T / temperature
     n = len(a)
-    a_to_s = np.mean([logsumexp(logits[i], 0) - logits[i, i] for i in range(n)])
-    s_to_a = np.mean([logsumexp(logits[:, j], 0) - logits[j, j] for j in range(n)])
+    zones = np.zeros(n, int) if zones is None else np.asarray(zones)
+    a_to_s = np.mean([logsumexp(logits[i, zones == zones[i]], 0) - logits[i, i] for i in range(n)])
+    s_to_a = np.mean([logsumexp(logits[zones == zones[j], j], 0) - logits[j, j] for j in range(n)])
     return (a_to_s + s_to_a) / 2
 
 
@@ -126,6 +128,77 @@ def test_cross_modal_positives_pair_the_right_samples_across_devices():
     np.testing.assert_allclose(wrong["pos_accuracy"], 0.0)
     np.testing.assert_allclose(on_devices(loss, (a, rolled), 8), numpy_cross_modal(a, rolled, 0.1), rtol=RTOL)
     assert float(on_devices(loss, (a, rolled), 8)) > float(on_devices(loss, (a, a), 8)) + 1.0
+
+
+ZONES = np.array([0, 1, 0, 2, 1, 0, 2, 2, 1, 0, 0, 3, 1, 1, 0, 2], np.int32)  # zone 3: one place
+
+
+def test_same_zone_cross_modal_matches_float64_reference():
+    a, s = random_pair(16, 3, seed=6)
+    want = numpy_cross_modal(a, s, 0.2, ZONES)
+    np.testing.assert_allclose(losses.cross_modal_info_nce(a, s, 0.2, zones=ZONES), want, rtol=RTOL)
+    np.testing.assert_allclose(losses.cross_modal_info_nce_blockwise(a, s, 0.2, 5, zones=ZONES), want, rtol=RTOL)
+    assert abs(want - numpy_cross_modal(a, s, 0.2)) > 0.1  # fewer negatives: another loss
+    # pos_accuracy against the same-zone negatives only, from the definition
+    sims = normalize(a) @ normalize(s).T
+    wins = [all(sims[i, i] > sims[i, j] for j in range(16) if j != i and ZONES[j] == ZONES[i]) for i in range(16)]
+    wins += [all(sims[j, j] > sims[i, j] for i in range(16) if i != j and ZONES[i] == ZONES[j]) for j in range(16)]
+    metrics = losses.cross_modal_metrics(a, s, block_size=5, zones=ZONES)
+    np.testing.assert_allclose(metrics["pos_accuracy"], np.mean(wins))
+    assert float(metrics["pos_accuracy"]) > float(losses.cross_modal_metrics(a, s)["pos_accuracy"])
+
+
+def test_one_zone_is_the_plain_cross_modal_loss():
+    a, s = random_pair(16, 3, seed=7)
+    one_zone = np.full(16, 2, np.int32)
+    for fn in (losses.cross_modal_info_nce,
+               lambda a, s, t, **kw: losses.cross_modal_info_nce_blockwise(a, s, t, 5, **kw)):
+        np.testing.assert_allclose(fn(a, s, 0.2, zones=one_zone), fn(a, s, 0.2), rtol=1e-7)
+    np.testing.assert_allclose(losses.cross_modal_metrics(a, s, 5, zones=one_zone)["pos_accuracy"],
+                               losses.cross_modal_metrics(a, s, 5)["pos_accuracy"])
+
+
+def test_same_zone_cross_modal_identical_on_1_2_4_8_devices(x64):
+    a, s = numerics.as_float64(random_pair(16, 6, seed=8))
+    s = s + a
+    want = numpy_cross_modal(a, s, 0.2, ZONES)
+
+    def both(mesh, a, s, zones):
+        naive = jax.value_and_grad(lambda u, v: losses.cross_modal_info_nce(u, v, 0.2, zones=zones),
+                                   argnums=(0, 1))
+        blockwise = jax.value_and_grad(lambda u, v: losses.cross_modal_info_nce_blockwise(
+            u, v, 0.2, 3, mesh=mesh, zones=zones), argnums=(0, 1))
+        return naive(a, s), blockwise(a, s)
+
+    reference = on_devices(both, (a, s, ZONES), 1)[0]
+    np.testing.assert_allclose(reference[0], want, rtol=1e-12)
+    for k in DEVICE_COUNTS:
+        naive, blockwise = on_devices(both, (a, s, ZONES), k)
+        numerics.assert_trees_close(naive, reference, f"naive on {k} devices: ")
+        numerics.assert_trees_close(blockwise, reference, f"blockwise on {k} devices: ")
+
+
+def test_crossmodal_task_masks_the_cross_and_intra_terms_by_zone():
+    """crossmodal.objective_loss with negatives='same_zone' reads the views' zones: the cross term
+    pairs one view's aerial with the other's series, the intra-modal terms mask like NT-Xent."""
+    from lcssl.tasks import crossmodal, pretraining
+    from tests.test_losses import numpy_nt_xent
+
+    rng = np.random.default_rng(9)
+    a1, a2, s1, s2 = (rng.normal(size=(16, 4)).astype(np.float32) for _ in range(4))
+    out = {"aerial_projection": pretraining.interleave(a1, a2), "sits_projection": pretraining.interleave(s1, s2)}
+    views = pretraining.Views(inputs={}, key=None, batch={"zone": ZONES})
+    cfg = crossmodal.default_config()
+    cfg.update(negatives="same_zone", aerial_weight=0.5, sits_weight=2.0, temperature=0.2)
+    loss, health = crossmodal.objective_loss(out, views, None, cfg=cfg)
+    cross = 0.5 * (numpy_cross_modal(a1, s2, 0.2, ZONES) + numpy_cross_modal(a2, s1, 0.2, ZONES))
+    want = cross + 0.5 * numpy_nt_xent(a1, a2, 0.2, ZONES) + 2.0 * numpy_nt_xent(s1, s2, 0.2, ZONES)
+    np.testing.assert_allclose(health["cross_loss"], cross, rtol=RTOL)
+    np.testing.assert_allclose(loss, want, rtol=RTOL)
+    cfg.negatives = "all"
+    np.testing.assert_allclose(crossmodal.objective_loss(out, views, None, cfg=cfg)[0],
+                               numpy_cross_modal(a1, s2, 0.2) / 2 + numpy_cross_modal(a2, s1, 0.2) / 2
+                               + 0.5 * numpy_nt_xent(a1, a2, 0.2) + 2.0 * numpy_nt_xent(s1, s2, 0.2), rtol=RTOL)
 
 
 def test_cross_modal_metrics_detect_collapse():

@@ -13,6 +13,7 @@ import pytest
 from lcssl import checkpoint as ckpt_lib
 from lcssl import configs, models, sharding, tasks, train
 from lcssl.data import pipeline, schema
+from lcssl.errors import UserError
 from lcssl.tasks import supervised
 from tests._train_helpers import build_task, compilation_cache, saved_state, tiny_config, tiny_dataset
 
@@ -312,20 +313,25 @@ PLAIN_SGD = {"optimizer.name": "sgd", "optimizer.momentum": 0.0, "optimizer.weig
 
 
 @pytest.mark.slow
-def test_blockwise_and_gradient_cached_nt_xent_make_the_same_update_as_the_plain_one(data_dir):
+@pytest.mark.parametrize("negatives", ["all", "same_zone"])
+def test_blockwise_and_gradient_cached_nt_xent_make_the_same_update_as_the_plain_one(data_dir, negatives):
     """The SimCLR task's real step on 8 devices with naive, blockwise (on the mesh: each device its
     own anchors' tiles) and gradient-cached (one chunk: the same batch-norm statistics) NT-Xent:
-    same loss, same new weights. The SITS-only variant keeps the compiles short; the loss path is
+    same loss, same new weights, with every negative or the same-zone ones (3 zones straddling the
+    devices' rows). The SITS-only variant keeps the compiles short; the loss path is
     what differs. fp32 sums of 32 logits in another order: rtol 1e-5 on the loss; 1e-4 on weights
     after one update (gradients pass through the whole network's float32 backward)."""
     card = pipeline.load_card(data_dir)
     mesh = sharding.make_mesh()
-    batch = sharding.host_batch_to_global(random_host_batch(card, 16, with_label=False), mesh)
+    host = random_host_batch(card, 16, with_label=False)
+    if negatives == "same_zone":
+        host["zone"] = np.array([0, 0, 0, 1, 1, 2, 0, 2, 2, 2, 1, 0, 1, 1, 0, 2], np.int32)
+    batch = sharding.host_batch_to_global(host, mesh)
     results = {}
     for impl in ("naive", "blockwise", "gradcache"):
         config = tiny_config("ssl_flair2", data_dir, **PLAIN_SGD, **{
             "model.variant": "utae", "simclr.loss_impl": impl, "simclr.num_chunks": 1,
-            "simclr.block_size": 8})
+            "simclr.block_size": 8, "simclr.negatives": negatives})
         task, _ = build_task(config, card, mesh)
         state = sharding.init_sharded(task.init, mesh, jax.random.key(0, impl=train.RNG_IMPL))
         step = train.jit_train_step(task, state, mesh)
@@ -339,6 +345,52 @@ def test_blockwise_and_gradient_cached_nt_xent_make_the_same_update_as_the_plain
         np.testing.assert_allclose(other_loss, loss, rtol=1e-5)
         for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(other_params)):
             np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_same_zone_negatives_read_the_batch_zone_and_a_tiny_run_trains(data_dir, tmp_path, monkeypatch):
+    """simclr.negatives='same_zone': the zone index crosses to the devices (with 'all' it stays on
+    the host) and shapes the loss: one zone in the batch gives the plain loss, four zones a lower
+    one (6 negatives per anchor instead of 30). A tiny run with it reads the dataset's zones and
+    trains."""
+    card = pipeline.load_card(data_dir)
+    mesh = sharding.make_mesh()
+    host = random_host_batch(card, 16, with_label=False)
+    first_loss = []
+    for negatives, zone in (("all", None), ("same_zone", np.zeros(16, np.int32)),
+                            ("same_zone", np.arange(16, dtype=np.int32) % 4)):
+        config = tiny_config("ssl_flair2", data_dir, **{"model.variant": "utae", "simclr.negatives": negatives})
+        task, _ = build_task(config, card, mesh)
+        assert ("zone" in task.batch_keys) == (negatives == "same_zone")
+        batch = host if zone is None else dict(host, zone=zone)
+        state = sharding.init_sharded(task.init, mesh, jax.random.key(0, impl=train.RNG_IMPL))
+        _, metrics = train.jit_train_step(task, state, mesh)(state, sharding.host_batch_to_global(batch, mesh))
+        first_loss.append(float(metrics.compute()["loss"]))
+    plain, one_zone, four_zones = first_loss
+    np.testing.assert_allclose(one_zone, plain, rtol=1e-6)
+    assert four_zones < plain - 0.5
+
+    zones_read = []
+    real = pipeline.make_train_iterator
+
+    def recording(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            zones_read.append(batch["zone"])
+            yield batch
+
+    monkeypatch.setattr(pipeline, "make_train_iterator", recording)
+    config = tiny_config("ssl_flair2", data_dir, **{"simclr.negatives": "same_zone"})
+    results = train.run(config, str(tmp_path))
+    assert results["step"] == 6
+    names = pipeline.zone_names(card, config.split)
+    assert len(zones_read) >= 6 and all(set(z.tolist()) <= set(range(len(names))) for z in zones_read)
+    assert len(set(np.concatenate(zones_read).tolist())) > 1
+    with pytest.raises(UserError, match="simclr.negatives must be 'all' or 'same_zone', found 'same'"):
+        build_task(tiny_config("ssl_flair2", data_dir, **{"simclr.negatives": "same"}), card, mesh)
+    no_zones = {**card, "splits": {**card["splits"], config.split: {
+        k: v for k, v in card["splits"][config.split].items() if k != "zones"}}}
+    with pytest.raises(UserError, match=f"needs the zones of split '{config.split}', which {data_dir}"):
+        build_task(config, no_zones, mesh)
 
 
 @pytest.mark.slow

@@ -370,12 +370,15 @@ def interleave_order(counts: list, cycle_length: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 def _host_batch(shards: Shards, shapes, indices, workers: concurrent.futures.Executor,
-                expect_ids: Optional[dict] = None) -> dict:
-    """pipeline's host batch of records `indices` (card order numbers)."""
+                expect_ids: Optional[dict] = None, with_zone: bool = False) -> dict:
+    """pipeline's host batch of records `indices` (card order numbers); with_zone: also their
+    'domain' and 'zone' strings, for pipeline.zone_indexer."""
     b = len(indices)
     out = {"aerial": np.empty((b, *shapes.aerial), np.uint8), "sits": np.empty((b, *shapes.sits), np.float32),
            "dates": np.empty((b, shapes.max_dates), np.int32), "sits_valid": np.empty((b, shapes.max_dates), bool),
            "label": np.empty((b, *shapes.label), np.int32)}
+    if with_zone:
+        out.update(domain=np.empty(b, object), zone=np.empty(b, object))
 
     def fill(row_index):
         row, i = row_index
@@ -487,11 +490,13 @@ def make_train_iterator(data_dir, split: str = "train", *, global_batch_size: in
         return epoch_cache[e]
 
     workers = _workers(num_workers)
+    indexed = pipeline.zone_indexer(data_dir, card, split)
 
     def batch(step: int) -> dict:
         e, s = divmod(step, steps_per_epoch)
         lo = s * B + process_index * b
-        return _host_batch(shards, shapes, epoch_order(e)[lo:lo + b], workers, expect_ids)
+        return indexed(_host_batch(shards, shapes, epoch_order(e)[lo:lo + b], workers, expect_ids,
+                                   with_zone=True))
 
     return _prefetched(batch, int(start_step), None, prefetch)
 

@@ -5,6 +5,8 @@
     dates         [b, T]            int32
     sits_valid    [b, T]            bool
     label         [b, H, W]         int32    255 = ignore
+    zone          [b]               int32    (train only) index of the record's zone in
+                                             zone_names(card, split); -1 if the card lists none
     example_valid [b]               bool     (eval only; False marks padding)
 
 b = global_batch_size // process_count. Normalization and augmentation are *not* done here: they run
@@ -53,7 +55,7 @@ from typing import Iterator, Optional
 from absl import logging
 import numpy as np
 
-from lcssl.data.schema import CARD_CHECKSUM, CARD_NAME, FORMAT_VERSIONS, PLAN_NAME, card_checksum
+from lcssl.data.schema import CARD_CHECKSUM, CARD_NAME, FORMAT_VERSIONS, PLAN_NAME, card_checksum, zone_key
 from lcssl.errors import UserError
 from lcssl.files import read_json
 
@@ -270,7 +272,9 @@ def _mine(global_batch_size: int, lo: int, hi: int):
     return keep
 
 
-def _host_batch_fn(card: dict):
+def _host_batch_fn(card: dict, with_zone: bool = False):
+    """serialized records -> the host batch; with_zone: also their 'domain' and 'zone' strings,
+    which zone_indexer turns into the `zone` index."""
     from lcssl.data.records import decode_fn
 
     decode = decode_fn(card)
@@ -278,15 +282,60 @@ def _host_batch_fn(card: dict):
 
     def to_host(serialized):
         r = decode(serialized)
-        return {
+        out = {
             "aerial": r["aerial"],
             "sits": tf.cast(r["sits"], tf.float32),
             "dates": r["dates"],
             "sits_valid": r["sits_valid"],
             "label": tf.cast(r["label"], tf.int32),
         }
+        if with_zone:
+            out.update(domain=r["domain"], zone=r["zone"])
+        return out
 
     return to_host
+
+
+def zone_names(card: dict, split: str) -> Optional[tuple]:
+    """The zones the card lists for `split` (as schema.zone_key names them), sorted: a training
+    batch's `zone` field is an index into them. None for a card that lists no zones for the split
+    (its batches then carry zone -1 in every row)."""
+    zones = card["splits"][split].get("zones")
+    return None if zones is None else tuple(sorted(zones))
+
+
+def zone_indexer(data_dir, card: dict, split: str):
+    """indexed(batch) -> the batch with its records' 'domain' and 'zone' strings [b] replaced by
+    `zone` int32 [b], the index of each record's zone in zone_names(card, split). Both readers
+    call it, so they give the same indices. A zone the card does not list for the split is an error:
+    the card does not describe the shards."""
+    names = zone_names(card, split)
+    index = None if names is None else {name: i for i, name in enumerate(names)}
+
+    def indexed(batch: dict) -> dict:
+        domains, zones = batch.pop("domain"), batch.pop("zone")
+        if index is None:
+            batch["zone"] = np.full(len(zones), -1, np.int32)
+            return batch
+        keys = [zone_key(bytes(d).decode(), bytes(z).decode()) for d, z in zip(domains, zones)]
+        missing = sorted(set(keys) - index.keys())
+        if missing:
+            raise UserError(f"{data_dir}/{CARD_NAME}: split {split!r} holds patches of zones {missing}, which "
+                            f"the card does not list for it ({list(names)}): the card does not describe these "
+                            f"shards; {_REBUILD}")
+        batch["zone"] = np.asarray([index[k] for k in keys], np.int32)
+        return batch
+
+    return indexed
+
+
+def _each(fn, batches: Iterator[dict]) -> Iterator[dict]:
+    """fn(batch) for each batch; closing this iterator closes `batches`."""
+    try:
+        for batch in batches:
+            yield fn(batch)
+    finally:
+        batches.close()
 
 
 def _options(tf):
@@ -346,9 +395,10 @@ def make_train_iterator(data_dir, split: str = "train", *, global_batch_size: in
         return ds.enumerate().filter(mine).map(lambda i, r: r).batch(b, drop_remainder=True)
 
     ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
-    ds = ds.map(_host_batch_fn(card), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(_host_batch_fn(card, with_zone=True), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options(tf))
-    return _naming_damaged_shards(ds.as_numpy_iterator(), data_dir, split, files)
+    return _each(zone_indexer(data_dir, card, split),
+                 _naming_damaged_shards(ds.as_numpy_iterator(), data_dir, split, files))
 
 
 def make_eval_iterator(data_dir, split: str, *, global_batch_size: int, process_index: Optional[int] = None,

@@ -16,6 +16,14 @@ FORMAT_VERSION = 3           # what data_prep writes
 FORMAT_VERSIONS = (3,)       # what the pipeline reads; older cards are refused with the way out
 CARD_CHECKSUM = "content_sha256"
 
+
+def zone_key(domain: str, zone: str) -> str:
+    """A zone of a domain, as the card lists a split's zones (card["splits"][split]["zones"]) and
+    as the build keeps it together in one split: FLAIR #2 reuses zone names (Z1_UU, ...) in every
+    department, so the zone name alone would join zones of different departments."""
+    return f"{domain}/{zone}" if domain else zone
+
+
 # Unlabelled pixels, nodata and whole unlabelled patches. Never a class (loss and metrics skip it).
 IGNORE_LABEL = 255
 

@@ -10,6 +10,10 @@ together (lcssl/tasks/pretraining.py); the cross-modal term pairs view 1's aeria
 view 1's series (mean of the two). Optional intra-modal SimCLR terms (NT-Xent between the two
 views' aerial projections, and between their series projections) are added with the weights
 `crossmodal.aerial_weight` and `crossmodal.sits_weight` (0: off).
+`crossmodal.negatives='same_zone'`: each anchor's negatives are only the other modality's rows of
+its own zone (and, in the intra-modal terms, both views of the other patches of its zone):
+DARLING's in-domain negatives (Zhang et al. 2022, lcssl/tasks/pretraining.py); the loss is still the
+mean over the global batch, and pos_accuracy ranks the positive against those negatives only.
 Health: cross-modal positive accuracy (the series of the same place ranks first among the batch's
 series, and vice versa), each modality's embedding std (-> 0 on collapse), positive cosine.
 Fine-tuning loads the aerial encoder and the U-TAE; the fusion is not trained by this objective and
@@ -30,13 +34,16 @@ HEALTH = ("cross_loss", "pos_accuracy", "aerial_embedding_std", "sits_embedding_
 
 def default_config() -> ml_collections.ConfigDict:
     """config.crossmodal: temperature, loss_impl 'naive' | 'blockwise' (tiles of block_size rows,
-    each device its own rows), and the weights of the optional intra-modal SimCLR terms."""
+    each device its own rows), the weights of the optional intra-modal SimCLR terms, and negatives
+    'all' (every other place of the global batch) | 'same_zone' (only those of the anchor's zone:
+    DARLING's in-domain negatives)."""
     c = ml_collections.ConfigDict()
     c.temperature = 0.1
     c.loss_impl = "naive"
     c.block_size = 256
     c.aerial_weight = 0.0
     c.sits_weight = 0.0
+    c.negatives = "all"
     return c
 
 
@@ -54,16 +61,17 @@ def objective_loss(out, views, state, *, cfg, mesh=None):
     """Symmetric cross-modal InfoNCE between one view's aerial and the other view's series, plus
     the optional intra-modal NT-Xent terms."""
     t = cfg.temperature
+    zones = pretraining.negative_zones(views, cfg.negatives)
 
     def cross(a, s):
         if cfg.loss_impl == "naive":
-            return losses.cross_modal_info_nce(a, s, t)
-        return losses.cross_modal_info_nce_blockwise(a, s, t, cfg.block_size, mesh=mesh)
+            return losses.cross_modal_info_nce(a, s, t, zones=zones)
+        return losses.cross_modal_info_nce_blockwise(a, s, t, cfg.block_size, mesh=mesh, zones=zones)
 
     def intra(z1, z2):
         if cfg.loss_impl == "naive":
-            return losses.nt_xent(z1, z2, t)
-        return losses.nt_xent_blockwise(z1, z2, t, cfg.block_size, mesh=mesh)
+            return losses.nt_xent(z1, z2, t, zones=zones)
+        return losses.nt_xent_blockwise(z1, z2, t, cfg.block_size, mesh=mesh, zones=zones)
 
     a1, a2 = pretraining.split_views(out["aerial_projection"])
     s1, s2 = pretraining.split_views(out["sits_projection"])
@@ -73,7 +81,7 @@ def objective_loss(out, views, state, *, cfg, mesh=None):
         loss = loss + cfg.aerial_weight * intra(a1, a2)
     if cfg.sits_weight:
         loss = loss + cfg.sits_weight * intra(s1, s2)
-    return loss, dict(losses.cross_modal_metrics(a1, s2, cfg.block_size), cross_loss=cross_loss)
+    return loss, dict(losses.cross_modal_metrics(a1, s2, cfg.block_size, zones=zones), cross_loss=cross_loss)
 
 
 def build(ctx: base.Context) -> base.Task:
@@ -82,4 +90,5 @@ def build(ctx: base.Context) -> base.Task:
         raise UserError(f"crossmodal.loss_impl must be 'naive' or 'blockwise', found {cfg.loss_impl!r}")
     return pretraining.build_task(
         ctx, "crossmodal", functools.partial(objective_loss, cfg=cfg, mesh=ctx.mesh), HEALTH,
-        model_cfg=model_config(ctx.model_cfg), transfer_keys=TRANSFER_KEYS)
+        model_cfg=model_config(ctx.model_cfg), transfer_keys=TRANSFER_KEYS,
+        extra_batch_keys=pretraining.negatives_batch_keys(ctx, "crossmodal"))

@@ -14,6 +14,12 @@ and its config; `build_task` makes the rest:
 The two views of each patch go through the model together ([2B], interleaved so that no row
 moves between devices), so batch norm sees both views; a loss splits them back with split_views.
 Fine-tuning loads the backbone's encoder subtrees unless the objective names others.
+
+Negatives (`<task>.negatives` of the contrastive tasks, `negative_zones`): 'all', every other patch
+of the global batch; 'same_zone', only the patches of the anchor's own zone (the host batch's
+`zone` index, both views of a patch share it), DARLING's in-domain negatives (Zhang et al. 2022,
+"Towards Unsupervised Domain Generalization"): the nuisance a zone's patches share (acquisition
+dates, clouds, radiometry) then cannot separate an anchor from its negatives.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ import optax
 from clu import metrics as clu_metrics
 
 from lcssl import gradcache, models
-from lcssl.data import augment, normalize
+from lcssl.data import augment, normalize, pipeline
+from lcssl.errors import UserError
 from lcssl.tasks import base
 
 # (model outputs, views, state before the update) -> (scalar loss, {health name: scalar})
@@ -42,7 +49,8 @@ class Views:
     inputs: the model inputs (models.INPUT_KEYS) of both views interleaved [2B, ...] (rows
             view1[0], view2[0], view1[1], ...), and 'dropout_key' [2B] per row
     key:    the augmentation key (augment.view_geometry(key, batch, cfg) gives the views' geometry)
-    batch:  the normalised batch the views were drawn from [B, ...]
+    batch:  the normalised batch the views were drawn from [B, ...] (with 'zone' [B] when the
+            task's batch_keys ask for it)
     targets: what a task's prepare_views set aside for its loss before changing the inputs (the
             hidden dates and their values for masked_dates); {} for most tasks
     """
@@ -71,6 +79,31 @@ def two_view_inputs(state: base.TrainState, batch, stats, augment_cfg) -> Views:
     inputs = {k: interleave(view1[k], view2[k]) for k in models.INPUT_KEYS}
     inputs["dropout_key"] = jax.random.split(drop_key, inputs["aerial"].shape[0])
     return Views(inputs=inputs, key=aug_key, batch=normalized)
+
+
+NEGATIVES = ("all", "same_zone")
+
+
+def negatives_batch_keys(ctx: base.Context, task: str) -> tuple[str, ...]:
+    """The host-batch fields beyond the model inputs that config.<task>.negatives needs: ('zone',)
+    for 'same_zone', () for 'all'. A UserError for another value, or for a dataset card that lists
+    no zones for the training split."""
+    negatives = ctx.config[task].negatives
+    if negatives not in NEGATIVES:
+        raise UserError(f"{task}.negatives must be 'all' or 'same_zone', found {negatives!r}")
+    if negatives == "all":
+        return ()
+    if pipeline.zone_names(ctx.card, ctx.config.split) is None:
+        raise UserError(f"{task}.negatives='same_zone' needs the zones of split {ctx.config.split!r}, which "
+                        f"{ctx.config.data_dir}/dataset_card.json does not list; re-run the "
+                        "`python -m data_prep build` command that made it, or set "
+                        f"--config.{task}.negatives=all")
+    return ("zone",)
+
+
+def negative_zones(views: Views, negatives: str) -> jax.Array | None:
+    """The zone index [B] of each patch of the views with same-zone negatives, None with 'all'."""
+    return views.batch["zone"] if negatives == "same_zone" else None
 
 
 def metrics_for(*health: str) -> type:
@@ -127,14 +160,16 @@ def build_task(ctx: base.Context, name: str, objective_loss: ObjectiveLoss, heal
                *, model_cfg=None, transfer_keys: tuple[str, ...] | None = None,
                outputs: tuple[str, ...] | None = None, grad_chunks: int = 0,
                init_task_state: Callable[[Any], Any] | None = None,
-               update_task_state=None, prepare_views: Callable[[Views], Views] | None = None
-               ) -> base.Task:
+               update_task_state=None, prepare_views: Callable[[Views], Views] | None = None,
+               extra_batch_keys: tuple[str, ...] = ()) -> base.Task:
     """The Task of a pre-training objective: PretrainModel of `model_cfg` (default: the run's),
     the config's optimizer, train_step above, the online linear probe as evaluate and final, and
     fine-tuning loading `transfer_keys` (default: the encoder) from params['backbone'].
     init_task_state(params) -> the task's own state at step 0 (see base.TrainState.task_state).
     prepare_views(views) -> views: changes the two views' inputs before the forward, keeping what
-    the loss needs in views.targets (masked_dates hides dates from the encoder)."""
+    the loss needs in views.targets (masked_dates hides dates from the encoder).
+    extra_batch_keys: host-batch fields the loss reads from views.batch beyond the model inputs
+    (negatives_batch_keys)."""
     config = ctx.config
     model_cfg = model_cfg or ctx.model_cfg
     model = models.build_ssl_model(model_cfg)
@@ -150,7 +185,8 @@ def build_task(ctx: base.Context, name: str, objective_loss: ObjectiveLoss, heal
             grad_chunks=grad_chunks, update_task_state=update_task_state,
             prepare_views=prepare_views, mesh=ctx.mesh),
         metrics=metrics,
-        batch_keys=models.INPUT_KEYS,  # never the label: it stays off the host->device link
+        # Never the label: it stays off the host->device link.
+        batch_keys=(*models.INPUT_KEYS, *extra_batch_keys),
         transfer_keys=transfer_keys or models.encoder_keys(model_cfg), transfer_prefix="backbone",
         evaluate=lambda state: base.probe_scalars(probe(state)),
         eval_every_steps=config.probe.every_steps,

@@ -1,5 +1,7 @@
 """lcssl.data.native: the same examples as the tf.data reader, without TensorFlow; each host reads
 only its own records; the same global batch sequence for any host count and after a resume."""
+import hashlib
+import json
 import logging
 import shutil
 import struct
@@ -8,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from lcssl.data import native, pipeline, records
+from lcssl.data import native, pipeline, records, schema
+from lcssl.errors import UserError
 from tests.data.test_pipeline import data_dir, ids  # noqa: F401  (module-scoped built dataset)
 
 
@@ -115,9 +118,9 @@ def test_each_host_reads_only_its_own_records(data_dir, monkeypatch):
     asked = {}  # per iterator (its Shards, kept alive): the record numbers of each host batch, in step order
     real = native._host_batch
 
-    def recording(shards, shapes, indices, *args):
+    def recording(shards, shapes, indices, *args, **kwargs):
         asked.setdefault(shards, []).append(list(indices))
-        return real(shards, shapes, indices, *args)
+        return real(shards, shapes, indices, *args, **kwargs)
 
     monkeypatch.setattr(native, "_host_batch", recording)
 
@@ -132,6 +135,56 @@ def test_each_host_reads_only_its_own_records(data_dir, monkeypatch):
     assert all(len(b) == 8 for b in one)
     for p in range(4):  # host p of 4 reads its 2 rows of each global batch, nothing else
         assert host_reads(p, 4) == [b[2 * p:2 * p + 2] for b in one]
+
+
+def zones_seen(data_dir, reader, steps=6, split="train"):
+    """{row id: zone index} over `steps` training batches of 8 (20 examples: 3 epochs)."""
+    it = pipeline.make_train_iterator(data_dir, split, global_batch_size=8, seed=1, process_index=0,
+                                      process_count=1, reader=reader)
+    seen = {}
+    for _ in range(steps):
+        batch = next(it)
+        assert batch["zone"].dtype == np.int32 and batch["zone"].shape == (8,)
+        seen.update(zip(ids(batch), batch["zone"].tolist()))
+    it.close()
+    return seen
+
+
+def test_training_batches_carry_the_same_zone_index_from_both_readers(data_dir):
+    card = pipeline.load_card(data_dir)
+    names = pipeline.zone_names(card, "train")
+    assert len(names) == 4 and names == tuple(sorted(card["splits"]["train"]["zones"]))
+    # Each record's zone, as the card names it, read from the record itself.
+    decode = records.decode_fn(card)
+    want = {}
+    for path in pipeline.split_files(data_dir, card, "train")[0]:
+        for serialized in _raw_records(path):
+            r = {k: v.numpy() for k, v in decode(serialized).items()}
+            key = schema.zone_key(r["domain"].decode(), r["zone"].decode())
+            want[hashlib.md5(r["aerial"].tobytes()).hexdigest()] = names.index(key)
+    assert sorted(set(want.values())) == [0, 1, 2, 3]
+    for reader in ("tfdata", "native"):
+        seen = zones_seen(data_dir, reader)
+        assert len(seen) == 20 and seen == want, reader
+
+
+def _with_card(data_dir, tmp_path, change):
+    copy = shutil.copytree(data_dir, tmp_path / "ds")
+    card = json.loads((copy / schema.CARD_NAME).read_text())
+    change(card["splits"]["train"])
+    (copy / schema.CARD_NAME).write_text(json.dumps(schema.seal_card(card)))
+    return copy
+
+
+def test_a_zone_missing_from_the_card_is_named_and_a_card_without_zones_gives_minus_one(data_dir, tmp_path):
+    copy = _with_card(data_dir, tmp_path / "missing", lambda split: split["zones"].pop(0))
+    for reader in ("tfdata", "native"):
+        with pytest.raises(UserError, match=rf"^{copy}/dataset_card.json: split 'train' holds patches of "
+                                            r"zones \['D1/Z\d'\], which the card does not list"):
+            zones_seen(copy, reader)
+    copy = _with_card(data_dir, tmp_path / "none", lambda split: split.pop("zones"))
+    for reader in ("tfdata", "native"):
+        assert set(zones_seen(copy, reader, steps=2).values()) == {-1}, reader
 
 
 def test_index_is_cached_beside_the_shard_and_rebuilt_when_stale(data_dir, tmp_path):

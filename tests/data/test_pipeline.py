@@ -63,7 +63,8 @@ def test_train_batch_shapes_and_dtypes_over_8_devices(data_dir):
                                       process_count=2)
     batch = next(it)
     expect = {"aerial": ((8, SIZE, SIZE, 5), np.uint8), "sits": ((8, T, 4, 4, 10), np.float32),
-              "dates": ((8, T), np.int32), "sits_valid": ((8, T), np.bool_), "label": ((8, SIZE, SIZE), np.int32)}
+              "dates": ((8, T), np.int32), "sits_valid": ((8, T), np.bool_), "label": ((8, SIZE, SIZE), np.int32),
+              "zone": ((8,), np.int32)}
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expect
     assert batch["sits_valid"][:, :4].all() and not batch["sits_valid"][:, 4:].any()
     assert (batch["dates"][:, 4:] == 0).all() and batch["dates"][0, 0] == 32  # 1 Feb = day 32
