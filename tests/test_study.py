@@ -205,7 +205,25 @@ def test_a_record_of_another_protocol_is_refused(tmp_path):
     runs[0].record.parent.mkdir(parents=True)
     runs[0].record.write_text(json.dumps({"arm": runs[0].arm, "protocol": 1, "status": "done"}))
     with pytest.raises(study.UserError, match=f"protocol 1 in the folder of protocol {study_synth.PROTOCOL}"):
-        study.collect(runs, {})
+        study.collect(runs, {}, tmp_path)
+
+
+def test_the_runs_table_is_the_same_from_any_machines_workdir(tmp_path):
+    """The committed records, read from two workdirs (two machines), give the same table: each run's
+    folder is named relative to the study's workdir."""
+    config = study_synth.get_config("tiny")
+    records = study.records_folder(tmp_path / "records", config)
+    first = study.plan(config, tmp_path, tmp_path / "data", records=records)[0]
+    first.record.parent.mkdir(parents=True)
+    first.record.write_text(json.dumps({"arm": first.arm, "kind": first.kind, "protocol": config.protocol,
+                                        "status": "done"}))
+    tables = []
+    for workdir in (tmp_path / "here", tmp_path / "elsewhere" / "study"):
+        runs = study.plan(config, workdir, workdir / "data", records=records)
+        tables.append(study.collect(runs, {}, workdir))
+    assert tables[0] == tables[1]
+    assert tables[0][0]["status"] == "done" and tables[0][1]["status"] == "not run"
+    assert tables[0][0]["workdir"] == f"runs/{first.arm}/seed{first.seed}/{first.workdir.name}"
 
 
 def test_pretraining_curves_show_the_loss_logged_at_or_before_each_probe():

@@ -401,8 +401,8 @@ def write_results(records: Sequence[dict], labels: dict, unavailable: dict, meta
     notes = pathlib.Path(meta.get("records", "")) / "NOTES.md"
     if meta.get("records") and notes.is_file():  # hand-written, committed with the records
         lines += ["## What was tried, and what the figures say", "", notes.read_text().strip(), ""]
-    lines += ["Every run (scores, status, seconds, workdir): `results_label_efficiency.json` and "
-              "`results_label_efficiency.csv` beside this file.", ""]
+    lines += ["Every run (scores, status, seconds, its folder under the study's workdir): "
+              "`results_label_efficiency.json` and `results_label_efficiency.csv` beside this file.", ""]
     atomic_write_bytes(results_path, "\n".join(lines).encode())
     plot(shown, {a: labels[a] for a in arms}, fractions, results_path.parent / PLOT_NAME)
     return _write_tables(records, summary, labels, unavailable, meta, results_path.parent)

@@ -287,7 +287,7 @@ def run_study(config, workdir: pathlib.Path, results_path: pathlib.Path, command
         print(f"Budget of {budget_s:g} s: {len(todo) - ended[0]} run(s) not launched; the same command "
               "continues from the records.", flush=True)
     wall = time.perf_counter() - started
-    records = collect(runs, failed)
+    records = collect(runs, failed, workdir)
     meta = {"command": command, "commit": _git_commit(), "machine": _machine(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "wall_seconds_this_invocation": wall, "parallel": parallel,
@@ -310,8 +310,9 @@ def run_study(config, workdir: pathlib.Path, results_path: pathlib.Path, command
     return write_results(records, labels, unavailable, meta, results_path)
 
 
-def collect(runs: Sequence[Run], failed: dict) -> list[dict]:
-    """One record per run (pre-training and fine-tuning): its saved record, or its status."""
+def collect(runs: Sequence[Run], failed: dict, root: pathlib.Path) -> list[dict]:
+    """One record per run (pre-training and fine-tuning): its saved record, or its status, with the
+    run's folder relative to the study's workdir `root` (the same table from any machine's workdir)."""
     records = []
     for run in runs:
         if run.finished:
@@ -324,7 +325,7 @@ def collect(runs: Sequence[Run], failed: dict) -> list[dict]:
             rec = {"arm": run.arm, "kind": run.kind, "seed": run.seed, "label_fraction": run.fraction,
                    "status": "failed" if run.workdir in failed else "not run",
                    "message": failed.get(run.workdir, "")}
-        rec["workdir"] = str(run.workdir)
+        rec["workdir"] = run.workdir.relative_to(root).as_posix()
         records.append(rec)
     return records
 
