@@ -131,6 +131,11 @@ def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batc
                     ["--config.simclr.negatives=same_zone"]),
         *pretrained("crossmodal_zone", "cross-modal InfoNCE, same-zone negatives",
                     ["--config.task=crossmodal", "--config.crossmodal.negatives=same_zone"]),
+        # More in-domain negatives: a batch of 128 drawn from every zone holds ~9 patches of each of
+        # the 14, so an anchor meets ~16 same-zone negatives; batches of 2 zones (64 patches of each,
+        # native reader: lcssl/data/native.py, "Zone-grouped order") give it 126.
+        *pretrained("simclr_zone2", f"{simclr_zone}, 2 zones a batch",
+                    ["--config.simclr.negatives=same_zone", "--config.zones_per_batch=2", "--config.input=native"]),
         # Full fine-tuning of 600 steps on 11 patches (1%) may wash out what the encoder learnt
         # (its pooled Sentinel-2 embedding knows the class about as well as the supervised
         # encoder's, yet it transfers a small part of the oracle's gain): the encoder at a tenth of

@@ -153,7 +153,7 @@ class Checkpoints:
                   "the checkpoints), or start a new --workdir (fine-tune from this one with "
                   "--config.supervised.init_from).")
         state, _, saved = self.restore(step, target)
-        older = {"label_seed": 0, "input": "tfdata"}  # checkpoints from before the fields: their values then
+        older = {"label_seed": 0, "input": "tfdata", "zones_per_batch": 0}  # checkpoints from before the fields: their values then
         changed = {k: (saved.get(k, older.get(k)), v) for k, v in progress.items()
                    if k != "num_steps" and saved.get(k, older.get(k)) != v}
         if changed:

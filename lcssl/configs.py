@@ -15,6 +15,9 @@ Field reference (units in the names):
   input                reader of the shards: 'tfdata' (tf.data) | 'native' (lcssl/data/native.py,
                        no TensorFlow, each host reads only its records); 'tfdata' becomes 'native'
                        where TensorFlow is not installed
+  zones_per_batch      0: batches drawn from every zone; k > 0: each global batch is k chunks of
+                       batch_size / k patches of one zone each (with <task>.negatives='same_zone',
+                       more in-domain negatives per anchor); needs input='native'
   batch_size           global batch over all devices and hosts (pre-training: patches per step)
   num_epochs|num_steps num_steps wins when set; epochs are over the training split
   optimizer            name 'sgd' | 'lars' | 'adamw'; learning_rate is the peak value
@@ -99,6 +102,7 @@ def base(dataset: str, task: str) -> ml_collections.ConfigDict:
     c.label_fraction = 1.0
     c.label_seed = 0
     c.input = pipeline.DEFAULT_READER
+    c.zones_per_batch = 0
 
     c.batch_size = 256 if pretrain else 64
     c.eval_batch_size = 64

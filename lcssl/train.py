@@ -329,7 +329,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         it = pipeline.make_train_iterator(
             config.data_dir, config.split, global_batch_size=config.batch_size, seed=config.seed,
             start_step=start_step, reader=reader, label_seed=config.label_seed,
-            label_fraction=config.label_fraction if task_module.USES_LABELS else 1.0)
+            label_fraction=config.label_fraction if task_module.USES_LABELS else 1.0,
+            zones_per_batch=config.zones_per_batch)
         for host_batch in it:  # only what the step reads crosses the host->device link
             yield {k: v for k, v in host_batch.items() if k in task.batch_keys}
 
@@ -339,7 +340,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         if task.transfer_keys else None)
     progress = {"seed": config.seed, "split": config.split, "global_batch_size": config.batch_size,
                 "label_fraction": config.label_fraction, "label_seed": config.label_seed,
-                "num_steps": num_steps, "input": reader}
+                "num_steps": num_steps, "input": reader, "zones_per_batch": config.zones_per_batch}
 
     # --- State (created sharded by a jitted init) or resumed ----------------------------------------
     rng = jax.random.key(config.seed + 1, impl=RNG_IMPL)

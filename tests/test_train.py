@@ -393,6 +393,34 @@ def test_same_zone_negatives_read_the_batch_zone_and_a_tiny_run_trains(data_dir,
         build_task(config, no_zones, mesh)
 
 
+
+@pytest.mark.slow
+def test_zone_grouped_batches_train_with_same_zone_negatives_and_resume_only_as_they_were(
+        data_dir, tmp_path, monkeypatch):
+    """--config.zones_per_batch=2 --config.input=native: every batch the run reads is two chunks of
+    one zone each (more same-zone negatives per anchor), it trains, and its checkpoints refuse a
+    resume in the every-zone order, which would not continue its data order."""
+    zones_read = []
+    real = pipeline.make_train_iterator
+
+    def recording(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            zones_read.append(batch["zone"])
+            yield batch
+
+    monkeypatch.setattr(pipeline, "make_train_iterator", recording)
+    config = tiny_config("ssl_flair2", data_dir, **{"simclr.negatives": "same_zone", "batch_size": 8,
+                                                      "input": "native", "zones_per_batch": 2})
+    assert train.run(config, str(tmp_path))["step"] == 6
+    assert len(zones_read) >= 6
+    for zones in zones_read:
+        chunks = zones.reshape(2, 4)
+        assert (chunks == chunks[:, :1]).all(), zones
+    config.zones_per_batch = 0
+    with pytest.raises(UserError, match=r"exactly: the data order depends on \{'zones_per_batch': \(2, 0\)\}"):
+        train.run(config, str(tmp_path))
+
+
 @pytest.mark.slow
 def test_supervised_step_accumulates_micro_batches_and_linear_mode_freezes_the_encoder(
         ssl_run, data_dir):

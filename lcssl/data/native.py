@@ -22,6 +22,15 @@ and a resume at `start_step` starts there without reading anything before it. Th
 the tf.data reader's (a shuffle buffer over interleaved shards); the examples and their decoded
 values are the same.
 
+Zone-grouped order (`zones_per_batch` = k > 0, pre-training with same-zone negatives): every global
+batch is k chunks of B / k records, each chunk from one zone, so an anchor meets B / k - 1 patches of
+its own zone instead of about B / (number of zones). A pass shuffles each zone's records, cuts them
+into chunks (a zone's remainder sits the pass out), shuffles the chunks and takes them k at a time
+(`zone_grouped_order`), all drawn from (seed * 1_000_003 + pass); global batch s is in pass
+s // P, P = `zone_grouped_batches` (the same for every pass), so a resume starts there as above.
+The zone of each record is read once, when the iterator opens, and cached with the shard's index.
+Only this reader groups by zone (it reads records by number; the tf.data reader streams them).
+
 Eval order: the split once, in exactly the tf.data reader's order (its deterministic interleave of
 the shards in card order, `cycle_length` at a time, one record per turn), padded to whole global
 batches with zero rows marked `example_valid=False`; the batch count comes from the indexes of the
@@ -44,6 +53,7 @@ import numpy as np
 
 from lcssl.data import pipeline
 from lcssl.data.records import _FOOTER_BYTES, _HEADER_BYTES, ShardError, masked_crc32c, record_shapes
+from lcssl.data.schema import zone_key
 from lcssl.errors import UserError
 
 INDEX_SUFFIX = ".index.npz"
@@ -226,6 +236,16 @@ def parse_example(serialized) -> dict:
     return out
 
 
+def _one_bytes(features: dict, name: str) -> bytes:
+    """The single bytes value of feature `name` (a ValueError saying what is wrong otherwise)."""
+    if name not in features:
+        raise ValueError(f"no feature {name!r}")
+    found, values = features[name]
+    if found != "bytes" or len(values) != 1:
+        raise ValueError(f"feature {name!r}: expected one bytes value, found {len(values)} {found}")
+    return bytes(values[0])
+
+
 def decode_record(serialized, shapes) -> dict:
     """A record as numpy arrays with records.decode_fn's fields, dtypes and shapes (one example)."""
     features = parse_example(serialized)
@@ -279,9 +299,10 @@ class Shards:
         self.files = files
         self.counts = []
         self._offsets, self._lengths = [], []
+        self._card_facts = [dict(sha256=info["shard_sha256"][k], num_records=info["shard_examples"][k],
+                                 num_bytes=info["shard_bytes"][k]) for k in range(len(files))]
         for k, path in enumerate(files):
-            offsets, lengths = shard_index(path, sha256=info["shard_sha256"][k],
-                                           num_records=info["shard_examples"][k], num_bytes=info["shard_bytes"][k])
+            offsets, lengths = shard_index(path, **self._card_facts[k])
             self._offsets.append(offsets)
             self._lengths.append(lengths)
             self.counts.append(len(offsets))
@@ -326,6 +347,41 @@ class Shards:
             k, j = self.locate(i)
             raise RecordError(f"{self.files[k]}: record {j} (counting from 0) is not a record of this dataset "
                               f"({e}); {_REBUILD}") from None
+
+    def zones(self) -> list:
+        """The zone of every record (schema.zone_key of its domain and zone), card order: from each
+        shard's cached index where it holds them, else read from the shard's records once (a pass
+        over its bytes) and added to that cache (atomically; kept in memory where it cannot be
+        written)."""
+        from lcssl import files
+
+        out = []
+        for k, shard in enumerate(self.files):
+            cache = pathlib.Path(shard).with_name(pathlib.Path(shard).name + INDEX_SUFFIX)
+            try:
+                with np.load(cache) as index:
+                    if _index_matches(index, **self._card_facts[k]) and "zones" in index.files:
+                        out.extend(str(z) for z in index["zones"])
+                        continue
+            except (OSError, ValueError, KeyError):  # an unreadable cache is rewritten
+                pass
+            zones = []
+            for j in range(self.counts[k]):
+                features = parse_example(self.read(int(self._starts[k]) + j))
+                try:
+                    zones.append(zone_key(*(_one_bytes(features, name).decode() for name in ("domain", "zone"))))
+                except ValueError as e:
+                    raise RecordError(f"{shard}: record {j} (counting from 0) is not a record of this "
+                                      f"dataset ({e}); {_REBUILD}") from None
+            buffer = io.BytesIO()
+            np.savez(buffer, offsets=self._offsets[k], lengths=self._lengths[k],
+                     sha256=np.asarray(self._card_facts[k]["sha256"]), zones=np.asarray(zones, dtype=str))
+            try:
+                files.atomic_write_bytes(cache, buffer.getvalue())
+            except OSError as e:
+                logging.info("Record zones of %s kept in memory (cannot write %s: %s)", shard, cache, e.strerror)
+            out.extend(zones)
+        return out
 
     def close(self) -> None:
         with self._lock:
@@ -458,11 +514,39 @@ def _plan_ids(data_dir, split: str, shards: Shards) -> list:
     return ids
 
 
+def zone_grouped_order(zones: np.ndarray, global_batch_size: int, zones_per_batch: int,
+                       rng: np.random.Generator) -> np.ndarray:
+    """One pass of zone-grouped batches: positions into `zones` (the zone of each record), global
+    batch after global batch, each made of `zones_per_batch` chunks of global_batch_size /
+    zones_per_batch records of one zone. Every zone's records are shuffled and cut into chunks (its
+    remainder sits this pass out), the chunks shuffled and taken zones_per_batch at a time (the
+    last incomplete group sits out too), so a batch holds at most zones_per_batch zones (fewer
+    when two chunks of one zone meet) and every pass has the same number of batches,
+    `zone_grouped_batches(zones, ...)`."""
+    size = global_batch_size // zones_per_batch
+    chunks = []
+    for z in np.unique(zones):
+        members = np.flatnonzero(zones == z)
+        members = members[rng.permutation(len(members))]
+        chunks.extend(members[i * size:(i + 1) * size] for i in range(len(members) // size))
+    order = rng.permutation(len(chunks))[:zone_grouped_batches(zones, global_batch_size, zones_per_batch)
+                                         * zones_per_batch]
+    return np.concatenate([chunks[i] for i in order]) if len(order) else np.empty(0, np.int64)
+
+
+def zone_grouped_batches(zones: np.ndarray, global_batch_size: int, zones_per_batch: int) -> int:
+    """Global batches in one pass of zone_grouped_order."""
+    size = global_batch_size // zones_per_batch
+    _, counts = np.unique(zones, return_counts=True)
+    return int(sum(c // size for c in counts)) // zones_per_batch
+
+
 def make_train_iterator(data_dir, split: str = "train", *, global_batch_size: int, seed: int, start_step: int = 0,
                         process_index: Optional[int] = None, process_count: Optional[int] = None,
                         label_fraction: float = 1.0, label_seed: int = 0, prefetch: int = 2,
-                        num_workers: Optional[int] = None) -> Iterator[dict]:
-    """Infinite iterator of host batches in the order of the module docstring."""
+                        num_workers: Optional[int] = None, zones_per_batch: int = 0) -> Iterator[dict]:
+    """Infinite iterator of host batches in the order of the module docstring; zones_per_batch > 0:
+    zone-grouped batches (the docstring's "Zone-grouped order")."""
     process_index, process_count, b = pipeline._host_batch(global_batch_size, process_index, process_count)
     card = pipeline.load_card(data_dir)
     keep_ids = pipeline.labelled_subset(data_dir, split, label_fraction, label_seed)
@@ -480,13 +564,17 @@ def make_train_iterator(data_dir, split: str = "train", *, global_batch_size: in
     n, B = len(records), global_batch_size
     repeats = math.ceil(B / n)
     steps_per_epoch = repeats * n // B
+    if zones_per_batch:
+        record_zones = _zone_indices(data_dir, card, split, shards)[records]
+        steps_per_epoch = _check_zone_groups(data_dir, split, record_zones, B, zones_per_batch)
     epoch_cache: dict = {}
 
     def epoch_order(e: int) -> np.ndarray:
         if e not in epoch_cache:
             epoch_cache.clear()
             rng = np.random.default_rng((int(seed) * pipeline._SEED_STRIDE + e) % (1 << 63))
-            epoch_cache[e] = records[rng.permutation(repeats * n) % n]
+            epoch_cache[e] = (records[zone_grouped_order(record_zones, B, zones_per_batch, rng)] if zones_per_batch
+                              else records[rng.permutation(repeats * n) % n])
         return epoch_cache[e]
 
     workers = _workers(num_workers)
@@ -499,6 +587,37 @@ def make_train_iterator(data_dir, split: str = "train", *, global_batch_size: in
                                    with_zone=True))
 
     return _prefetched(batch, int(start_step), None, prefetch)
+
+
+def _zone_indices(data_dir, card: dict, split: str, shards: Shards) -> np.ndarray:
+    """The index (into pipeline.zone_names) of every record's zone, card order."""
+    names = pipeline.zone_names(card, split)
+    if names is None:
+        raise UserError(f"{data_dir}/{pipeline.CARD_NAME}: zones_per_batch needs the zones of split {split!r}, "
+                        "which the card does not list (a dataset built before cards listed them: rebuild it "
+                        "with `python -m data_prep build`)")
+    index = {name: i for i, name in enumerate(names)}
+    keys = shards.zones()
+    missing = sorted(set(keys) - set(index))
+    if missing:
+        raise UserError(f"{data_dir}/{pipeline.CARD_NAME}: split {split!r} holds patches of zones {missing[:5]}, "
+                        f"which the card does not list for it; {_REBUILD}")
+    return np.asarray([index[k] for k in keys], np.int64)
+
+
+def _check_zone_groups(data_dir, split: str, zones: np.ndarray, global_batch_size: int, zones_per_batch: int) -> int:
+    """Global batches per pass of zone-grouped batches; a UserError when there are none."""
+    if zones_per_batch < 0 or global_batch_size % zones_per_batch:
+        raise UserError(f"zones_per_batch={zones_per_batch} must divide the global batch size "
+                        f"{global_batch_size} (each batch takes batch / zones_per_batch patches of each zone)")
+    steps = zone_grouped_batches(zones, global_batch_size, zones_per_batch)
+    if not steps:
+        _, counts = np.unique(zones, return_counts=True)
+        raise UserError(f"{data_dir}: split {split!r} cannot make one batch of {global_batch_size} patches from "
+                        f"{zones_per_batch} zone(s) of {global_batch_size // zones_per_batch} patches each: its "
+                        f"{len(counts)} zone(s) hold at most {counts.max()} patches; lower the batch size or "
+                        "raise zones_per_batch")
+    return steps
 
 
 def make_eval_iterator(data_dir, split: str, *, global_batch_size: int, process_index: Optional[int] = None,

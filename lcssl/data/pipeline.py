@@ -356,9 +356,11 @@ def _host_batch(global_batch_size: int, process_index, process_count) -> tuple[i
 def make_train_iterator(data_dir, split: str = "train", *, global_batch_size: int, seed: int, start_step: int = 0,
                         shuffle_buffer: int = 256, process_index: Optional[int] = None,
                         process_count: Optional[int] = None, label_fraction: float = 1.0, label_seed: int = 0,
-                        cycle_length: int = 8, reader: str = "tfdata") -> Iterator[dict]:
+                        cycle_length: int = 8, reader: str = "tfdata", zones_per_batch: int = 0) -> Iterator[dict]:
     """Infinite iterator of host batches (see the module docstring for the order and resume rule;
-    reader='native': lcssl/data/native.py's order, which ignores shuffle_buffer and cycle_length).
+    reader='native': lcssl/data/native.py's order, which ignores shuffle_buffer and cycle_length;
+    zones_per_batch > 0: batches of that many zones each, native.py's "Zone-grouped order", which
+    only the native reader gives).
 
     shuffle_buffer holds serialized records (~2 MB each at 512 px: 256 -> ~0.5 GB per host).
     label_fraction < 1 keeps the fixed subset `labelled_subset(data_dir, split, label_fraction, label_seed)`.
@@ -369,7 +371,10 @@ def make_train_iterator(data_dir, split: str = "train", *, global_batch_size: in
         return native.make_train_iterator(data_dir, split, global_batch_size=global_batch_size, seed=seed,
                                           start_step=start_step, process_index=process_index,
                                           process_count=process_count, label_fraction=label_fraction,
-                                          label_seed=label_seed)
+                                          label_seed=label_seed, zones_per_batch=zones_per_batch)
+    if zones_per_batch:
+        raise UserError(f"zones_per_batch={zones_per_batch} needs the native reader (--config.input=native): "
+                        "the tf.data reader streams the shards and cannot group their records by zone")
     tf = _tf()
     process_index, process_count, b = _host_batch(global_batch_size, process_index, process_count)
     card = load_card(data_dir)

@@ -243,3 +243,71 @@ def test_tfdata_falls_back_to_native_without_tensorflow(monkeypatch, caplog):
         assert pipeline.choose_reader("tfdata") == "native"
     said = [r.getMessage() for r in caplog.records if "native reader" in r.getMessage()]
     assert len(said) == 1 and "TensorFlow is not installed" in said[0]
+
+
+def test_zone_grouped_order_cuts_each_zone_into_chunks_of_batch_over_k():
+    zones = np.asarray([0] * 10 + [1] * 7 + [2] * 3)  # chunks of 3: three, two and one
+    rng = np.random.default_rng(0)
+    order = native.zone_grouped_order(zones, 6, 2, rng)
+    assert native.zone_grouped_batches(zones, 6, 2) == 3 and len(order) == 18
+    assert len(set(order.tolist())) == 18  # no record twice in a pass
+    chunks = zones[order].reshape(6, 3)
+    assert (chunks == chunks[:, :1]).all()  # each chunk is one zone
+    assert sorted(chunks[:, 0].tolist()) == [0, 0, 0, 1, 1, 2]
+    assert not np.array_equal(order, native.zone_grouped_order(zones, 6, 2, np.random.default_rng(1)))
+    assert native.zone_grouped_batches(zones, 6, 1) == 2 and native.zone_grouped_batches(zones, 6, 3) == 3
+
+
+def test_zone_grouped_batches_hold_k_zones_are_the_same_on_1_2_4_hosts_and_resume(data_dir, tmp_path):
+    copy = shutil.copytree(data_dir, tmp_path / "ds")  # its indexes gain the records' zones
+    card = pipeline.load_card(copy)
+    names = pipeline.zone_names(card, "train")
+    grouped = dict(seed=3, zones_per_batch=2)  # 4 zones of 5 records: a chunk of 4 each, 2 batches a pass
+    one = global_batches(copy, 1, 6, **grouped)
+    assert global_batches(copy, 2, 6, **grouped) == one
+    assert global_batches(copy, 4, 3, start_step=3, **grouped) == one[3:]  # stopped on 1, resumed on 4
+    assert len({i for b in one[:2] for i in b}) == 16 and one[:2] != one[2:4]
+    assert global_batches(copy, 1, 6, seed=4, zones_per_batch=2) != one
+    zone_of = {}
+    for k, size in ((2, 4), (4, 2)):
+        it = pipeline.make_train_iterator(copy, "train", global_batch_size=8, seed=3, process_index=0,
+                                          process_count=1, reader="native", zones_per_batch=k)
+        for _ in range(6):
+            batch = next(it)
+            chunks = batch["zone"].reshape(k, size)
+            assert (chunks == chunks[:, :1]).all(), batch["zone"]  # k chunks of one zone each
+            zone_of.update(zip(ids(batch), batch["zone"].tolist()))
+        it.close()
+    assert set(zone_of.values()) == set(range(len(names)))
+    assert zone_of.items() <= zones_seen(data_dir, "native", steps=9).items()  # the records' own zones
+    for shard in card["splits"]["train"]["files"]:
+        with np.load(copy / (shard + native.INDEX_SUFFIX)) as index:
+            assert set(index["zones"].tolist()) <= set(names)
+
+
+def test_zone_grouped_batches_refuse_what_they_cannot_make(data_dir, tmp_path):
+    def first(d, **kw):
+        it = pipeline.make_train_iterator(d, "train", global_batch_size=kw.pop("batch", 4), seed=0, process_index=0,
+                                          process_count=1, **kw)
+        try:
+            return next(it)
+        finally:
+            it.close()
+
+    with pytest.raises(UserError, match=r"^zones_per_batch=3 must divide the global batch size 4 "):
+        first(data_dir, reader="native", zones_per_batch=3)
+    with pytest.raises(UserError, match=rf"^{data_dir}: split 'train' cannot make one batch of 16 patches from 2 "
+                                        r"zone\(s\) of 8 patches each: its 4 zone\(s\) hold at most 5 patches"):
+        first(data_dir, reader="native", zones_per_batch=2, batch=16)
+    with pytest.raises(UserError, match=r"^zones_per_batch=2 needs the native reader \(--config.input=native\)"):
+        first(data_dir, reader="tfdata", zones_per_batch=2)
+    copy = _with_card(data_dir, tmp_path / "none", lambda split: split.pop("zones"))
+    with pytest.raises(UserError, match=rf"^{copy}/dataset_card.json: zones_per_batch needs the zones of split "
+                                        "'train', which the card does not list"):
+        first(copy, reader="native", zones_per_batch=2)
+    ro = shutil.copytree(data_dir, tmp_path / "ro")  # a read-only dataset keeps the zones in memory
+    ro.chmod(0o555)
+    try:
+        assert first(ro, reader="native", zones_per_batch=2)["zone"].shape == (4,)
+    finally:
+        ro.chmod(0o755)
