@@ -348,6 +348,20 @@ def test_blockwise_and_gradient_cached_nt_xent_make_the_same_update_as_the_plain
 
 
 @pytest.mark.slow
+def zones_of_training_batches(monkeypatch) -> list:
+    """The `zone` index [b] of every training batch the trainer reads from now on, in order."""
+    zones_read = []
+    real = pipeline.make_train_iterator
+
+    def recording(*args, **kwargs):
+        for batch in real(*args, **kwargs):
+            zones_read.append(batch["zone"])
+            yield batch
+
+    monkeypatch.setattr(pipeline, "make_train_iterator", recording)
+    return zones_read
+
+
 def test_same_zone_negatives_read_the_batch_zone_and_a_tiny_run_trains(data_dir, tmp_path, monkeypatch):
     """simclr.negatives='same_zone': the zone index crosses to the devices (with 'all' it stays on
     the host) and shapes the loss: one zone in the batch gives the plain loss, four zones a lower
@@ -370,15 +384,7 @@ def test_same_zone_negatives_read_the_batch_zone_and_a_tiny_run_trains(data_dir,
     np.testing.assert_allclose(one_zone, plain, rtol=1e-6)
     assert four_zones < plain - 0.5
 
-    zones_read = []
-    real = pipeline.make_train_iterator
-
-    def recording(*args, **kwargs):
-        for batch in real(*args, **kwargs):
-            zones_read.append(batch["zone"])
-            yield batch
-
-    monkeypatch.setattr(pipeline, "make_train_iterator", recording)
+    zones_read = zones_of_training_batches(monkeypatch)
     config = tiny_config("ssl_flair2", data_dir, **{"simclr.negatives": "same_zone"})
     results = train.run(config, str(tmp_path))
     assert results["step"] == 6
@@ -400,15 +406,7 @@ def test_zone_grouped_batches_train_with_same_zone_negatives_and_resume_only_as_
     """--config.zones_per_batch=2 --config.input=native: every batch the run reads is two chunks of
     one zone each (more same-zone negatives per anchor), it trains, and its checkpoints refuse a
     resume in the every-zone order, which would not continue its data order."""
-    zones_read = []
-    real = pipeline.make_train_iterator
-
-    def recording(*args, **kwargs):
-        for batch in real(*args, **kwargs):
-            zones_read.append(batch["zone"])
-            yield batch
-
-    monkeypatch.setattr(pipeline, "make_train_iterator", recording)
+    zones_read = zones_of_training_batches(monkeypatch)
     config = tiny_config("ssl_flair2", data_dir, **{"simclr.negatives": "same_zone", "batch_size": 8,
                                                       "input": "native", "zones_per_batch": 2})
     assert train.run(config, str(tmp_path))["step"] == 6
