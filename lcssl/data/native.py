@@ -596,13 +596,7 @@ def _zone_indices(data_dir, card: dict, split: str, shards: Shards) -> np.ndarra
         raise UserError(f"{data_dir}/{pipeline.CARD_NAME}: zones_per_batch needs the zones of split {split!r}, "
                         "which the card does not list (a dataset built before cards listed them: rebuild it "
                         "with `python -m data_prep build`)")
-    index = {name: i for i, name in enumerate(names)}
-    keys = shards.zones()
-    missing = sorted(set(keys) - set(index))
-    if missing:
-        raise UserError(f"{data_dir}/{pipeline.CARD_NAME}: split {split!r} holds patches of zones {missing[:5]}, "
-                        f"which the card does not list for it; {_REBUILD}")
-    return np.asarray([index[k] for k in keys], np.int64)
+    return pipeline.zone_indices(data_dir, card, split, shards.zones()).astype(np.int64)
 
 
 def _check_zone_groups(data_dir, split: str, zones: np.ndarray, global_batch_size: int, zones_per_batch: int) -> int:

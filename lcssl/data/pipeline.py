@@ -304,26 +304,29 @@ def zone_names(card: dict, split: str) -> Optional[tuple]:
     return None if zones is None else tuple(sorted(zones))
 
 
+def zone_indices(data_dir, card: dict, split: str, keys) -> np.ndarray:
+    """int32 [n]: the index in zone_names(card, split) of each zone key (schema.zone_key), -1 for
+    every one where the card lists no zones. A zone the card does not list for the split is an
+    error: the card does not describe the shards."""
+    names = zone_names(card, split)
+    if names is None:
+        return np.full(len(keys), -1, np.int32)
+    index = {name: i for i, name in enumerate(names)}
+    missing = sorted(set(keys) - index.keys())
+    if missing:
+        raise UserError(f"{data_dir}/{CARD_NAME}: split {split!r} holds patches of zones {missing}, which "
+                        f"the card does not list for it ({list(names)}): the card does not describe these "
+                        f"shards; {_REBUILD}")
+    return np.asarray([index[k] for k in keys], np.int32)
+
+
 def zone_indexer(data_dir, card: dict, split: str):
     """indexed(batch) -> the batch with its records' 'domain' and 'zone' strings [b] replaced by
-    `zone` int32 [b], the index of each record's zone in zone_names(card, split). Both readers
-    call it, so they give the same indices. A zone the card does not list for the split is an error:
-    the card does not describe the shards."""
-    names = zone_names(card, split)
-    index = None if names is None else {name: i for i, name in enumerate(names)}
-
+    `zone` int32 [b], their `zone_indices`. Both readers call it, so they give the same indices."""
     def indexed(batch: dict) -> dict:
         domains, zones = batch.pop("domain"), batch.pop("zone")
-        if index is None:
-            batch["zone"] = np.full(len(zones), -1, np.int32)
-            return batch
         keys = [zone_key(bytes(d).decode(), bytes(z).decode()) for d, z in zip(domains, zones)]
-        missing = sorted(set(keys) - index.keys())
-        if missing:
-            raise UserError(f"{data_dir}/{CARD_NAME}: split {split!r} holds patches of zones {missing}, which "
-                            f"the card does not list for it ({list(names)}): the card does not describe these "
-                            f"shards; {_REBUILD}")
-        batch["zone"] = np.asarray([index[k] for k in keys], np.int32)
+        batch["zone"] = zone_indices(data_dir, card, split, keys)
         return batch
 
     return indexed
