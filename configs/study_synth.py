@@ -136,11 +136,15 @@ def _arms(ssl: str, finetune: str, supervised: str, large_batch: int, large_batc
         # native reader: lcssl/data/native.py, "Zone-grouped order") give it 126.
         *pretrained("simclr_zone2", f"{simclr_zone}, 2 zones a batch",
                     ["--config.simclr.negatives=same_zone", "--config.zones_per_batch=2", "--config.input=native"]),
+        *pretrained("crossmodal_zone2", "cross-modal InfoNCE, same-zone negatives, 2 zones a batch",
+                    ["--config.task=crossmodal", "--config.crossmodal.negatives=same_zone",
+                     "--config.zones_per_batch=2", "--config.input=native"]),
         # Full fine-tuning of 600 steps on 11 patches (1%) may wash out what the encoder learnt
         # (its pooled Sentinel-2 embedding knows the class about as well as the supervised
         # encoder's, yet it transfers a small part of the oracle's gain): the encoder at a tenth of
-        # the learning rate, for the same-zone SimCLR and cross-modal encoders.
+        # the learning rate, for the same-zone SimCLR (both batch orders) and cross-modal encoders.
         partial("simclr_zone", simclr_zone),
+        partial("simclr_zone2", f"{simclr_zone}, 2 zones a batch"),
         partial("crossmodal", OBJECTIVE_LABELS["crossmodal"]),
         # The seminar's SimCLR: batch 16, plain SGD at lr 0.001, constant schedule, tau 0.1. Kept as
         # its recipe: at this budget it barely moves its weights (the report says so).
