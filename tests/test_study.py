@@ -61,6 +61,19 @@ def test_report_on_hand_made_results(tmp_path):
     assert len(csv_rows) == 1 + 12 and csv_rows[0].startswith("arm,kind,seed,label_fraction,status,test_miou")
 
 
+def test_no_share_of_an_oracle_gain_that_is_not_measurable():
+    # from scratch 30-50; SimCLR +4 on every seed; the oracle +2, -2, +1, -1, +1 at 10% (95% interval
+    # reaching 0: no share of it) and +12, +10, +11, +12, +10 at 1% (a share: 4 / 11 = 36%).
+    scratch = [0.30, 0.35, 0.40, 0.45, 0.50]
+    oracle = {0.1: [0.02, -0.02, 0.01, -0.01, 0.01], 0.01: [0.12, 0.10, 0.11, 0.12, 0.10]}
+    records = [_record("scratch_utt", s, f, m, 0.8, [m]) for f in oracle for s, m in enumerate(scratch)]
+    records += [_record("simclr", s, f, m + 0.04, 0.8, [m]) for f in oracle for s, m in enumerate(scratch)]
+    records += [_record("oracle", s, f, m + oracle[f][s], 0.8, [m]) for f in oracle for s, m in enumerate(scratch)]
+    summary = study.summarize(records)
+    assert summary[("oracle", 0.1)]["ci"][0] < 0 and np.isnan(summary[("simclr", 0.1)]["gap"])
+    assert summary[("simclr", 0.01)]["gap"] == pytest.approx(4 / 11)
+
+
 def test_methods_with_two_seeds_are_screened_seed_by_seed_against_the_oracle(tmp_path):
     # At 1%: from scratch 30 / 34, the oracle 44 / 46 (+14 / +12), VICReg 36 / 35 (+6 / +1),
     # BYOL 31 / 30 (+1 / -4); SimCLR has 5 seeds (a figure, not a screen).

@@ -66,7 +66,9 @@ def summarize(records: Sequence[dict]) -> dict:
 
     The paired difference pairs runs of the same seed and label fraction: arm minus from-scratch
     U-T&T. 'gap' is the arm's mean paired difference over the oracle's (ORACLE, the ceiling): 1.0
-    = as good as an encoder trained with every label, 0 = no better than from scratch.
+    = as good as an encoder trained with every label, 0 = no better than from scratch. It is NaN
+    where the oracle gains nothing measurable (its 95% interval reaches 0): a share of no gain is
+    not a figure.
     """
     by_cell = _finished(records)
     by_seed = _paired(by_cell)
@@ -80,7 +82,8 @@ def summarize(records: Sequence[dict]) -> dict:
             "ci": paired_ci(diffs) if arm != BASELINE else (float("nan"), float("nan"))}
     for (arm, fraction), cell in out.items():
         oracle = out.get((ORACLE, fraction))
-        gain = oracle["diff"][0] if oracle and oracle["diff"][2] else float("nan")
+        measurable = oracle and oracle["diff"][2] and not oracle["ci"][0] <= 0
+        gain = oracle["diff"][0] if measurable else float("nan")
         cell["gap"] = (cell["diff"][0] / gain if np.isfinite(gain) and gain > 0 and cell["diff"][2]
                        else float("nan"))
     return out
